@@ -1,0 +1,167 @@
+"""Load a model from a checkpoint directory (config.json + safetensors + tokenizer files) or a GGUF file.
+
+Tensors are checked against the model's expected names and shapes before anything is built, and errors name the
+tensor, the expected and the found shape. Only safetensors / GGUF are read; pickle files are never loaded.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from mtpx.config import ModelConfig, read_json
+from mtpx.errors import ModelLoadError
+from mtpx.models.qwen3_5 import Qwen35Model
+from mtpx.tokenizer import Tokenizer
+
+IGNORED_PREFIXES = ("model.visual.", "visual.")  # vision tower of the multimodal (nested) checkpoints: text-only engine
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint in internal (HF, flat) names, before it is turned into a model."""
+    config: ModelConfig
+    tensors: dict[str, Callable[[], torch.Tensor]]  # name -> loader (lazy, memory-mapped)
+    shapes: dict[str, tuple[int, ...]]
+    tokenizer: Tokenizer | None
+    path: Path
+    extra: dict = field(default_factory=dict)
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index.name} has no 'weight_map'")
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise ModelLoadError(f"shard {f.name} listed in {index.name} is missing")
+        return files
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {pickles}: pickle checkpoints are not loaded; convert them to safetensors)" if pickles else ""
+        raise ModelLoadError(f"no *.safetensors weights in {path}{hint}")
+    return files
+
+
+def _internal_name(name: str, prefix: str) -> str | None:
+    if name.startswith(IGNORED_PREFIXES):
+        return None
+    if prefix != "model." and name.startswith(prefix):
+        return "model." + name[len(prefix):]
+    return name
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from mtpx.loading.gguf import load_gguf_checkpoint
+        return load_gguf_checkpoint(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is neither a checkpoint directory nor a .gguf file")
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} has no config.json")
+    raw = read_json(path / "config.json")
+    cfg = ModelConfig.from_hf_dict(raw)
+    if (path / "generation_config.json").exists():
+        eos = read_json(path / "generation_config.json").get("eos_token_id")
+        if eos is not None:
+            eos = [eos] if isinstance(eos, int) else list(eos)
+            cfg.eos_token_id = list(dict.fromkeys(eos + cfg.eos_token_id))
+    tensors: dict[str, Callable[[], torch.Tensor]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in _safetensors_files(path):
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ModelLoadError(f"cannot read {file.name}: {e}") from None
+        for name in handle.keys():
+            internal = _internal_name(name, cfg.weight_prefix)
+            if internal is None:
+                continue
+            shapes[internal] = tuple(handle.get_slice(name).get_shape())
+            tensors[internal] = (lambda h=handle, n=name: h.get_tensor(n))
+    _merge_per_expert_weights(tensors, shapes)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ModelLoadError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                             f"{cfg.vocab_size}: tokenizer and weights do not belong together")
+    return Checkpoint(cfg, tensors, shapes, tokenizer, path)
+
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _merge_per_expert_weights(tensors: dict, shapes: dict) -> None:
+    """Accept routed experts stored one module per expert (`experts.{i}.gate_proj.weight` ...) by stacking them
+    into the fused layout (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I])."""
+    groups: dict[str, dict[int, dict[str, str]]] = {}
+    for name in list(tensors):
+        m = _EXPERT.match(name)
+        if m:
+            groups.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = name
+    for base, experts in groups.items():
+        ids = sorted(experts)
+        if ids != list(range(len(ids))) or any(len(parts) != 3 for parts in experts.values()):
+            raise ModelLoadError(f"{base}: per-expert weights are incomplete (experts {ids[:3]}..., each needs "
+                                 "gate_proj, up_proj and down_proj)")
+        loaders = {k: [tensors.pop(experts[i][k]) for i in ids] for k in ("gate_proj", "up_proj", "down_proj")}
+        g_shape, d_shape = shapes.pop(experts[0]["gate_proj"]), shapes.pop(experts[0]["down_proj"])
+        for i in ids:
+            for k in ("gate_proj", "up_proj", "down_proj"):
+                shapes.pop(experts[i][k], None)
+        tensors[base + ".gate_up_proj"] = lambda L=loaders: torch.stack(
+            [torch.cat([g(), u()]) for g, u in zip(L["gate_proj"], L["up_proj"])])
+        tensors[base + ".down_proj"] = lambda L=loaders: torch.stack([d() for d in L["down_proj"]])
+        shapes[base + ".gate_up_proj"] = (len(ids), 2 * g_shape[0], g_shape[1])
+        shapes[base + ".down_proj"] = (len(ids), *d_shape)
+
+
+def count_mtp_layers(names) -> int:
+    idx = [int(m[1]) for n in names if (m := re.match(r"^mtp\.layers\.(\d+)\.", n))]
+    return max(idx) + 1 if idx else 0
+
+
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu",
+                with_mtp: bool = True) -> Qwen35Model:
+    """Check every tensor against the model's expected names and shapes, then build the model from them."""
+    cfg = ckpt.config
+    found = count_mtp_layers(ckpt.shapes)
+    if cfg.mtp_num_hidden_layers is not None and found not in (0, cfg.mtp_num_hidden_layers):
+        raise ModelLoadError(f"config says mtp_num_hidden_layers={cfg.mtp_num_hidden_layers} but the weights hold "
+                             f"{found} MTP layers")
+    n_mtp = found if with_mtp else 0
+    with torch.device("meta"):
+        model = Qwen35Model(cfg, n_mtp)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    given = {n: s for n, s in ckpt.shapes.items() if with_mtp or not n.startswith("mtp.")}
+    if cfg.tie_word_embeddings:
+        given.pop("lm_head.weight", None)  # some tied checkpoints still store a copy
+    missing = sorted(set(expected) - set(given))
+    if missing:
+        listed = ", ".join(f"{n} {list(expected[n])}" for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ModelLoadError(f"checkpoint {ckpt.path.name} is missing {len(missing)} tensor(s): {listed}{more}")
+    unexpected = sorted(set(given) - set(expected))
+    if unexpected:
+        listed = ", ".join(f"{n} {list(given[n])}" for n in unexpected[:5])
+        raise ModelLoadError(f"checkpoint {ckpt.path.name} has {len(unexpected)} unexpected tensor(s): {listed}")
+    for n, shape in expected.items():
+        if tuple(given[n]) != shape:
+            raise ModelLoadError(f"tensor {n} has shape {list(given[n])}, expected {list(shape)}")
+    state = {n: ckpt.tensors[n]().to(device=device, dtype=dtype) for n in expected}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,410 @@
+"""Qwen3.5 / Qwen3.6 text models (dense and MoE) and their MTP layer.
+
+Hybrid stack: Gated DeltaNet (linear attention) layers and gated full-attention layers, (1 + w) RMSNorm, SwiGLU or
+routed + shared experts. Parameter names are the Hugging Face ones (`model.layers.N...`, `lm_head`, `mtp.*`).
+
+Two forward modes share every layer:
+- "prefill": many positions at once (chunked gated delta rule, causal attention); also used for training.
+- "step": a few positions (decode = 1, verify = k + 1). Every position is computed by exactly the ops a one-token
+  decode would run (per-query attention, per-token recurrence), and bf16 linears are row-invariant on CPU, so a
+  position's result does not depend on how many positions the call holds: greedy speculation is bit-exact.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtpx.config import ModelConfig
+from mtpx.state import SequenceState
+
+GDN_CHUNK = 64
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose weight is stored as an offset from 1 (Qwen3.5's zero-centred form)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class GatedRMSNorm(nn.Module):
+    """Norm over the value head dim, then multiply by silu(gate). Plain weight (not 1 + w)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * xf.to(dtype)
+        return (out * F.silu(gate.float())).to(dtype)
+
+
+@dataclass
+class Pass:
+    """What one forward call needs besides activations: caches, mode, rotary tables."""
+    states: list[SequenceState] | None
+    mode: str  # "prefill" | "step"
+    cos: torch.Tensor  # [B, T, rotary_dim]
+    sin: torch.Tensor
+
+
+def rotary_tables(cfg: ModelConfig, starts: list[int], length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    pos = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)[None, :]
+    freqs = pos[..., None].float() * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, head_dim]; rotates the first rotary_dim dims (rotate-half convention)."""
+    rd = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]
+    rot, rest = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+class Attention(nn.Module):
+    """Gated full attention: q/k RMSNorm, partial RoPE, GQA, output multiplied by sigmoid(gate)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, 2 * self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, gate = self.q_proj(x).view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        gate = gate.reshape(B, T, -1)
+        q = self.q_norm(q).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, p.cos, p.sin), apply_rotary(k, p.cos, p.sin)
+        if p.states is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = torch.cat([self._cached(q[b], k[b], v[b], p.states[b], p.mode) for b in range(B)])
+        out = out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate)
+        return self.o_proj(out)
+
+    def _cached(self, q, k, v, state: SequenceState, mode: str) -> torch.Tensor:
+        T, start = q.shape[1], state.length
+        K, V = state.kv[self.layer_idx]
+        K[:, start:start + T] = k
+        V[:, start:start + T] = v
+        if mode == "step":
+            # one query at a time, over exactly the keys a one-token decode would see: batch-invariant
+            outs = [F.scaled_dot_product_attention(q[None, :, t:t + 1].contiguous(), K[None, :, :start + t + 1],
+                                                   V[None, :, :start + t + 1], enable_gqa=True) for t in range(T)]
+            return torch.cat(outs, dim=2)
+        if start == 0:
+            return F.scaled_dot_product_attention(q[None], K[None, :, :T], V[None, :, :T], is_causal=True, enable_gqa=True)
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+        return F.scaled_dot_product_attention(q[None], K[None, :, :start + T], V[None, :, :start + T],
+                                              attn_mask=mask, enable_gqa=True)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = GDN_CHUNK):
+    """Parallel-within-chunk form of the gated delta rule (fp32).
+    q, k: [H, T, dk] (normalized, q scaled); v: [H, T, dv]; g (log decay), beta: [H, T]; state: [H, dk, dv].
+    Returns outputs [H, T, dv] and the final state."""
+    H, T, dk = k.shape
+    pad = (-T) % chunk
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
+    n = (T + pad) // chunk
+    q, k, v = (t.reshape(H, n, chunk, -1) for t in (q, k, v))
+    g, beta = g.reshape(H, n, chunk), beta.reshape(H, n, chunk)
+    G = g.cumsum(-1)
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # e^{G_i - G_j}, i >= j
+    kb = k * beta[..., None]
+    A = ((kb @ k.transpose(-1, -2)) * decay).tril(-1)
+    system = A + torch.eye(chunk, dtype=A.dtype, device=A.device)
+    U = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
+    W = torch.linalg.solve_triangular(system, kb * G.exp()[..., None], upper=False, unitriangular=True)
+    intra = (q @ k.transpose(-1, -2)) * decay
+    q_decayed = q * G.exp()[..., None]
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]
+    outs = []
+    for i in range(n):
+        u = U[:, i] - W[:, i] @ state
+        outs.append(q_decayed[:, i] @ state + intra[:, i] @ u)
+        state = state * G[:, i, -1].exp()[:, None, None] + k_to_end[:, i].transpose(-1, -2) @ u
+    out = torch.cat(outs, dim=1)[:, :T]
+    return out, state
+
+
+def recurrent_gated_delta_step(q, k, v, g, beta, state):
+    """One token of the gated delta rule. q, k: [H, dk]; v: [H, dv]; g, beta: [H]; state [H, dk, dv] (fp32)."""
+    state = state * g.exp()[:, None, None]
+    kv_mem = (k[:, None, :] @ state).squeeze(1)
+    delta = (v - kv_mem) * beta[:, None]
+    state = state + k[:, :, None] * delta[:, None, :]
+    return (q[:, None, :] @ state).squeeze(1), state
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear-attention layer: causal depthwise conv over q/k/v, gated delta rule, gated RMSNorm."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nk, self.nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = self.nk * self.dk, self.nv * self.dv
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.kernel = cfg.linear_conv_kernel_dim
+        h = cfg.hidden_size
+        self.in_proj_qkv = nn.Linear(h, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(h, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(h, self.nv, bias=False)
+        self.in_proj_a = nn.Linear(h, self.nv, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False,
+                                padding=self.kernel - 1)
+        self.dt_bias = nn.Parameter(torch.ones(self.nv))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nv).uniform_(0.01, 16)))
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, h, bias=False)
+
+    def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.in_proj_qkv(x)  # [B, T, conv_dim], before the conv
+        z = self.in_proj_z(x).view(B, T, self.nv, self.dv)
+        beta = self.in_proj_b(x).sigmoid().float()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        w = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
+        outs = []
+        for b in range(B):
+            state = p.states[b] if p.states is not None else None
+            if p.mode == "step":
+                outs.append(self._step(qkv[b], g[b], beta[b], w, state))
+            else:
+                outs.append(self._prefill(qkv[b], g[b], beta[b], w, state))
+        core = torch.stack(outs).to(x.dtype)  # [B, T, nv, dv]
+        core = self.norm(core, z).reshape(B, T, self.value_dim)
+        return self.out_proj(core)
+
+    def _heads(self, mixed: torch.Tensor):
+        """Split conv output [T, conv_dim] into normalized fp32 q, k [T, nv, dk] and v [T, nv, dv]."""
+        T = mixed.shape[0]
+        q, k, v = mixed.float().split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q, k = q.view(T, self.nk, self.dk), k.view(T, self.nk, self.dk)
+        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / math.sqrt(self.dk)
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+        if self.nv != self.nk:  # each key head serves nv/nk consecutive value heads
+            q, k = q.repeat_interleave(self.nv // self.nk, dim=1), k.repeat_interleave(self.nv // self.nk, dim=1)
+        return q, k, v.view(T, self.nv, self.dv)
+
+    def _prefill(self, qkv, g, beta, w, state: SequenceState | None):
+        T = qkv.shape[0]
+        past = state.conv[self.layer_idx] if state is not None else qkv.new_zeros(self.conv_dim, self.kernel - 1)
+        seq = torch.cat([past, qkv.t()], dim=1)  # [conv_dim, kernel - 1 + T]
+        mixed = F.silu(F.conv1d(seq[None].float(), w[:, None].float(), groups=self.conv_dim)[0]).t().to(qkv.dtype)
+        q, k, v = self._heads(mixed)
+        rec = state.recurrent[self.layer_idx] if state is not None else q.new_zeros(self.nv, self.dk, self.dv)
+        out, rec = chunk_gated_delta_rule(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                          g.t(), beta.t(), rec)
+        if state is not None:
+            state.conv[self.layer_idx] = seq[:, -(self.kernel - 1):]
+            state.recurrent[self.layer_idx] = rec
+        return out.transpose(0, 1)
+
+    def _step(self, qkv, g, beta, w, state: SequenceState):
+        conv, rec = state.conv[self.layer_idx], state.recurrent[self.layer_idx]
+        snaps = state.snapshots[self.layer_idx]
+        wf = w.float()
+        outs = []
+        for t in range(qkv.shape[0]):
+            window = torch.cat([conv, qkv[t, :, None]], dim=1)  # [conv_dim, kernel]
+            mixed = F.silu((window.float() * wf).sum(-1)).to(qkv.dtype)
+            q, k, v = self._heads(mixed[None])
+            o, rec = recurrent_gated_delta_step(q[0], k[0], v[0], g[t], beta[t], rec)
+            conv = window[:, 1:]
+            snaps.append((conv, rec))
+            outs.append(o)
+        state.conv[self.layer_idx], state.recurrent[self.layer_idx] = conv, rec
+        return torch.stack(outs)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        top, idx = torch.topk(probs, self.top_k, dim=-1)
+        return (top / top.sum(-1, keepdim=True)).to(logits.dtype), idx
+
+
+class Experts(nn.Module):
+    """Routed experts as stacked weights: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h).normal_(0, 0.02))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i).normal_(0, 0.02))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        # experts in ascending order, each over the rows routed to it: a row's sum order never depends on the others
+        for e in torch.unique(idx).tolist():
+            rows, slot = torch.where(idx == e)
+            gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[rows, slot, None]
+            out = out.index_add(0, rows, y.to(out.dtype))
+        return out
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(x)
+        routed = self.experts(x, weights, idx)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return (routed + shared).reshape(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, layer_idx: int):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(cfg, layer_idx)
+        else:
+            self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = SparseMoE(cfg) if cfg.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
+        mixer = self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
+        x = x + mixer(self.input_layernorm(x), p)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def run_stack(cfg: ModelConfig, layers: nn.ModuleList, x: torch.Tensor, states: list[SequenceState] | None,
+              mode: str) -> torch.Tensor:
+    """Run decoder layers over x [B, T, H] with per-sequence caches (or none), advancing the caches by T."""
+    B, T, _ = x.shape
+    if states is not None:
+        assert len(states) == B
+        for s in states:
+            s.check_room(T)
+            if mode == "step":
+                s.begin_step()
+    starts = [s.length for s in states] if states is not None else [0] * B
+    cos, sin = rotary_tables(cfg, starts, T, x.dtype, x.device)
+    p = Pass(states, mode, cos, sin)
+    for layer in layers:
+        x = layer(x, p)
+    if states is not None:
+        for s in states:
+            s.length += T
+    return x
+
+
+class MTP(nn.Module):
+    """The multi-token-prediction layer(s): `x = fc([norm_e(embed(t_{i+1})); norm_h(h_i)])` → decoder layer(s) with
+    their own KV cache → `norm`. Uses the main model's embedding and lm_head."""
+
+    def __init__(self, cfg: ModelConfig, n_layers: int):
+        super().__init__()
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.pre_fc_norm_embedding = RMSNorm(h, cfg.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(h, cfg.rms_norm_eps)
+        self.layer_types = ["full_attention"] * n_layers
+        self.layers = nn.ModuleList(DecoderLayer(cfg, "full_attention", i) for i in range(n_layers))
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+
+    def forward(self, cfg: ModelConfig, embeds: torch.Tensor, hidden: torch.Tensor,
+                states: list[SequenceState] | None, mode: str) -> torch.Tensor:
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        return self.norm(run_stack(cfg, self.layers, x, states, mode))
+
+
+class Qwen35Model(nn.Module):
+    """Main model + optional MTP layer. `forward` returns final-normed hidden states; `logits` applies lm_head."""
+
+    def __init__(self, cfg: ModelConfig, mtp_layers: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg, t, i) for i, t in enumerate(cfg.layer_types))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = MTP(cfg, mtp_layers) if mtp_layers > 0 else None
+
+    def new_state(self, max_len: int, device=None) -> SequenceState:
+        p = self.lm_head.weight
+        return SequenceState(self.cfg, self.cfg.layer_types, max_len, p.dtype, device or p.device)
+
+    def new_mtp_state(self, max_len: int, device=None) -> SequenceState:
+        p = self.lm_head.weight
+        return SequenceState(self.cfg, self.mtp.layer_types, max_len, p.dtype, device or p.device)
+
+    def forward(self, tokens: torch.Tensor, states: list[SequenceState] | None = None,
+                mode: str = "prefill") -> torch.Tensor:
+        x = self.model.embed_tokens(tokens)
+        return self.model.norm(run_stack(self.cfg, self.model.layers, x, states, mode))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def mtp_forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor,
+                    states: list[SequenceState] | None = None, mode: str = "prefill") -> torch.Tensor:
+        """MTP output (after mtp.norm) for pairs (h_i, t_{i+1}); `logits()` of it predicts t_{i+2}."""
+        return self.mtp(self.cfg, self.model.embed_tokens(next_tokens), hidden, states, mode)

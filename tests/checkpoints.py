@@ -1,0 +1,103 @@
+"""Tiny random checkpoints in the real Hugging Face layout, built with transformers (a test-only dependency)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "def add(a, b):\n    return a + b\n", "import os\nimport sys\n\nprint(os.getcwd())\n",
+    "The quick brown fox jumps over the lazy dog. " * 3, "for i in range(10):\n    print(i * i)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "Hello, how are you today? I am fine, thank you.", "while True:\n    break\n",
+]
+
+
+def base_config(moe: bool = False, tied: bool = False, vocab: int = 384) -> dict:
+    cfg = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=12,
+        linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=tied, layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        eos_token_id=2, bos_token_id=None,
+    )
+    if moe:
+        cfg.update(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+    return cfg
+
+
+def make_tokenizer(out: Path, vocab: int = 320) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "bos_token": None,
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def make_checkpoint(out: Path, moe: bool = False, tied: bool = False, nested: bool = False, mtp: bool = True,
+                    seed: int = 0, per_expert: bool = False) -> Path:
+    """Save a transformers Qwen3.5 model (random weights), add `mtp.*` tensors (transformers drops them), and
+    optionally rewrite it into the nested multimodal layout (model_type qwen3_5, weights under model.language_model)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
+    torch.manual_seed(seed)
+    cfg_dict = base_config(moe, tied)
+    hf_cfg = (Qwen3_5MoeTextConfig if moe else Qwen3_5TextConfig)(**cfg_dict)
+    model = (Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM)(hf_cfg).float().eval()
+    with torch.no_grad():  # zero-initialised norms would hide (1 + w) mistakes
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.2)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tensors = load_file(out / "model.safetensors")
+    if mtp:
+        g = torch.Generator().manual_seed(seed + 1)
+        mtp_model = (Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM)(
+            (Qwen3_5MoeTextConfig if moe else Qwen3_5TextConfig)(**{**cfg_dict, "num_hidden_layers": 1,
+                                                                  "layer_types": ["full_attention"]}))
+        layer = {k[len("model.layers.0."):]: v for k, v in mtp_model.state_dict().items() if k.startswith("model.layers.0.")}
+        h = cfg_dict["hidden_size"]
+        tensors["mtp.fc.weight"] = torch.randn(h, 2 * h, generator=g) * 0.08
+        for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            tensors[f"mtp.{n}.weight"] = torch.randn(h, generator=g) * 0.2
+        for k, v in layer.items():
+            tensors[f"mtp.layers.0.{k}"] = v.clone() + (torch.randn(v.shape, generator=g) * 0.1 if k.endswith("norm.weight") else 0)
+    if per_expert:
+        for k in [k for k in tensors if k.endswith("mlp.experts.gate_up_proj")]:
+            gu, down = tensors.pop(k), tensors.pop(k.replace("gate_up_proj", "down_proj"))
+            base, inter = k[: -len(".gate_up_proj")], gu.shape[1] // 2
+            for e in range(gu.shape[0]):
+                tensors[f"{base}.{e}.gate_proj.weight"] = gu[e, :inter].clone()
+                tensors[f"{base}.{e}.up_proj.weight"] = gu[e, inter:].clone()
+                tensors[f"{base}.{e}.down_proj.weight"] = down[e].clone()
+    config = json.loads((out / "config.json").read_text())
+    if nested:
+        tensors = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+                   for k, v in tensors.items()}
+        tensors["model.visual.patch_embed.proj.weight"] = torch.zeros(4, 3)  # a vision tower the loader must skip
+        text = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "dtype")}
+        config = {"model_type": "qwen3_5_moe" if moe else "qwen3_5", "text_config": text, "tie_word_embeddings": tied,
+                  "architectures": ["Qwen3_5ForConditionalGeneration"]}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    make_tokenizer(out)
+    return out
+
+
+def hf_model(path: Path, moe: bool = False):
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
+    return (Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM).from_pretrained(path, dtype=torch.float32).eval()
