@@ -1,8 +1,8 @@
 """Per-sequence state: attention KV caches (preallocated), Gated DeltaNet conv + recurrent states, and rollback.
 
-A multi-token "step" forward (decode, verify) keeps the Gated DeltaNet state after every position it processed, so
-the speculative loop can roll back to any of them without recomputing or copying anything: the recurrent update
-creates a new state tensor per token anyway, and we only keep references to them.
+Step forwards (decode, verify, draft) keep the Gated DeltaNet state after every position they process, from the last
+`mark()` on, so the speculative loop can roll back to any of them without recomputing or copying anything: the
+recurrent update creates a new state tensor per token anyway, and we only keep references to them.
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ class SequenceState:
     def __init__(self, cfg: ModelConfig, layer_types: list[str], max_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
         self.max_len = max_len
+        self.device = torch.device(device)
         self.length = 0  # tokens whose entries are valid in every cache
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.conv: dict[int, torch.Tensor] = {}  # [conv_dim, kernel-1], model dtype
         self.recurrent: dict[int, torch.Tensor] = {}  # [value_heads, key_dim, value_dim], fp32
-        # per-position snapshots of the last step forward: layer -> [(conv, recurrent) before the step, after position 0, after 1, ...]
+        # per-position snapshots since mark(): layer -> [(conv, recurrent) at the mark, after the next token, ...]
         self.snapshots: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.snapshot_start = 0  # length before the last step forward
+        self.snapshot_start = 0
         conv_dim = 2 * cfg.linear_key_head_dim * cfg.linear_num_key_heads + cfg.linear_value_head_dim * cfg.linear_num_value_heads
         for i, kind in enumerate(layer_types):
             if kind == "full_attention":
@@ -33,25 +34,28 @@ class SequenceState:
                 self.conv[i] = torch.zeros(conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype, device=device)
                 self.recurrent[i] = torch.zeros(cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                                 cfg.linear_value_head_dim, dtype=torch.float32, device=device)
+        self.mark()
 
     def check_room(self, n_new: int) -> None:
         if self.length + n_new > self.max_len:
             raise ValueError(f"sequence of {self.length + n_new} tokens exceeds the cache size {self.max_len}")
 
-    def begin_step(self) -> None:
+    def mark(self) -> None:
+        """Forget older snapshots: later rollbacks go no further back than the current length."""
         self.snapshot_start = self.length
         self.snapshots = {i: [(self.conv[i], self.recurrent[i])] for i in self.conv}
 
     def rollback(self, length: int) -> None:
         """Return to the state after `length` tokens. Attention caches are simply truncated; Gated DeltaNet states
-        come from the snapshots of the last step forward, so `length` must lie within that step (or equal now)."""
+        come from the snapshots kept since the last mark(), so `length` must not lie before it."""
         if length == self.length:
             return
         lowest = self.snapshot_start if self.conv else 0  # attention-only stacks (MTP) can truncate anywhere
         if not lowest <= length <= self.length:
-            raise ValueError(f"cannot roll back to {length}: last step covered {self.snapshot_start}..{self.length}")
+            raise ValueError(f"cannot roll back to {length}: snapshots cover {self.snapshot_start}..{self.length}")
         for i, snaps in self.snapshots.items():
             self.conv[i], self.recurrent[i] = snaps[length - self.snapshot_start]
+            del snaps[length - self.snapshot_start + 1:]
         self.length = length
 
     def nbytes(self) -> int:

@@ -340,8 +340,6 @@ def run_stack(cfg: ModelConfig, layers: nn.ModuleList, x: torch.Tensor, states: 
         assert len(states) == B
         for s in states:
             s.check_room(T)
-            if mode == "step":
-                s.begin_step()
     starts = [s.length for s in states] if states is not None else [0] * B
     cos, sin = rotary_tables(cfg, starts, T, x.dtype, x.device)
     p = Pass(states, mode, cos, sin)
@@ -350,6 +348,8 @@ def run_stack(cfg: ModelConfig, layers: nn.ModuleList, x: torch.Tensor, states: 
     if states is not None:
         for s in states:
             s.length += T
+            if mode != "step":  # prefill keeps no per-position states: nothing before this point can be restored
+                s.mark()
     return x
 
 

@@ -1,0 +1,89 @@
+"""`mtpx run`: generate from a prompt, streaming text to stdout and a stats line to stderr."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mtpx.llm import LLM
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="checkpoint directory, .gguf file, or 'demo'")
+    p.add_argument("--dtype", default=None, help="bf16 (default), fp16, fp32")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=128)
+    p.add_argument("--temperature", "--temp", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def add_spec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec-type", default="none",
+                   help="none | mtp | draft | ngram (llama.cpp names draft-mtp, draft-simple, ngram-simple accepted)")
+    p.add_argument("--spec-draft-n-max", type=int, default=3)
+    p.add_argument("--spec-draft-n-min", type=int, default=0)
+    p.add_argument("--spec-draft-p-min", type=float, default=0.0)
+    p.add_argument("--spec-draft-policy", default="adaptive", choices=["adaptive", "fixed"])
+    p.add_argument("--spec-draft-model", default=None, help="draft checkpoint for --spec-type draft")
+    p.add_argument("--spec-ngram-min", type=int, default=1)
+    p.add_argument("--spec-ngram-max", type=int, default=4)
+
+
+def spec_kwargs(args: argparse.Namespace) -> dict:
+    return dict(spec_type=args.spec_type, spec_draft_n_max=args.spec_draft_n_max,
+                spec_draft_n_min=args.spec_draft_n_min, spec_draft_p_min=args.spec_draft_p_min,
+                spec_draft_policy=args.spec_draft_policy, spec_draft_model=args.spec_draft_model,
+                spec_ngram_min=args.spec_ngram_min, spec_ngram_max=args.spec_ngram_max)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, seed=args.seed, stop=args.stop)
+
+
+def stats_line(stats: dict) -> str:
+    line = (f"prompt {stats['prompt_tokens']} tok, prefill {stats['prefill_tokens_per_s']:.1f} tok/s | "
+            f"generated {stats['generated_tokens']} tok, decode {stats['decode_tokens_per_s']:.1f} tok/s")
+    if stats.get("drafts"):
+        by_pos = " ".join(f"{a:.2f}" for a in stats["acceptance_by_position"])
+        line += (f" | {stats['spec_type']}: accepted {stats['accepted_tokens']}/{stats['drafted_tokens']} "
+                 f"({stats['acceptance_rate']:.1%}), by position [{by_pos}], "
+                 f"mean acceptance length {stats['mean_acceptance_length']:.2f}")
+    return line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", "-p", default=None, help="prompt text (default: read stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
+    add_sampling_arguments(p)
+    add_spec_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, stats")
+
+
+def main(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    if args.chat:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    kwargs = {**sampling_kwargs(args), **spec_kwargs(args)}
+    completion = None
+    for event in llm.stream(prompt, **kwargs):
+        if not args.json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        completion = event.completion
+    if args.json:
+        print(json.dumps({"text": completion.text, "token_ids": completion.token_ids, "stats": completion.stats,
+                          "finish_reason": completion.finish_reason}))
+    else:
+        sys.stdout.write("\n")
+        print(stats_line(completion.stats), file=sys.stderr)
+    return 0

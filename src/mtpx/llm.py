@@ -1,0 +1,245 @@
+"""The public Python API: `LLM(model).generate(prompt, ...) -> Completion`, `LLM.stream(...)`, `LLM.logits(ids)`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from mtpx.errors import ModelLoadError, RequestError
+from mtpx.loading import build_model, load_checkpoint
+from mtpx.models.qwen3_5 import Qwen35Model
+from mtpx.sampling import SamplingParams
+from mtpx.speculative.drafters import Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
+from mtpx.speculative.loop import Sequence, decode_round, prefill
+from mtpx.speculative.policy import DraftPolicy
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SPEC_ALIASES = {"none": "none", "mtp": "mtp", "draft-mtp": "mtp", "draft": "draft", "draft-simple": "draft",
+                "ngram": "ngram", "ngram-simple": "ngram"}
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """`demo` / `demo-draft` name the checkpoints bundled in the repository."""
+    if str(model) in ("demo", "demo-draft"):
+        path = REPO_ROOT / "models" / str(model)
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"the bundled {model} model is missing at {path}; rebuild it with scripts/build_demo.sh")
+        return path
+    return Path(model)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RequestError("device 'cuda' requested but no CUDA device is available")
+    if not device.startswith(("cpu", "cuda")):
+        raise RequestError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise RequestError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    stats: dict
+    finish_reason: str = "length"
+
+
+@dataclass
+class StreamEvent:
+    text: str  # new text since the previous event
+    token_ids: list[int]  # new tokens since the previous event
+    completion: Completion | None = None  # set on the last event
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    stop: list[str]
+    started: float
+    text: str = ""
+    sent: int = 0  # characters of text already streamed
+    sent_tokens: int = 0
+    first_token_at: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class LLM:
+    def __init__(self, model: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.path = resolve_model_path(model)
+        ckpt = load_checkpoint(self.path)
+        if ckpt.tokenizer is None:
+            raise ModelLoadError(f"{self.path} has no tokenizer.json")
+        self.config = ckpt.config
+        self.tokenizer = ckpt.tokenizer
+        self.model: Qwen35Model = build_model(ckpt, self.dtype, self.device)
+        self.eos = set(self.config.eos_token_id)
+        self._draft_models: dict[str, Qwen35Model] = {}
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """[len, vocab] float32 logits of one plain forward of the main model, no cache."""
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        return self.model.logits(self.model(ids)).float()[0]
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+        return ids
+
+    def make_drafter(self, spec_type: str, *, spec_draft_p_min: float = 0.0, spec_draft_model: str | None = None,
+                     spec_ngram_min: int = 1, spec_ngram_max: int = 4) -> Drafter | None:
+        kind = SPEC_ALIASES.get(spec_type)
+        if kind is None:
+            raise RequestError(f"unknown spec_type {spec_type!r}: use one of {sorted(SPEC_ALIASES)}")
+        if kind == "none":
+            return None
+        if kind == "mtp":
+            return MTPDrafter(self.model, spec_draft_p_min)
+        if kind == "ngram":
+            return NgramDrafter(spec_ngram_min, spec_ngram_max)
+        if not spec_draft_model:
+            raise RequestError("spec_type 'draft' needs spec_draft_model (a checkpoint with the same tokenizer)")
+        return DraftModelDrafter(self._draft_model(spec_draft_model), spec_draft_p_min)
+
+    def _draft_model(self, name: str) -> Qwen35Model:
+        if name not in self._draft_models:
+            ckpt = load_checkpoint(resolve_model_path(name))
+            if ckpt.tokenizer is None or ckpt.tokenizer.vocab_size != self.tokenizer.vocab_size or \
+                    ckpt.tokenizer.decode(list(range(min(256, self.tokenizer.vocab_size)))) != \
+                    self.tokenizer.decode(list(range(min(256, self.tokenizer.vocab_size)))):
+                raise RequestError(f"draft model {name} does not share the main model's vocabulary "
+                                   f"({ckpt.tokenizer.vocab_size if ckpt.tokenizer else 'no'} vs "
+                                   f"{self.tokenizer.vocab_size} tokens)")
+            self._draft_models[name] = build_model(ckpt, self.dtype, self.device, with_mtp=False)
+        return self._draft_models[name]
+
+    def new_sequence(self, ids: list[int], max_tokens: int, params: SamplingParams, *, ignore_eos: bool = False,
+                     spec_synth_rates: list[float] | None = None, reserve: int = 8) -> Sequence:
+        if max_tokens is None or int(max_tokens) < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        if len(ids) + 1 > self.max_context:
+            raise RequestError(f"prompt has {len(ids)} tokens; the model's context is {self.max_context}")
+        max_tokens = min(int(max_tokens), self.max_context - len(ids))
+        max_len = min(len(ids) + max_tokens + reserve, self.max_context + reserve)
+        return Sequence(tokens=list(ids), n_prompt=len(ids), max_new=max_tokens, params=params,
+                        eos=set() if ignore_eos else self.eos, state=self.model.new_state(max_len), max_len=max_len,
+                        gen=None if params.greedy and spec_synth_rates is None else params.generator(),
+                        synthetic_rates=spec_synth_rates)
+
+    def generate(self, prompt: str | list[int], **kwargs) -> Completion:
+        event = None
+        for event in self.stream(prompt, **kwargs):
+            pass
+        return event.completion
+
+    @torch.inference_mode()
+    def stream(self, prompt: str | list[int], *, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None, stop: list[str] | str | None = None,
+               spec_type: str = "none", spec_draft_n_max: int = 3, spec_draft_n_min: int = 0,
+               spec_draft_p_min: float = 0.0, spec_draft_policy: str = "adaptive",
+               spec_draft_model: str | None = None, spec_ngram_min: int = 1, spec_ngram_max: int = 4,
+               spec_synth_rates: list[float] | None = None, ignore_eos: bool = False) -> Iterator[StreamEvent]:
+        """Generate, yielding text as it becomes final; the last event carries the Completion."""
+        started = time.perf_counter()
+        params = SamplingParams(temperature, top_k, top_p, min_p, seed)
+        if spec_draft_policy not in ("adaptive", "fixed"):
+            raise RequestError(f"spec_draft_policy must be 'adaptive' or 'fixed', got {spec_draft_policy!r}")
+        drafter = self.make_drafter(spec_type, spec_draft_p_min=spec_draft_p_min, spec_draft_model=spec_draft_model,
+                                    spec_ngram_min=spec_ngram_min, spec_ngram_max=spec_ngram_max)
+        policy = DraftPolicy(spec_draft_n_max, spec_draft_n_min, spec_draft_policy == "adaptive") if drafter else None
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        seq = self.new_sequence(self.encode_prompt(prompt), max_tokens, params, ignore_eos=ignore_eos,
+                                spec_synth_rates=spec_synth_rates)
+        req = _Request(seq, stops, started)
+        new = prefill(self.model, drafter, seq)
+        req.first_token_at = time.perf_counter()
+        while True:
+            event = self._advance(req, new)
+            if seq.finished:
+                break
+            if event.text or event.token_ids:
+                yield event
+            new = decode_round(self.model, drafter, policy, [seq])
+        yield StreamEvent(event.text, event.token_ids, self._completion(req, drafter, spec_type))
+
+    def _advance(self, req: _Request, new: list[int]) -> StreamEvent:
+        """Update the request's text after `new` tokens; apply stop strings; return what can be streamed."""
+        seq = req.seq
+        gen = seq.generated
+        visible = gen[:-1] if gen and gen[-1] in seq.eos else gen
+        text = self.tokenizer.decode(visible)
+        if req.stop:
+            hits = [(i, s) for s in req.stop if (i := text.find(s, max(0, len(req.text) - len(s)))) >= 0]
+            if hits:
+                cut = min(hits)[0]
+                stop_str = min(hits)[1]
+                # keep tokens up to the one that completed the stop string, as plain decoding would
+                n_before = len(gen) - len(new)
+                for n in range(n_before + 1, len(gen) + 1):
+                    if stop_str in self.tokenizer.decode(gen[:n]):
+                        del seq.tokens[seq.n_prompt + n:]
+                        break
+                text = text[:cut]
+                seq.finish_reason = "stop"
+        req.text = text
+        if seq.finished:
+            safe = len(text)
+        else:  # hold back an incomplete UTF-8 character or a possible start of a stop string
+            safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
+            for s in req.stop:
+                for j in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:j]):
+                        safe -= j
+                        break
+        delta = text[req.sent:max(safe, req.sent)]
+        req.sent = max(safe, req.sent)
+        tokens = seq.generated[req.sent_tokens:]
+        req.sent_tokens = len(seq.generated)
+        return StreamEvent(delta, tokens)
+
+    def _completion(self, req: _Request, drafter: Drafter | None, spec_type: str) -> Completion:
+        seq, end = req.seq, time.perf_counter()
+        n_gen = len(seq.generated)
+        decode_s = end - req.first_token_at
+        stats = {
+            "prompt_tokens": seq.n_prompt,
+            "generated_tokens": n_gen,
+            "prefill_tokens_per_s": seq.n_prompt / seq.stats.prefill_s if seq.stats.prefill_s else 0.0,
+            "decode_tokens_per_s": (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
+            "time_to_first_token_s": req.first_token_at - req.started,
+            "total_s": end - req.started,
+            "spec_type": SPEC_ALIASES[spec_type],
+            **seq.stats.as_dict(),
+            "drafter_memory_bytes": drafter.memory_bytes(seq) if drafter else 0,
+        }
+        return Completion(req.text, list(seq.generated), stats, seq.finish_reason or "length")

@@ -1,0 +1,107 @@
+"""Logits processing, sampling, and the acceptance rules of speculative decoding.
+
+The target distribution p is built by exactly the same code in plain and speculative decoding (temperature, then
+top-k, top-p, min-p), so speculative sampling is distributed exactly like plain sampling (Leviathan et al. 2023).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mtpx.errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def generator(self) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed(self.seed if self.seed is not None else torch.seed())
+        return g
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[N, V] logits -> [N, V] float32 probabilities after temperature, top-k, top-p, min-p."""
+    logits = logits.float() / max(params.temperature, 1e-5)
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
+        drop_sorted = before >= params.top_p  # keep the smallest prefix reaching top_p
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
+    return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    """Pick the next token from one row of logits, as plain decoding does."""
+    if params.greedy:
+        return int(logits.argmax().item())
+    return sample(target_probs(logits[None], params)[0], gen)
+
+
+def accept(target_logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None, params: SamplingParams,
+           gen: torch.Generator | None, synthetic_rates: list[float] | None = None) -> tuple[int, int]:
+    """Verify k drafts against target logits [k + 1, V].
+
+    Returns (number of drafts accepted, the token emitted after them). Greedy: longest prefix matching the target's
+    argmax. Sampling: accept d_i with probability min(1, p/q) and on rejection sample from max(0, p - q); a
+    deterministic drafter (draft_probs None) is the one-hot q case: accept with p(d), else sample p without d.
+    `synthetic_rates` (benchmarking only) replaces the rule by coin flips with the given per-position rates.
+    """
+    k = len(drafts)
+    if synthetic_rates is not None:
+        coin = gen if gen is not None else torch.Generator().manual_seed(0)
+        n = 0
+        while n < k and torch.rand((), generator=coin).item() < synthetic_rates[min(n, len(synthetic_rates) - 1)]:
+            n += 1
+        return n, choose(target_logits[n], params, gen)
+    if params.greedy:
+        best = target_logits.argmax(-1).tolist()
+        n = 0
+        while n < k and drafts[n] == best[n]:
+            n += 1
+        return n, best[n]
+    p = target_probs(target_logits, params)
+    for i, d in enumerate(drafts):
+        q_d = 1.0 if draft_probs is None else float(draft_probs[i, d])
+        p_d = float(p[i, d])
+        if q_d > 0 and torch.rand((), generator=gen).item() < min(1.0, p_d / q_d):
+            continue
+        if draft_probs is None:
+            residual = p[i].clone()
+            residual[d] = 0.0
+        else:
+            residual = (p[i] - draft_probs[i]).clamp_min(0.0)
+        if residual.sum() <= 0:  # p == q (up to rounding): any sample from p is exact
+            residual = p[i]
+        return i, sample(residual / residual.sum(), gen)
+    return k, sample(p[k], gen)

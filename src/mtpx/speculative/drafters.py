@@ -1,0 +1,240 @@
+"""Drafters: the model's own MTP layer, a separate draft model, and n-gram (prompt lookup).
+
+Every drafter implements one small interface. Per-sequence drafter state lives in `seq.draft`. Drafts only decide
+how many tokens a verify pass can accept, never which tokens are emitted, so drafter passes need not be exact.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from mtpx.models.qwen3_5 import Qwen35Model
+from mtpx.sampling import sample, target_probs
+from mtpx.state import SequenceState
+
+if TYPE_CHECKING:
+    from mtpx.speculative.loop import Sequence
+
+PREFILL_ROWS = 8  # catch-up passes longer than this (the prompt) use the parallel prefill path
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    probs: torch.Tensor | None = None  # [k, V] draft distribution q when sampling; None = deterministic drafter
+
+
+class Drafter(ABC):
+    name = "drafter"
+
+    def start(self, seq: "Sequence", prompt_hidden: torch.Tensor) -> None:
+        """Called after the main model's prefill with its hidden states [n_prompt, H]."""
+
+    @abstractmethod
+    def propose(self, seqs: list["Sequence"], ks: list[int]) -> list[Draft]:
+        """Up to ks[b] draft tokens for each sequence (fewer when p_min cuts drafting short)."""
+
+    def on_accept(self, seqs: list["Sequence"], hidden: list[torch.Tensor], emitted: list[list[int]],
+                  drafts: list[Draft]) -> None:
+        """After verify: hidden [n + 1, H] at the positions of the last token and the n accepted drafts;
+        emitted: the n accepted drafts plus the target's token."""
+
+    def memory_bytes(self, seq: "Sequence") -> int:
+        return 0
+
+
+def _pick(logits: torch.Tensor, seq: "Sequence", p_min: float) -> tuple[int | None, torch.Tensor | None]:
+    """Choose a draft token from draft logits [V]: argmax when greedy, else sample from q (processed like the
+    target). None when the draft's top probability is below p_min."""
+    if seq.params.greedy:
+        if p_min > 0 and torch.softmax(logits.float(), -1).max() < p_min:
+            return None, None
+        return int(logits.argmax()), None
+    q = target_probs(logits[None], seq.params)[0]
+    if p_min > 0 and q.max() < p_min:
+        return None, None
+    return sample(q, seq.gen), q
+
+
+class _StatefulDrafter(Drafter):
+    """Shared loop of the MTP and draft-model drafters: one catch-up pass over what the drafter has not seen yet
+    (batched and padded across sequences), then single-token steps on its own drafts."""
+
+    def __init__(self, p_min: float = 0.0):
+        self.p_min = p_min
+
+    @abstractmethod
+    def _forward(self, x_prev: torch.Tensor | None, tokens: torch.Tensor, states: list[SequenceState],
+                 mode: str) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _pending(self, seq: "Sequence") -> tuple[torch.Tensor | None, list[int]]: ...
+
+    def propose(self, seqs, ks):
+        drafts = [Draft() for _ in seqs]
+        active = [b for b, k in enumerate(ks) if k > 0]
+        if not active:
+            return drafts
+        pend = [self._pending(seqs[b]) for b in active]
+        m = max(len(t) for _, t in pend)
+        tokens = torch.tensor([t + [t[-1]] * (m - len(t)) for _, t in pend])
+        hid = None
+        if pend[0][0] is not None:
+            hid = torch.stack([torch.cat([h, h[-1:].expand(m - len(h), -1)]) for h, _ in pend])
+        states = [seqs[b].draft.state for b in active]
+        for s in states:
+            s.mark()
+        out = self._forward(hid, tokens, states, "prefill" if m > PREFILL_ROWS else "step")
+        x = []
+        for i, b in enumerate(active):
+            n_b = len(pend[i][1])
+            states[i].rollback(states[i].length - (m - n_b))
+            seqs[b].draft.committed = states[i].length
+            seqs[b].draft.clear_pending()
+            x.append(out[i, n_b - 1])
+        live = list(range(len(active)))
+        probs: list[list[torch.Tensor]] = [[] for _ in active]
+        for j in range(max(ks[b] for b in active)):
+            logits = self._logits(torch.stack([x[i] for i in live]))
+            next_live = []
+            for row, i in enumerate(live):
+                b = active[i]
+                tok, q = _pick(logits[row], seqs[b], self.p_min)
+                if tok is None:
+                    continue
+                drafts[b].tokens.append(tok)
+                if q is not None:
+                    probs[i].append(q)
+                if len(drafts[b].tokens) < ks[b]:
+                    next_live.append(i)
+            live = next_live
+            if not live:
+                break
+            hid = torch.stack([x[i] for i in live])[:, None] if pend[0][0] is not None else None
+            toks = torch.tensor([[drafts[active[i]].tokens[-1]] for i in live])
+            out = self._forward(hid, toks, [states[i] for i in live], "step")
+            for row, i in enumerate(live):
+                x[i] = out[row, 0]
+        for i, b in enumerate(active):
+            if probs[i]:
+                drafts[b].probs = torch.stack(probs[i])
+        return drafts
+
+
+class MTPDrafter(_StatefulDrafter):
+    """Drafts with the model's MTP layer: step 1 takes (main hidden state, accepted token); steps 2..k feed the
+    layer its own output. Its KV cache holds pairs (h_i, t_{i+1}) of the accepted sequence."""
+    name = "mtp"
+
+    def __init__(self, model: Qwen35Model, p_min: float = 0.0):
+        super().__init__(p_min)
+        if model.mtp is None:
+            from mtpx.errors import RequestError
+            raise RequestError("spec_type 'mtp' needs a checkpoint with an MTP layer (mtp.* tensors); this one has "
+                               "none — add one with `mtpx train-mtp`, or use spec_type 'ngram' or 'draft'")
+        self.model = model
+
+    def start(self, seq, prompt_hidden):
+        # pairs (h_i, t_{i+1}) of the prompt plus (h_last, first generated token): filled by the first propose,
+        # after the first token has been emitted, so time-to-first-token is unchanged
+        seq.draft = _DraftState(self.model.new_mtp_state(seq.max_len), prompt_hidden,
+                                seq.tokens[1:seq.n_prompt + 1])
+
+    def _pending(self, seq):
+        return seq.draft.pending_hidden, seq.draft.pending_tokens
+
+    def _forward(self, x_prev, tokens, states, mode):
+        return self.model.mtp_forward(x_prev, tokens, states, mode)
+
+    def _logits(self, x):
+        return self.model.logits(x)
+
+    def on_accept(self, seqs, hidden, emitted, drafts):
+        for seq, h, e in zip(seqs, hidden, emitted):
+            d = seq.draft
+            d.state.rollback(d.committed)
+            d.add_pending(h, e)
+
+    def memory_bytes(self, seq):
+        weights = sum(p.numel() * p.element_size() for p in self.model.mtp.parameters())
+        return weights + (seq.draft.state.nbytes() if seq.draft is not None else 0)
+
+
+class DraftModelDrafter(_StatefulDrafter):
+    """A separate small model with the same tokenizer, with its own caches kept in step with accepted tokens."""
+    name = "draft"
+
+    def __init__(self, draft_model: Qwen35Model, p_min: float = 0.0):
+        super().__init__(p_min)
+        self.model = draft_model
+
+    def start(self, seq, prompt_hidden):
+        state = self.model.new_state(seq.max_len)
+        self.model(torch.tensor([seq.tokens[:seq.n_prompt]]), [state], "prefill")
+        seq.draft = _DraftState(state, None, [seq.tokens[-1]])
+
+    def _pending(self, seq):
+        return None, seq.draft.pending_tokens
+
+    def _forward(self, x_prev, tokens, states, mode):
+        return self.model(tokens, states, mode)
+
+    def _logits(self, x):
+        return self.model.logits(x)
+
+    def on_accept(self, seqs, hidden, emitted, drafts):
+        for seq, e in zip(seqs, emitted):
+            d = seq.draft
+            # the draft model has already consumed some of its own drafts; keep the accepted ones
+            kept = min(len(e) - 1, d.state.length - d.committed)
+            d.state.rollback(d.committed + kept)
+            d.committed += kept
+            d.add_pending(None, e[kept:])
+
+    def memory_bytes(self, seq):
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return weights + (seq.draft.state.nbytes() if seq.draft is not None else 0)
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup: find the latest earlier occurrence of the last n tokens (n from max down to min) in
+    prompt + output and propose what followed it. Deterministic (q is one-hot)."""
+    name = "ngram"
+
+    def __init__(self, n_min: int = 1, n_max: int = 4):
+        if not 1 <= n_min <= n_max:
+            from mtpx.errors import RequestError
+            raise RequestError(f"need 1 <= spec_ngram_min <= spec_ngram_max, got {n_min}, {n_max}")
+        self.n_min, self.n_max = n_min, n_max
+
+    def propose(self, seqs, ks):
+        return [Draft(self.lookup(seq.tokens, k)) for seq, k in zip(seqs, ks)]
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        for n in range(min(self.n_max, len(tokens) - 1), self.n_min - 1, -1):
+            tail = tokens[-n:]
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start:start + n] == tail:
+                    return tokens[start + n:start + n + k]
+        return []
+
+
+@dataclass
+class _DraftState:
+    state: SequenceState
+    pending_hidden: torch.Tensor | None  # MTP: main hidden states whose pairs the MTP cache has not seen
+    pending_tokens: list[int]  # the token after each of those positions (draft model: tokens not yet fed)
+    committed: int = 0
+
+    def clear_pending(self):
+        self.pending_hidden, self.pending_tokens = None, []
+
+    def add_pending(self, hidden: torch.Tensor | None, tokens: list[int]):
+        if hidden is not None:
+            self.pending_hidden = hidden if self.pending_hidden is None else torch.cat([self.pending_hidden, hidden])
+        self.pending_tokens = self.pending_tokens + list(tokens)

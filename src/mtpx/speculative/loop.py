@@ -1,0 +1,149 @@
+"""The decode loop: prefill, then rounds of draft → verify → accept → rollback, for a batch of sequences.
+
+Plain decoding is the same loop with no drafter (k = 0): verify is then a one-token decode step. Every round:
+  drafts  = drafter.propose(seqs, ks)                 MTP layer on its own output | draft model | n-gram lookup
+  hidden  = model([last, d1..dk], step mode)           one forward, per-position recurrent states kept
+  n, tok  = accept(...)                                greedy prefix match or rejection sampling
+  state.rollback(L + 1 + n)                            truncate attention, pick the recurrent state at position n
+  drafter.on_accept(...)                               keep the drafter in step with what was accepted
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mtpx.models.qwen3_5 import Qwen35Model
+from mtpx.sampling import SamplingParams, accept, choose
+from mtpx.speculative.drafters import Draft, Drafter
+from mtpx.speculative.policy import DraftPolicy
+from mtpx.state import SequenceState
+
+
+@dataclass
+class SpecStats:
+    drafts: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def record(self, k: int, n: int) -> None:
+        if k == 0:
+            return
+        self.drafts += 1
+        self.drafted_tokens += k
+        self.accepted_tokens += n
+        while len(self.drafted_by_position) < k:
+            self.drafted_by_position.append(0)
+            self.accepted_by_position.append(0)
+        for i in range(k):
+            self.drafted_by_position[i] += 1
+            self.accepted_by_position[i] += i < n
+
+    def as_dict(self) -> dict:
+        return {
+            "drafts": self.drafts, "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0,
+            "acceptance_by_position": [a / d for a, d in zip(self.accepted_by_position, self.drafted_by_position)],
+            "mean_acceptance_length": 1 + self.accepted_tokens / self.drafts if self.drafts else 1.0,
+            "prefill_s": self.prefill_s, "draft_s": self.draft_s, "verify_s": self.verify_s,
+        }
+
+
+@dataclass
+class Sequence:
+    tokens: list[int]  # prompt + generated; the last one has not been fed to the model yet
+    n_prompt: int
+    max_new: int
+    params: SamplingParams
+    eos: set[int]
+    state: SequenceState
+    max_len: int
+    gen: torch.Generator | None = None
+    synthetic_rates: list[float] | None = None
+    draft: object = None  # the drafter's per-sequence state
+    finish_reason: str | None = None
+    stats: SpecStats = field(default_factory=SpecStats)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.n_prompt:]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, new: list[int]) -> list[int]:
+        """Append accepted tokens, stopping at eos or max_new; returns what was appended."""
+        out = []
+        for t in new:
+            out.append(t)
+            if t in self.eos:
+                self.finish_reason = "stop"
+                break
+            if len(self.generated) + len(out) >= self.max_new:
+                self.finish_reason = "length"
+                break
+        self.tokens.extend(out)
+        return out
+
+
+def prefill(model: Qwen35Model, drafter: Drafter | None, seq: Sequence) -> list[int]:
+    """Run the prompt through the main model and pick the first token. Returns the emitted token(s)."""
+    t0 = time.perf_counter()
+    prompt = torch.tensor([seq.tokens[:seq.n_prompt]], device=seq.state.device)
+    hidden = model(prompt, [seq.state], "prefill")
+    first = choose(model.logits(hidden[0, -1]).float(), seq.params, seq.gen)
+    emitted = seq.append([first])
+    t1 = time.perf_counter()
+    seq.stats.prefill_s += t1 - t0
+    if drafter is not None and not seq.finished:
+        drafter.start(seq, hidden[0])
+        seq.stats.draft_s += time.perf_counter() - t1
+    return emitted
+
+
+def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolicy | None,
+                 seqs: list[Sequence]) -> list[list[int]]:
+    """One draft → verify → accept → rollback round for every sequence; returns the tokens each one emitted."""
+    t0 = time.perf_counter()
+    ks = [0] * len(seqs)
+    if drafter is not None and policy is not None:
+        k = policy.next_k(len(seqs))
+        ks = [min(k, s.max_new - len(s.generated) - 1, s.max_len - len(s.tokens) - 1) for s in seqs]
+        ks = [max(k, 0) for k in ks]
+    drafts = drafter.propose(seqs, ks) if drafter is not None and any(ks) else [Draft() for _ in seqs]
+    t1 = time.perf_counter()
+    rows = [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)]
+    width = max(map(len, rows))
+    for s in seqs:
+        s.state.mark()
+    batch = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=seqs[0].state.device)
+    hidden = model(batch, [s.state for s in seqs], "step")
+    logits = model.logits(hidden).float()
+    emitted, accepted_hidden, n_accepted, accepted_tokens = [], [], [], []
+    for b, (s, d) in enumerate(zip(seqs, drafts)):
+        start = s.state.length - width
+        n, tok = accept(logits[b, :len(rows[b])], d.tokens, d.probs, s.params, s.gen, s.synthetic_rates)
+        s.state.rollback(start + 1 + n)
+        s.stats.record(len(d.tokens), n)
+        accepted_tokens.append(d.tokens[:n] + [tok])
+        emitted.append(s.append(accepted_tokens[-1]))
+        accepted_hidden.append(hidden[b, :n + 1])
+        n_accepted.append(n)
+    t2 = time.perf_counter()
+    if drafter is not None:
+        drafter.on_accept(seqs, accepted_hidden, accepted_tokens, drafts)
+    t3 = time.perf_counter()
+    for s in seqs:
+        s.stats.draft_s += (t1 - t0 + t3 - t2) / len(seqs)
+        s.stats.verify_s += (t2 - t1) / len(seqs)
+    if policy is not None and drafter is not None:
+        policy.observe(len(seqs), [len(d.tokens) for d in drafts], n_accepted, t1 - t0 + t3 - t2, t2 - t1,
+                       len(seqs) * width)
+    return emitted
