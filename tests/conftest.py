@@ -1,0 +1,34 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(2)
+
+from checkpoints import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ckpt_factory(tmp_path_factory):
+    """Build each tiny checkpoint variant once per test session."""
+    cache: dict = {}
+
+    def get(**kw) -> Path:
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            name = "-".join(f"{k}{v}" for k, v in key) or "default"
+            cache[key] = make_checkpoint(tmp_path_factory.mktemp("ckpt") / name, **kw)
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def dense_ckpt(ckpt_factory):
+    return ckpt_factory()
+
+
+@pytest.fixture(scope="session")
+def moe_ckpt(ckpt_factory):
+    return ckpt_factory(moe=True)

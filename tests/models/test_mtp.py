@@ -1,0 +1,102 @@
+"""The MTP layer against an independent, straightforward implementation of REFERENCE §2 written here."""
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtpx.loading import build_model, load_checkpoint
+from mtpx.loading.checkpoint import count_mtp_layers
+
+
+def rms(x, w, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1 + w)
+
+
+def reference_mtp_logits(t: dict, cfg: dict, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """Logits for t_{i+2} from pairs (h_i, t_{i+1}): fc(concat(norm_e(embed), norm_h(h))) -> full-attention decoder
+    layer (causal over the pairs) -> mtp.norm -> lm_head. Plain loops and matmuls, fp32."""
+    H, nh, nkv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    rd = int(hd * cfg["rope_parameters"]["partial_rotary_factor"])
+    theta = cfg["rope_parameters"]["rope_theta"]
+    emb = t["model.embed_tokens.weight"][next_ids]
+    x = torch.cat([rms(emb, t["mtp.pre_fc_norm_embedding.weight"]), rms(hidden, t["mtp.pre_fc_norm_hidden.weight"])], -1)
+    x = x @ t["mtp.fc.weight"].T
+    p = "mtp.layers.0."
+    T = x.shape[0]
+    h = rms(x, t[p + "input_layernorm.weight"])
+    qg = (h @ t[p + "self_attn.q_proj.weight"].T).view(T, nh, 2 * hd)
+    q, gate = qg[..., :hd], qg[..., hd:].reshape(T, nh * hd)
+    k = (h @ t[p + "self_attn.k_proj.weight"].T).view(T, nkv, hd)
+    v = (h @ t[p + "self_attn.v_proj.weight"].T).view(T, nkv, hd)
+    q, k = rms(q, t[p + "self_attn.q_norm.weight"]), rms(k, t[p + "self_attn.k_norm.weight"])
+
+    def rope(z, pos):
+        out = z.clone()
+        for j in range(rd // 2):
+            ang = pos * theta ** (-2 * j / rd)
+            a, b = z[..., j].clone(), z[..., j + rd // 2].clone()
+            out[..., j] = a * math.cos(ang) - b * math.sin(ang)
+            out[..., j + rd // 2] = b * math.cos(ang) + a * math.sin(ang)
+        return out
+    q = torch.stack([rope(q[i], i) for i in range(T)])
+    k = torch.stack([rope(k[i], i) for i in range(T)])
+    attn = torch.zeros(T, nh, hd)
+    for i in range(T):
+        for head in range(nh):
+            kv = head // (nh // nkv)
+            s = torch.stack([q[i, head] @ k[j, kv] for j in range(i + 1)]) / math.sqrt(hd)
+            attn[i, head] = torch.softmax(s, 0) @ v[: i + 1, kv]
+    attn = attn.reshape(T, -1) * torch.sigmoid(gate)
+    x = x + attn @ t[p + "self_attn.o_proj.weight"].T
+    h = rms(x, t[p + "post_attention_layernorm.weight"])
+    if p + "mlp.gate_proj.weight" in t:
+        mlp = (torch.nn.functional.silu(h @ t[p + "mlp.gate_proj.weight"].T) * (h @ t[p + "mlp.up_proj.weight"].T))
+        x = x + mlp @ t[p + "mlp.down_proj.weight"].T
+    else:
+        probs = torch.softmax(h @ t[p + "mlp.gate.weight"].T, -1)
+        top, idx = probs.topk(cfg["num_experts_per_tok"], -1)
+        top = top / top.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for i in range(T):
+            for w, e in zip(top[i], idx[i]):
+                gu = t[p + "mlp.experts.gate_up_proj"][e] @ h[i]
+                g_, u_ = gu.chunk(2)
+                out[i] += w * (t[p + "mlp.experts.down_proj"][e] @ (torch.nn.functional.silu(g_) * u_))
+            se = t[p + "mlp.shared_expert.down_proj.weight"] @ (
+                torch.nn.functional.silu(t[p + "mlp.shared_expert.gate_proj.weight"] @ h[i])
+                * (t[p + "mlp.shared_expert.up_proj.weight"] @ h[i]))
+            out[i] += torch.sigmoid(t[p + "mlp.shared_expert_gate.weight"] @ h[i]) * se
+        x = x + out
+    x = rms(x, t["mtp.norm.weight"])
+    head = t.get("lm_head.weight", t["model.embed_tokens.weight"])
+    return x @ head.T
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_mtp_forward_matches_reference(ckpt_factory, moe):
+    import json
+    path = ckpt_factory(moe=moe)
+    tensors = load_file(path / "model.safetensors")
+    cfg = json.loads((path / "config.json").read_text())
+    model = build_model(load_checkpoint(path), torch.float32)
+    x = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        hidden = model(x)  # post-final-norm hidden states of the main model
+        ours = model.logits(model.mtp_forward(hidden[:, :-1], x[:, 1:]))[0]
+        ref = reference_mtp_logits(tensors, cfg, hidden[0, :-1], x[0, 1:])
+        assert (ours - ref).abs().max() < 1e-4
+        # with its own KV cache: prefill 6 pairs, then one pair at a time
+        state = model.new_mtp_state(32)
+        parts = [model.mtp_forward(hidden[:, :6], x[:, 1:7], [state], "prefill")]
+        for i in range(6, 11):
+            parts.append(model.mtp_forward(hidden[:, i:i + 1], x[:, i + 1:i + 2], [state], "step"))
+        cached = model.logits(torch.cat(parts, 1))[0]
+        assert (cached - ref).abs().max() < 1e-4
+
+
+def test_mtp_layer_count_inferred_from_weights(dense_ckpt):
+    ckpt = load_checkpoint(dense_ckpt)
+    assert ckpt.config.mtp_num_hidden_layers is None  # config omits it, as Qwen3.6's does
+    assert count_mtp_layers(ckpt.shapes) == 1
+    assert build_model(ckpt, torch.float32).mtp is not None
