@@ -1,0 +1,325 @@
+"""Continuous batching: one worker thread owns the model and runs batched speculative decoding for all requests.
+
+Every iteration the worker
+  1. drops cancelled requests (their Sequence and caches go with them),
+  2. admits waiting requests (prefill, one sequence at a time, up to a prompt-token budget per iteration),
+  3. runs one `decode_round` over every running sequence: one batched draft, one batched verify forward, each
+     sequence accepting its own number of tokens and rolling back its own caches,
+  4. turns new tokens into text (stop strings, incremental UTF-8) and hands each request its delta through the
+     request's `sink` callback, then removes finished sequences.
+
+The drafter and the draft-length policy are shared by the whole server: the policy sees the batch size each round
+and measures acceptance and costs across all requests.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mtpx.llm import LLM, SPEC_ALIASES, _Request
+from mtpx.sampling import SamplingParams
+from mtpx.serve.metrics import Metrics
+from mtpx.speculative.loop import decode_round, prefill
+from mtpx.speculative.policy import DraftPolicy
+
+log = logging.getLogger("mtpx.serve")
+
+
+@dataclass
+class Delta:
+    """What one request receives after a scheduler step."""
+    text: str
+    token_ids: list[int]
+    stats: dict  # running counts: completion_tokens, drafts, accepted ... (see GenRequest.live_stats)
+    finish_reason: str | None = None  # set on the last delta
+    error: str | None = None  # the engine failed this request (last delta)
+
+
+@dataclass
+class SpecConfig:
+    spec_type: str = "none"
+    spec_draft_n_max: int = 3
+    spec_draft_n_min: int = 0
+    spec_draft_p_min: float = 0.0
+    spec_draft_policy: str = "adaptive"
+    spec_draft_model: str | None = None
+    spec_ngram_min: int = 1
+    spec_ngram_max: int = 4
+
+    @property
+    def kind(self) -> str:
+        return SPEC_ALIASES.get(self.spec_type, self.spec_type)
+
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    sink: Callable[[Delta], None]
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    done: bool = False
+    admitted_at: float = 0.0
+    # engine state, owned by the worker thread
+    req: _Request | None = None
+    _counted: tuple = (0, 0, 0, ())
+
+    def live_stats(self, spec_type: str) -> dict:
+        seq = self.req.seq
+        s = seq.stats
+        n = len(seq.generated)
+        now = time.perf_counter()
+        decode_s = now - self.req.first_token_at
+        return {
+            "prompt_tokens": seq.n_prompt, "completion_tokens": n, "spec_type": spec_type,
+            "drafts": s.drafts, "draft_tokens": s.drafted_tokens, "accepted_tokens": s.accepted_tokens,
+            "acceptance_rate": s.accepted_tokens / s.drafted_tokens if s.drafted_tokens else 0.0,
+            "mean_acceptance_length": 1 + s.accepted_tokens / s.drafts if s.drafts else 1.0,
+            "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            "time_to_first_token_s": self.req.first_token_at - self.arrived,
+        }
+
+
+class Scheduler:
+    def __init__(self, llm: LLM, spec: SpecConfig | None = None, metrics: Metrics | None = None,
+                 max_num_seqs: int = 32, prefill_budget: int = 2048):
+        self.llm = llm
+        self.spec = spec or SpecConfig()
+        self.drafter = llm.make_drafter(self.spec.spec_type, spec_draft_p_min=self.spec.spec_draft_p_min,
+                                        spec_draft_model=self.spec.spec_draft_model,
+                                        spec_ngram_min=self.spec.spec_ngram_min,
+                                        spec_ngram_max=self.spec.spec_ngram_max)
+        if self.spec.spec_draft_policy not in ("adaptive", "fixed"):
+            from mtpx.errors import RequestError
+            raise RequestError(f"spec_draft_policy must be 'adaptive' or 'fixed', got {self.spec.spec_draft_policy!r}")
+        self.policy = (DraftPolicy(self.spec.spec_draft_n_max, self.spec.spec_draft_n_min,
+                                   self.spec.spec_draft_policy == "adaptive") if self.drafter else None)
+        self.metrics = metrics or Metrics("model")
+        self.max_num_seqs = max(1, int(max_num_seqs))
+        self.prefill_budget = max(1, int(prefill_budget))
+        self._waiting: deque[GenRequest] = deque()
+        self._running: list[GenRequest] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- called from other threads -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="mtpx-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, r: GenRequest) -> GenRequest:
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the scheduler is shutting down")
+            self._waiting.append(r)
+            with self.metrics.lock:
+                self.metrics.waiting = len(self._waiting)
+            self._cv.notify_all()
+        return r
+
+    def cancel(self, r: GenRequest) -> None:
+        """Ask the worker to drop `r` (client went away). Safe to call at any time, also after it finished."""
+        if r.done or r.cancelled:
+            return
+        with self._cv:
+            r.cancelled = True
+            self._cv.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- the worker thread ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    admit = self._take_admissions()
+                changed = self._drop_cancelled()
+                for r in admit:
+                    self._prefill(r)
+                if admit or changed:
+                    self._update_gauges()
+                if self._running:
+                    self._decode()
+        for r in list(self._waiting) + self._running:  # shutting down: tell the clients
+            self._fail(r, "the server is shutting down")
+        self._waiting.clear()
+        self._running.clear()
+
+    def _take_admissions(self) -> list[GenRequest]:
+        admit, budget = [], self.prefill_budget
+        if any(r.cancelled for r in self._waiting):
+            for r in self._waiting:
+                if r.cancelled:
+                    self._count_cancel(r)
+            self._waiting = deque(r for r in self._waiting if not r.done)
+        while self._waiting and len(self._running) + len(admit) < self.max_num_seqs:
+            r = self._waiting[0]
+            if admit and len(r.prompt_ids) > budget:
+                break  # next iteration: running sequences get a decode round between long prefills
+            budget -= len(r.prompt_ids)
+            admit.append(self._waiting.popleft())
+        with self.metrics.lock:
+            self.metrics.waiting = len(self._waiting)
+        return admit
+
+    def _drop_cancelled(self) -> bool:
+        keep = [r for r in self._running if not r.cancelled]
+        if len(keep) == len(self._running):
+            return False
+        for r in self._running:
+            if r.cancelled:
+                self._count_cancel(r)
+        self._running = keep
+        return True
+
+    def _count_cancel(self, r: GenRequest) -> None:
+        r.done = True
+        r.req = None  # drops the Sequence: its KV / recurrent caches and drafter state are freed
+        with self.metrics.lock:
+            self.metrics.requests_cancelled += 1
+
+    def _prefill(self, r: GenRequest) -> None:
+        r.admitted_at = time.perf_counter()
+        with self.metrics.lock:
+            self.metrics.queue_time.observe(r.admitted_at - r.arrived)
+        try:
+            seq = self.llm.new_sequence(r.prompt_ids, r.max_tokens, r.params, ignore_eos=r.ignore_eos)
+            r.req = _Request(seq, list(r.stop), r.arrived)
+            new = prefill(self.llm.model, self.drafter, seq)
+            r.req.first_token_at = time.perf_counter()
+            with self.metrics.lock:
+                self.metrics.prompt_tokens += seq.n_prompt
+                self.metrics.ttft.observe(r.req.first_token_at - r.arrived)
+            self._emit(r, new)
+        except Exception as e:  # an engine failure must not take the server down
+            log.error("prefill failed:\n%s", traceback.format_exc())
+            self._fail(r, f"prefill failed: {e}")
+            return
+        if not r.done:
+            self._running.append(r)
+
+    def _decode(self) -> None:
+        batch = list(self._running)
+        seqs = [r.req.seq for r in batch]
+        before = [s.stats.drafted_tokens for s in seqs]
+        t0 = time.perf_counter()
+        try:
+            news = decode_round(self.llm.model, self.drafter, self.policy, seqs)
+        except Exception as e:
+            log.error("decode round failed:\n%s", traceback.format_exc())
+            for r in batch:
+                self._fail(r, f"decode failed: {e}")
+            self._running = []
+            self._update_gauges()
+            return
+        with self.metrics.lock:
+            self.metrics.decode_rounds += 1
+            self.metrics.round_time.observe(time.perf_counter() - t0)
+            self.metrics.last_draft_len = max(s.stats.drafted_tokens - b for s, b in zip(seqs, before))
+        for r, new in zip(batch, news):
+            if r.cancelled:
+                continue  # dropped at the top of the next iteration
+            self._emit(r, new)
+        still = [r for r in self._running if not r.done]
+        if len(still) != len(self._running):
+            self._running = still
+            self._update_gauges()
+
+    def _emit(self, r: GenRequest, new: list[int]) -> None:
+        """Advance text and stop strings after `new` tokens, account stats, and hand the delta to the client."""
+        ev = self.llm._advance(r.req, new)
+        seq = r.req.seq
+        self._account(r)
+        with self.metrics.lock:
+            self.metrics.generation_tokens += len(ev.token_ids)
+        spec_type = self.spec.kind
+        if seq.finished:
+            completion = self.llm._completion(r.req, self.drafter, self.spec.spec_type)
+            stats = {**r.live_stats(spec_type), **_public_stats(completion.stats)}
+            r.done = True
+            finished_at = time.perf_counter()
+            with self.metrics.lock:
+                self.metrics.e2e.observe(finished_at - r.arrived)
+                reason = completion.finish_reason
+                self.metrics.requests_finished[reason] = self.metrics.requests_finished.get(reason, 0) + 1
+            delta = Delta(ev.text, ev.token_ids, stats, finish_reason=completion.finish_reason)
+            r.req = None  # free the caches now; the client has everything it needs
+        else:
+            delta = Delta(ev.text, ev.token_ids, r.live_stats(spec_type))
+        self._send(r, delta)
+
+    def _account(self, r: GenRequest) -> None:
+        s = r.req.seq.stats
+        d0, t0, a0, p0 = r._counted
+        per_pos = [a - (p0[i] if i < len(p0) else 0) for i, a in enumerate(s.accepted_by_position)]
+        if s.drafts != d0:
+            self.metrics.add_spec(s.drafts - d0, s.drafted_tokens - t0, s.accepted_tokens - a0, per_pos)
+        r._counted = (s.drafts, s.drafted_tokens, s.accepted_tokens, tuple(s.accepted_by_position))
+
+    def _send(self, r: GenRequest, delta: Delta) -> None:
+        try:
+            r.sink(delta)
+        except Exception:  # the client's event loop is gone: treat as a disconnect
+            if not r.done:
+                r.cancelled = True
+
+    def _fail(self, r: GenRequest, message: str) -> None:
+        if r.done:
+            return
+        r.done = True
+        r.req = None
+        with self.metrics.lock:
+            self.metrics.requests_failed += 1
+        self._send(r, Delta("", [], {}, finish_reason="error", error=message))
+
+    def _update_gauges(self) -> None:
+        total = 0
+        for r in self._running:
+            if r.req is not None:
+                seq = r.req.seq
+                total += seq.state.nbytes()
+                draft = getattr(seq.draft, "state", None)
+                if draft is not None:
+                    total += draft.nbytes()
+        with self.metrics.lock:
+            self.metrics.running = len(self._running)
+            self.metrics.cache_bytes = total
+
+
+def _public_stats(stats: dict) -> dict:
+    keep = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s", "total_s",
+            "acceptance_by_position", "mean_acceptance_length", "acceptance_rate")
+    return {k: stats[k] for k in keep if k in stats}
