@@ -1,0 +1,288 @@
+"""`mtpx convert --to gguf IN OUT [--outtype bf16|f16|q8_0|f32]`: write a GGUF that llama.cpp loads, MTP layer included.
+
+The file follows what llama.cpp's own converter writes for `Qwen3_5ForCausalLM` / `Qwen3_5MoeForCausalLM` (arch
+`qwen35` / `qwen35moe`): the same metadata keys, tensor names and transforms (see `mtpx.loading.gguf`), the MTP block
+as `blk.{n_main}.*` with `nextn.*`, and the same per-tensor types: 1-D tensors, norms, the router (`ffn_gate_inp*`)
+and `ssm_conv1d` are F32; with q8_0, a tensor whose rows are not a multiple of 32 falls back to F16.
+
+With bf16 / f16 every weight is first rounded to that type, also those stored as F32, so that loading the GGUF back
+in mtpx gives exactly the model the checkpoint gives at that dtype.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from mtpx.config import ModelConfig
+from mtpx.errors import ModelLoadError
+from mtpx.loading.checkpoint import Checkpoint, count_mtp_layers, load_checkpoint
+from mtpx.loading.gguf import (GATE_UP_EXPERTS, GLOBAL_NAMES, LAYER_NAMES, MTP_NAMES, PRE_TOKENIZERS, TOKEN_CONTROL,
+                               TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, is_offset_norm, linear_attn_reorder)
+from mtpx.tokenizer import Tokenizer
+
+OUTTYPES = ("bf16", "f16", "q8_0", "f32")
+# llama.cpp's default interleaved-MRoPE sections for Qwen3.5 (its loader requires the key; text positions make the
+# split irrelevant)
+MROPE_SECTIONS = [11, 11, 10, 0]
+F32_SUFFIXES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", required=True, choices=["gguf"], help="output format")
+    p.add_argument("input", help="checkpoint directory (or .gguf file) to convert")
+    p.add_argument("output", help="output .gguf file")
+    p.add_argument("--outtype", default="bf16", choices=OUTTYPES,
+                   help="weight type: bf16 (default), f16, q8_0 (8-bit, about half the size), f32")
+    p.add_argument("--no-mtp", action="store_true", help="leave the MTP layer out")
+    p.add_argument("--name", default=None, help="general.name written into the file (default: the input's name)")
+
+
+def main(args: argparse.Namespace) -> int:
+    ckpt = load_checkpoint(args.input)
+    out = Path(args.output)
+    summary = write_gguf(ckpt, out, args.outtype, with_mtp=not args.no_mtp, name=args.name)
+    for note in summary["notes"]:
+        print(f"mtpx convert: warning: {note}", file=sys.stderr)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): arch {summary['arch']}, "
+          f"{summary['n_main']} layers + {summary['n_mtp']} MTP, {summary['n_tensors']} tensors "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(summary['types'].items()))})", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- tensors
+
+def _round_dtype(outtype: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "f16": torch.float16}.get(outtype)
+
+
+def gguf_tensors(ckpt: Checkpoint, outtype: str, with_mtp: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Internal (HF) tensors -> (GGUF name, float32 tensor in llama.cpp's layout and transforms)."""
+    cfg = ckpt.config
+    n_main = cfg.num_hidden_layers
+    rounding = _round_dtype(outtype)
+    names = [n for n in ckpt.tensors if with_mtp or not n.startswith("mtp.")]
+    if cfg.tie_word_embeddings:
+        names = [n for n in names if n != "lm_head.weight"]
+
+    def order(n: str) -> tuple:
+        m = re.match(r"^(model|mtp)\.layers\.(\d+)\.", n)
+        if m:
+            return (1, int(m[2]) + (n_main if m[1] == "mtp" else 0), n)
+        if n in MTP_NAMES:
+            return (1, n_main, n)
+        return (0 if n == "model.embed_tokens.weight" else 2, 0, n)
+
+    for hf in sorted(names, key=order):
+        x = ckpt.tensors[hf]()
+        if rounding is not None:
+            x = x.to(rounding)
+        x = x.float()
+        if hf in GLOBAL_NAMES:
+            gname = GLOBAL_NAMES[hf]
+        elif hf in MTP_NAMES:
+            gname = f"blk.{n_main}.{MTP_NAMES[hf]}"
+        else:
+            m = re.match(r"^(model|mtp)\.layers\.(\d+)\.(.+)$", hf)
+            if not m:
+                raise ModelLoadError(f"tensor {hf} has no GGUF name")
+            bid = int(m[2]) + (n_main if m[1] == "mtp" else 0)
+            suffix = m[3]
+            if suffix == GATE_UP_EXPERTS:
+                gate, up = x.chunk(2, dim=1)
+                yield f"blk.{bid}.ffn_gate_exps.weight", gate.contiguous()
+                yield f"blk.{bid}.ffn_up_exps.weight", up.contiguous()
+                continue
+            if suffix not in LAYER_NAMES:
+                raise ModelLoadError(f"tensor {hf} has no GGUF name")
+            if suffix.startswith("linear_attn."):
+                x = linear_attn_reorder(suffix, x, cfg, to_gguf=True)
+            gname = f"blk.{bid}.{LAYER_NAMES[suffix]}"
+        gsuffix = gname.split(".", 2)[-1] if gname.startswith("blk.") else gname
+        if gsuffix == "ssm_conv1d.weight":
+            x = x.squeeze(1)
+        elif gsuffix == "ssm_a":
+            x = -torch.exp(x)
+        elif is_offset_norm(gsuffix):
+            x = x + 1.0
+        yield gname, x.contiguous()
+
+
+def tensor_type(gname: str, ndim: int, outtype: str):
+    """The GGML type llama.cpp's converter picks for this tensor."""
+    from gguf import GGMLQuantizationType as Q
+    if ndim <= 1 or gname.endswith("_norm.weight") or gname.endswith(F32_SUFFIXES) or not gname.endswith(".weight"):
+        return Q.F32
+    return {"bf16": Q.BF16, "f16": Q.F16, "q8_0": Q.Q8_0, "f32": Q.F32}[outtype]
+
+
+def encode_tensor(gname: str, x: torch.Tensor, outtype: str) -> tuple[np.ndarray, object]:
+    """Float32 tensor -> (numpy data, GGML type) ready for GGUFWriter.add_tensor(raw_dtype=...)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+    qtype = tensor_type(gname, x.dim(), outtype)
+    if qtype == Q.Q8_0 and x.shape[-1] % 32:
+        qtype = Q.F16  # as llama.cpp's converter does when rows don't split into 32-blocks
+    if qtype == Q.F32:
+        data = x.numpy().astype(np.float32, copy=False)
+    elif qtype == Q.F16:
+        data = x.to(torch.float16).numpy()
+        if not np.isfinite(data).all():
+            raise ModelLoadError(f"tensor {gname} overflows float16; use --outtype bf16")
+    elif qtype == Q.BF16:
+        data = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    else:
+        data = quantize(x.numpy(), qtype)
+    return data, qtype
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def detect_pre_tokenizer(spec: dict) -> str:
+    """tokenizer.json's pre_tokenizer -> the llama.cpp pre-tokenizer name that splits text the same way."""
+    pt = spec.get("pre_tokenizer")
+    if pt and pt.get("type") == "ByteLevel" and pt.get("use_regex", True) and not pt.get("add_prefix_space"):
+        return "gpt-2"
+    if pt and pt.get("type") == "Sequence":
+        parts = pt.get("pretokenizers") or []
+        if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
+                and not parts[1].get("use_regex", True) and not parts[1].get("add_prefix_space")
+                and str(parts[0].get("behavior")).lower() == "isolated" and not parts[0].get("invert")):
+            regex = (parts[0].get("pattern") or {}).get("Regex")
+            for name in ("qwen35", "qwen2"):
+                if regex == PRE_TOKENIZERS[name]:
+                    return name
+    raise ModelLoadError(f"the tokenizer's pre-tokenizer ({json.dumps(pt)[:200]}) has no llama.cpp equivalent mtpx "
+                         "knows (GPT-2 ByteLevel, Qwen2 or Qwen3.5 split regex): llama.cpp would tokenize differently")
+
+
+def tokenizer_metadata(tok: Tokenizer, cfg: ModelConfig) -> dict:
+    """What llama.cpp needs of a byte-level BPE tokenizer: tokens padded to the vocab size, types, merges, ids."""
+    hf = tok._tok
+    spec = json.loads(hf.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ModelLoadError(f"tokenizer model {model.get('type')!r} is not BPE: only byte-level BPE tokenizers "
+                             "are exported")
+    pre = detect_pre_tokenizer(spec)
+    n = cfg.vocab_size
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [TOKEN_UNUSED] * n
+    for text, i in hf.get_vocab(with_added_tokens=True).items():
+        if i >= n:
+            raise ModelLoadError(f"token {text!r} has id {i}, beyond the model's vocab_size {n}")
+        tokens[i], types[i] = text, TOKEN_NORMAL
+    for i, added in hf.get_added_tokens_decoder().items():
+        text = added.content
+        looks_special = text.startswith("<|") and text.endswith("|>")
+        tokens[i] = text
+        types[i] = TOKEN_CONTROL if added.special or looks_special else TOKEN_USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    ids: dict[str, int] = {}
+    eos = hf.token_to_id(tok.eos_token) if tok.eos_token else None
+    eos_ids = list(dict.fromkeys(([eos] if eos is not None else []) + list(cfg.eos_token_id)))
+    if eos_ids:
+        ids["eos"] = eos_ids[0]
+    if len(eos_ids) > 1:
+        ids["eot"] = eos_ids[1]
+    bos = hf.token_to_id(tok.bos_token) if tok.bos_token else cfg.bos_token_id
+    if bos is not None:
+        ids["bos"] = bos
+    return {"pre": pre, "tokens": tokens, "types": types, "merges": merges, "ids": ids,
+            "chat_template": tok.chat_template}
+
+
+# ---------------------------------------------------------------- file
+
+def _attention_interval(layer_types: list[str]) -> int:
+    for k in range(1, len(layer_types) + 1):
+        if all((t == "full_attention") == ((i + 1) % k == 0) for i, t in enumerate(layer_types)):
+            return k
+    return 4  # irregular pattern: attention.recurrent_layers carries it
+
+
+def write_gguf(ckpt: Checkpoint, out: Path, outtype: str = "bf16", with_mtp: bool = True,
+               name: str | None = None) -> dict:
+    import gguf
+    if outtype not in OUTTYPES:
+        raise ModelLoadError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    cfg = ckpt.config
+    if cfg.rotary_dim > cfg.head_dim:
+        raise ModelLoadError("rotary dim exceeds head_dim")
+    notes = []
+    if cfg.linear_key_head_dim != cfg.linear_value_head_dim:
+        # llama.cpp's qwen35 loader takes both head sizes from ssm.state_size; mtpx reads such files back fine
+        notes.append(f"linear_key_head_dim ({cfg.linear_key_head_dim}) != linear_value_head_dim "
+                     f"({cfg.linear_value_head_dim}): llama.cpp's qwen35 loader assumes they are equal and will "
+                     "refuse this file")
+    if ckpt.tokenizer is None:
+        raise ModelLoadError(f"{ckpt.path} has no tokenizer: llama.cpp needs one inside the GGUF")
+    tok = tokenizer_metadata(ckpt.tokenizer, cfg)
+    n_main = cfg.num_hidden_layers
+    n_mtp = count_mtp_layers(ckpt.shapes) if with_mtp else 0
+    arch = "qwen35moe" if cfg.is_moe else "qwen35"
+    ftype = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f32": gguf.LlamaFileType.ALL_F32}[outtype]
+
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_type("model")
+    w.add_name(name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.resolve().name))
+    w.add_block_count(n_main + n_mtp)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if cfg.is_moe:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_file_type(ftype)
+    if cfg.is_moe:
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if n_mtp:
+        w.add_nextn_predict_layers(n_mtp)
+    w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
+    w.add_ssm_state_size(cfg.linear_key_head_dim)
+    w.add_ssm_group_count(cfg.linear_num_key_heads)
+    w.add_ssm_time_step_rank(cfg.linear_num_value_heads)
+    w.add_ssm_inner_size(cfg.linear_value_head_dim * cfg.linear_num_value_heads)
+    w.add_array(f"{arch}.attention.recurrent_layers",
+                [t == "linear_attention" for t in cfg.layer_types] + [False] * n_mtp)
+    w.add_full_attention_interval(_attention_interval(cfg.layer_types))
+    w.add_rope_dimension_count(cfg.rotary_dim)
+    w.add_rope_dimension_sections(MROPE_SECTIONS)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    for kind, i in tok["ids"].items():
+        getattr(w, f"add_{kind}_token_id")(i)
+    if tok["chat_template"]:
+        w.add_chat_template(tok["chat_template"])
+
+    types: dict[str, int] = {}
+    n_tensors = 0
+    for gname, x in gguf_tensors(ckpt, outtype, with_mtp):
+        data, qtype = encode_tensor(gname, x, outtype)
+        w.add_tensor(gname, data, raw_dtype=qtype)
+        types[qtype.name] = types.get(qtype.name, 0) + 1
+        n_tensors += 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"arch": arch, "n_main": n_main, "n_mtp": n_mtp, "n_tensors": n_tensors, "types": types, "notes": notes}
