@@ -27,6 +27,7 @@ import torch
 from mtpx.llm import LLM, SPEC_ALIASES, _Request
 from mtpx.sampling import SamplingParams
 from mtpx.serve.metrics import Metrics
+from mtpx.speculative.drafters import PREFILL_ROWS, Draft, Drafter
 from mtpx.speculative.loop import decode_round, prefill
 from mtpx.speculative.policy import DraftPolicy
 
@@ -95,6 +96,56 @@ class GenRequest:
         }
 
 
+class GroupedDrafter(Drafter):
+    """Wraps a stateful drafter so a batch never pads one sequence's catch-up pass to another's length.
+
+    The MTP / draft-model drafters first feed each sequence what they have not seen yet (a new prompt, or the tokens
+    accepted since) in one pass padded to the longest pending length. In a continuously batched server that
+    length differs a lot: a just-admitted sequence has its whole prompt pending, one near its end has little room
+    left in its preallocated caches. Padding then costs B x prompt rows, or overflows a short sequence's cache. This
+    wrapper calls the drafter on groups: every sequence with a long pending list alone (prefill path, no padding),
+    the rest together as long as the padded pass fits every cache; otherwise alone. Steady state: one group.
+    """
+
+    def __init__(self, inner: Drafter):
+        self.inner = inner
+        self.name = inner.name
+
+    def start(self, seq, prompt_hidden):
+        self.inner.start(seq, prompt_hidden)
+
+    def on_accept(self, seqs, hidden, emitted, drafts):
+        self.inner.on_accept(seqs, hidden, emitted, drafts)
+
+    def memory_bytes(self, seq):
+        return self.inner.memory_bytes(seq)
+
+    @staticmethod
+    def _pending(seq) -> int:
+        d = seq.draft
+        return len(getattr(d, "pending_tokens", None) or []) if d is not None else 0
+
+    def propose(self, seqs, ks):
+        active = [b for b, k in enumerate(ks) if k > 0]
+        if not active or all(getattr(seqs[b].draft, "state", None) is None for b in active):
+            return self.inner.propose(seqs, ks)
+        groups: list[list[int]] = []
+        short = [b for b in active if self._pending(seqs[b]) <= PREFILL_ROWS]
+        groups += [[b] for b in active if self._pending(seqs[b]) > PREFILL_ROWS]
+        if short:
+            m = max(self._pending(seqs[b]) for b in short)
+            fits = [b for b in short if seqs[b].draft.state.length + m + ks[b] <= seqs[b].draft.state.max_len]
+            groups.append(fits) if fits else None
+            groups += [[b] for b in short if b not in fits]
+        if len(groups) == 1 and len(groups[0]) == len(active):
+            return self.inner.propose(seqs, ks)
+        drafts = [Draft() for _ in seqs]
+        for g in groups:
+            for b, d in zip(g, self.inner.propose([seqs[b] for b in g], [ks[b] for b in g])):
+                drafts[b] = d
+        return drafts
+
+
 class Scheduler:
     def __init__(self, llm: LLM, spec: SpecConfig | None = None, metrics: Metrics | None = None,
                  max_num_seqs: int = 32, prefill_budget: int = 2048):
@@ -104,6 +155,8 @@ class Scheduler:
                                         spec_draft_model=self.spec.spec_draft_model,
                                         spec_ngram_min=self.spec.spec_ngram_min,
                                         spec_ngram_max=self.spec.spec_ngram_max)
+        if self.drafter is not None and self.spec.kind in ("mtp", "draft"):
+            self.drafter = GroupedDrafter(self.drafter)
         if self.spec.spec_draft_policy not in ("adaptive", "fixed"):
             from mtpx.errors import RequestError
             raise RequestError(f"spec_draft_policy must be 'adaptive' or 'fixed', got {self.spec.spec_draft_policy!r}")
