@@ -1,0 +1,132 @@
+"""The chat page in a real browser: Playwright driving Debian's chromium (installed by .ci/run).
+
+Also a script: `python tests/serve/test_page.py --model demo --out docs/chat-page.png` serves a model, chats through
+the page and saves the screenshot committed in docs/.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("MTPX_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def drive_page(url: str, messages: list[str], screenshot: Path | None = None, timeout_ms: int = 60_000,
+               max_tokens: int | None = None) -> list[str]:
+    """Open the chat page, send each message, wait for each streamed reply; returns the replies' texts."""
+    from playwright.sync_api import expect, sync_playwright
+    replies = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 720})
+            external = []
+            page.on("request", lambda req: external.append(req.url) if not req.url.startswith(url) else None)
+            page.goto(url + "/")
+            expect(page.locator("#model")).not_to_have_text("…", timeout=timeout_ms)
+            if max_tokens:
+                page.fill("#max_tokens", str(max_tokens))
+            for i, text in enumerate(messages):
+                page.fill("#input", text)
+                page.press("#input", "Enter")
+                reply = page.locator(".msg.assistant").nth(i)
+                # streaming: the reply is marked while tokens arrive, then gets its stats line
+                expect(reply).to_have_class("msg assistant", timeout=timeout_ms)
+                expect(reply.locator(".meta")).to_contain_text("tok/s", timeout=timeout_ms)
+                replies.append(reply.locator(".bubble").inner_text())
+            page.wait_for_timeout(300)
+            assert not external, f"the page fetched external resources: {external}"
+            if screenshot is not None:
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(screenshot))
+        finally:
+            browser.close()
+    return replies
+
+
+def _skip_reason() -> str | None:
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -e '.[test]')"
+    if not Path(CHROMIUM).exists():
+        return f"chromium not found at {CHROMIUM} (Debian: apt-get install -y chromium; .ci/run installs it)"
+    return None
+
+
+def test_page_streams_a_reply(live, tmp_path):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    import httpx
+    before = httpx.get(live.url + "/health").json()["requests_finished"]
+    shot = tmp_path / "chat-page.png"
+    replies = drive_page(live.url, ["Hello, how are you today?", "And a second turn?"], shot, max_tokens=24)
+    assert len(replies) == 2 and all(r.strip() for r in replies)
+    assert shot.stat().st_size > 10_000
+    # both turns went through the streaming chat endpoint, the second one with the history
+    assert httpx.get(live.url + "/health").json()["requests_finished"] >= before + 2
+
+
+def test_page_streams_tokens_incrementally(live):
+    """The reply text grows while the request is running (it is not delivered in one piece at the end)."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            page.fill("#max_tokens", "60")
+            page.fill("#input", "Tell me a long story about a fox.")
+            page.click("#send")
+            lengths = page.evaluate("""async () => {
+                const seen = [];
+                const start = performance.now();
+                while (performance.now() - start < 60000) {
+                    const m = document.querySelector('.msg.assistant');
+                    if (m) {
+                        seen.push(m.querySelector('.bubble').textContent.length);
+                        if (!m.classList.contains('streaming')) break;
+                    }
+                    await new Promise(r => setTimeout(r, 20));
+                }
+                return seen;
+            }""")
+        finally:
+            browser.close()
+    distinct = sorted(set(lengths))
+    assert len(distinct) >= 3, f"reply did not stream incrementally: lengths seen {distinct}"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    sys.path.insert(0, str(Path(__file__).parent))  # tests/serve/conftest.py, not tests/conftest.py
+    import mtpx
+    from conftest import LiveServer
+    from mtpx.serve.app import Server
+    from mtpx.serve.scheduler import SpecConfig
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", default="docs/chat-page.png")
+    ap.add_argument("--spec-type", default="mtp")
+    ap.add_argument("--message", action="append", default=None)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    a = ap.parse_args()
+    srv = Server(mtpx.LLM(a.model), model_name="demo" if a.model == "demo" else None,
+                 spec=SpecConfig(spec_type=a.spec_type))
+    live_server = LiveServer(srv)
+    msgs = a.message or ["Write a Python function that adds two numbers.", "Now make it add three."]
+    print(drive_page(live_server.url, msgs, Path(a.out), timeout_ms=300_000, max_tokens=a.max_tokens))
+    live_server.stop()
