@@ -148,7 +148,7 @@ def test_layout_follows_llama_cpp(ckpt_factory, gguf_of):
     assert f["qwen35.attention.recurrent_layers"] == [True, True, False, True, False]
     assert f["qwen35.ssm.state_size"] == 8 and f["qwen35.ssm.inner_size"] == 48
     assert f["qwen35.ssm.group_count"] == 2 and f["qwen35.ssm.time_step_rank"] == 4
-    assert f["qwen35.rope.dimension_count"] == 8 and f["qwen35.rope.dimension_sections"] == [11, 11, 10, 0]
+    assert f["qwen35.rope.dimension_count"] == 8 and f["qwen35.rope.dimension_sections"] == [2, 1, 1, 0]
     assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
     t = {x.name: x for x in r.tensors}
     for name in ("blk.4.nextn.eh_proj.weight", "blk.4.nextn.enorm.weight", "blk.4.nextn.hnorm.weight",

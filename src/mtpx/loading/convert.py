@@ -28,9 +28,6 @@ from mtpx.loading.gguf import (GATE_UP_EXPERTS, GLOBAL_NAMES, LAYER_NAMES, MTP_N
 from mtpx.tokenizer import Tokenizer
 
 OUTTYPES = ("bf16", "f16", "q8_0", "f32")
-# llama.cpp's default interleaved-MRoPE sections for Qwen3.5 (its loader requires the key; text positions make the
-# split irrelevant)
-MROPE_SECTIONS = [11, 11, 10, 0]
 F32_SUFFIXES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight")
 
 
@@ -200,6 +197,15 @@ def tokenizer_metadata(tok: Tokenizer, cfg: ModelConfig) -> dict:
 
 # ---------------------------------------------------------------- file
 
+def mrope_sections(rotary_dim: int) -> list[int]:
+    """llama.cpp's qwen35 graph applies interleaved M-RoPE and requires `rope.dimension_sections`. For text every
+    section carries the same position, so any split works as long as each rotary pair falls in the t/h/w sections
+    and they sum to at most the rotary pairs (ggml asserts it). This gives [11, 11, 10, 0] for Qwen3.5's 64 rotary
+    dims (32 pairs), the sections the real models and llama.cpp's converter use."""
+    pairs = rotary_dim // 2
+    return [(pairs + 2) // 3, (pairs + 1) // 3, pairs // 3, 0]
+
+
 def _attention_interval(layer_types: list[str]) -> int:
     for k in range(1, len(layer_types) + 1):
         if all((t == "full_attention") == ((i + 1) % k == 0) for i, t in enumerate(layer_types)):
@@ -261,7 +267,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, outtype: str = "bf16", with_mtp: boo
                 [t == "linear_attention" for t in cfg.layer_types] + [False] * n_mtp)
     w.add_full_attention_interval(_attention_interval(cfg.layer_types))
     w.add_rope_dimension_count(cfg.rotary_dim)
-    w.add_rope_dimension_sections(MROPE_SECTIONS)
+    w.add_rope_dimension_sections(mrope_sections(cfg.rotary_dim))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tok["pre"])
