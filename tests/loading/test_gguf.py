@@ -277,3 +277,18 @@ def test_not_a_gguf(tmp_path):
     p.write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelLoadError, match="cannot read GGUF file bad.gguf"):
         load_checkpoint(p)
+
+
+def test_one_dim_shared_expert_gate(ckpt_factory, gguf_of, tmp_path):
+    """llama-quantize writes ffn_gate_inp_shexp [1, H] as 1-D (ggml drops trailing size-1 dims): still loads."""
+    src = gguf_of("bf16", moe=True)
+    t = {x.name: x for x in GGUFReader(str(src)).tensors}
+    new = {n: (np.array(x.data).reshape(-1), x.tensor_type) for n, x in t.items()
+           if n.endswith("ffn_gate_inp_shexp.weight")}
+    dst = rewrite_gguf(src, tmp_path / "m.gguf", tensors=new)
+    assert [len(x.shape) for x in GGUFReader(str(dst)).tensors if x.name == "blk.0.ffn_gate_inp_shexp.weight"] == [1]
+    ref = build_model(load_checkpoint(src), torch.bfloat16)
+    got = build_model(load_checkpoint(dst), torch.bfloat16)
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(4))
+    for a, b in zip(forward_both(ref, ids), forward_both(got, ids)):
+        assert torch.equal(a, b)

@@ -277,6 +277,8 @@ def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
         hf_suffix = hf.split(".", 3)[-1] if hf.startswith(("model.layers.", "mtp.layers.")) else hf
         if gguf_suffix == "ssm_conv1d.weight":
             shape = (shape[0], 1, shape[1])
+        elif gguf_suffix == "ffn_gate_inp_shexp.weight" and len(shape) == 1:
+            shape = (1, shape[0])  # ggml drops trailing size-1 dims: llama-quantize writes it as 1-D
 
         def load(raw=raw, gguf_suffix=gguf_suffix, hf_suffix=hf_suffix, shape=shape) -> torch.Tensor:
             x = raw()
