@@ -59,11 +59,10 @@ def _round_dtype(outtype: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "f16": torch.float16}.get(outtype)
 
 
-def gguf_tensors(ckpt: Checkpoint, outtype: str, with_mtp: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Internal (HF) tensors -> (GGUF name, float32 tensor in llama.cpp's layout and transforms)."""
+def _export_names(ckpt: Checkpoint, with_mtp: bool) -> list[str]:
+    """Internal names to export, in file order: embedding, blocks (MTP last), output norm and head."""
     cfg = ckpt.config
     n_main = cfg.num_hidden_layers
-    rounding = _round_dtype(outtype)
     names = [n for n in ckpt.tensors if with_mtp or not n.startswith("mtp.")]
     if cfg.tie_word_embeddings:
         names = [n for n in names if n != "lm_head.weight"]
@@ -75,32 +74,54 @@ def gguf_tensors(ckpt: Checkpoint, outtype: str, with_mtp: bool = True) -> Itera
         if n in MTP_NAMES:
             return (1, n_main, n)
         return (0 if n == "model.embed_tokens.weight" else 2, 0, n)
+    return sorted(names, key=order)
 
-    for hf in sorted(names, key=order):
+
+def _gguf_names(hf: str, n_main: int) -> list[str]:
+    """GGUF name(s) of an internal tensor (routed experts' gate_up_proj is stored as two tensors)."""
+    if hf in GLOBAL_NAMES:
+        return [GLOBAL_NAMES[hf]]
+    if hf in MTP_NAMES:
+        return [f"blk.{n_main}.{MTP_NAMES[hf]}"]
+    m = re.match(r"^(model|mtp)\.layers\.(\d+)\.(.+)$", hf)
+    if not m or (m[3] not in LAYER_NAMES and m[3] != GATE_UP_EXPERTS):
+        raise ModelLoadError(f"tensor {hf} has no GGUF name")
+    bid = int(m[2]) + (n_main if m[1] == "mtp" else 0)
+    if m[3] == GATE_UP_EXPERTS:
+        return [f"blk.{bid}.ffn_gate_exps.weight", f"blk.{bid}.ffn_up_exps.weight"]
+    return [f"blk.{bid}.{LAYER_NAMES[m[3]]}"]
+
+
+def _gguf_shapes(hf: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Row-major shapes of the GGUF tensor(s) `_gguf_names` gives, from the internal shape."""
+    if hf.endswith(GATE_UP_EXPERTS):
+        e, two_i, h = shape
+        return [(e, two_i // 2, h)] * 2
+    if hf.endswith("linear_attn.conv1d.weight"):
+        return [(shape[0], shape[2])]
+    return [tuple(shape)]
+
+
+def gguf_tensors(ckpt: Checkpoint, outtype: str, with_mtp: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Internal (HF) tensors -> (GGUF name, float32 tensor in llama.cpp's layout and transforms), one at a time."""
+    cfg = ckpt.config
+    n_main = cfg.num_hidden_layers
+    rounding = _round_dtype(outtype)
+    for hf in _export_names(ckpt, with_mtp):
         x = ckpt.tensors[hf]()
         if rounding is not None:
             x = x.to(rounding)
         x = x.float()
-        if hf in GLOBAL_NAMES:
-            gname = GLOBAL_NAMES[hf]
-        elif hf in MTP_NAMES:
-            gname = f"blk.{n_main}.{MTP_NAMES[hf]}"
-        else:
-            m = re.match(r"^(model|mtp)\.layers\.(\d+)\.(.+)$", hf)
-            if not m:
-                raise ModelLoadError(f"tensor {hf} has no GGUF name")
-            bid = int(m[2]) + (n_main if m[1] == "mtp" else 0)
-            suffix = m[3]
-            if suffix == GATE_UP_EXPERTS:
-                gate, up = x.chunk(2, dim=1)
-                yield f"blk.{bid}.ffn_gate_exps.weight", gate.contiguous()
-                yield f"blk.{bid}.ffn_up_exps.weight", up.contiguous()
-                continue
-            if suffix not in LAYER_NAMES:
-                raise ModelLoadError(f"tensor {hf} has no GGUF name")
-            if suffix.startswith("linear_attn."):
-                x = linear_attn_reorder(suffix, x, cfg, to_gguf=True)
-            gname = f"blk.{bid}.{LAYER_NAMES[suffix]}"
+        gnames = _gguf_names(hf, n_main)
+        if hf.endswith(GATE_UP_EXPERTS):
+            gate, up = x.chunk(2, dim=1)
+            yield gnames[0], gate.contiguous()
+            yield gnames[1], up.contiguous()
+            continue
+        gname = gnames[0]
+        suffix = hf.split(".", 3)[-1] if hf.startswith(("model.layers.", "mtp.layers.")) else hf
+        if suffix.startswith("linear_attn."):
+            x = linear_attn_reorder(suffix, x, cfg, to_gguf=True)
         gsuffix = gname.split(".", 2)[-1] if gname.startswith("blk.") else gname
         if gsuffix == "ssm_conv1d.weight":
             x = x.squeeze(1)
@@ -111,32 +132,41 @@ def gguf_tensors(ckpt: Checkpoint, outtype: str, with_mtp: bool = True) -> Itera
         yield gname, x.contiguous()
 
 
-def tensor_type(gname: str, ndim: int, outtype: str):
+def tensor_plan(ckpt: Checkpoint, outtype: str, with_mtp: bool = True) -> list[tuple[str, tuple[int, ...], object]]:
+    """(GGUF name, row-major shape, GGML type) of every tensor, in file order, without loading any data."""
+    n_main = ckpt.config.num_hidden_layers
+    plan = []
+    for hf in _export_names(ckpt, with_mtp):
+        for gname, shape in zip(_gguf_names(hf, n_main), _gguf_shapes(hf, ckpt.shapes[hf])):
+            plan.append((gname, shape, tensor_type(gname, shape, outtype)))
+    return plan
+
+
+def tensor_type(gname: str, shape: tuple[int, ...], outtype: str):
     """The GGML type llama.cpp's converter picks for this tensor."""
     from gguf import GGMLQuantizationType as Q
-    if ndim <= 1 or gname.endswith("_norm.weight") or gname.endswith(F32_SUFFIXES) or not gname.endswith(".weight"):
+    if len(shape) <= 1 or gname.endswith("_norm.weight") or gname.endswith(F32_SUFFIXES) \
+            or not gname.endswith(".weight"):
         return Q.F32
+    if outtype == "q8_0" and shape[-1] % 32:
+        return Q.F16  # as llama.cpp's converter does when rows don't split into 32-blocks
     return {"bf16": Q.BF16, "f16": Q.F16, "q8_0": Q.Q8_0, "f32": Q.F32}[outtype]
 
 
-def encode_tensor(gname: str, x: torch.Tensor, outtype: str) -> tuple[np.ndarray, object]:
-    """Float32 tensor -> (numpy data, GGML type) ready for GGUFWriter.add_tensor(raw_dtype=...)."""
+def encode_tensor(gname: str, x: torch.Tensor, qtype) -> np.ndarray:
+    """Float32 tensor -> numpy data of GGML type `qtype` (quantized types as uint8 rows of blocks)."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
-    qtype = tensor_type(gname, x.dim(), outtype)
-    if qtype == Q.Q8_0 and x.shape[-1] % 32:
-        qtype = Q.F16  # as llama.cpp's converter does when rows don't split into 32-blocks
     if qtype == Q.F32:
-        data = x.numpy().astype(np.float32, copy=False)
-    elif qtype == Q.F16:
+        return x.numpy().astype(np.float32, copy=False)
+    if qtype == Q.F16:
         data = x.to(torch.float16).numpy()
         if not np.isfinite(data).all():
             raise ModelLoadError(f"tensor {gname} overflows float16; use --outtype bf16")
-    elif qtype == Q.BF16:
-        data = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
-    else:
-        data = quantize(x.numpy(), qtype)
-    return data, qtype
+        return data
+    if qtype == Q.BF16:
+        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    return quantize(x.numpy(), qtype)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -279,16 +309,30 @@ def write_gguf(ckpt: Checkpoint, out: Path, outtype: str = "bf16", with_mtp: boo
     if tok["chat_template"]:
         w.add_chat_template(tok["chat_template"])
 
+    # tensor infos first, then the data one tensor at a time: memory stays at one tensor, whatever the model size
+    from gguf.quants import quant_shape_to_byte_shape
+    plan = tensor_plan(ckpt, outtype, with_mtp)
     types: dict[str, int] = {}
-    n_tensors = 0
-    for gname, x in gguf_tensors(ckpt, outtype, with_mtp):
-        data, qtype = encode_tensor(gname, x, outtype)
-        w.add_tensor(gname, data, raw_dtype=qtype)
+    for gname, shape, qtype in plan:
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
+            w.add_tensor_info(gname, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        else:
+            byte_shape = quant_shape_to_byte_shape(shape, qtype)
+            w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
         types[qtype.name] = types.get(qtype.name, 0) + 1
-        n_tensors += 1
     out.parent.mkdir(parents=True, exist_ok=True)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    written = 0
+    for (gname, x), (planned, shape, qtype) in zip(gguf_tensors(ckpt, outtype, with_mtp), plan):
+        if gname != planned or tuple(x.shape) != tuple(shape):
+            raise ModelLoadError(f"tensor {gname} {list(x.shape)} does not match the planned {planned} {list(shape)}")
+        w.write_tensor_data(encode_tensor(gname, x, qtype))
+        written += 1
     w.close()
+    if written != len(plan):
+        raise ModelLoadError(f"wrote {written} of {len(plan)} tensors")
+    n_tensors = written
     return {"arch": arch, "n_main": n_main, "n_mtp": n_mtp, "n_tensors": n_tensors, "types": types, "notes": notes}
