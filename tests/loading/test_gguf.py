@@ -217,13 +217,17 @@ def test_qwen35_pre_tokenizer_round_trip(ckpt_factory, tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN35_SPLIT), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tok.add_tokens(["<think>"])  # a non-special added token: USER_DEFINED in GGUF
     tok.save(str(p / "tokenizer.json"))
     out = tmp_path / "q.gguf"
     write_gguf(load_checkpoint(p), out, "bf16")
-    assert GGUFReader(str(out)).fields["tokenizer.ggml.pre"].contents() == "qwen35"
+    r = GGUFReader(str(out))
+    assert r.fields["tokenizer.ggml.pre"].contents() == "qwen35"
+    assert r.fields["tokenizer.ggml.token_type"].contents()[320] == 4  # USER_DEFINED
     hf, got = Tokenizer.from_dir(p), load_checkpoint(out).tokenizer
-    for text in TEXTS + ["Cafe\u0301 e\u0301t\u00e9 123456 x\r\ny"]:
+    for text in TEXTS + ["Cafe\u0301 e\u0301t\u00e9 123456 x\r\ny", "a <think>plan</think> b"]:
         assert got.encode(text) == hf.encode(text), text
+    assert 320 in got.encode("a <think>b")
 
 
 # ---------------------------------------------------------------- CLI and errors
