@@ -264,6 +264,16 @@ def test_disconnect_mid_stream_frees_the_sequence_and_server_keeps_serving(live)
     assert h["generation_tokens"] - health0["generation_tokens"] < 480
     metrics = httpx.get(live.url + "/metrics").text
     assert _metric(metrics, "mtpx:num_requests_cancelled_total") >= 1
+    # a non-streaming client that gives up is noticed too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/completions", json={**body, "stream": False}, timeout=1.0)
+    deadline = time.time() + 20
+    while True:
+        h2 = httpx.get(live.url + "/health").json()
+        if h2["requests_cancelled"] > h["requests_cancelled"] and h2["running"] == 0:
+            break
+        assert time.time() < deadline, f"non-streaming sequence not freed after disconnect: {h2}"
+        time.sleep(0.05)
     r = live.client().completions.create(model="tiny", prompt="import os\n", max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason in ("length", "stop")
 

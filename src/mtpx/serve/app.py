@@ -293,14 +293,19 @@ class Server:
     async def _collect(self, request: Request, greq: GenRequest, queue: asyncio.Queue, rid: str, created: int,
                        chat: bool) -> JSONResponse:
         text, last = [], None
+        checked = time.monotonic()
         try:
             while True:
                 try:
-                    delta = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    delta = await asyncio.wait_for(queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    delta = None
+                if time.monotonic() - checked > 0.25:  # deltas may keep coming: poll the socket on a clock
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         self.scheduler.cancel(greq)
                         return JSONResponse({}, status_code=499)
+                if delta is None:
                     continue
                 text.append(delta.text)
                 if delta.finish_reason is not None:
@@ -405,17 +410,8 @@ class Server:
             return error_response(500, f"internal server error: {type(exc).__name__}", None, "internal_error",
                                   "server_error")
 
-        @app.middleware("http")
-        async def _auth(request: Request, call_next):
-            path = request.url.path
-            if self.api_key and (path.startswith("/v1") or path == "/metrics"):
-                header = request.headers.get("authorization", "")
-                scheme, _, token = header.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                         self.api_key.encode()):
-                    return error_response(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                          None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            return await call_next(request)
+        if self.api_key:
+            app.add_middleware(ApiKeyMiddleware, api_key=self.api_key)
 
         @app.get("/", include_in_schema=False)
         async def index():
@@ -454,6 +450,25 @@ class Server:
         return app
 
 
+class ApiKeyMiddleware:
+    """401 for /v1/* and /metrics without `Authorization: Bearer KEY`. Plain ASGI (not BaseHTTPMiddleware), so
+    handlers still see client disconnects."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1") or scope["path"] == "/metrics"):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                response = error_response(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                          None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(llm: LLM, **kwargs) -> FastAPI:
     """The FastAPI app for `llm`; kwargs as for `Server` (model_name, spec, api_key, max_num_seqs, ...)."""
     return Server(llm, **kwargs).build()
@@ -476,6 +491,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="max_tokens for chat requests that give none (default 1024, capped by the context)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_spec_arguments(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -483,6 +499,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
     name = args.served_model_name or ("demo" if args.model == "demo" else None)
     server = Server(llm, model_name=name, spec=spec_config(args), api_key=args.api_key,

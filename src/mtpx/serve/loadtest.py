@@ -1,0 +1,258 @@
+"""Load check: tokens/s aggregate and per stream at N concurrent streaming clients, speculation on and off.
+
+    python -m mtpx.serve.loadtest --model demo [--streams 1 4 8 16] [--spec-types none mtp] [--max-tokens 128]
+
+For each speculation setting it starts a real `mtpx serve` in a subprocess on a free loopback port, warms it up, then
+for each N fires N concurrent streaming /v1/chat/completions requests (distinct prompts, greedy, `ignore_eos` so every
+stream produces exactly --max-tokens tokens) and measures, per stream, tokens / (last token - request sent) and
+the decode rate after the first token, and in aggregate, all tokens / wall time. Prints a markdown table.
+Client side uses only the standard library (http.client), so the server process is the only one doing model work.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Explain what a hash table is in a few sentences.",
+    "Write a short story about a robot learning to paint.",
+    "List five tips for writing clean code.",
+    "What is the difference between a list and a tuple in Python?",
+    "Write a function that checks whether a string is a palindrome.",
+    "Describe the water cycle.",
+    "Write a Python class for a simple bank account.",
+    "Explain recursion to a beginner.",
+    "Write a haiku about autumn.",
+    "How does binary search work?",
+    "Write a function that merges two sorted lists.",
+    "Summarize the rules of chess briefly.",
+    "Write a loop that prints the squares of the numbers 1 to 10.",
+    "What are the benefits of unit tests?",
+    "Write a Python function that counts the words in a text.",
+]
+
+
+@dataclass
+class StreamResult:
+    tokens: int = 0
+    sent: float = 0.0
+    first: float = 0.0
+    last: float = 0.0
+    usage: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.tokens / (self.last - self.sent) if self.last > self.sent else 0.0
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        return (self.tokens - 1) / (self.last - self.first) if self.tokens > 1 and self.last > self.first else 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_chat(port: int, prompt: str, max_tokens: int, ignore_eos: bool = True, temperature: float = 0.0,
+                api_key: str | None = None, timeout: float = 600) -> StreamResult:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": temperature,
+            "stream": True, "ignore_eos": ignore_eos, "stream_options": {"include_usage": True}}
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    res = StreamResult()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        res.sent = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            res.error = f"HTTP {resp.status}: {resp.read()[:300]!r}"
+            return res
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                res.error = chunk["error"]["message"]
+                break
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                res.usage = chunk["usage"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                if not res.first:
+                    res.first = now
+                res.last = now
+        res.tokens = res.usage.get("completion_tokens", 0)
+    except Exception as e:  # reported in the table
+        res.error = repr(e)
+    finally:
+        conn.close()
+    return res
+
+
+def run_streams(port: int, n: int, max_tokens: int, ignore_eos: bool = True, prompts: list[str] | None = None,
+                api_key: str | None = None) -> dict:
+    prompts = prompts or PROMPTS
+    results = [StreamResult() for _ in range(n)]
+    barrier = threading.Barrier(n)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        results[i] = stream_chat(port, prompts[i % len(prompts)], max_tokens, ignore_eos, api_key=api_key)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r.error for r in results if r.error]
+    ok = [r for r in results if not r.error]
+    tokens = sum(r.tokens for r in ok)
+    wall = max((r.last for r in ok), default=0) - min((r.sent for r in ok), default=0)
+    spec = [r.usage.get("speculative", {}) for r in ok]
+    drafted = sum(s.get("draft_tokens", 0) for s in spec)
+    accepted = sum(s.get("accepted_tokens", 0) for s in spec)
+    drafts = sum(s.get("drafts", 0) for s in spec)
+    return {
+        "streams": n, "completed": len(ok), "errors": errors[:3], "tokens": tokens, "wall_s": wall,
+        "aggregate_tok_s": tokens / wall if wall > 0 else 0.0,
+        "per_stream_tok_s": statistics.mean(r.tok_per_s for r in ok) if ok else 0.0,
+        "per_stream_tok_s_min": min((r.tok_per_s for r in ok), default=0.0),
+        "per_stream_decode_tok_s": statistics.mean(r.decode_tok_per_s for r in ok) if ok else 0.0,
+        "ttft_s": statistics.mean(r.first - r.sent for r in ok) if ok else 0.0,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "mean_acceptance_length": 1 + accepted / drafts if drafts else 1.0,
+    }
+
+
+class ServerProcess:
+    """`mtpx serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, model: str, spec_type: str, extra: list[str] | None = None, max_num_seqs: int = 32,
+                 startup_timeout: float = 600):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "mtpx.cli", "serve", "--model", model, "--port", str(self.port),
+               "--spec-type", spec_type, "--max-num-seqs", str(max_num_seqs), "--log-level", "warning",
+               *(extra or [])]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mtpx serve exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError("mtpx serve did not come up")
+            time.sleep(0.2)
+
+    def health(self) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("GET", "/health")
+        return json.loads(conn.getresponse().read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_load(model: str = "demo", streams=(1, 4, 8, 16), spec_types=("none", "mtp"), max_tokens: int = 128,
+             ignore_eos: bool = True, prompts: list[str] | None = None, spec_args: list[str] | None = None,
+             warmup_tokens: int = 32, repeats: int = 1, log=None) -> list[dict]:
+    """Rows of {spec_type, streams, aggregate_tok_s, per_stream_tok_s, ...}, one per (spec_type, N).
+    With repeats > 1, each N is measured that many times and the run with the median aggregate is kept."""
+    rows = []
+    for spec in spec_types:
+        server = ServerProcess(model, spec, spec_args, max_num_seqs=max(max(streams), 1))
+        try:
+            for n in sorted(set([1, max(streams)])):  # warm up the kernels and the draft policy's cost tables
+                run_streams(server.port, n, warmup_tokens, ignore_eos, prompts)
+            for n in streams:
+                runs = [run_streams(server.port, n, max_tokens, ignore_eos, prompts) for _ in range(repeats)]
+                row = sorted(runs, key=lambda r: r["aggregate_tok_s"])[len(runs) // 2]
+                row = {"spec_type": spec, **row, "load_avg_1m": os.getloadavg()[0]}
+                rows.append(row)
+                if log:
+                    log(row)
+        finally:
+            server.stop()
+    base = {r["streams"]: r["aggregate_tok_s"] for r in rows if r["spec_type"] == "none"}
+    for r in rows:
+        r["speedup_vs_none"] = r["aggregate_tok_s"] / base[r["streams"]] if base.get(r["streams"]) else None
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| streams | speculation | aggregate tok/s | per-stream tok/s (mean / min) | per-stream decode tok/s | "
+            "TTFT s | acceptance | mean acc. length | vs none |")
+    lines = [head, "|" + "---|" * 9]
+    for r in sorted(rows, key=lambda r: (r["streams"], r["spec_type"] != "none", r["spec_type"])):
+        vs = f"{r['speedup_vs_none']:.2f}x" if r.get("speedup_vs_none") else "–"
+        acc = f"{r['acceptance_rate']:.0%}" if r["spec_type"] != "none" else "–"
+        mal = f"{r['mean_acceptance_length']:.2f}" if r["spec_type"] != "none" else "–"
+        err = f" ({len(r['errors'])} errors)" if r["errors"] else ""
+        lines.append(f"| {r['streams']} | {r['spec_type']}{err} | {r['aggregate_tok_s']:.1f} | "
+                     f"{r['per_stream_tok_s']:.1f} / {r['per_stream_tok_s_min']:.1f} | "
+                     f"{r['per_stream_decode_tok_s']:.1f} | {r['ttft_s']:.2f} | {acc} | {mal} | {vs} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mtpx.serve.loadtest", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--spec-types", nargs="+", default=["none", "mtp"])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per point; the median (by aggregate) is kept")
+    ap.add_argument("--no-ignore-eos", action="store_true", help="let streams stop at end-of-sequence")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    ap.add_argument("serve_args", nargs=argparse.REMAINDER,
+                    help="after --: extra `mtpx serve` flags, e.g. -- --spec-draft-n-max 2")
+    a = ap.parse_args(argv)
+    extra = [x for x in a.serve_args if x != "--"]
+    t0 = time.time()
+    load0 = os.getloadavg()
+    rows = run_load(a.model, a.streams, a.spec_types, a.max_tokens, not a.no_ignore_eos, spec_args=extra,
+                    repeats=a.repeats,
+                    log=lambda r: print(f"  {r['spec_type']:>5} x{r['streams']:<3} {r['aggregate_tok_s']:8.1f} tok/s "
+                                        f"aggregate, {r['per_stream_tok_s']:.1f} per stream", file=sys.stderr))
+    print(markdown_table(rows))
+    print(f"\n{a.max_tokens} tokens per stream (ignore_eos={not a.no_ignore_eos}), greedy, chat endpoint; "
+          f"{os.cpu_count()} CPUs; load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+          f"{time.time() - t0:.0f} s.")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
