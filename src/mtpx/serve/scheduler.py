@@ -27,7 +27,7 @@ import torch
 from mtpx.llm import LLM, SPEC_ALIASES, _Request
 from mtpx.sampling import SamplingParams
 from mtpx.serve.metrics import Metrics
-from mtpx.speculative.drafters import PREFILL_ROWS, Draft, Drafter
+from mtpx.speculative.drafters import PREFILL_ROWS, Draft, Drafter, MTPDrafter
 from mtpx.speculative.loop import decode_round, prefill
 from mtpx.speculative.policy import DraftPolicy
 
@@ -97,19 +97,24 @@ class GenRequest:
 
 
 class GroupedDrafter(Drafter):
-    """Wraps a stateful drafter so a batch never pads one sequence's catch-up pass to another's length.
+    """Wraps a stateful drafter so a batch never pads one sequence's catch-up pass far beyond its own length.
 
     The MTP / draft-model drafters first feed each sequence what they have not seen yet (a new prompt, or the tokens
-    accepted since) in one pass padded to the longest pending length. In a continuously batched server that
-    length differs a lot: a just-admitted sequence has its whole prompt pending, one near its end has little room
-    left in its preallocated caches. Padding then costs B x prompt rows, or overflows a short sequence's cache. This
-    wrapper calls the drafter on groups: every sequence with a long pending list alone (prefill path, no padding),
-    the rest together as long as the padded pass fits every cache; otherwise alone. Steady state: one group.
+    accepted since the last draft) in one pass padded to the longest pending length. In a continuously batched
+    server these lengths differ a lot: a just-admitted sequence has its whole prompt pending, one near its end has
+    little room left in its preallocated caches. One padded pass then costs B x prompt rows, or overflows a short
+    sequence's cache (ValueError in check_room), and for a draft model with Gated DeltaNet layers a padded prefill
+    pass cannot be rolled back at all. This wrapper calls the drafter on groups instead:
+      - pending <= PREFILL_ROWS (the steady state): one group, padded in step mode, as long as it fits every cache;
+      - longer pending lists: grouped by equal length (MTP: lengths within 2x, since its attention-only cache can
+        be truncated after a padded prefill pass).
+    Steady state is a single call, exactly as without the wrapper.
     """
 
     def __init__(self, inner: Drafter):
         self.inner = inner
         self.name = inner.name
+        self.pad_long = isinstance(inner, MTPDrafter)
 
     def start(self, seq, prompt_hidden):
         self.inner.start(seq, prompt_hidden)
@@ -125,19 +130,28 @@ class GroupedDrafter(Drafter):
         d = seq.draft
         return len(getattr(d, "pending_tokens", None) or []) if d is not None else 0
 
-    def propose(self, seqs, ks):
+    def groups(self, seqs, ks) -> list[list[int]]:
         active = [b for b, k in enumerate(ks) if k > 0]
-        if not active or all(getattr(seqs[b].draft, "state", None) is None for b in active):
-            return self.inner.propose(seqs, ks)
+        pend = {b: self._pending(seqs[b]) for b in active}
         groups: list[list[int]] = []
-        short = [b for b in active if self._pending(seqs[b]) <= PREFILL_ROWS]
-        groups += [[b] for b in active if self._pending(seqs[b]) > PREFILL_ROWS]
-        if short:
-            m = max(self._pending(seqs[b]) for b in short)
-            fits = [b for b in short if seqs[b].draft.state.length + m + ks[b] <= seqs[b].draft.state.max_len]
-            groups.append(fits) if fits else None
-            groups += [[b] for b in short if b not in fits]
-        if len(groups) == 1 and len(groups[0]) == len(active):
+        for b in sorted(active, key=lambda b: -pend[b]):
+            g = groups[-1] if groups else None
+            if g is not None:
+                head = pend[g[0]]
+                state = seqs[b].draft.state
+                fits = state.length + head + ks[b] <= state.max_len
+                close = head <= PREFILL_ROWS or pend[b] == head or (self.pad_long and 2 * pend[b] >= head)
+                if fits and close:
+                    g.append(b)
+                    continue
+            groups.append([b])
+        return groups
+
+    def propose(self, seqs, ks):
+        if not any(k > 0 for k in ks) or any(getattr(s.draft, "state", None) is None for s in seqs):
+            return self.inner.propose(seqs, ks)
+        groups = self.groups(seqs, ks)
+        if len(groups) == 1:
             return self.inner.propose(seqs, ks)
         drafts = [Draft() for _ in seqs]
         for g in groups:
