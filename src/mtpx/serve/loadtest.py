@@ -57,7 +57,13 @@ class StreamResult:
 
     @property
     def decode_tok_per_s(self) -> float:
-        return (self.tokens - 1) / (self.last - self.first) if self.tokens > 1 and self.last > self.first else 0.0
+        """Server-measured decode rate after the first token (exact even when tokens decode to no text)."""
+        return float(self.usage.get("speculative", {}).get("decode_tokens_per_s", 0.0))
+
+    @property
+    def ttft(self) -> float:
+        """Server-measured time from arrival to the first token."""
+        return float(self.usage.get("speculative", {}).get("time_to_first_token_s", self.first - self.sent))
 
 
 def free_port() -> int:
@@ -69,7 +75,8 @@ def free_port() -> int:
 def stream_chat(port: int, prompt: str, max_tokens: int, ignore_eos: bool = True, temperature: float = 0.0,
                 api_key: str | None = None, timeout: float = 600) -> StreamResult:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": temperature,
-            "stream": True, "ignore_eos": ignore_eos, "stream_options": {"include_usage": True}}
+            "stream": True, "ignore_eos": ignore_eos,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -94,13 +101,20 @@ def stream_chat(port: int, prompt: str, max_tokens: int, ignore_eos: bool = True
                 res.error = chunk["error"]["message"]
                 break
             now = time.perf_counter()
-            if chunk.get("usage"):
-                res.usage = chunk["usage"]
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+            usage = chunk.get("usage") or {}
+            choice = chunk["choices"][0] if chunk.get("choices") else {}
+            if usage:
+                res.usage = usage
+            # a token arrived: text, or a usage count (continuous stats) when the tokens decode to no text yet
+            if (choice.get("delta") or {}).get("content") or usage.get("completion_tokens", 0) >= 1:
                 if not res.first:
                     res.first = now
                 res.last = now
+            if choice.get("finish_reason"):
+                res.last = now
         res.tokens = res.usage.get("completion_tokens", 0)
+        if not res.tokens or not res.first:
+            res.error = res.error or "no tokens received"
     except Exception as e:  # reported in the table
         res.error = repr(e)
     finally:
@@ -137,7 +151,7 @@ def run_streams(port: int, n: int, max_tokens: int, ignore_eos: bool = True, pro
         "per_stream_tok_s": statistics.mean(r.tok_per_s for r in ok) if ok else 0.0,
         "per_stream_tok_s_min": min((r.tok_per_s for r in ok), default=0.0),
         "per_stream_decode_tok_s": statistics.mean(r.decode_tok_per_s for r in ok) if ok else 0.0,
-        "ttft_s": statistics.mean(r.first - r.sent for r in ok) if ok else 0.0,
+        "ttft_s": statistics.mean(r.ttft for r in ok) if ok else 0.0,
         "acceptance_rate": accepted / drafted if drafted else 0.0,
         "mean_acceptance_length": 1 + accepted / drafts if drafts else 1.0,
     }
