@@ -189,7 +189,7 @@ class LLM:
                 break
             if event.text or event.token_ids:
                 yield event
-            new = decode_round(self.model, drafter, policy, [seq])
+            new = decode_round(self.model, drafter, policy, [seq])[0]
         yield StreamEvent(event.text, event.token_ids, self._completion(req, drafter, spec_type))
 
     def _advance(self, req: _Request, new: list[int]) -> StreamEvent:

@@ -1,0 +1,93 @@
+"""Speculative sampling is distributed exactly like plain sampling: chi-square on the joint law of 3 tokens."""
+import random
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+import mtpx
+from mtpx.sampling import SamplingParams
+from mtpx.speculative.drafters import Draft, Drafter, MTPDrafter
+from mtpx.speculative.loop import decode_round, prefill
+from mtpx.speculative.policy import DraftPolicy
+
+SAMPLES = 5000
+BATCH = 500
+
+
+class FixedDrafter(Drafter):
+    """Deterministic drafter (one-hot q): always proposes the same plausible tokens."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def propose(self, seqs, ks):
+        return [Draft(self.tokens[len(s.generated) - 1:][:k]) for s, k in zip(seqs, ks)]
+
+
+@pytest.fixture(scope="module")
+def peaked(ckpt_factory):
+    """A tiny model whose next-token distributions are concentrated on a handful of tokens."""
+    llm = mtpx.LLM(ckpt_factory(), dtype="fp32")
+    with torch.no_grad():
+        llm.model.lm_head.weight.mul_(12.0)
+    return llm
+
+
+def joint_counts(llm, prompt, params_kw, drafter, k, seed):
+    counts = Counter()
+    rng = random.Random(seed)
+    policy = DraftPolicy(k, 0, adaptive=False) if drafter else None
+    for _ in range(SAMPLES // BATCH):
+        seqs = []
+        for _ in range(BATCH):
+            params = SamplingParams(**params_kw, seed=rng.getrandbits(62))
+            seq = llm.new_sequence(prompt, 3, params, ignore_eos=True)
+            prefill(llm.model, drafter, seq)
+            seqs.append(seq)
+        while any(not s.finished for s in seqs):
+            live = [s for s in seqs if not s.finished]
+            decode_round(llm.model, drafter, policy, live)
+        counts.update(tuple(s.generated) for s in seqs)
+    return counts
+
+
+def assert_same_distribution(a: Counter, b: Counter):
+    keys = sorted(set(a) | set(b), key=lambda t: -(a[t] + b[t]))
+    # pool rare outcomes so every expected count is >= 5
+    common = [t for t in keys if a[t] + b[t] >= 20]
+    table = [[a[t] for t in common] + [sum(a.values()) - sum(a[t] for t in common)],
+             [b[t] for t in common] + [sum(b.values()) - sum(b[t] for t in common)]]
+    if table[0][-1] + table[1][-1] == 0:
+        table = [row[:-1] for row in table]
+    assert len(table[0]) >= 5, "the test needs a distribution with several outcomes"
+    p = chi2_contingency(table)[1]
+    assert p > 0.01, f"speculative and plain sampling differ (chi-square p = {p:.2e})"
+
+
+@pytest.mark.parametrize("params_kw", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9)],
+                         ids=["T1", "T0.7-top_p0.9"])
+def test_mtp_rejection_sampling_preserves_joint_distribution(peaked, params_kw):
+    prompt = [5, 17, 42, 99, 7]
+    plain = joint_counts(peaked, prompt, params_kw, None, 0, seed=1)
+    spec = joint_counts(peaked, prompt, params_kw, MTPDrafter(peaked.model), 2, seed=2)
+    assert_same_distribution(plain, spec)
+
+
+def test_deterministic_drafter_preserves_joint_distribution(peaked):
+    prompt = [5, 17, 42, 99, 7]
+    params_kw = dict(temperature=1.0)
+    plain = joint_counts(peaked, prompt, params_kw, None, 0, seed=3)
+    likely = list(plain.most_common(1)[0][0])  # drafts that are often right and often wrong
+    spec = joint_counts(peaked, prompt, params_kw, FixedDrafter(likely[1:] + likely[:1]), 2, seed=4)
+    assert_same_distribution(plain, spec)
+
+
+def test_detects_a_wrong_sampler(peaked):
+    """The check above has power: sampling at a different temperature is caught."""
+    prompt = [5, 17, 42, 99, 7]
+    a = joint_counts(peaked, prompt, dict(temperature=1.0), None, 0, seed=5)
+    b = joint_counts(peaked, prompt, dict(temperature=0.8), None, 0, seed=6)
+    with pytest.raises(AssertionError, match="differ"):
+        assert_same_distribution(a, b)

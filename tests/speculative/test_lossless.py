@@ -1,0 +1,127 @@
+"""Greedy speculative decoding returns exactly the tokens of plain decoding (bf16, CPU), for every drafter."""
+import random
+
+import pytest
+import torch
+
+import mtpx
+from mtpx.speculative.drafters import Draft, Drafter
+
+N_PROMPTS = 50
+MAX_TOKENS = 24
+
+
+class OracleDrafter(Drafter):
+    """Proposes the reference continuation with some tokens corrupted: many acceptances and rejections at every
+    position, so rollback is exercised everywhere."""
+    name = "oracle"
+
+    def __init__(self, reference: list[int], vocab: int, seed: int):
+        self.reference, self.vocab, self.rng = reference, vocab, random.Random(seed)
+
+    def propose(self, seqs, ks):
+        out = []
+        for seq, k in zip(seqs, ks):
+            done = len(seq.generated)
+            toks = list(self.reference[done:done + k])
+            toks = [t if self.rng.random() > 0.3 else (t + 1) % self.vocab for t in toks]
+            out.append(Draft(toks))
+        return out
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 300, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def run_with(llm, drafter, prompt, k, **kw):
+    """Generate with a given drafter object (for drafters the public API does not construct)."""
+    original = llm.make_drafter
+    llm.make_drafter = lambda *a, **k2: drafter
+    try:
+        return llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="mtp", spec_draft_n_max=k,
+                            spec_draft_policy="fixed", **kw)
+    finally:
+        llm.make_drafter = original
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def llm(request, ckpt_factory):
+    return mtpx.LLM(ckpt_factory(moe=request.param == "moe"))
+
+
+@pytest.fixture(scope="module")
+def draft_path(ckpt_factory):
+    return str(ckpt_factory(seed=7, mtp=False))
+
+
+def test_every_drafter_is_token_identical_to_plain_decoding(llm, draft_path):
+    mismatches = []
+    for i, prompt in enumerate(prompts(N_PROMPTS)):
+        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
+        for k in (1, 2, 3, 4):
+            runs = {
+                "mtp": llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="mtp", spec_draft_n_max=k,
+                                    spec_draft_policy="fixed", ignore_eos=True),
+                "ngram": llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="ngram", spec_draft_n_max=k,
+                                      spec_draft_policy="fixed", ignore_eos=True, spec_ngram_min=1),
+                "oracle": run_with(llm, OracleDrafter(ref, llm.config.vocab_size, i * 10 + k), prompt, k,
+                                   ignore_eos=True),
+            }
+            if i % 5 == 0:
+                runs["draft"] = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="draft", spec_draft_n_max=k,
+                                             spec_draft_policy="fixed", spec_draft_model=draft_path, ignore_eos=True)
+            for name, out in runs.items():
+                if out.token_ids != ref:
+                    mismatches.append((i, k, name))
+    assert not mismatches
+
+
+def test_oracle_exercises_acceptance(llm):
+    drafted = accepted = 0
+    for i, prompt in enumerate(prompts(5, seed=9)):
+        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
+        out = run_with(llm, OracleDrafter(ref, llm.config.vocab_size, 100 + i), prompt, 4, ignore_eos=True)
+        assert out.token_ids == ref
+        drafted, accepted = drafted + out.stats["drafted_tokens"], accepted + out.stats["accepted_tokens"]
+    assert 0.4 < accepted / drafted < 0.95  # both accepts and rejects happened, at many positions
+
+
+def test_eos_mid_draft_stops_exactly_where_plain_decoding_stops(llm):
+    for i, prompt in enumerate(prompts(10, seed=3)):
+        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
+        eos_tok = ref[7 + i % 9]
+        llm.eos = {eos_tok}
+        try:
+            plain = llm.generate(prompt, max_tokens=MAX_TOKENS)
+            assert plain.finish_reason == "stop" and plain.token_ids[-1] == eos_tok
+            for k in (2, 4):
+                spec = run_with(llm, OracleDrafter(ref, llm.config.vocab_size, i), prompt, k)
+                assert spec.token_ids == plain.token_ids and spec.text == plain.text
+                assert spec.finish_reason == "stop"
+        finally:
+            llm.eos = set(llm.config.eos_token_id)
+
+
+def test_stop_string_mid_draft_cuts_like_plain_decoding(llm):
+    for i, prompt in enumerate(prompts(10, seed=4)):
+        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True)
+        tail = ref.text[len(llm.tokenizer.decode(ref.token_ids[:8])):]
+        stop = tail[2:5] if len(tail) > 6 else None
+        if not stop:
+            continue
+        plain = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, stop=[stop])
+        assert stop not in plain.text and plain.finish_reason == "stop"
+        for k in (3, 4):
+            spec = run_with(llm, OracleDrafter(ref.token_ids, llm.config.vocab_size, i), prompt, k,
+                            ignore_eos=True, stop=[stop])
+            assert (spec.token_ids, spec.text, spec.finish_reason) == (plain.token_ids, plain.text, "stop")
+
+
+def test_adaptive_policy_is_lossless_too(llm):
+    for prompt in prompts(5, seed=5):
+        ref = llm.generate(prompt, max_tokens=40, ignore_eos=True).token_ids
+        for spec in ("mtp", "ngram", "draft-mtp", "ngram-simple"):
+            out = llm.generate(prompt, max_tokens=40, spec_type=spec, ignore_eos=True)
+            assert out.token_ids == ref
