@@ -9,6 +9,7 @@ from mtpx.errors import MtpxError
 
 COMMANDS = {
     "run": ("mtpx.commands.run", "generate text from a prompt (streams; stats on stderr)"),
+    "demo": ("mtpx.commands.demo", "the bundled model with MTP off and on, side by side"),
     "chat": ("mtpx.serve.chat", "terminal chat with streaming replies"),
     "serve": ("mtpx.serve.app", "OpenAI-compatible HTTP server and chat page"),
     "bench": ("mtpx.bench.cli", "benchmark speed, acceptance, prefill and memory across modes"),
