@@ -271,7 +271,7 @@ def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
     shapes: dict[str, tuple[int, ...]] = {}
     gate_up: dict[str, dict[str, Any]] = {}
 
-    def add(hf: str, t, gguf_suffix: str, layer_type: str | None) -> None:
+    def add(hf: str, t, gguf_suffix: str) -> None:
         raw = _raw_loader(t)
         shape = tuple(int(x) for x in reversed(t.shape))
         hf_suffix = hf.split(".", 3)[-1] if hf.startswith(("model.layers.", "mtp.layers.")) else hf
@@ -296,7 +296,7 @@ def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
     for name, t in by_name.items():
         if name in GLOBAL_NAMES.values():
             hf = next(h for h, g in GLOBAL_NAMES.items() if g == name)
-            add(hf, t, name, None)
+            add(hf, t, name)
             continue
         m = re.match(r"^blk\.(\d+)\.(.+)$", name)
         if not m:
@@ -314,7 +314,7 @@ def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
                 hf = next((h for h, g in MTP_NAMES.items() if g == suffix), None)
                 if hf is None or bid != n_main:
                     raise ModelLoadError(f"unexpected GGUF MTP tensor {name}")
-                add(hf, t, suffix, None)
+                add(hf, t, suffix)
                 continue
         if suffix in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_gate_up_exps.weight"):
             gate_up.setdefault(prefix, {})[suffix] = t
@@ -325,7 +325,7 @@ def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
         hf_suffix = gguf_to_hf_layer.get(suffix)
         if hf_suffix is None:
             raise ModelLoadError(f"unexpected GGUF tensor {name} {list(reversed([int(x) for x in t.shape]))}")
-        add(prefix + hf_suffix, t, suffix, layer_type)
+        add(prefix + hf_suffix, t, suffix)
 
     for prefix, parts in gate_up.items():
         hf = prefix + GATE_UP_EXPERTS
