@@ -201,21 +201,34 @@ def run_load(model: str = "demo", streams=(1, 4, 8, 16), spec_types=("none", "mt
              ignore_eos: bool = True, prompts: list[str] | None = None, spec_args: list[str] | None = None,
              warmup_tokens: int = 32, repeats: int = 1, log=None) -> list[dict]:
     """Rows of {spec_type, streams, aggregate_tok_s, per_stream_tok_s, ...}, one per (spec_type, N).
-    With repeats > 1, each N is measured that many times and the run with the median aggregate is kept."""
-    rows = []
-    for spec in spec_types:
-        server = ServerProcess(model, spec, spec_args, max_num_seqs=max(max(streams), 1))
-        try:
-            for n in sorted(set([1, max(streams)])):  # warm up the kernels and the draft policy's cost tables
+
+    One server per speculation setting, all started up front (an idle server uses no CPU); the settings are measured
+    interleaved (for each N and repeat: none, then mtp, ...) so that drifting load from other processes on the
+    machine hits them alike. With repeats > 1 the run with the median aggregate is kept for each point."""
+    servers = {}
+    try:
+        for spec in spec_types:
+            servers[spec] = ServerProcess(model, spec, spec_args, max_num_seqs=max(max(streams), 1))
+        for spec, server in servers.items():  # warm up the kernels and the draft policy's cost tables
+            for n in sorted(set(streams)):
                 run_streams(server.port, n, warmup_tokens, ignore_eos, prompts)
-            for n in streams:
-                runs = [run_streams(server.port, n, max_tokens, ignore_eos, prompts) for _ in range(repeats)]
-                row = sorted(runs, key=lambda r: r["aggregate_tok_s"])[len(runs) // 2]
-                row = {"spec_type": spec, **row, "load_avg_1m": os.getloadavg()[0]}
-                rows.append(row)
-                if log:
-                    log(row)
-        finally:
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for n in streams:
+            for _ in range(repeats):
+                for spec, server in servers.items():
+                    row = run_streams(server.port, n, max_tokens, ignore_eos, prompts)
+                    row["load_avg_1m"] = os.getloadavg()[0]
+                    runs.setdefault((spec, n), []).append(row)
+        rows = []
+        for (spec, n), rs in runs.items():
+            aggs = [r["aggregate_tok_s"] for r in rs]
+            row = {"spec_type": spec, **sorted(rs, key=lambda r: r["aggregate_tok_s"])[len(rs) // 2],
+                   "aggregate_runs": aggs}
+            rows.append(row)
+            if log:
+                log(row)
+    finally:
+        for server in servers.values():
             server.stop()
     base = {r["streams"]: r["aggregate_tok_s"] for r in rows if r["spec_type"] == "none"}
     for r in rows:
