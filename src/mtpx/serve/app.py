@@ -512,5 +512,5 @@ def main(args: argparse.Namespace) -> int:
               "use the model", file=sys.stderr)
     print(f"mtpx serve: model {server.model_name} ({llm.path}), speculation {server.spec.kind}, "
           f"chat page and API at http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(server.build(), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(server.build(), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

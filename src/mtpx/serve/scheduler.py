@@ -233,13 +233,20 @@ class Scheduler:
                     if self._stopping:
                         break
                     admit = self._take_admissions()
-                changed = self._drop_cancelled()
-                for r in admit:
-                    self._prefill(r)
-                if admit or changed:
+                try:
+                    changed = self._drop_cancelled()
+                    for r in admit:
+                        self._prefill(r)
+                    if admit or changed:
+                        self._update_gauges()
+                    if self._running:
+                        self._decode()
+                except Exception as e:  # a bug outside the guarded model calls: fail this batch, keep serving
+                    log.error("scheduler step failed:\n%s", traceback.format_exc())
+                    for r in admit + self._running:
+                        self._fail(r, f"internal error: {e}")
+                    self._running = []
                     self._update_gauges()
-                if self._running:
-                    self._decode()
         for r in list(self._waiting) + self._running:  # shutting down: tell the clients
             self._fail(r, "the server is shutting down")
         self._waiting.clear()
