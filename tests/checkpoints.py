@@ -20,9 +20,9 @@ CORPUS = [
 ]
 
 
-def base_config(moe: bool = False, tied: bool = False, vocab: int = 384) -> dict:
+def base_config(moe: bool = False, tied: bool = False, vocab: int = 384, intermediate: int = 96) -> dict:
     cfg = dict(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=12,
         linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
         tie_word_embeddings=tied, layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
@@ -49,12 +49,12 @@ def make_tokenizer(out: Path, vocab: int = 320) -> None:
 
 
 def make_checkpoint(out: Path, moe: bool = False, tied: bool = False, nested: bool = False, mtp: bool = True,
-                    seed: int = 0, per_expert: bool = False) -> Path:
+                    seed: int = 0, per_expert: bool = False, intermediate: int = 96) -> Path:
     """Save a transformers Qwen3.5 model (random weights), add `mtp.*` tensors (transformers drops them), and
     optionally rewrite it into the nested multimodal layout (model_type qwen3_5, weights under model.language_model)."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
     torch.manual_seed(seed)
-    cfg_dict = base_config(moe, tied)
+    cfg_dict = base_config(moe, tied, intermediate=intermediate)
     hf_cfg = (Qwen3_5MoeTextConfig if moe else Qwen3_5TextConfig)(**cfg_dict)
     model = (Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM)(hf_cfg).float().eval()
     with torch.no_grad():  # zero-initialised norms would hide (1 + w) mistakes

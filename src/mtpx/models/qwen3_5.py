@@ -6,12 +6,14 @@ routed + shared experts. Parameter names are the Hugging Face ones (`model.layer
 Two forward modes share every layer:
 - "prefill": many positions at once (chunked gated delta rule, causal attention); also used for training.
 - "step": a few positions (decode = 1, verify = k + 1). Every position is computed by exactly the ops a one-token
-  decode would run (per-query attention, per-token recurrence), and bf16 linears are row-invariant on CPU, so a
-  position's result does not depend on how many positions the call holds: greedy speculation is bit-exact.
+  decode would run (per-query attention, per-token recurrence), and every matmul sees the same number of rows
+  (inputs padded / split into blocks of STEP_ROWS), so a position's result does not depend on how many positions
+  the call holds: greedy speculation is bit-exact.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,45 @@ from mtpx.config import ModelConfig
 from mtpx.state import SequenceState
 
 GDN_CHUNK = 64
+# oneDNN picks its kernel (and so its summation order) by row count: one row alone and the same row among four
+# others can round differently. Step-mode matmuls therefore always run on exactly STEP_ROWS rows (zero-padded,
+# or in blocks), which makes each row's result independent of the rest. 5 = a verify pass of k = 4 drafts.
+STEP_ROWS = 5
+_row_invariant = False
+
+
+@contextmanager
+def row_invariant(enabled: bool = True):
+    """Within this block, matmuls use fixed-size row blocks (see STEP_ROWS)."""
+    global _row_invariant
+    previous, _row_invariant = _row_invariant, enabled
+    try:
+        yield
+    finally:
+        _row_invariant = previous
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if not _row_invariant:
+        return F.linear(x, weight)
+    rows = x.reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    pad = (-m) % STEP_ROWS
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+    out = torch.cat([F.linear(block, weight) for block in rows.split(STEP_ROWS)]) if m + pad > STEP_ROWS \
+        else F.linear(rows, weight)
+    return out[:m].reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) that honours row_invariant()."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -90,10 +131,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, 2 * self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, 2 * self.n_heads * self.head_dim)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
@@ -182,16 +223,16 @@ class GatedDeltaNet(nn.Module):
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.kernel = cfg.linear_conv_kernel_dim
         h = cfg.hidden_size
-        self.in_proj_qkv = nn.Linear(h, self.conv_dim, bias=False)
-        self.in_proj_z = nn.Linear(h, self.value_dim, bias=False)
-        self.in_proj_b = nn.Linear(h, self.nv, bias=False)
-        self.in_proj_a = nn.Linear(h, self.nv, bias=False)
+        self.in_proj_qkv = Linear(h, self.conv_dim)
+        self.in_proj_z = Linear(h, self.value_dim)
+        self.in_proj_b = Linear(h, self.nv)
+        self.in_proj_a = Linear(h, self.nv)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False,
                                 padding=self.kernel - 1)
         self.dt_bias = nn.Parameter(torch.ones(self.nv))
         self.A_log = nn.Parameter(torch.log(torch.empty(self.nv).uniform_(0.01, 16)))
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, h, bias=False)
+        self.out_proj = Linear(self.value_dim, h)
 
     def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
         B, T, _ = x.shape
@@ -256,9 +297,9 @@ class GatedDeltaNet(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate)
+        self.up_proj = Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -271,7 +312,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, self.weight)
+        logits = linear(x, self.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         top, idx = torch.topk(probs, self.top_k, dim=-1)
         return (top / top.sum(-1, keepdim=True)).to(logits.dtype), idx
@@ -291,8 +332,8 @@ class Experts(nn.Module):
         # experts in ascending order, each over the rows routed to it: a row's sum order never depends on the others
         for e in torch.unique(idx).tolist():
             rows, slot = torch.where(idx == e)
-            gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[rows, slot, None]
+            gate, up = linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = linear(F.silu(gate) * up, self.down_proj[e]) * weights[rows, slot, None]
             out = out.index_add(0, rows, y.to(out.dtype))
         return out
 
@@ -303,7 +344,7 @@ class SparseMoE(nn.Module):
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(cfg.hidden_size, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -343,8 +384,9 @@ def run_stack(cfg: ModelConfig, layers: nn.ModuleList, x: torch.Tensor, states: 
     starts = [s.length for s in states] if states is not None else [0] * B
     cos, sin = rotary_tables(cfg, starts, T, x.dtype, x.device)
     p = Pass(states, mode, cos, sin)
-    for layer in layers:
-        x = layer(x, p)
+    with row_invariant(mode == "step"):
+        for layer in layers:
+            x = layer(x, p)
     if states is not None:
         for s in states:
             s.length += T
@@ -360,7 +402,7 @@ class MTP(nn.Module):
     def __init__(self, cfg: ModelConfig, n_layers: int):
         super().__init__()
         h = cfg.hidden_size
-        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.fc = Linear(2 * h, h)
         self.pre_fc_norm_embedding = RMSNorm(h, cfg.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(h, cfg.rms_norm_eps)
         self.layer_types = ["full_attention"] * n_layers
@@ -383,7 +425,7 @@ class Qwen35Model(nn.Module):
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.model.layers = nn.ModuleList(DecoderLayer(cfg, t, i) for i, t in enumerate(cfg.layer_types))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = MTP(cfg, mtp_layers) if mtp_layers > 0 else None
@@ -401,8 +443,10 @@ class Qwen35Model(nn.Module):
         x = self.model.embed_tokens(tokens)
         return self.model.norm(run_stack(self.cfg, self.model.layers, x, states, mode))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, step: bool = False) -> torch.Tensor:
+        """lm_head; `step=True` for rows of a step forward (decode / verify / draft), so they are row-invariant."""
+        with row_invariant(step):
+            return self.lm_head(hidden)
 
     def mtp_forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor,
                     states: list[SequenceState] | None = None, mode: str = "prefill") -> torch.Tensor:

@@ -150,7 +150,7 @@ class MTPDrafter(_StatefulDrafter):
         return self.model.mtp_forward(x_prev, tokens, states, mode)
 
     def _logits(self, x):
-        return self.model.logits(x)
+        return self.model.logits(x, step=True)
 
     def on_accept(self, seqs, hidden, emitted, drafts):
         for seq, h, e in zip(seqs, hidden, emitted):
@@ -183,7 +183,7 @@ class DraftModelDrafter(_StatefulDrafter):
         return self.model(tokens, states, mode)
 
     def _logits(self, x):
-        return self.model.logits(x)
+        return self.model.logits(x, step=True)
 
     def on_accept(self, seqs, hidden, emitted, drafts):
         for seq, e in zip(seqs, emitted):

@@ -125,7 +125,7 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
         s.state.mark()
     batch = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=seqs[0].state.device)
     hidden = model(batch, [s.state for s in seqs], "step")
-    logits = model.logits(hidden).float()
+    logits = model.logits(hidden, step=True).float()
     emitted, accepted_hidden, n_accepted, accepted_tokens = [], [], [], []
     for b, (s, d) in enumerate(zip(seqs, drafts)):
         start = s.state.length - width
