@@ -130,3 +130,33 @@ if __name__ == "__main__":
     msgs = a.message or ["Write a Python function that adds two numbers.", "Now make it add three."]
     print(drive_page(live_server.url, msgs, Path(a.out), timeout_ms=300_000, max_tokens=a.max_tokens))
     live_server.stop()
+
+
+def test_page_stop_button_cancels_the_sequence(live):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    import time
+
+    import httpx
+    from playwright.sync_api import expect, sync_playwright
+    before = httpx.get(live.url + "/health").json()["requests_cancelled"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            page.fill("#max_tokens", "400")
+            page.fill("#input", "Count to a thousand.")
+            page.click("#send")
+            expect(page.locator(".msg.assistant.streaming")).to_have_count(1, timeout=30_000)
+            page.wait_for_function("document.querySelector('.msg.assistant .bubble').textContent.length > 3",
+                                   timeout=30_000)
+            page.click("#stop")
+            expect(page.locator(".msg.assistant .meta")).to_have_text("stopped", timeout=10_000)
+        finally:
+            browser.close()
+    deadline = time.time() + 20
+    while httpx.get(live.url + "/health").json()["requests_cancelled"] <= before:
+        assert time.time() < deadline, "Stop in the page did not cancel the sequence"
+        time.sleep(0.05)
