@@ -6,10 +6,11 @@ built into another environment of the same Python version, set MTPX_LLAMA_CPP_SI
 site-packages (appended to sys.path, so this environment's own packages keep precedence), e.g.
     MTPX_LLAMA_CPP_SITE=/work/peers-venv/lib/python3.11/site-packages pytest tests/loading/test_gguf_llama_cpp.py
 
-The model is `models/demo` when it exists, else a generated tiny checkpoint (random weights, with linear-attention
-key and value head sizes equal, which llama.cpp's qwen35 graph requires). The demo model is exported in bf16 (the
-default); the random one in f32, because its near-flat logits (top-2 gaps ~1e-3) would otherwise let llama.cpp's
-bf16 rounding of activations flip a greedy choice. mtpx runs in fp32 on the same file.
+The model is the checkpoint directory $MTPX_LLAMA_CPP_MODEL if set, else `models/demo` when it exists, else a
+generated tiny checkpoint (random weights, with linear-attention key and value head sizes equal, which llama.cpp's
+qwen35 graph requires). Real checkpoints are exported in bf16 (the default); the random one in f32, because its
+near-flat logits (top-2 gaps ~1e-3) would otherwise let llama.cpp's bf16 rounding of activations flip a greedy
+choice. mtpx runs in fp32 on the same file.
 """
 import os
 import sys
@@ -53,7 +54,9 @@ N_TOKENS = 32
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("llama_cpp")
-    if (DEMO / "config.json").exists():
+    if os.environ.get("MTPX_LLAMA_CPP_MODEL"):  # any checkpoint directory, exported in bf16
+        src, outtype = Path(os.environ["MTPX_LLAMA_CPP_MODEL"]), "bf16"
+    elif (DEMO / "config.json").exists():
         src, outtype = DEMO, "bf16"
     else:
         import checkpoints
