@@ -112,11 +112,11 @@ def _k_quant_checkpoint(out_dir: Path, moe: bool) -> Path:
     import checkpoints
     base = checkpoints.base_config
 
-    def wide(moe_=False, tied=False, vocab=384):
-        cfg = base(moe_, tied, vocab)
+    def wide(*args, **kwargs):
+        cfg = base(*args, **kwargs)
         cfg.update(hidden_size=256, intermediate_size=512, num_attention_heads=8, head_dim=32,
                    linear_key_head_dim=64, linear_value_head_dim=64)
-        if moe_:
+        if cfg.get("num_experts"):
             cfg.update(moe_intermediate_size=256, shared_expert_intermediate_size=256)
         return cfg
     with pytest.MonkeyPatch.context() as mp:
