@@ -33,7 +33,7 @@ F32_SUFFIXES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, choices=["gguf"], help="output format")
-    p.add_argument("input", help="checkpoint directory (or .gguf file) to convert")
+    p.add_argument("input", help="checkpoint directory, .gguf file or 'demo' to convert")
     p.add_argument("output", help="output .gguf file")
     p.add_argument("--outtype", default="bf16", choices=OUTTYPES,
                    help="weight type: bf16 (default), f16, q8_0 (8-bit, about half the size), f32")
@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.input)
+    from mtpx.llm import resolve_model_path  # `demo` names the bundled checkpoint
+    ckpt = load_checkpoint(resolve_model_path(args.input))
     out = Path(args.output)
     summary = write_gguf(ckpt, out, args.outtype, with_mtp=not args.no_mtp, name=args.name)
     for note in summary["notes"]:
