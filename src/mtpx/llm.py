@@ -1,6 +1,7 @@
 """The public Python API: `LLM(model).generate(prompt, ...) -> Completion`, `LLM.stream(...)`, `LLM.logits(ids)`."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
-from mtpx.models.qwen3_5 import Qwen35Model
+from mtpx.models.qwen3_5 import Qwen35Model, pack_for_cpu
 from mtpx.sampling import SamplingParams
 from mtpx.speculative.drafters import Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
 from mtpx.speculative.loop import Sequence, decode_round, prefill
@@ -90,7 +91,7 @@ class LLM:
             raise ModelLoadError(f"{self.path} has no tokenizer.json")
         self.config = ckpt.config
         self.tokenizer = ckpt.tokenizer
-        self.model: Qwen35Model = build_model(ckpt, self.dtype, self.device)
+        self.model: Qwen35Model = self._prepare(build_model(ckpt, self.dtype, self.device))
         self.eos = set(self.config.eos_token_id)
         self._draft_models: dict[str, Qwen35Model] = {}
 
@@ -140,8 +141,13 @@ class LLM:
                 raise RequestError(f"draft model {name} does not share the main model's vocabulary "
                                    f"({ckpt.tokenizer.vocab_size if ckpt.tokenizer else 'no'} vs "
                                    f"{self.tokenizer.vocab_size} tokens)")
-            self._draft_models[name] = build_model(ckpt, self.dtype, self.device, with_mtp=False)
+            self._draft_models[name] = self._prepare(build_model(ckpt, self.dtype, self.device, with_mtp=False))
         return self._draft_models[name]
+
+    def _prepare(self, model: Qwen35Model) -> Qwen35Model:
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and os.environ.get("MTPX_PACK", "1") != "0":
+            pack_for_cpu(model)
+        return model
 
     def new_sequence(self, ids: list[int], max_tokens: int, params: SamplingParams, *, ignore_eos: bool = False,
                      spec_synth_rates: list[float] | None = None, reserve: int = 8) -> Sequence:
