@@ -183,6 +183,7 @@ BAD = [
     ("stream wrong type", "chat", {**CHAT, "stream": "yes"}, 400, "stream"),
     ("stop wrong type", "completion", {**COMP, "stop": 3}, 400, "stop"),
     ("seed wrong type", "completion", {**COMP, "seed": "x"}, 400, "seed"),
+    ("seed too large", "completion", {**COMP, "seed": 2 ** 70, "temperature": 1}, 400, "seed"),
     ("unknown model", "chat", {**CHAT, "model": "gpt-9"}, 404, "model"),
     ("unknown model (completions)", "completion", {**COMP, "model": "gpt-9"}, 404, "model"),
     ("max_tokens zero", "chat", {**CHAT, "max_tokens": 0}, 400, "max_tokens"),

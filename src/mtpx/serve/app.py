@@ -144,6 +144,8 @@ class Server:
         top_k = body.get("top_k", "integer", 0)
         min_p = float(body.get("min_p", "number", 0.0))
         seed = body.get("seed", "integer")
+        if seed is not None and not -2 ** 63 <= seed < 2 ** 64:
+            raise ApiError(400, f"'seed' must fit in 64 bits, got {seed}", "seed", "invalid_value")
         if top_k == -1:  # vLLM's spelling of "disabled"
             top_k = 0
         if not 0 <= temperature <= 100:
