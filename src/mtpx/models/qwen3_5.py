@@ -209,6 +209,7 @@ class Attention(nn.Module):
                                               attn_mask=mask, enable_gqa=True)
 
 
+@torch.autocast("cpu", enabled=False)  # the recurrence stays in fp32 under mixed-precision training
 def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = GDN_CHUNK):
     """Parallel-within-chunk form of the gated delta rule (fp32).
     q, k: [H, T, dk] (normalized, q scaled); v: [H, T, dv]; g (log decay), beta: [H, T]; state: [H, dk, dv].
@@ -281,6 +282,9 @@ class GatedDeltaNet(nn.Module):
         beta = b.sigmoid().float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         w = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
+        if p.states is None:  # no caches (training, LLM.logits): the whole batch at once
+            core = self._uncached(qkv, g, beta, w).to(x.dtype)
+            return self.out_proj(self.norm(core, z).reshape(B, T, self.value_dim))
         outs = []
         for b in range(B):
             state = p.states[b] if p.states is not None else None
@@ -302,6 +306,17 @@ class GatedDeltaNet(nn.Module):
         if self.nv != self.nk:  # each key head serves nv/nk consecutive value heads
             q, k = q.repeat_interleave(self.nv // self.nk, dim=1), k.repeat_interleave(self.nv // self.nk, dim=1)
         return q, k, v.view(T, self.nv, self.dv)
+
+    def _uncached(self, qkv, g, beta, w):
+        B, T, _ = qkv.shape
+        mixed = F.silu(F.conv1d(qkv.transpose(1, 2).float(), w[:, None].float(), groups=self.conv_dim,
+                                padding=self.kernel - 1)[..., :T]).transpose(1, 2).to(qkv.dtype)
+        q, k, v = self._heads(mixed.reshape(B * T, -1))
+        heads = lambda t: t.reshape(B, T, self.nv, -1).permute(0, 2, 1, 3).reshape(B * self.nv, T, -1)
+        gh, bh = (t.permute(0, 2, 1).reshape(B * self.nv, T) for t in (g, beta))
+        out, _ = chunk_gated_delta_rule(heads(q), heads(k), heads(v), gh, bh,
+                                        q.new_zeros(B * self.nv, self.dk, self.dv))
+        return out.reshape(B, self.nv, T, self.dv).transpose(1, 2)
 
     def _prefill(self, qkv, g, beta, w, state: SequenceState | None):
         T = qkv.shape[0]
