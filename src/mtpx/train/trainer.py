@@ -98,6 +98,8 @@ def losses(model: Qwen35Model, batch: torch.Tensor) -> tuple[torch.Tensor, torch
     x, y = batch[:, :-1], batch[:, 1:]
     hidden = model(x)
     main = F.cross_entropy(model.logits(hidden).flatten(0, 1).float(), y.flatten())
+    if model.mtp is None:
+        return main, torch.zeros((), device=main.device)
     mtp = model.logits(model.mtp_forward(hidden[:, :-1], x[:, 1:]))
     return main, F.cross_entropy(mtp.flatten(0, 1).float(), y[:, 1:].flatten())
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Rebuild the bundled demo models from scratch, offline: corpus → tokenizer → demo model (+ MTP) → draft model.
+# Everything comes from the package registries: the interpreter's standard library and Debian's python3-doc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MTPX=${MTPX:-.venv/bin/mtpx}
+PY=${PY:-.venv/bin/python}
+BUILD=${BUILD:-build}
+if [ ! -d /usr/share/doc/python3-doc/html ]; then
+  (apt-get install -y -qq python3-doc >/dev/null 2>&1) || echo "python3-doc unavailable: prose comes from docstrings only"
+fi
+$PY -c "from pathlib import Path; from mtpx.train.corpus import build_corpus; build_corpus(Path('$BUILD/corpus'))"
+# main model: ~20 min on 2 CPU cores
+$MTPX train --corpus "$BUILD/corpus" --out "$BUILD/demo-run" --preset demo --steps 450 --warmup 30 --lr 3e-3 \
+  --batch-size 16 --seq-len 256 --val-every 50 --save-every 50 --vocab-size 8192
+# draft model with the same tokenizer: ~3 min
+$MTPX train --corpus "$BUILD/corpus" --out "$BUILD/draft-run" --preset demo-draft --tokenizer "$BUILD/demo-run" \
+  --no-mtp --steps 250 --warmup 20 --lr 4e-3 --batch-size 16 --seq-len 256 --val-every 0 --save-every 250
+for pair in "demo-run:models/demo" "draft-run:models/demo-draft"; do
+  src=$BUILD/${pair%%:*}; dst=${pair#*:}
+  mkdir -p "$dst"
+  cp "$src"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,generation_config.json} "$dst"/
+done
+cp "$BUILD/corpus/recipe.json" models/demo/corpus_recipe.json
+echo "rebuilt models/demo and models/demo-draft (the model card models/demo/README.md is maintained by hand)"
