@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -18,11 +19,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from mtpx.errors import ModelLoadError, MtpxError
 from mtpx.llm import resolve_model_path
 from mtpx.loading import build_model, load_checkpoint
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.train.cli import corpus_file
-from mtpx.train.trainer import batch_at, fresh_mtp, tokenize_file
+from mtpx.train.evaluate import teacher_forced_acceptance as tf_acceptance
+from mtpx.train.trainer import batch_at, fresh_mtp, mtp_chain, tokenize_file
+
+
+class TrainMTPError(MtpxError):
+    """A train-mtp invocation that cannot work (conflicting options, missing files)."""
 
 
 @torch.no_grad()
@@ -41,8 +48,14 @@ def teacher_forced_acceptance(model: Qwen35Model, data: torch.Tensor, batches: i
 
 
 def distill(model: Qwen35Model, data: torch.Tensor, steps: int, batch: int, seq_len: int, lr: float, seed: int,
-            time_budget_s: float | None = None, log=print) -> list[float]:
-    """Train only model.mtp: KL(base distribution at i+1 || MTP distribution at (h_i, t_{i+1}))."""
+            time_budget_s: float | None = None, log=print, chain: int = 1, objective: str = "kl") -> list[float]:
+    """Train only model.mtp to reproduce the frozen base model's own predictions.
+
+    Draft step j (1..chain) at position i sees (h_i, t_{i+1}) for j = 1, or its own previous output with t_{i+j}, and
+    learns the base model's next-token distribution at position i + j (objective "kl": KL(base || MTP)), or its argmax
+    (objective "argmax": CE to the base's greedy token) — exactly what greedy drafts are verified against."""
+    if objective not in ("kl", "argmax"):
+        raise ValueError(f"objective must be 'kl' or 'argmax', got {objective!r}")
     model.requires_grad_(False)
     model.mtp.requires_grad_(True)
     params = list(model.mtp.parameters())
@@ -55,17 +68,24 @@ def distill(model: Qwen35Model, data: torch.Tensor, steps: int, batch: int, seq_
         x = batch_at(data, step, seed, batch, seq_len)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             hidden = model(x)
-            target = F.log_softmax(model.logits(hidden[:, 1:]).float(), -1)
+            target = F.log_softmax(model.logits(hidden).float(), -1)  # base prediction of t_{p+1} at every p
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            draft = model.logits(model.mtp_forward(hidden[:, :-1].float(), x[:, 1:]))
-        logq = F.log_softmax(draft.float(), -1)
-        loss = F.kl_div(logq.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+            drafts = [model.logits(h) for h in mtp_chain(model, hidden.float(), x, chain)]
+        terms = []
+        for j, d in enumerate(drafts, start=1):
+            logq = F.log_softmax(d.float(), -1).flatten(0, 1)
+            ref = target[:, j:j + d.shape[1]].flatten(0, 1)
+            if objective == "kl":
+                terms.append(F.kl_div(logq, ref, log_target=True, reduction="batchmean"))
+            else:
+                terms.append(F.nll_loss(logq, ref.argmax(-1)))
+        loss = sum(terms) / len(terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         history.append(loss.item())
-        bar.set_postfix(kl=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
         if time_budget_s and time.perf_counter() - start > time_budget_s:
             log(f"time budget reached after {step + 1} steps")
             break
@@ -84,33 +104,62 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget-min", type=float, default=None)
-    p.add_argument("--replace", action="store_true", help="replace an existing MTP layer")
+    p.add_argument("--replace", action="store_true", help="replace an existing MTP layer with a fresh one")
+    p.add_argument("--refine", action="store_true",
+                   help="keep the existing MTP layer as the starting point and fine-tune it by self-distillation")
+    p.add_argument("--chain", type=int, default=1,
+                   help="chained draft steps trained (2-3 help k > 1 drafting, which feeds back the MTP's output)")
+    p.add_argument("--objective", default="kl", choices=["kl", "argmax"],
+                   help="match the base model's distribution (kl) or its greedy token (argmax)")
+    p.add_argument("--threads", type=int, default=0)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     src = resolve_model_path(args.model)
     ckpt = load_checkpoint(src)
     if ckpt.tokenizer is None:
-        raise SystemExit(f"{src} has no tokenizer.json")
-    if any(n.startswith("mtp.") for n in ckpt.shapes) and not args.replace:
-        print("the checkpoint already has an MTP layer; pass --replace to train a new one", file=sys.stderr)
-        return 2
-    model = build_model(ckpt, torch.float32, with_mtp=False).float()
+        raise ModelLoadError(f"{src} has no tokenizer.json")
+    has_mtp = any(n.startswith("mtp.") for n in ckpt.shapes)
+    if args.replace and args.refine:
+        raise TrainMTPError("--replace and --refine exclude each other")
+    if has_mtp and not (args.replace or args.refine):
+        raise TrainMTPError(f"{src} already has an MTP layer: pass --replace to train a new one or --refine to tune it")
+    if args.refine and not has_mtp:
+        raise TrainMTPError(f"--refine needs a checkpoint with an MTP layer; {src} has none")
+    if not args.corpus.exists():
+        raise TrainMTPError(f"corpus {args.corpus} does not exist")
+    if args.val is not None and not args.val.exists():
+        raise TrainMTPError(f"held-out text {args.val} does not exist")
+    model = build_model(ckpt, torch.float32, with_mtp=args.refine).float()
     train_data = tokenize_file(ckpt.tokenizer, corpus_file(args.corpus, args.out / "work"))
     val_data = tokenize_file(ckpt.tokenizer, args.val) if args.val else train_data[-200_000:]
-    fresh_mtp(model, args.seed)
-    before = teacher_forced_acceptance(model, val_data)
-    print(f"held-out teacher-forced acceptance (k=1) before: {before:.1%}", file=sys.stderr)
+    if not args.refine:
+        fresh_mtp(model, args.seed)
+    k = max(3, args.chain)
+    before = tf_acceptance(model, val_data, k=k)
+    print(f"held-out teacher-forced acceptance before: {fmt(before)}", file=sys.stderr)
     budget = args.time_budget_min * 60 if args.time_budget_min else None
-    distill(model, train_data, args.steps, args.batch_size, args.seq_len, args.lr, args.seed, budget,
-            log=lambda m: print(m, file=sys.stderr))
-    after = teacher_forced_acceptance(model, val_data)
-    print(f"held-out teacher-forced acceptance (k=1) after: {after:.1%}", file=sys.stderr)
+    t0 = time.perf_counter()
+    history = distill(model, train_data, args.steps, args.batch_size, args.seq_len, args.lr, args.seed, budget,
+                      log=lambda m: print(m, file=sys.stderr), chain=args.chain, objective=args.objective)
+    seconds = time.perf_counter() - t0
+    after = tf_acceptance(model, val_data, k=k)
+    print(f"held-out teacher-forced acceptance after:  {fmt(after)}  ({len(history)} steps, {seconds / 60:.1f} min)",
+          file=sys.stderr)
     write_with_mtp(src, model, args.out)
-    (args.out / "train_mtp.json").write_text(json.dumps({"before": before, "after": after, "steps": args.steps,
-                                                         "base": str(src)}, indent=1))
+    (args.out / "train_mtp.json").write_text(json.dumps({
+        "base": str(src), "before": before, "after": after, "steps": len(history), "train_seconds": round(seconds, 1),
+        "command": "mtpx train-mtp " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "note": "teacher-forced acceptance per chained draft step j: fraction of held-out positions where the j-th "
+                "MTP draft equals the base model's greedy token"}, indent=1))
     print(f"saved {args.out}", file=sys.stderr)
     return 0
+
+
+def fmt(rates: list[float]) -> str:
+    return ", ".join(f"k={j}: {r:.1%}" for j, r in enumerate(rates, start=1))
 
 
 def write_with_mtp(src: Path, model: Qwen35Model, out: Path) -> None:

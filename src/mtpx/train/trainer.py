@@ -34,12 +34,14 @@ class TrainConfig:
     warmup: int = 40
     weight_decay: float = 0.1
     mtp_weight: float = 0.3
+    mtp_steps: int = 1  # chained MTP draft steps trained (step j > 1 feeds back the MTP's own output, as drafting does)
     grad_clip: float = 1.0
     seed: int = 0
     val_every: int = 100
     save_every: int = 100
     val_batches: int = 8
     autocast: bool = True  # bf16 mixed precision for the matmuls (weights and optimizer stay fp32)
+    stop_after: int = 0  # stop (and save the training state) after this many steps; 0 = run to `steps`
 
 
 def train_tokenizer(text_files: list[Path], vocab_size: int, out: Path) -> None:
@@ -94,14 +96,31 @@ def init_weights(model: Qwen35Model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def losses(model: Qwen35Model, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mtp_chain(model: Qwen35Model, hidden: torch.Tensor, x: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """MTP outputs for draft steps 1..steps over a teacher-forced sequence x [B, L] with main hidden states [B, L, H].
+
+    Step 1 at position i sees (h_i, x_{i+1}); step j > 1 sees (the step j - 1 output at i, x_{i+j}), the recursion
+    k-token drafting uses. The step-j output at position i predicts x_{i+j+1}; it has L - j positions."""
+    outs, h = [], hidden
+    for j in range(1, steps + 1):
+        T = x.shape[1] - j
+        if T <= 0:
+            break
+        h = model.mtp_forward(h[:, :T], x[:, j:j + T])
+        outs.append(h)
+    return outs
+
+
+def losses(model: Qwen35Model, batch: torch.Tensor, mtp_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token CE, MTP CE averaged over the chained draft steps) for a batch of windows [B, L + 1]."""
     x, y = batch[:, :-1], batch[:, 1:]
     hidden = model(x)
     main = F.cross_entropy(model.logits(hidden).flatten(0, 1).float(), y.flatten())
     if model.mtp is None:
         return main, torch.zeros((), device=main.device)
-    mtp = model.logits(model.mtp_forward(hidden[:, :-1], x[:, 1:]))
-    return main, F.cross_entropy(mtp.flatten(0, 1).float(), y[:, 1:].flatten())
+    terms = [F.cross_entropy(model.logits(h).flatten(0, 1).float(), y[:, j:j + h.shape[1]].flatten())
+             for j, h in enumerate(mtp_chain(model, hidden, x, mtp_steps), start=1)]
+    return main, sum(terms) / len(terms)
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -184,7 +203,7 @@ def evaluate(model: Qwen35Model, data: torch.Tensor, tc: TrainConfig) -> tuple[f
     with torch.no_grad():
         for i in range(tc.val_batches):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.autocast):
-                m, t = losses(model, batch_at(data, i, 12345, tc.batch_size, tc.seq_len))
+                m, t = losses(model, batch_at(data, i, 12345, tc.batch_size, tc.seq_len), tc.mtp_steps)
             main_sum, mtp_sum = main_sum + m.item(), mtp_sum + t.item()
     model.train()
     return main_sum / tc.val_batches, mtp_sum / tc.val_batches
@@ -207,7 +226,7 @@ def train(model: Qwen35Model, train_data: torch.Tensor, val_data: torch.Tensor, 
             group["lr"] = lr_at(step, tc)
         batch = batch_at(train_data, step, tc.seed, tc.batch_size, tc.seq_len)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.autocast):
-            main, mtp = losses(model, batch)
+            main, mtp = losses(model, batch, tc.mtp_steps)
         loss = main + tc.mtp_weight * mtp
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -221,8 +240,12 @@ def train(model: Qwen35Model, train_data: torch.Tensor, val_data: torch.Tensor, 
         if tc.val_every and done % tc.val_every == 0 and val_data is not None:
             v, vm = evaluate(model, val_data, tc)
             log(f"step {done}: val loss {v:.3f}, val mtp loss {vm:.3f}")
-        if tc.save_every and (done % tc.save_every == 0 or done == tc.steps):
+        stopping = tc.stop_after and done >= tc.stop_after
+        if (tc.save_every and (done % tc.save_every == 0 or done == tc.steps)) or stopping:
             save_train_state(out, model, opt, done, {"train_config": asdict(tc)})
+        if stopping:
+            log(f"stopped after step {done} (--stop-after)")
+            break
     return history
 
 
