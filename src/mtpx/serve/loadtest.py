@@ -1,10 +1,12 @@
 """Load check: tokens/s aggregate and per stream at N concurrent streaming clients, speculation on and off.
 
     python -m mtpx.serve.loadtest --model demo [--streams 1 4 8 16] [--spec-types none mtp] [--max-tokens 128]
+                                  [--workload chat|code] [--repeats 3]
 
 For each speculation setting it starts a real `mtpx serve` in a subprocess on a free loopback port, warms it up, then
-for each N fires N concurrent streaming /v1/chat/completions requests (distinct prompts, greedy, `ignore_eos` so every
-stream produces exactly --max-tokens tokens) and measures, per stream, tokens / (last token - request sent) and
+for each N fires N concurrent streaming requests (--workload chat: /v1/chat/completions with distinct questions;
+code: /v1/completions continuing distinct Python snippets; greedy, `ignore_eos` so every stream produces exactly
+--max-tokens tokens) and measures, per stream, tokens / (last token - request sent) and
 the decode rate after the first token, and in aggregate, all tokens / wall time. Prints a markdown table.
 Client side uses only the standard library (http.client), so the server process is the only one doing model work.
 """
@@ -42,6 +44,26 @@ PROMPTS = [
 ]
 
 
+CODE_PROMPTS = [
+    "import os\nimport sys\n\n\ndef main(argv):\n",
+    "class Stack:\n    \"\"\"A last-in first-out stack.\"\"\"\n\n    def __init__(self):\n",
+    "def read_lines(path):\n    \"\"\"Return the lines of a text file.\"\"\"\n",
+    "import re\n\n_WORD = re.compile(r'\\w+')\n\n\ndef count_words(text):\n",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n    def __repr__(self):\n",
+    "import json\n\n\ndef load_config(path, defaults=None):\n",
+    "def binary_search(items, target):\n    lo, hi = 0, len(items)\n",
+    "import collections\n\n\ndef most_common(words, n=10):\n",
+    "def _parse_args(args):\n    import argparse\n    parser = argparse.ArgumentParser(",
+    "class Timer:\n    \"\"\"Context manager that measures elapsed time.\"\"\"\n\n    def __enter__(self):\n",
+    "def merge_sorted(a, b):\n    result = []\n    i = j = 0\n",
+    "import threading\n\n\nclass Counter:\n    def __init__(self):\n        self._lock = threading.Lock()\n",
+    "def flatten(nested):\n    \"\"\"Yield the items of nested lists in order.\"\"\"\n",
+    "import os.path\n\n\ndef find_files(root, suffix):\n",
+    "def is_palindrome(s):\n",
+]
+
+
 @dataclass
 class StreamResult:
     tokens: int = 0
@@ -73,10 +95,14 @@ def free_port() -> int:
 
 
 def stream_chat(port: int, prompt: str, max_tokens: int, ignore_eos: bool = True, temperature: float = 0.0,
-                api_key: str | None = None, timeout: float = 600) -> StreamResult:
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": temperature,
-            "stream": True, "ignore_eos": ignore_eos,
+                api_key: str | None = None, timeout: float = 600, endpoint: str = "chat") -> StreamResult:
+    """One streaming request; endpoint "chat" (prompt = the user message) or "completions" (raw prompt)."""
+    body = {"max_tokens": max_tokens, "temperature": temperature, "stream": True, "ignore_eos": ignore_eos,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -84,7 +110,8 @@ def stream_chat(port: int, prompt: str, max_tokens: int, ignore_eos: bool = True
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         res.sent = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+        conn.request("POST", "/v1/chat/completions" if endpoint == "chat" else "/v1/completions", json.dumps(body),
+                     headers)
         resp = conn.getresponse()
         if resp.status != 200:
             res.error = f"HTTP {resp.status}: {resp.read()[:300]!r}"
@@ -106,7 +133,7 @@ def stream_chat(port: int, prompt: str, max_tokens: int, ignore_eos: bool = True
             if usage:
                 res.usage = usage
             # a token arrived: text, or a usage count (continuous stats) when the tokens decode to no text yet
-            if (choice.get("delta") or {}).get("content") or usage.get("completion_tokens", 0) >= 1:
+            if (choice.get("delta") or {}).get("content") or choice.get("text") or usage.get("completion_tokens", 0) >= 1:
                 if not res.first:
                     res.first = now
                 res.last = now
@@ -123,14 +150,15 @@ def stream_chat(port: int, prompt: str, max_tokens: int, ignore_eos: bool = True
 
 
 def run_streams(port: int, n: int, max_tokens: int, ignore_eos: bool = True, prompts: list[str] | None = None,
-                api_key: str | None = None) -> dict:
-    prompts = prompts or PROMPTS
+                api_key: str | None = None, endpoint: str = "chat") -> dict:
+    prompts = prompts or (PROMPTS if endpoint == "chat" else CODE_PROMPTS)
     results = [StreamResult() for _ in range(n)]
     barrier = threading.Barrier(n)
 
     def worker(i: int) -> None:
         barrier.wait()
-        results[i] = stream_chat(port, prompts[i % len(prompts)], max_tokens, ignore_eos, api_key=api_key)
+        results[i] = stream_chat(port, prompts[i % len(prompts)], max_tokens, ignore_eos, api_key=api_key,
+                                 endpoint=endpoint)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
     for t in threads:
@@ -199,7 +227,7 @@ class ServerProcess:
 
 def run_load(model: str = "demo", streams=(1, 4, 8, 16), spec_types=("none", "mtp"), max_tokens: int = 128,
              ignore_eos: bool = True, prompts: list[str] | None = None, spec_args: list[str] | None = None,
-             warmup_tokens: int = 32, repeats: int = 1, log=None) -> list[dict]:
+             warmup_tokens: int = 32, repeats: int = 1, log=None, endpoint: str = "chat") -> list[dict]:
     """Rows of {spec_type, streams, aggregate_tok_s, per_stream_tok_s, ...}, one per (spec_type, N).
 
     One server per speculation setting, all started up front (an idle server uses no CPU); the settings are measured
@@ -211,12 +239,12 @@ def run_load(model: str = "demo", streams=(1, 4, 8, 16), spec_types=("none", "mt
             servers[spec] = ServerProcess(model, spec, spec_args, max_num_seqs=max(max(streams), 1))
         for spec, server in servers.items():  # warm up the kernels and the draft policy's cost tables
             for n in sorted(set(streams)):
-                run_streams(server.port, n, warmup_tokens, ignore_eos, prompts)
+                run_streams(server.port, n, warmup_tokens, ignore_eos, prompts, endpoint=endpoint)
         runs: dict[tuple[str, int], list[dict]] = {}
         for n in streams:
             for _ in range(repeats):
                 for spec, server in servers.items():
-                    row = run_streams(server.port, n, max_tokens, ignore_eos, prompts)
+                    row = run_streams(server.port, n, max_tokens, ignore_eos, prompts, endpoint=endpoint)
                     row["load_avg_1m"] = os.getloadavg()[0]
                     runs.setdefault((spec, n), []).append(row)
         rows = []
@@ -258,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--spec-types", nargs="+", default=["none", "mtp"])
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--workload", choices=["chat", "code"], default="chat",
+                    help="chat: /v1/chat/completions with questions; code: /v1/completions continuing Python code")
     ap.add_argument("--repeats", type=int, default=1, help="runs per point; the median (by aggregate) is kept")
     ap.add_argument("--no-ignore-eos", action="store_true", help="let streams stop at end-of-sequence")
     ap.add_argument("--json", default=None, help="also write the rows as JSON to this file")
@@ -268,11 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     load0 = os.getloadavg()
     rows = run_load(a.model, a.streams, a.spec_types, a.max_tokens, not a.no_ignore_eos, spec_args=extra,
-                    repeats=a.repeats,
+                    repeats=a.repeats, endpoint="chat" if a.workload == "chat" else "completions",
                     log=lambda r: print(f"  {r['spec_type']:>5} x{r['streams']:<3} {r['aggregate_tok_s']:8.1f} tok/s "
                                         f"aggregate, {r['per_stream_tok_s']:.1f} per stream", file=sys.stderr))
     print(markdown_table(rows))
-    print(f"\n{a.max_tokens} tokens per stream (ignore_eos={not a.no_ignore_eos}), greedy, chat endpoint; "
+    print(f"\n{a.max_tokens} tokens per stream (ignore_eos={not a.no_ignore_eos}), greedy, {a.workload} workload; "
           f"{os.cpu_count()} CPUs; load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
           f"{time.time() - t0:.0f} s.")
     if a.json:
