@@ -1,0 +1,79 @@
+"""Roofline: the machine's memory bandwidth, measured with torch, against the weight bytes each generated token reads.
+
+Decoding one token reads every dense weight of the model once (and, on MoE models, the experts the token routes to),
+so tokens/s × bytes/token is the bandwidth the engine achieves; its ratio to the measured read bandwidth says how far
+from memory-bound the engine is.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.inference_mode()
+def measure_bandwidth(mbytes: int = 512, reps: int = 5) -> dict:
+    """GB/s (1e9 bytes) of: a copy (read + write counted), a sum (read), and bf16 matmuls with one row over a stack
+    of weights totalling `mbytes` (F.linear, and oneDNN-prepacked as mtpx runs them on CPU)."""
+    n = mbytes * 2**20 // 4
+    src = torch.rand(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_s = _best(lambda: dst.copy_(src), reps)
+    sum_s = _best(lambda: src.sum(), reps)
+    del src, dst
+    hidden = 4096
+    n_w = max(1, mbytes * 2**20 // (hidden * hidden * 2))
+    weights = [torch.randn(hidden, hidden, dtype=torch.bfloat16) * 0.02 for _ in range(n_w)]
+    x = torch.randn(1, hidden, dtype=torch.bfloat16)
+    w_bytes = n_w * hidden * hidden * 2
+    linear_s = _best(lambda: [F.linear(x, w) for w in weights], reps)
+    out = {
+        "buffer_bytes": n * 4,
+        "copy_GBps": 2 * n * 4 / copy_s / 1e9,
+        "read_GBps": n * 4 / sum_s / 1e9,
+        "linear_bf16_GBps": w_bytes / linear_s / 1e9,
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 5) for w in weights]
+        xp = torch.zeros(5, hidden, dtype=torch.bfloat16)
+        packed_s = _best(lambda: [torch.ops.mkldnn._linear_pointwise(xp, p, None, "none", [], "") for p in packed],
+                         reps)
+        out["linear_bf16_packed_GBps"] = w_bytes / packed_s / 1e9
+    except (RuntimeError, AttributeError):  # no oneDNN bf16 on this build/CPU
+        pass
+    return out
+
+
+def add_roofline(records: list[dict], bandwidth: dict) -> None:
+    roof = bandwidth["read_GBps"]
+    for rec in records:
+        b = rec.get("weight_bytes_per_token")
+        if b:
+            achieved = b * rec["decode_tokens_per_s"] / 1e9
+            rec["achieved_GBps"] = achieved
+            rec["bandwidth_fraction"] = achieved / roof
+            rec["roofline_tokens_per_s"] = roof * 1e9 / b
+        else:
+            rec["achieved_GBps"] = rec["bandwidth_fraction"] = rec["roofline_tokens_per_s"] = None
+
+
+def model_weight_bytes(model) -> dict:
+    """Bytes of the model's weights by part (as loaded, without oneDNN's packed copies)."""
+    from mtpx.bench.runner import WeightTraffic
+    s = WeightTraffic.sizes(model)
+    total = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {**s, "total": total, "parameters": params,
+            "mtp_total": sum(p.numel() * p.element_size() for p in model.mtp.parameters()) if model.mtp else 0}

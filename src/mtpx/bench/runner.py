@@ -1,0 +1,255 @@
+"""Interleaved benchmark runs: every prompt is generated once per mode, modes round-robin, so that ratios between
+modes come from measurements taken side by side (the machine's state drifts the same way for all of them).
+
+One row per generation holds what `LLM.generate` measured (prefill, time to first token, decode time, acceptance
+counts) plus two things the benchmark measures around it:
+- the drafter's own pass over the prompt (the MTP layer's catch-up, the draft model's prefill), which the engine
+  books as drafting time after the first token; `prefill_with_drafter_tokens_per_s` includes it;
+- weights read while decoding (forward hooks count each pass over the main model, the MTP layer, lm_head, and on MoE
+  models the distinct experts each pass routes to), for the roofline.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from mtpx.bench.prompts import Workload
+from mtpx.errors import RequestError
+from mtpx.models.qwen3_5 import Experts, Qwen35Model
+
+DEFAULT_K = 3
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    spec_type: str  # none | mtp | draft | ngram
+    k: int  # drafts per round (the maximum for the adaptive policy)
+    policy: str = "fixed"  # fixed | adaptive
+
+    @property
+    def speculative(self) -> bool:
+        return self.spec_type != "none"
+
+
+def parse_mode(name: str, adaptive_n_max: int = 4) -> Mode:
+    """none | mtpK | mtp (= mtp3) | adaptive (MTP, adaptive k up to adaptive_n_max) | draft[K] | ngram[K]."""
+    name = name.strip()
+    if name == "none":
+        return Mode("none", "none", 0)
+    if name == "adaptive":
+        return Mode("adaptive", "mtp", adaptive_n_max, "adaptive")
+    m = re.fullmatch(r"(mtp|draft|ngram)(\d*)", name)
+    if not m:
+        raise RequestError(f"unknown mode {name!r}: use none, mtp1..mtpK, adaptive, draft[K], ngram[K]")
+    k = int(m[2]) if m[2] else DEFAULT_K
+    if k < 1:
+        raise RequestError(f"mode {name!r}: the number of drafts must be >= 1")
+    return Mode(name, m[1], k)
+
+
+def parse_modes(names: list[str], adaptive_n_max: int = 4) -> list[Mode]:
+    modes = [parse_mode(n, adaptive_n_max) for n in names if n.strip()]
+    if len({m.name for m in modes}) != len(modes):
+        raise RequestError("a mode is listed twice")
+    if not any(m.name == "none" for m in modes):  # speedups are ratios to plain decoding, measured alongside
+        modes.insert(0, Mode("none", "none", 0))
+    return modes
+
+
+class WeightTraffic:
+    """Counts bytes of weights read by forward passes (hooks). Dense weights: once per pass whatever the number of
+    rows (a bandwidth-bound matmul reads each weight once). Routed experts: once per distinct expert per pass."""
+
+    def __init__(self, model: Qwen35Model, draft_models: list[Qwen35Model] = ()):
+        self.bytes = 0
+        self.handles = []
+        for m in [model, *draft_models]:
+            self._attach(m)
+
+    @staticmethod
+    def _nbytes(params) -> int:
+        return sum(p.numel() * p.element_size() for p in params)
+
+    @classmethod
+    def sizes(cls, model: Qwen35Model) -> dict:
+        expert_params = {id(p) for e in model.modules() if isinstance(e, Experts) for p in e.parameters()}
+
+        def dense(module):
+            return cls._nbytes(p for p in module.parameters() if id(p) not in expert_params)
+        body = dense(model.model.layers) + dense(model.model.norm)
+        experts = [e for e in model.modules() if isinstance(e, Experts)]
+        per_expert = (experts[0].gate_up_proj[0].numel() + experts[0].down_proj[0].numel()) \
+            * experts[0].gate_up_proj.element_size() if experts else 0
+        return {"main_dense": body, "lm_head": cls._nbytes([model.lm_head.weight]),
+                "mtp_dense": dense(model.mtp) if model.mtp is not None else 0, "per_expert": per_expert,
+                "embedding_row": model.model.embed_tokens.weight[0].numel()
+                * model.model.embed_tokens.weight.element_size()}
+
+    def _attach(self, model: Qwen35Model) -> None:
+        s = self.sizes(model)
+
+        def adder(n):
+            def hook(module, args, output):
+                self.bytes += n
+            return hook
+        self.handles.append(model.register_forward_hook(adder(s["main_dense"])))
+        self.handles.append(model.lm_head.register_forward_hook(adder(s["lm_head"])))
+        if model.mtp is not None:
+            self.handles.append(model.mtp.register_forward_hook(adder(s["mtp_dense"])))
+        for e in model.modules():
+            if isinstance(e, Experts):
+                def expert_hook(module, args, output, per=s["per_expert"]):
+                    self.bytes += int(torch.unique(args[2]).numel()) * per
+                self.handles.append(e.register_forward_hook(expert_hook))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class _DrafterTimer:
+    """Wraps LLM.make_drafter so that the drafter's pass over the prompt is timed (start() and catch-up passes in
+    prefill mode: the MTP layer over the prompt's (h_i, t_i+1) pairs, or the draft model's prefill)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.seconds = 0.0
+        self._orig = llm.make_drafter
+        llm.make_drafter = self._make
+
+    def _make(self, *args, **kwargs):
+        drafter = self._orig(*args, **kwargs)
+        if drafter is None:
+            return None
+        start = drafter.start
+
+        def timed_start(seq, hidden):
+            t0 = time.perf_counter()
+            start(seq, hidden)
+            self.seconds += time.perf_counter() - t0
+        drafter.start = timed_start
+        forward = getattr(drafter, "_forward", None)
+        if forward is not None:
+            def timed_forward(x_prev, tokens, states, mode):
+                if mode != "prefill":
+                    return forward(x_prev, tokens, states, mode)
+                t0 = time.perf_counter()
+                out = forward(x_prev, tokens, states, mode)
+                self.seconds += time.perf_counter() - t0
+                return out
+            drafter._forward = timed_forward
+        return drafter
+
+    def restore(self) -> None:
+        self.llm.make_drafter = self._orig
+
+
+@dataclass
+class BenchConfig:
+    modes: list[Mode]
+    workloads: list[Workload]
+    temperatures: list[float]
+    repeat: int = 1
+    synth_rates: list[float] | None = None
+    draft_model: str | None = None
+    seed: int = 0
+    ignore_eos: bool = True
+    warmup: bool = True
+
+
+def generation_kwargs(mode: Mode, cfg: BenchConfig, temperature: float, max_tokens: int, seed: int) -> dict:
+    kw = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=cfg.ignore_eos,
+              spec_type=mode.spec_type)
+    if mode.speculative:
+        kw.update(spec_draft_n_max=mode.k, spec_draft_policy=mode.policy, spec_synth_rates=cfg.synth_rates)
+        if mode.spec_type == "draft":
+            if not cfg.draft_model:
+                raise RequestError(f"mode {mode.name!r} needs --spec-draft-model")
+            kw["spec_draft_model"] = cfg.draft_model
+    return kw
+
+
+def run_one(llm, mode: Mode, prompt: str | list[int], cfg: BenchConfig, temperature: float, max_tokens: int,
+            seed: int, traffic: WeightTraffic | None, timer: _DrafterTimer | None) -> dict:
+    """One generation; returns a row of measurements."""
+    kw = generation_kwargs(mode, cfg, temperature, max_tokens, seed)
+    if timer is not None:
+        timer.seconds = 0.0
+    bytes_at_first = None
+    completion = None
+    for event in llm.stream(prompt, **kw):
+        if bytes_at_first is None and traffic is not None:
+            bytes_at_first = traffic.bytes  # everything after this is decoding
+        completion = event.completion
+    s = completion.stats
+    n_gen = s["generated_tokens"]
+    decode_s = s["total_s"] - s["time_to_first_token_s"]
+    drafter_prefill_s = timer.seconds if timer is not None else 0.0
+    row = {
+        "prompt_tokens": s["prompt_tokens"], "generated_tokens": n_gen,
+        "prefill_s": s["prefill_s"], "time_to_first_token_s": s["time_to_first_token_s"],
+        "decode_s": decode_s, "decode_tokens": max(n_gen - 1, 0),
+        "decode_tokens_per_s": (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
+        "prefill_tokens_per_s": s["prefill_tokens_per_s"],
+        "drafter_prefill_s": drafter_prefill_s,
+        "prefill_with_drafter_tokens_per_s": s["prompt_tokens"] / (s["prefill_s"] + drafter_prefill_s)
+        if s["prefill_s"] + drafter_prefill_s > 0 else 0.0,
+        "drafts": s["drafts"], "drafted_tokens": s["drafted_tokens"], "accepted_tokens": s["accepted_tokens"],
+        "acceptance_by_position": list(s["acceptance_by_position"]),
+        "draft_s": s["draft_s"], "verify_s": s["verify_s"],
+        "drafter_memory_bytes": s["drafter_memory_bytes"],
+        "decode_weight_bytes": (traffic.bytes - bytes_at_first) if traffic is not None and bytes_at_first is not None
+        else None,
+    }
+    return row
+
+
+def run_bench(llm, cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """All generations, interleaved: for each temperature, workload, repeat and prompt, every mode in turn (the
+    order of modes rotates from prompt to prompt). Returns one row per generation."""
+    timer = _DrafterTimer(llm)
+    draft_models = []
+    if any(m.spec_type == "draft" for m in cfg.modes) and cfg.draft_model:
+        draft_models.append(llm._draft_model(cfg.draft_model))
+    traffic = WeightTraffic(llm.model, draft_models)
+    rows: list[dict] = []
+    try:
+        texts = {w.name: w.texts(llm.tokenizer) for w in cfg.workloads}
+        ids = {name: [llm.encode_prompt(t) for t in ts] for name, ts in texts.items()}
+        if cfg.warmup:  # first calls allocate and pick kernels: not measured
+            w0 = cfg.workloads[0]
+            for mode in cfg.modes:
+                for temperature in cfg.temperatures:
+                    run_one(llm, mode, ids[w0.name][0], cfg, temperature, min(32, w0.max_tokens), cfg.seed,
+                            None, None)
+        n_total = len(cfg.temperatures) * cfg.repeat * sum(len(w.prompts) for w in cfg.workloads) * len(cfg.modes)
+        done, started = 0, time.perf_counter()
+        for temperature in cfg.temperatures:
+            for w in cfg.workloads:
+                for rep in range(cfg.repeat):
+                    for i, prompt_ids in enumerate(ids[w.name]):
+                        order = cfg.modes[i % len(cfg.modes):] + cfg.modes[:i % len(cfg.modes)]
+                        seed = cfg.seed + 100003 * rep + i  # same seed for every mode of this prompt
+                        for mode in order:
+                            row = run_one(llm, mode, prompt_ids, cfg, temperature, w.max_tokens, seed, traffic, timer)
+                            rows.append({"mode": mode.name, "workload": w.name, "temperature": temperature,
+                                         "repeat": rep, "prompt_index": i, **row})
+                            done += 1
+                        if (i + 1) % 5 == 0 or i + 1 == len(ids[w.name]):
+                            elapsed = time.perf_counter() - started
+                            log(f"bench: T={temperature:g} {w.name} repeat {rep + 1}/{cfg.repeat}: "
+                                f"prompt {i + 1}/{len(ids[w.name])} ({done}/{n_total} generations, {elapsed:.0f} s)")
+    finally:
+        timer.restore()
+        traffic.remove()
+    return rows
+
+
+def mode_dicts(modes: list[Mode]) -> list[dict]:
+    return [asdict(m) for m in modes]
