@@ -48,7 +48,11 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     llm = mtpx.LLM(args.model)
     sets = workloads(held_out_files(resolve_model_path(args.model)), args.prompts)
     print("| workload | prompts | acceptance k=1 | mean acceptance length k=3 | "
