@@ -82,3 +82,42 @@ def test_train_mtp_raises_heldout_acceptance(setup, tmp_path):
     write_with_mtp(tmp_path / "base-ckpt", base, tmp_path / "with-mtp")
     reloaded = build_model(load_checkpoint(tmp_path / "with-mtp"), torch.float32)
     assert teacher_forced_acceptance(reloaded, val, batches=2, seq_len=64) == pytest.approx(after, abs=1e-6)
+
+
+def test_chained_mtp_loss_and_acceptance(setup):
+    """mtp_steps=1 is the plain DeepSeek-style MTP loss; longer chains feed the MTP's own output back in."""
+    from mtpx.train.evaluate import teacher_forced_acceptance as chained_acceptance
+    from mtpx.train.trainer import losses
+    d, tok, cfg, data, val = setup
+    model = new_model(cfg, 1, 0)
+    batch = data[:2 * 33].view(2, 33).long()
+    main, mtp = losses(model, batch, 1)
+    x, y = batch[:, :-1], batch[:, 1:]
+    h = model(x)
+    direct = torch.nn.functional.cross_entropy(model.logits(model.mtp_forward(h[:, :-1], x[:, 1:])).flatten(0, 1),
+                                               y[:, 1:].flatten())
+    assert torch.allclose(mtp, direct)
+    _, mtp3 = losses(model, batch, 3)
+    assert torch.isfinite(mtp3) and not torch.allclose(mtp3, mtp)
+    model.eval()
+    rates = chained_acceptance(model, val, k=3, windows=2, seq_len=64)
+    assert len(rates) == 3 and rates[0] == pytest.approx(teacher_forced_acceptance(model, val, 2, 64), abs=0.2)
+
+
+def test_train_mtp_cli_refuses_unclear_requests(setup, tmp_path):
+    import argparse
+    from mtpx.errors import MtpxError
+    from mtpx.train import mtp_cli
+    d, tok, cfg, data, val = setup
+    save_checkpoint(new_model(cfg, 1, 0), d / "tok", tmp_path / "with-mtp", torch.float32)
+    parser = argparse.ArgumentParser()
+    mtp_cli.add_arguments(parser)
+    base = ["--model", str(tmp_path / "with-mtp"), "--corpus", str(d / "train.txt"), "--out", str(tmp_path / "o")]
+    with pytest.raises(MtpxError, match="already has an MTP layer"):
+        mtp_cli.main(parser.parse_args(base))
+    with pytest.raises(MtpxError, match="exclude"):
+        mtp_cli.main(parser.parse_args(base + ["--replace", "--refine"]))
+    args = parser.parse_args(base + ["--refine", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                                     "--chain", "2", "--val", str(d / "val.txt")])
+    assert mtp_cli.main(args) == 0
+    assert build_model(load_checkpoint(tmp_path / "o"), torch.float32).mtp is not None

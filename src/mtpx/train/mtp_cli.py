@@ -63,8 +63,12 @@ def distill(model: Qwen35Model, data: torch.Tensor, steps: int, batch: int, seq_
     history, start = [], time.perf_counter()
     bar = tqdm(range(steps), desc="train-mtp", dynamic_ncols=True)
     for step in bar:
+        # linear decay to 10% over the run; with a time budget, over whichever of steps / time runs out first
+        progress = step / steps
+        if time_budget_s:
+            progress = max(progress, (time.perf_counter() - start) / time_budget_s)
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
+            g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * max(0.0, 1 - progress))
         x = batch_at(data, step, seed, batch, seq_len)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             hidden = model(x)
