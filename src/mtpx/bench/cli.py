@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mtpx.errors import RequestError
+from mtpx.errors import MtpxError, RequestError
 
 DEFAULT_MODES = "none,mtp1,mtp2,mtp3,mtp4,adaptive,draft,ngram"
 
@@ -186,6 +186,12 @@ def run(args: argparse.Namespace) -> dict:
     if draft_model is None and str(args.model) == "demo" and any(m.spec_type == "draft" for m in modes):
         draft_model = "demo-draft"
     dropped = []
+    if draft_model and any(m.spec_type == "draft" for m in modes):
+        try:
+            llm._draft_model(draft_model)
+        except MtpxError as e:
+            log(f"bench: cannot load the draft model {draft_model}: {e}")
+            draft_model = None
     for m in list(modes):
         if (m.spec_type == "mtp" and llm.model.mtp is None) or (m.spec_type == "draft" and not draft_model):
             dropped.append(m.name)

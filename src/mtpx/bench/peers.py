@@ -72,7 +72,7 @@ def run_hf(model_path: str, prompts: dict[str, tuple[list[list[int]], int]], tem
     import transformers
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
-    note = f"transformers {transformers.__version__}, bf16, {torch.get_num_threads()} threads"
+    note = f"transformers {transformers.__version__}, bf16"
     results = []
 
     def gen(ids, n, temperature, **kw):
@@ -97,8 +97,8 @@ def run_hf(model_path: str, prompts: dict[str, tuple[list[list[int]], int]], tem
                     t_all, n = gen(ids, max_tokens, t)
                     samples.append({"repeat": rep, "decode_tokens": n - 1, "decode_s": t_all - t_first,
                                     "prompt_tokens": len(ids), "prefill_s": t_first})
-            results.append(_summary("transformers", "none", w, t, samples, False, note + "; decode = (total − "
-                                    "time of a 1-token generate) over n − 1 tokens"))
+            results.append(_summary("transformers", "none", w, t, samples, False, note + "; decode: (time of an "
+                                    "n-token generate − time of a 1-token one) / (n − 1)"))
             log(f"bench: transformers {w} T={t:g}: {results[-1]['decode_tokens_per_s']:.1f} tok/s")
         try:  # assisted generation by prompt lookup
             gen(id_lists[0], 8, 0.0, prompt_lookup_num_tokens=3)
@@ -200,7 +200,9 @@ def run_llamacpp(binary: str, gguf: str, prompts: dict[str, tuple[list[list[int]
                                 "repeat": rep, "decode_tokens": tm["predicted_n"], "decode_s": tm["predicted_ms"] / 1000,
                                 "prompt_tokens": tm["prompt_n"], "prefill_s": tm["prompt_ms"] / 1000,
                                 "drafted": tm.get("draft_n", 0), "accepted": tm.get("draft_n_accepted", 0),
-                                "drafts": 0})
+                                # rounds: the first token comes from the prompt, then each round emits accepted + 1
+                                "drafts": tm["predicted_n"] - 1 - tm.get("draft_n_accepted", 0)
+                                if tm.get("draft_n") else 0})
                 log(f"bench: llama.cpp {w} T={t:g} done")
     finally:
         for s in servers.values():
@@ -209,10 +211,12 @@ def run_llamacpp(binary: str, gguf: str, prompts: dict[str, tuple[list[list[int]
     for (name, w, t), ss in samples.items():
         k = dict(modes)[name]
         synthetic = bool(synth) and k > 0
-        note = f"llama-server {version}; decode = predicted_n / predicted_ms as the server reports it"
+        note = "llama-server, predicted_n / predicted_ms"
+        if k:
+            note += "; rounds inferred as predicted_n − 1 − accepted"
         if synthetic:
-            note += f"; llama.cpp --spec-synth-rates {','.join(f'{r:.6g}' for r in rates[name])} (unconditional)"
-        results.append(_summary("llama.cpp", name, w, t, ss, synthetic, note,
+            note += f"; --spec-synth-rates {','.join(f'{r:.6g}' for r in rates[name])} (llama.cpp's unconditional form)"
+        results.append(_summary("llama.cpp", name, w, t, ss, synthetic, note, version=version,
                                 synthetic_rates=synth if synthetic else None,
                                 llamacpp_synth_rates=rates.get(name)))
     return results
