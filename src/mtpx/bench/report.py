@@ -257,4 +257,29 @@ def write_plots(result: dict, out: Path) -> list[Path]:
         paths.append(out / "speedup_measured_vs_predicted.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+
+    # 4. mtpx beside its peers
+    peers = [p for p in result.get("peers") or [] if p.get("decode_tokens_per_s")]
+    if peers:
+        keys = list(dict.fromkeys((p["workload"], p["temperature"]) for p in peers))
+        pmodes = {p["mode"] for p in peers}
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+        for ax, (w, t) in zip(axes[0], keys):
+            rows = [("mtpx", r["mode"], r) for r in records
+                    if r["workload"] == w and r["temperature"] == t and r["mode"] in pmodes]
+            rows += [(p["engine"], p["mode"], p) for p in peers if p["workload"] == w and p["temperature"] == t]
+            labels = [f"{e}\n{m}" + ("\n(synthetic)" if r.get("synthetic") else "") for e, m, r in rows]
+            vals = [r["decode_tokens_per_s"] for _, _, r in rows]
+            engines = list(dict.fromkeys(e for e, _, _ in rows))
+            ax.bar(range(len(rows)), vals, color=[f"C{engines.index(e)}" for e, _, _ in rows])
+            for i, v in enumerate(vals):
+                ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+            ax.set_xticks(range(len(rows)), labels, fontsize=7)
+            ax.set_ylabel("decode tokens/s")
+            ax.set_title(f"{w}, {_temp_label(t)}", fontsize=9)
+        fig.suptitle(f"mtpx and peers — {model}{tag}", fontsize=10)
+        fig.tight_layout()
+        paths.append(out / "peers.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     return paths
