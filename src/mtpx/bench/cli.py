@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict:
     workloads = prompts.load_workloads(args.workloads, args.prompts, args.max_prompts, args.max_tokens)
     modes = runner.parse_modes(args.modes, args.adaptive_n_max)
     log(f"bench: loading {args.model}")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None)
     draft_model = args.spec_draft_model
     if draft_model is None and str(args.model) == "demo" and any(m.spec_type == "draft" for m in modes):
         draft_model = "demo-draft"

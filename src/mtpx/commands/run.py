@@ -12,6 +12,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, help="checkpoint directory, .gguf file, or 'demo'")
     p.add_argument("--dtype", default=None, help="bf16 (default), fp16, fp32")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for small models, else all)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     kwargs = {**sampling_kwargs(args), **spec_kwargs(args)}

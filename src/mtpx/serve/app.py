@@ -504,7 +504,7 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None)
     name = args.served_model_name or ("demo" if args.model == "demo" else None)
     server = Server(llm, model_name=name, spec=spec_config(args), api_key=args.api_key,
                     max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
