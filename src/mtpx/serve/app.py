@@ -493,7 +493,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="max_tokens for chat requests that give none (default 1024, capped by the context)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_spec_arguments(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -501,9 +500,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None)
     name = args.served_model_name or ("demo" if args.model == "demo" else None)
     server = Server(llm, model_name=name, spec=spec_config(args), api_key=args.api_key,

@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   min_p=args.min_p, seed=args.seed, **spec_kwargs(args))
     llm.make_drafter(args.spec_type, spec_draft_p_min=args.spec_draft_p_min,  # fail early on bad settings
