@@ -54,9 +54,15 @@ def docstring_pairs(source: str) -> list[tuple[str, str]]:
 def html_text(path: Path) -> str:
     raw = path.read_text(encoding="utf-8", errors="ignore")
     raw = re.sub(r"(?s)<(script|style).*?</\1>", " ", raw)
-    body = re.search(r"(?s)<div class=\"body\"[^>]*>(.*)</div>", raw)
-    text = re.sub(r"<[^>]+>", "", body.group(1) if body else raw)
-    text = html.unescape(text)
+    # the page body only: Sphinx follows it with the sidebar, navigation and footer ("Please donate.", dates, ...)
+    start = re.search(r"<div class=\"body\"[^>]*>", raw)
+    if start:
+        raw = raw[start.end():]
+    end = re.search(r"<div class=\"(sphinxsidebar|related|footer)\"", raw)
+    if end:
+        raw = raw[:end.start()]
+    raw = re.sub(r"(?s)<a class=\"headerlink\".*?</a>", "", raw)  # the pilcrow after every heading
+    text = html.unescape(re.sub(r"<[^>]+>", "", raw))
     return re.sub(r"\n\s*\n+", "\n\n", text).strip()
 
 

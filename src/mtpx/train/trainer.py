@@ -46,9 +46,16 @@ class TrainConfig:
 
 def train_tokenizer(text_files: list[Path], vocab_size: int, out: Path) -> None:
     """Byte-level BPE with the chat special tokens; writes tokenizer.json and tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from mtpx.loading.gguf import QWEN35_SPLIT
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Qwen3.5's own split (llama.cpp knows it as "qwen35"): a line break never merges with the next line's
+    # indentation, so a prompt that ends in "\n" ends on a boundary the model saw in training; digits split singly
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN35_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
