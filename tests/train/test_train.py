@@ -121,3 +121,31 @@ def test_train_mtp_cli_refuses_unclear_requests(setup, tmp_path):
                                      "--chain", "2", "--val", str(d / "val.txt")])
     assert mtp_cli.main(args) == 0
     assert build_model(load_checkpoint(tmp_path / "o"), torch.float32).mtp is not None
+
+
+def test_mtpx_train_cli_writes_a_standard_checkpoint(setup, tmp_path):
+    import argparse
+    import json
+    from mtpx.train import cli
+    d, tok, cfg, data, val = setup
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    out = tmp_path / "run"
+    args = parser.parse_args(["--corpus", str(d), "--out", str(out), "--preset", "tiny", "--vocab-size", "300",
+                              "--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "32",
+                              "--val-every", "3", "--save-every", "3", "--val-batches", "1"])
+    assert cli.main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["mtp_num_hidden_layers"] == 1 and config["model_type"] == "qwen3_5_text"
+    assert set(config["layer_types"]) == {"linear_attention", "full_attention"}
+    special = {t: Tokenizer.from_dir(out).token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>", "<|im_start|>")}
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == \
+        [special["<|im_end|>"], special["<|endoftext|>"]]
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    assert tc["eos_token"] == "<|im_end|>" and "<|im_start|>" in tc["chat_template"]
+    ckpt = load_checkpoint(out)
+    assert ckpt.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert any(n.startswith("mtp.") for n in ckpt.shapes)
+    card = (out / "README.md").read_text()
+    assert "mtpx train --corpus" in card and "--preset tiny" in card and "val loss" in card

@@ -5,6 +5,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -92,14 +93,62 @@ def main(args: argparse.Namespace) -> int:
     model = new_model(cfg, 0 if args.no_mtp else 1, tc.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters", file=sys.stderr)
-    history = train(model, train_data, val_data, tc, out, resume=args.resume,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
-    command = "mtpx train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    card = (f"# {out.name}\n\nTrained with mtpx: `{command}`\n\nPreset `{args.preset}`, {n_params / 1e6:.2f}M parameters, "
-            f"{tc.steps} steps × {tc.batch_size} × {tc.seq_len} tokens; final training loss {history[-1] if history else float('nan'):.3f}.\n")
-    if (out / "README.md").exists():
+    val_log: list[str] = []
+
+    def log(m: str) -> None:
+        if m.startswith("step "):
+            val_log.append(m)
+        print(m, file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    history = train(model, train_data, val_data, tc, out, resume=args.resume, log=log)
+    minutes = (time.perf_counter() - started) / 60
+    command = invocation("train", args)
+    card = model_card(out.name, command, args, cfg, n_params, tc, history, val_log, minutes, len(train_data),
+                      recipe=args.corpus / "recipe.json" if args.corpus.is_dir() else None)
+    if (out / "README.md").exists() and CARD_MARK not in (out / "README.md").read_text(encoding="utf-8"):
         card = None  # keep a hand-written model card
     save_checkpoint(model, tok_dir, out, torch.bfloat16 if args.dtype == "bf16" else torch.float32, card)
     (out / "train_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
     print(f"saved {out}", file=sys.stderr)
     return 0
+
+
+def invocation(command: str, args: argparse.Namespace) -> str:
+    """The command line as typed when run as `mtpx <command>`, else rebuilt from the parsed options."""
+    if len(sys.argv) > 1 and sys.argv[1] == command and Path(sys.argv[0]).name in ("mtpx", "cli.py", "__main__.py"):
+        return f"mtpx {command} " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    opts = []
+    for k, v in vars(args).items():
+        if k.startswith("_") or callable(v) or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        opts.append(flag if v is True else f"{flag} {shlex.quote(str(v))}")
+    return f"mtpx {command} " + " ".join(opts)
+
+
+CARD_MARK = "<!-- model card written by mtpx train -->"
+
+
+def model_card(name: str, command: str, args: argparse.Namespace, cfg: ModelConfig, n_params: int, tc: TrainConfig,
+               history: list[float], val_log: list[str], minutes: float, n_tokens: int, recipe: Path | None) -> str:
+    """README.md for a checkpoint `mtpx train` wrote: architecture, data recipe, the exact command, losses."""
+    lines = [CARD_MARK, f"# {name}", "", "A Qwen3.5-architecture model (`Qwen3_5ForCausalLM`, model_type `qwen3_5_text`) trained "
+             "from scratch by mtpx" + (", jointly with one MTP layer (`mtp.*`)" if not args.no_mtp else "") + ".", "",
+             "## Command", "", "```", command, "```", "",
+             "## Architecture", "",
+             f"- {n_params / 1e6:.2f}M parameters (preset `{args.preset}`), vocab {cfg.vocab_size}, hidden "
+             f"{cfg.hidden_size}, {cfg.num_hidden_layers} layers: {', '.join(cfg.layer_types)}",
+             f"- tied embeddings; saved as {args.dtype}", "",
+             "## Training", "",
+             f"- {tc.steps} steps x {tc.batch_size} x {tc.seq_len} tokens, AdamW lr {tc.lr} (cosine, warmup "
+             f"{tc.warmup}), loss = CE(next token) + {tc.mtp_weight} x CE(MTP, token after next)",
+             f"- corpus: {n_tokens:,} tokens; this run took {minutes:.1f} min"
+             + (f"; final training loss {history[-1]:.3f}" if history else "")]
+    lines += [f"- {m}" for m in val_log[-3:]]
+    if recipe is not None and recipe.exists():
+        r = json.loads(recipe.read_text())
+        held = r.pop("held_out_files", [])
+        lines += ["", "## Data recipe", "", "```json", json.dumps(r, indent=1), "```", "",
+                  f"Held out (never trained on, used for evaluation): {len(held)} stdlib files: "
+                  + ", ".join(f"`{h}`" for h in held)]
+    return "\n".join(lines) + "\n"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
@@ -23,7 +22,7 @@ from mtpx.errors import ModelLoadError, MtpxError
 from mtpx.llm import resolve_model_path
 from mtpx.loading import build_model, load_checkpoint
 from mtpx.models.qwen3_5 import Qwen35Model
-from mtpx.train.cli import corpus_file
+from mtpx.train.cli import corpus_file, invocation
 from mtpx.train.evaluate import teacher_forced_acceptance as tf_acceptance
 from mtpx.train.trainer import batch_at, fresh_mtp, mtp_chain, tokenize_file
 
@@ -155,7 +154,7 @@ def main(args: argparse.Namespace) -> int:
     write_with_mtp(src, model, args.out)
     (args.out / "train_mtp.json").write_text(json.dumps({
         "base": str(src), "before": before, "after": after, "steps": len(history), "train_seconds": round(seconds, 1),
-        "command": "mtpx train-mtp " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "command": invocation("train-mtp", args),
         "note": "teacher-forced acceptance per chained draft step j: fraction of held-out positions where the j-th "
                 "MTP draft equals the base model's greedy token"}, indent=1))
     print(f"saved {args.out}", file=sys.stderr)
