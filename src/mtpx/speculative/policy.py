@@ -1,29 +1,40 @@
 """Draft-length policy: fixed k, or adaptive k chosen each step to maximise expected tokens per second.
 
 Expected tokens from one round with k drafts: E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i, where a_i is the running
-acceptance rate at position i given the earlier ones were accepted. Time: the measured wall time of a whole round
-(drafting, the drafter's bookkeeping, and the verify pass of B sequences x (k+1) positions) with k drafts at batch
-size B. The policy picks the k in [n_min, n_max] maximising E(k)/time.
+acceptance rate at position i given the earlier ones were accepted. Time: r(B, k), the wall time of a whole round
+(drafting, the drafter's bookkeeping, and the verify pass over B sequences x (k+1) positions) relative to a round
+without drafts (k = n_min) at the same batch size B. The policy picks the k in [n_min, n_max] maximising E(k)/r(B, k),
+and drafting (k > n_min) must promise MARGIN more than not drafting.
 
-Round costs are kept per (batch size, k). On CPU a pass over B sequences x w positions costs different amounts for
-the same B·w (per-sequence attention / recurrent work vs batched matmuls), and a drafter's catch-up and bookkeeping
-cost per round, not per draft step, so neither a per-row verify cost nor a per-step draft cost predicts a round well;
-both made speculation look cheap at large batches where it loses. Each k is measured before it is judged (other
-batch sizes interpolate the same k), and now and then the policy re-measures the runner-up (k = 1 while k = 0 wins,
-k = n_min while drafting wins), at intervals that double from 16 to 256 rounds while the choice stays the same.
-Measurements come in pairs of consecutive rounds: the first drafting round after rounds without drafts also pays the
-drafter's catch-up on everything accepted meanwhile, which would otherwise make drafting look dearer than it is.
-Costs are the minimum of the last few samples: slowdowns caused by other processes on the machine only add time,
-and a cost that is sampled rarely (the k not chosen) must not keep such a spike for hundreds of rounds.
+How the ratios are measured, and why this way:
+- per (batch size, k), as whole rounds: on CPU a pass over B sequences x w positions costs different amounts for the
+  same B·w (per-sequence attention / recurrent work vs batched matmuls), and a drafter's catch-up and bookkeeping
+  cost per round, so neither a per-row verify cost nor a per-step draft cost predicts a round; both made speculation
+  look cheap at batch 8-16 where it loses;
+- as ratios between rounds a few rounds apart: other processes on the machine slow rounds down in bursts, and a
+  comparison of an absolute cost measured now against one measured minutes ago picks whichever came from a calm
+  moment; the context also grows, so costs drift;
+- in pairs of rounds, using the second: the first drafting round after rounds without drafts also pays the drafter's
+  catch-up on everything accepted meanwhile;
+- always against rounds with k = n_min, never chained through another k's ratio.
+Each k is measured before it is judged (batch sizes between two measured ones interpolate; a k that could not win
+even at the cost of k - 1 drafts is not measured), and now and then the
+policy re-measures the runner-up (k + 1 while not drafting wins, n_min while drafting wins), at intervals that
+double from 16 to 256 rounds while the choice stays the same: a losing measurement pair costs ~2-3 rounds' time,
+~1% of the time at 256 rounds.
 """
 from __future__ import annotations
 
+import statistics
+
 PRIOR_RATE, PRIOR_WEIGHT = 0.6, 4.0
-WINDOW = 8  # a cost is the minimum of its last WINDOW samples
+MARGIN = 0.10  # drafting must promise 10% more tokens/s than not drafting: timing noise on a shared CPU is large,
+# and losing to plain decoding is the worse error
+WINDOW = 5  # a ratio is the median of its last WINDOW samples
 EXPLORE_EVERY = 16  # re-measure the runner-up k after this many rounds with the same choice ...
 EXPLORE_MAX = 256  # ... doubling the interval each time the choice stays, up to this
-MEASURE_ROUNDS = 2  # rounds in a row per measurement (the first one may include the drafter's catch-up)
 MEASURE_TRIES = 6  # drafts can come out shorter than k (p_min, n-gram misses): stop forcing an unmeasured k then
+RECENT = 6  # rounds remembered for the reference of a ratio sample
 
 
 class DraftPolicy:
@@ -34,13 +45,13 @@ class DraftPolicy:
         self.n_max, self.n_min, self.adaptive = n_max, n_min, adaptive
         self.tried = [0.0] * n_max  # drafts reaching position i (all earlier accepted)
         self.accepted = [0.0] * n_max
-        self.round_s: dict[tuple[int, int], float] = {}  # (batch, k drafted) -> seconds per round
+        self.ratio: dict[tuple[int, int], float] = {}  # (batch, k) -> round time / round time with k = n_min
+        self._ratio_samples: dict[tuple[int, int], list[float]] = {}
+        self.recent: list[tuple[int, int, float]] = []  # (batch, k drafted, seconds) of the last rounds
         self.rounds = 0
         self.explore_every, self.since_explore, self.last_best = EXPLORE_EVERY, 0, None
-        self.measure_tries: dict[int, int] = {}
-        self.samples_per_k: dict[int, int] = {}
+        self.measure_tries: dict[tuple[int, int], int] = {}
         self.repeat_k, self.repeat_left = 0, 0
-        self._samples: dict[tuple[int, int], list[float]] = {}
 
     def rate(self, i: int) -> float:
         return (self.accepted[i] + PRIOR_RATE * PRIOR_WEIGHT) / (self.tried[i] + PRIOR_WEIGHT)
@@ -52,41 +63,40 @@ class DraftPolicy:
             total += run
         return total
 
-    @staticmethod
-    def _estimate(table: dict[int, float], key: int) -> float | None:
-        if not table:
+    def round_ratio(self, batch: int, k: int) -> float | None:
+        """Time of a round with k drafts relative to one with n_min, at this batch size: measured, or interpolated
+        between two measured batch sizes; None when it would have to be extrapolated."""
+        if k == self.n_min:
+            return 1.0
+        table = {b: r for (b, kk), r in self.ratio.items() if kk == k}
+        if batch in table:
+            return table[batch]
+        below = [b for b in table if b < batch]
+        above = [b for b in table if b > batch]
+        if not below or not above:
             return None
-        if key in table:
-            return table[key]
-        below = [k for k in table if k < key]
-        above = [k for k in table if k > key]
-        if below and above:
-            lo, hi = max(below), min(above)
-            return table[lo] + (table[hi] - table[lo]) * (key - lo) / (hi - lo)
-        near = max(below) if below else min(above)
-        return table[near] * max(key / near, 1.0) if below else table[near]  # pessimistic: linear growth beyond data
-
-    def round_cost(self, batch: int, k: int) -> float | None:
-        """Seconds for one round of `batch` sequences with k drafts: measured, or interpolated over batch sizes."""
-        return self._estimate({b: t for (b, kk), t in self.round_s.items() if kk == k}, batch)
+        lo, hi = max(below), min(above)
+        return table[lo] + (table[hi] - table[lo]) * (batch - lo) / (hi - lo)
 
     def next_k(self, batch: int = 1) -> int:
-        if not self.adaptive or self.n_max == 0:
+        if not self.adaptive or self.n_max == self.n_min:
             return self.n_max
         self.rounds += 1
-        if self.repeat_left > 0:  # second round of a measurement
+        if self.repeat_left > 0:  # second round of a measurement pair
             self.repeat_left -= 1
             return self.repeat_k
-        best_k, best = self.n_min, -1.0
+        best_k, best, floor = self.n_min, -1.0, 1.0
         for k in range(self.n_min, self.n_max + 1):
-            cost = self.round_cost(batch, k)
-            if cost is None or self.samples_per_k.get(k, 0) < MEASURE_ROUNDS:  # not measured yet: measure it
-                if self.measure_tries.get(k, 0) < MEASURE_TRIES:
-                    self.measure_tries[k] = self.measure_tries.get(k, 0) + 1
-                    return k
-                if cost is None:
-                    continue
-            value = self.expected_tokens(k) / cost
+            ratio = self.round_ratio(batch, k)
+            margin = 1 + MARGIN if k > self.n_min else 1
+            if ratio is None:  # not measured at this batch size yet
+                if self.expected_tokens(k) / floor / margin <= best:
+                    continue  # cannot win even if it cost no more than k - 1 drafts: do not pay to measure it
+                if self.measure_tries.get((batch, k), 0) < MEASURE_TRIES:
+                    return self._measure(batch, k)
+                continue
+            floor = max(floor, ratio)
+            value = self.expected_tokens(k) / ratio / margin
             if value > best:
                 best_k, best = k, value
         if best_k != self.last_best:
@@ -97,9 +107,18 @@ class DraftPolicy:
             self.since_explore = 0
             self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)
             self.repeat_k = self.n_min if best_k > self.n_min else min(best_k + 1, self.n_max)
-            self.repeat_left = MEASURE_ROUNDS - 1
+            self.repeat_left = 1
             return self.repeat_k
         return best_k
+
+    def _measure(self, batch: int, k: int) -> int:
+        """Start a measurement pair of k, right after a round whose ratio is known (the reference)."""
+        last = self.recent[-1] if self.recent else None
+        if last is None or last[:2] != (batch, self.n_min):
+            return self.n_min  # a reference round first
+        self.measure_tries[(batch, k)] = self.measure_tries.get((batch, k), 0) + 1
+        self.repeat_k, self.repeat_left = k, 1
+        return k
 
     def observe(self, batch: int, ks: list[int], accepted: list[int], draft_s: float, verify_s: float,
                 rows: int) -> None:
@@ -107,9 +126,25 @@ class DraftPolicy:
             for i in range(min(k, n + 1)):
                 self.tried[i] += 1
                 self.accepted[i] += i < n
-        key = (batch, max(ks) if ks else 0)
-        self.samples_per_k[key[1]] = self.samples_per_k.get(key[1], 0) + 1
-        window = self._samples.setdefault(key, [])
-        window.append(draft_s + verify_s)
+        k, t = (max(ks) if ks else 0), draft_s + verify_s
+        prev = self.recent[-1] if self.recent else None
+        if prev is not None and prev[:2] == (batch, k):  # steady round (not the first after a change of k)
+            # compare with the rounds just before that used the other side of base vs drafting (never chained
+            # through another k's ratio: errors would compound)
+            refs = [(kk, tt) for b, kk, tt in self.recent[-4:] if b == batch and kk != k
+                    and (kk == self.n_min) != (k == self.n_min)]
+            if refs and t > 0:
+                ref_k = refs[-1][0]
+                ref_t = min(tt for kk, tt in refs if kk == ref_k)
+                if k != self.n_min:
+                    self._add_ratio(batch, k, t / ref_t)
+                else:
+                    self._add_ratio(batch, ref_k, ref_t / t)
+        self.recent.append((batch, k, t))
+        del self.recent[:-RECENT]
+
+    def _add_ratio(self, batch: int, k: int, value: float) -> None:
+        window = self._ratio_samples.setdefault((batch, k), [])
+        window.append(value)
         del window[:-WINDOW]
-        self.round_s[key] = min(window)
+        self.ratio[(batch, k)] = statistics.median(window)
