@@ -232,7 +232,8 @@ def run_load(model: str = "demo", streams=(1, 4, 8, 16), spec_types=("none", "mt
 
     One server per speculation setting, all started up front (an idle server uses no CPU); the settings are measured
     interleaved (for each N and repeat: none, then mtp, ...) so that drifting load from other processes on the
-    machine hits them alike. With repeats > 1 the run with the median aggregate is kept for each point."""
+    machine hits them alike (the order alternates between repeats). With repeats > 1 the run with the median aggregate
+    is kept for each point."""
     servers = {}
     try:
         for spec in spec_types:
@@ -242,8 +243,9 @@ def run_load(model: str = "demo", streams=(1, 4, 8, 16), spec_types=("none", "mt
                 run_streams(server.port, n, warmup_tokens, ignore_eos, prompts, endpoint=endpoint)
         runs: dict[tuple[str, int], list[dict]] = {}
         for n in streams:
-            for _ in range(repeats):
-                for spec, server in servers.items():
+            for rep in range(repeats):
+                order = list(servers.items())
+                for spec, server in (order if rep % 2 == 0 else order[::-1]):  # ABBA: cancels drifting load
                     row = run_streams(server.port, n, max_tokens, ignore_eos, prompts, endpoint=endpoint)
                     row["load_avg_1m"] = os.getloadavg()[0]
                     runs.setdefault((spec, n), []).append(row)

@@ -4,7 +4,7 @@ Expected tokens from one round with k drafts: E(k) = 1 + sum_{j<=k} prod_{i<=j} 
 acceptance rate at position i given the earlier ones were accepted. Time: r(B, k), the wall time of a whole round
 (drafting, the drafter's bookkeeping, and the verify pass over B sequences x (k+1) positions) relative to a round
 without drafts (k = n_min) at the same batch size B. The policy picks the k in [n_min, n_max] maximising E(k)/r(B, k),
-and drafting (k > n_min) must promise MARGIN more than not drafting.
+and drafting (k > n_min) must promise MARGIN (15%) more than not drafting.
 
 How the ratios are measured, and why this way:
 - per (batch size, k), as whole rounds: on CPU a pass over B sequences x w positions costs different amounts for the
@@ -16,7 +16,9 @@ How the ratios are measured, and why this way:
   moment; the context also grows, so costs drift;
 - in pairs of rounds, using the second: the first drafting round after rounds without drafts also pays the drafter's
   catch-up on everything accepted meanwhile;
-- always against rounds with k = n_min, never chained through another k's ratio.
+- always against rounds with k = n_min, never chained through another k's ratio;
+- trusted once three samples agree (their median): single samples taken during a burst of load misled the policy
+  for a hundred rounds.
 Each k is measured before it is judged (batch sizes between two measured ones interpolate; a k that could not win
 even at the cost of k - 1 drafts is not measured), and now and then the
 policy re-measures the runner-up (k + 1 while not drafting wins, n_min while drafting wins), at intervals that
@@ -28,12 +30,13 @@ from __future__ import annotations
 import statistics
 
 PRIOR_RATE, PRIOR_WEIGHT = 0.6, 4.0
-MARGIN = 0.10  # drafting must promise 10% more tokens/s than not drafting: timing noise on a shared CPU is large,
+MARGIN = 0.15  # drafting must promise 15% more tokens/s than not drafting: timing noise on a shared CPU is large,
 # and losing to plain decoding is the worse error
-WINDOW = 5  # a ratio is the median of its last WINDOW samples
+WINDOW = 5  # a ratio is the median of its last WINDOW samples ...
+MIN_SAMPLES = 3  # ... once it has at least this many
 EXPLORE_EVERY = 16  # re-measure the runner-up k after this many rounds with the same choice ...
 EXPLORE_MAX = 256  # ... doubling the interval each time the choice stays, up to this
-MEASURE_TRIES = 6  # drafts can come out shorter than k (p_min, n-gram misses): stop forcing an unmeasured k then
+MEASURE_TRIES = 8  # measurement pairs per (batch, k); drafts can come out shorter than k (p_min, n-gram misses): stop forcing an unmeasured k then
 RECENT = 6  # rounds remembered for the reference of a ratio sample
 
 
@@ -135,7 +138,8 @@ class DraftPolicy:
                     and (kk == self.n_min) != (k == self.n_min)]
             if refs and t > 0:
                 ref_k = refs[-1][0]
-                ref_t = min(tt for kk, tt in refs if kk == ref_k)
+                ref_t = statistics.median(tt for kk, tt in refs if kk == ref_k)  # not min: that would bias the
+                # ratio toward whichever side happens to be the reference
                 if k != self.n_min:
                     self._add_ratio(batch, k, t / ref_t)
                 else:
@@ -147,4 +151,5 @@ class DraftPolicy:
         window = self._ratio_samples.setdefault((batch, k), [])
         window.append(value)
         del window[:-WINDOW]
-        self.ratio[(batch, k)] = statistics.median(window)
+        if len(window) >= MIN_SAMPLES:  # one sample can be a burst of load: trust a median of three
+            self.ratio[(batch, k)] = statistics.median(window)
