@@ -20,26 +20,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtpx import kernels
 from mtpx.config import ModelConfig
 from mtpx.state import SequenceState
 
 GDN_CHUNK = 64
-# oneDNN picks its kernel (and so its summation order) by row count: one row alone and the same row among four
-# others can round differently. Step-mode matmuls therefore always run on exactly STEP_ROWS rows (zero-padded,
-# or in blocks), which makes each row's result independent of the rest. 5 = a verify pass of k = 4 drafts.
+# Step-mode matmuls must give each row the bits it would get alone (greedy speculation is then bit-exact). Two ways:
+# - rowgemm (mtpx.kernels, bf16 weights on CPU): computes every row the same way whatever the row count, and reads
+#   the weights once for all rows, so verifying k drafts costs about one decode step;
+# - otherwise: oneDNN picks its kernel (and so its summation order) by row count, so every matmul runs on exactly
+#   STEP_ROWS rows (zero-padded, or in blocks). 5 = a verify pass of k = 4 drafts.
 STEP_ROWS = 5
 _row_invariant = False
 
 
 @contextmanager
 def row_invariant(enabled: bool = True):
-    """Within this block, matmuls use fixed-size row blocks (see STEP_ROWS)."""
+    """Within this block, matmuls give each row the same result whatever the number of rows (see STEP_ROWS)."""
     global _row_invariant
     previous, _row_invariant = _row_invariant, enabled
     try:
         yield
     finally:
         _row_invariant = previous
+
+
+def uses_rowgemm(weight: torch.Tensor) -> bool:
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.shape[-1] % 16 == 0
+            and weight.is_contiguous() and kernels.rowgemm_available())
 
 
 def _matmul(rows: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
@@ -49,11 +57,17 @@ def _matmul(rows: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tenso
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T; `packed` is the same weight prepacked for oneDNN (faster on CPU, see pack_for_cpu)."""
-    out_features = (packed if packed is not None else weight).shape[0]
+    """x @ weight.T; `packed` is the same weight prepacked for oneDNN (see pack_for_cpu)."""
+    out_features = (weight if weight is not None else packed).shape[0]
     rows = x.reshape(-1, x.shape[-1])
     if not _row_invariant:
-        return _matmul(rows, weight, packed).reshape(*x.shape[:-1], out_features)
+        out = F.linear(rows, weight) if weight is not None else _matmul(rows, None, packed)
+        return out.reshape(*x.shape[:-1], out_features)
+    if weight is not None and uses_rowgemm(weight):
+        blocks = rows.split(kernels.MAX_ROWS)  # each row's result is independent of its block
+        out = torch.cat([kernels.rowgemm(b, weight) for b in blocks]) if len(blocks) > 1 else \
+            kernels.rowgemm(rows, weight)
+        return out.reshape(*x.shape[:-1], out_features)
     m = rows.shape[0]
     pad = (-m) % STEP_ROWS
     if pad:
@@ -81,25 +95,35 @@ def project(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[t
     fused = owner.__dict__.get("_fused")
     if fused is None:
         return [getattr(owner, n)(x) for n in names]
-    packed, sizes = fused
-    return list(linear(x, None, packed).split(sizes, dim=-1))
+    weight, packed, sizes = fused
+    return list(linear(x, weight, packed).split(sizes, dim=-1))
 
 
 def pack_for_cpu(model: nn.Module) -> None:
-    """Inference on CPU in bf16: fuse projections that share an input and prepack every weight for oneDNN
-    (measured ~1.5x the weight bandwidth of F.linear here). The original parameters stay for state_dict users."""
+    """Inference on CPU in bf16: fuse projections that share an input into one weight (the members' parameters
+    become views of it, so no memory is added). Without the rowgemm kernel, also prepack every weight for oneDNN
+    (~1.5x the weight bandwidth of F.linear on AVX512_BF16 machines; the parameters stay for state_dict users)."""
+    oneDNN = not kernels.rowgemm_available()
+
     def pack(w: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), STEP_ROWS)
     fused_members = set()
     for module in model.modules():
         groups = getattr(module, "FUSED_PROJECTIONS", None)
         if groups:
-            weights = [getattr(module, n).weight for n in groups]
-            module.__dict__["_fused"] = (pack(torch.cat(weights)), [w.shape[0] for w in weights])
-            fused_members.update(id(getattr(module, n)) for n in groups)
-    for module in model.modules():
-        if isinstance(module, Linear) and id(module) not in fused_members:
-            module.packed = pack(module.weight)
+            members = [getattr(module, n) for n in groups]
+            weight = torch.cat([m.weight.detach() for m in members])
+            offset = 0
+            for m in members:
+                rows = m.weight.shape[0]
+                m.weight.data = weight[offset:offset + rows]
+                offset += rows
+            module.__dict__["_fused"] = (weight, pack(weight) if oneDNN else None, [m.weight.shape[0] for m in members])
+            fused_members.update(id(m) for m in members)
+    if oneDNN:
+        for module in model.modules():
+            if isinstance(module, Linear) and id(module) not in fused_members:
+                module.packed = pack(module.weight)
 
 
 class RMSNorm(nn.Module):

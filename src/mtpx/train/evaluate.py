@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-model", default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--samples", type=int, default=0, help="also print this many greedy code continuations")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from mtpx.llm import LLM, resolve_model_path
@@ -166,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['generated_tokens']} tokens)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    for prompt in heldout_prompts(files, "code", args.samples, seed=1):
+        plain = llm.generate(prompt, max_tokens=args.max_tokens)
+        spec = llm.generate(prompt, max_tokens=args.max_tokens, spec_type=args.spec_type, spec_draft_n_max=3,
+                            spec_draft_policy="fixed", spec_draft_model=args.draft_model)
+        same = "identical" if spec.token_ids == plain.token_ids else "DIFFERENT"
+        print(f"\n--- prompt\n{prompt}--- greedy continuation ({same} with MTP k=3; "
+              f"{plain.stats['decode_tokens_per_s']:.0f} tok/s plain, {spec.stats['decode_tokens_per_s']:.0f} tok/s MTP, "
+              f"mean acceptance length {spec.stats['mean_acceptance_length']:.2f})\n{plain.text}")
     return 0
 
 

@@ -1,0 +1,46 @@
+"""CPU kernels that PyTorch lacks, built on first use with the machine's C++ compiler (torch.utils.cpp_extension).
+
+`rowgemm(x, w)`: x [M <= 8, K] @ w[N, K]^T with bf16 weights, fp32 accumulation. Each output row is computed the
+same way whatever M is (so a verify pass is bit-identical to one-token steps), and the weights are read once for
+all rows (so it costs about what one row costs). Measured here on a CPU without AVX512_BF16, where oneDNN's bf16
+matmul costs ~2.5x more for 5 rows than for 1 (see BENCHMARKS.md). Set MTPX_ROWGEMM=0 to use oneDNN instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+MAX_ROWS = 8
+_module = None
+_tried = False
+
+
+def rowgemm_module():
+    """The compiled extension, or None where it cannot be built (no compiler) or MTPX_ROWGEMM=0."""
+    global _module, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("MTPX_ROWGEMM", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        source = Path(__file__).with_name("rowgemm.cpp")
+        _module = load(name="mtpx_rowgemm", sources=[str(source)], verbose=False,
+                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path
+        log.warning("mtpx: could not build the rowgemm CPU kernel (%s); using oneDNN for step matmuls", e)
+        _module = None
+    return _module
+
+
+def rowgemm_available() -> bool:
+    return rowgemm_module() is not None
+
+
+def rowgemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return rowgemm_module().rowgemm(x, w)

@@ -1,0 +1,96 @@
+// y[M, N] = x[M, K] @ w[N, K]^T for a few rows (M <= 8): bf16 weights, fp32 accumulation, bf16 output.
+//
+// Why: on CPUs without native bf16 dot products (no AVX512_BF16 / AMX) oneDNN's bf16 matmul costs 2-3x more for
+// 2-5 rows than for one, and one row can round differently alone than among others. Here every (row, column) is
+// the same dot product whatever M is: the weight row is widened to fp32 once and fed to one 16-lane fp32
+// accumulator per input row, summed over K in the same order, then reduced by the same fixed tree. So a verify pass
+// over k + 1 positions gives each position exactly the bits a one-token decode step gives, and costs about the
+// same, because the weights (the bandwidth) are read once for all rows.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int kColumns = 4;  // output columns computed together (reuses each loaded x vector 4 times)
+
+#ifdef __AVX512F__
+inline __m512 widen_bf16(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <int M, int C>
+void columns(const float* x, const at::BFloat16* w, int64_t K, int64_t n, float* out, int64_t N) {
+  __m512 acc[C][M];
+  for (int c = 0; c < C; ++c)
+    for (int m = 0; m < M; ++m) acc[c][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kLanes) {
+    __m512 xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+    for (int c = 0; c < C; ++c) {
+      __m512 wv = widen_bf16(w + (n + c) * K + k);
+      for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(wv, xv[m], acc[c][m]);
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int m = 0; m < M; ++m) out[m * N + n + c] = _mm512_reduce_add_ps(acc[c][m]);
+}
+#else
+template <int M, int C>
+void columns(const float* x, const at::BFloat16* w, int64_t K, int64_t n, float* out, int64_t N) {
+  float acc[C][M][kLanes] = {};
+  for (int64_t k = 0; k < K; k += kLanes)
+    for (int c = 0; c < C; ++c)
+      for (int l = 0; l < kLanes; ++l) {
+        float wv = static_cast<float>(w[(n + c) * K + k + l]);
+        for (int m = 0; m < M; ++m) acc[c][m][l] = std::fma(wv, x[m * K + k + l], acc[c][m][l]);
+      }
+  for (int c = 0; c < C; ++c)
+    for (int m = 0; m < M; ++m) {
+      float s = 0.f;
+      for (int l = 0; l < kLanes; ++l) s += acc[c][m][l];
+      out[m * N + n + c] = s;
+    }
+}
+#endif
+
+template <int M>
+void rows(const float* x, const at::BFloat16* w, int64_t K, int64_t N, float* out) {
+  const int64_t blocks = N / kColumns;
+  // a block's result does not depend on which thread computes it, so any thread count gives the same bits
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) columns<M, kColumns>(x, w, K, b * kColumns, out, N);
+  });
+  for (int64_t n = blocks * kColumns; n < N; ++n) columns<M, 1>(x, w, K, n, out, N);
+}
+
+}  // namespace
+
+torch::Tensor rowgemm(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rowgemm: x [M, K], w [N, K]");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.device().is_cpu(),
+              "rowgemm: w must be a contiguous bf16 CPU tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M >= 1 && M <= 8, "rowgemm: 1..8 rows, got ", M);
+  TORCH_CHECK(K % kLanes == 0, "rowgemm: K must be a multiple of ", kLanes, ", got ", K);
+  auto xf = x.to(at::kFloat).contiguous();
+  auto out = torch::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  float* op = out.data_ptr<float>();
+  switch (M) {
+    case 1: rows<1>(xp, wp, K, N, op); break;
+    case 2: rows<2>(xp, wp, K, N, op); break;
+    case 3: rows<3>(xp, wp, K, N, op); break;
+    case 4: rows<4>(xp, wp, K, N, op); break;
+    case 5: rows<5>(xp, wp, K, N, op); break;
+    case 6: rows<6>(xp, wp, K, N, op); break;
+    case 7: rows<7>(xp, wp, K, N, op); break;
+    default: rows<8>(xp, wp, K, N, op); break;
+  }
+  return out.to(x.scalar_type());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("rowgemm", &rowgemm, "few-row bf16 matmul, row-invariant"); }

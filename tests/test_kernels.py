@@ -1,0 +1,58 @@
+"""The rowgemm CPU kernel: each row's result is the same bits whatever the row count, and it is a correct matmul."""
+import pytest
+import torch
+
+from mtpx import kernels
+from mtpx.models import qwen3_5
+from mtpx.models.qwen3_5 import linear, row_invariant
+
+needs_kernel = pytest.mark.skipif(not kernels.rowgemm_available(), reason="rowgemm kernel could not be built here")
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k", [(64, 64), (37, 48), (1024, 3584), (4096, 1024), (8192, 256)])
+def test_rowgemm_rows_do_not_depend_on_row_count(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(8, k, generator=g).bfloat16()
+    alone = torch.cat([kernels.rowgemm(x[i:i + 1], w) for i in range(8)])
+    for m in range(2, 9):
+        assert torch.equal(kernels.rowgemm(x[:m], w), alone[:m])
+    ref = x.double() @ w.double().t()
+    # fp32 accumulation, one bf16 rounding of the result
+    assert ((alone.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-3 * k ** 0.5).all()
+
+
+@needs_kernel
+def test_rowgemm_thread_count_does_not_change_bits():
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(3000, 512, generator=g).bfloat16(), torch.randn(5, 512, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.rowgemm(x, w)
+        torch.set_num_threads(2)
+        assert torch.equal(kernels.rowgemm(x, w), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_rowgemm_rejects_bad_shapes():
+    w = torch.randn(16, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="1..8 rows"):
+        kernels.rowgemm(torch.randn(9, 32).bfloat16(), w)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernels.rowgemm(torch.randn(2, 24).bfloat16(), torch.randn(16, 24).bfloat16())
+
+
+def test_padded_onednn_path_is_row_invariant_too(monkeypatch):
+    """Where the kernel cannot be built, step matmuls fall back to fixed blocks of STEP_ROWS rows on oneDNN."""
+    monkeypatch.setattr(qwen3_5, "uses_rowgemm", lambda w: False)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(1024, 3584, generator=g).bfloat16()
+    x = torch.randn(11, 3584, generator=g).bfloat16()
+    with row_invariant():
+        alone = torch.cat([linear(x[i:i + 1], w) for i in range(11)])
+        for m in (2, 5, 6, 11):
+            assert torch.equal(linear(x[:m], w), alone[:m])
