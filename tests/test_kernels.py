@@ -56,3 +56,20 @@ def test_padded_onednn_path_is_row_invariant_too(monkeypatch):
         alone = torch.cat([linear(x[i:i + 1], w) for i in range(11)])
         for m in (2, 5, 6, 11):
             assert torch.equal(linear(x[:m], w), alone[:m])
+
+
+@needs_kernel
+def test_rowgemm_int8_rows_do_not_depend_on_row_count_and_match_dequantized():
+    from mtpx.models.qwen3_5 import Int8Weight
+    g = torch.Generator().manual_seed(3)
+    w = Int8Weight(torch.randn(1000, 512, generator=g).bfloat16())
+    x = torch.randn(8, 512, generator=g).bfloat16()
+    alone = torch.cat([kernels.rowgemm_int8(x[i:i + 1], w.q, w.scale) for i in range(8)])
+    for m in range(2, 9):
+        assert torch.equal(kernels.rowgemm_int8(x[:m], w.q, w.scale), alone[:m])
+    ref = x.double() @ (w.q.double() * w.scale.double()[:, None]).t()
+    assert ((alone.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-2).all()
+    # and the prefill path (PyTorch's int8 weight-only matmul) computes the same function up to rounding
+    with row_invariant(False):
+        prefill = linear(x, w)
+    assert ((prefill.double() - ref).abs() <= ref.abs() * 2 ** -6 + 5e-2).all()

@@ -11,7 +11,7 @@ import torch
 
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
-from mtpx.models.qwen3_5 import Qwen35Model, pack_for_cpu
+from mtpx.models.qwen3_5 import Qwen35Model, pack_for_cpu, quantize_int8
 from mtpx.sampling import SamplingParams
 from mtpx.speculative.drafters import Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
 from mtpx.speculative.loop import Sequence, decode_round, prefill
@@ -23,6 +23,7 @@ SPEC_ALIASES = {"none": "none", "mtp": "mtp", "draft-mtp": "mtp", "draft": "draf
                 "ngram": "ngram", "ngram-simple": "ngram"}
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
+QUANTIZED = {"int8"}  # weight-only int8 (per output row scales), bf16 activations
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -50,8 +51,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.bfloat16
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype in QUANTIZED:
+        return torch.bfloat16
     if dtype not in DTYPES:
-        raise RequestError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
+        raise RequestError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES) + sorted(QUANTIZED)}")
     return DTYPES[dtype]
 
 
@@ -87,6 +90,9 @@ class LLM:
                  threads: int | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.quantization = dtype if isinstance(dtype, str) and dtype in QUANTIZED else None
+        if self.quantization and self.device.type != "cpu":
+            raise RequestError(f"dtype {dtype!r} runs on the CPU only; use bf16 on {self.device.type}")
         self.path = resolve_model_path(model)
         ckpt = load_checkpoint(self.path)
         if ckpt.tokenizer is None:
@@ -154,6 +160,8 @@ class LLM:
     def _prepare(self, model: Qwen35Model) -> Qwen35Model:
         if self.device.type == "cpu" and self.dtype == torch.bfloat16 and os.environ.get("MTPX_PACK", "1") != "0":
             pack_for_cpu(model)
+        if self.quantization == "int8":
+            quantize_int8(model)
         return model
 
     def new_sequence(self, ids: list[int], max_tokens: int, params: SamplingParams, *, ignore_eos: bool = False,

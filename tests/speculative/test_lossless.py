@@ -125,3 +125,15 @@ def test_adaptive_policy_is_lossless_too(llm):
         for spec in ("mtp", "ngram", "draft-mtp", "ngram-simple"):
             out = llm.generate(prompt, max_tokens=40, spec_type=spec, ignore_eos=True)
             assert out.token_ids == ref
+
+
+@pytest.mark.skipif(not __import__("mtpx.kernels", fromlist=["x"]).rowgemm_available(), reason="needs rowgemm")
+def test_int8_weights_speculation_is_token_identical_to_int8_plain(ckpt_factory):
+    """Quantization changes the model, not the guarantee: speculative == plain decoding at the same int8 weights."""
+    llm = mtpx.LLM(ckpt_factory(), dtype="int8")
+    for prompt in prompts(10, seed=5):
+        plain = llm.generate(prompt, max_tokens=MAX_TOKENS).token_ids
+        for k in (1, 3):
+            spec = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="mtp", spec_draft_n_max=k,
+                                spec_draft_policy="fixed").token_ids
+            assert spec == plain, (prompt, k)

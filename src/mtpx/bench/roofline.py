@@ -11,6 +11,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mtpx.models.qwen3_5 import weight_bytes
+
 
 def _best(fn, reps: int) -> float:
     fn()
@@ -73,7 +75,7 @@ def model_weight_bytes(model) -> dict:
     """Bytes of the model's weights by part (as loaded, without oneDNN's packed copies)."""
     from mtpx.bench.runner import WeightTraffic
     s = WeightTraffic.sizes(model)
-    total = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    total = weight_bytes(model)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return {**s, "total": total, "parameters": params,
-            "mtp_total": sum(p.numel() * p.element_size() for p in model.mtp.parameters()) if model.mtp else 0}
+            "mtp_total": weight_bytes(model.mtp) if model.mtp else 0}

@@ -19,7 +19,7 @@ import torch
 
 from mtpx.bench.prompts import Workload
 from mtpx.errors import RequestError
-from mtpx.models.qwen3_5 import Experts, Qwen35Model
+from mtpx.models.qwen3_5 import Experts, Qwen35Model, weight_bytes
 
 DEFAULT_K = 3
 
@@ -71,21 +71,17 @@ class WeightTraffic:
         for m in [model, *draft_models]:
             self._attach(m)
 
-    @staticmethod
-    def _nbytes(params) -> int:
-        return sum(p.numel() * p.element_size() for p in params)
-
     @classmethod
     def sizes(cls, model: Qwen35Model) -> dict:
         expert_params = {id(p) for e in model.modules() if isinstance(e, Experts) for p in e.parameters()}
 
         def dense(module):
-            return cls._nbytes(p for p in module.parameters() if id(p) not in expert_params)
+            return weight_bytes(module, expert_params)
         body = dense(model.model.layers) + dense(model.model.norm)
         experts = [e for e in model.modules() if isinstance(e, Experts)]
         per_expert = (experts[0].gate_up_proj[0].numel() + experts[0].down_proj[0].numel()) \
             * experts[0].gate_up_proj.element_size() if experts else 0
-        return {"main_dense": body, "lm_head": cls._nbytes([model.lm_head.weight]),
+        return {"main_dense": body, "lm_head": weight_bytes(model.lm_head),
                 "mtp_dense": dense(model.mtp) if model.mtp is not None else 0, "per_expert": per_expert,
                 "embedding_row": model.model.embed_tokens.weight[0].numel()
                 * model.model.embed_tokens.weight.element_size()}

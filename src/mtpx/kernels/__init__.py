@@ -44,3 +44,7 @@ def rowgemm_available() -> bool:
 
 def rowgemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return rowgemm_module().rowgemm(x, w)
+
+
+def rowgemm_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return rowgemm_module().rowgemm_int8(x, q, scale)

@@ -16,13 +16,18 @@ constexpr int kLanes = 16;
 constexpr int kColumns = 4;  // output columns computed together (reuses each loaded x vector 4 times)
 
 #ifdef __AVX512F__
-inline __m512 widen_bf16(const at::BFloat16* p) {
+inline __m512 widen(const at::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-template <int M, int C>
-void columns(const float* x, const at::BFloat16* w, int64_t K, int64_t n, float* out, int64_t N) {
+inline __m512 widen(const int8_t* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+}
+
+template <int M, int C, typename W>
+void columns(const float* x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
   __m512 acc[C][M];
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) acc[c][m] = _mm512_setzero_ps();
@@ -30,7 +35,7 @@ void columns(const float* x, const at::BFloat16* w, int64_t K, int64_t n, float*
     __m512 xv[M];
     for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
     for (int c = 0; c < C; ++c) {
-      __m512 wv = widen_bf16(w + (n + c) * K + k);
+      __m512 wv = widen(w + (n + c) * K + k);
       for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(wv, xv[m], acc[c][m]);
     }
   }
@@ -38,8 +43,8 @@ void columns(const float* x, const at::BFloat16* w, int64_t K, int64_t n, float*
     for (int m = 0; m < M; ++m) out[m * N + n + c] = _mm512_reduce_add_ps(acc[c][m]);
 }
 #else
-template <int M, int C>
-void columns(const float* x, const at::BFloat16* w, int64_t K, int64_t n, float* out, int64_t N) {
+template <int M, int C, typename W>
+void columns(const float* x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
   float acc[C][M][kLanes] = {};
   for (int64_t k = 0; k < K; k += kLanes)
     for (int c = 0; c < C; ++c)
@@ -56,8 +61,8 @@ void columns(const float* x, const at::BFloat16* w, int64_t K, int64_t n, float*
 }
 #endif
 
-template <int M>
-void rows(const float* x, const at::BFloat16* w, int64_t K, int64_t N, float* out) {
+template <int M, typename W>
+void rows(const float* x, const W* w, int64_t K, int64_t N, float* out) {
   const int64_t blocks = N / kColumns;
   // a block's result does not depend on which thread computes it, so any thread count gives the same bits
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
@@ -66,19 +71,14 @@ void rows(const float* x, const at::BFloat16* w, int64_t K, int64_t N, float* ou
   for (int64_t n = blocks * kColumns; n < N; ++n) columns<M, 1>(x, w, K, n, out, N);
 }
 
-}  // namespace
-
-torch::Tensor rowgemm(const torch::Tensor& x, const torch::Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rowgemm: x [M, K], w [N, K]");
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.device().is_cpu(),
-              "rowgemm: w must be a contiguous bf16 CPU tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+template <typename W>
+torch::Tensor run(const torch::Tensor& x, const W* wp, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= 8, "rowgemm: 1..8 rows, got ", M);
   TORCH_CHECK(K % kLanes == 0, "rowgemm: K must be a multiple of ", kLanes, ", got ", K);
   auto xf = x.to(at::kFloat).contiguous();
   auto out = torch::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
-  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
   float* op = out.data_ptr<float>();
   switch (M) {
     case 1: rows<1>(xp, wp, K, N, op); break;
@@ -90,7 +90,30 @@ torch::Tensor rowgemm(const torch::Tensor& x, const torch::Tensor& w) {
     case 7: rows<7>(xp, wp, K, N, op); break;
     default: rows<8>(xp, wp, K, N, op); break;
   }
-  return out.to(x.scalar_type());
+  return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("rowgemm", &rowgemm, "few-row bf16 matmul, row-invariant"); }
+void check(const torch::Tensor& x, const torch::Tensor& w, at::ScalarType type, const char* what) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "rowgemm: x [M, K], w [N, K]");
+  TORCH_CHECK(w.scalar_type() == type && w.is_contiguous() && w.device().is_cpu(),
+              "rowgemm: w must be a contiguous ", what, " CPU tensor");
+}
+
+}  // namespace
+
+torch::Tensor rowgemm(const torch::Tensor& x, const torch::Tensor& w) {
+  check(x, w, at::kBFloat16, "bf16");
+  return run(x, w.data_ptr<at::BFloat16>(), w.size(0)).to(x.scalar_type());
+}
+
+// int8 weights with one fp32 scale per output row (w = q * scale): the scale is applied after the sum
+torch::Tensor rowgemm_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  check(x, q, at::kChar, "int8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == q.size(0), "rowgemm_int8: fp32 scale [N]");
+  return (run(x, q.data_ptr<int8_t>(), q.size(0)) * scale).to(x.scalar_type());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rowgemm", &rowgemm, "few-row bf16 matmul, row-invariant");
+  m.def("rowgemm_int8", &rowgemm_int8, "few-row int8-weight matmul, row-invariant");
+}

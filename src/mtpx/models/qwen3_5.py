@@ -45,6 +45,21 @@ def row_invariant(enabled: bool = True):
         _row_invariant = previous
 
 
+class Int8Weight:
+    """Weight-only int8: q [N, K] int8 and one fp32 scale per output row (w ≈ q * scale, symmetric, absmax / 127).
+    Step matmuls run on rowgemm_int8 (row-invariant, like bf16); prefill uses PyTorch's int8 weight-only matmul."""
+
+    def __init__(self, weight: torch.Tensor):
+        w = weight.detach().float()
+        self.scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        self.q = torch.round(w / self.scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale_bf16 = self.scale.to(torch.bfloat16)
+        self.shape = self.q.shape
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.q.float() * self.scale[:, None]).to(torch.bfloat16)
+
+
 def uses_rowgemm(weight: torch.Tensor) -> bool:
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.shape[-1] % 16 == 0
             and weight.is_contiguous() and kernels.rowgemm_available())
@@ -60,6 +75,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | 
     """x @ weight.T; `packed` is the same weight prepacked for oneDNN (see pack_for_cpu)."""
     out_features = (weight if weight is not None else packed).shape[0]
     rows = x.reshape(-1, x.shape[-1])
+    if isinstance(weight, Int8Weight):
+        if not _row_invariant:
+            out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), weight.q, weight.scale_bf16)
+        else:
+            out = torch.cat([kernels.rowgemm_int8(b, weight.q, weight.scale) for b in rows.split(kernels.MAX_ROWS)])
+        return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
     if not _row_invariant:
         out = F.linear(rows, weight) if weight is not None else _matmul(rows, None, packed)
         return out.reshape(*x.shape[:-1], out_features)
@@ -86,8 +107,10 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
+    q8: Int8Weight | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed)
+        return linear(x, self.q8 if self.q8 is not None else self.weight, self.packed)
 
 
 def project(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
@@ -124,6 +147,43 @@ def pack_for_cpu(model: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, Linear) and id(module) not in fused_members:
                 module.packed = pack(module.weight)
+
+
+def quantize_int8(model: nn.Module) -> None:
+    """Weight-only int8 for every Linear and fused projection (MoE experts and the embedding stay bf16). The bf16
+    copies are released, except the embedding's when lm_head shares it. Needs the rowgemm kernel (CPU)."""
+    if not kernels.rowgemm_available():
+        from mtpx.errors import RequestError
+        raise RequestError("int8 weights need the rowgemm CPU kernel, which could not be built here "
+                           "(a C++ compiler is required); use dtype bf16")
+    shared = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    for module in model.modules():
+        fused = module.__dict__.get("_fused")
+        if fused is not None:
+            weight, _, sizes = fused
+            module.__dict__["_fused"] = (Int8Weight(weight), None, sizes)
+            for n in module.FUSED_PROJECTIONS:
+                getattr(module, n).weight.data = torch.empty(0, dtype=weight.dtype)
+    for module in model.modules():
+        if isinstance(module, Linear) and module.weight.numel():
+            module.q8, module.packed = Int8Weight(module.weight), None
+            if id(module.weight) not in shared:
+                module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+
+
+def weight_bytes(module: nn.Module, skip: set[int] = frozenset()) -> int:
+    """Bytes of the weights a forward of `module` reads: its parameters (ids in `skip` left out), with int8
+    replacements counted instead of the bf16 weights they replaced."""
+    total, seen, replaced = 0, set(), set(skip)
+    for m in module.modules():
+        for w in (m.__dict__.get("_fused", (None,))[0], getattr(m, "q8", None)):
+            if isinstance(w, Int8Weight) and id(w) not in seen:
+                seen.add(id(w))
+                total += w.q.numel() + w.scale.numel() * w.scale.element_size()
+        if isinstance(m, Linear) and m.q8 is not None:
+            replaced.add(id(m.weight))
+    params = {id(p): p for p in module.parameters() if id(p) not in replaced}
+    return total + sum(p.numel() * p.element_size() for p in params.values())
 
 
 class RMSNorm(nn.Module):
@@ -268,11 +328,11 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = GDN_CHUNK):
 
 def recurrent_gated_delta_step(q, k, v, g, beta, state):
     """One token of the gated delta rule. q, k: [H, dk]; v: [H, dv]; g, beta: [H]; state [H, dk, dv] (fp32)."""
-    state = state * g.exp()[:, None, None]
-    kv_mem = (k[:, None, :] @ state).squeeze(1)
+    state = state * g.exp()[:, None, None]  # a new tensor: the old one may be a snapshot kept for rollback
+    kv_mem = torch.bmm(k[:, None, :], state).squeeze(1)
     delta = (v - kv_mem) * beta[:, None]
-    state = state + k[:, :, None] * delta[:, None, :]
-    return (q[:, None, :] @ state).squeeze(1), state
+    state.baddbmm_(k[:, :, None], delta[:, None, :])  # += k ⊗ delta in one pass over the state
+    return torch.bmm(q[:, None, :], state).squeeze(1), state
 
 
 class GatedDeltaNet(nn.Module):
