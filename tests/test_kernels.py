@@ -73,3 +73,32 @@ def test_rowgemm_int8_rows_do_not_depend_on_row_count_and_match_dequantized():
     with row_invariant(False):
         prefill = linear(x, w)
     assert ((prefill.double() - ref).abs() <= ref.abs() * 2 ** -6 + 5e-2).all()
+
+
+@needs_kernel
+def test_gdn_steps_match_the_reference_recurrence_and_do_not_depend_on_token_count():
+    """The fused Gated DeltaNet step equals the op-by-op recurrence (to fp32 rounding), and its result for a token is
+    the same bits whether the call holds 1 token or several."""
+    from mtpx.models.qwen3_5 import recurrent_gated_delta_step
+    g = torch.Generator().manual_seed(4)
+    T, nk, nv, dk, dv = 5, 2, 4, 16, 32
+    mixed = torch.randn(T, 2 * nk * dk + nv * dv, generator=g)
+    gate = -torch.rand(T, nv, generator=g)
+    beta = torch.rand(T, nv, generator=g)
+    state = torch.randn(nv, dk, dv, generator=g)
+    out, states = kernels.gdn_steps(mixed, gate, beta, state, nk, dk, dv)
+    ref_state = state
+    for t in range(T):
+        q, k, v = mixed[t].split([nk * dk, nk * dk, nv * dv])
+        q, k = q.view(nk, dk), k.view(nk, dk)
+        q = (q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dk ** 0.5).repeat_interleave(nv // nk, 0)
+        k = (k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)).repeat_interleave(nv // nk, 0)
+        o, ref_state = recurrent_gated_delta_step(q, k, v.view(nv, dv), gate[t], beta[t], ref_state)
+        torch.testing.assert_close(out[t], o, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(states[t], ref_state, rtol=1e-5, atol=1e-5)
+    # one token at a time, continuing from the state each call left
+    s = state
+    for t in range(T):
+        o1, (s,) = kernels.gdn_steps(mixed[t:t + 1].contiguous(), gate[t:t + 1].contiguous(),
+                                     beta[t:t + 1].contiguous(), s, nk, dk, dv)
+        assert torch.equal(o1[0], out[t]) and torch.equal(s, states[t])

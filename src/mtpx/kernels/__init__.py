@@ -28,8 +28,12 @@ def rowgemm_module():
     if os.environ.get("MTPX_ROWGEMM", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load
+        import sys
+
+        from torch.utils.cpp_extension import _get_build_directory, load
         source = Path(__file__).with_name("rowgemm.cpp")
+        if not (Path(_get_build_directory("mtpx_rowgemm", False)) / "mtpx_rowgemm.so").exists():
+            print("mtpx: compiling the rowgemm CPU kernel (once, ~30 s)", file=sys.stderr, flush=True)
         _module = load(name="mtpx_rowgemm", sources=[str(source)], verbose=False,
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path
@@ -48,3 +52,10 @@ def rowgemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def rowgemm_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return rowgemm_module().rowgemm_int8(x, q, scale)
+
+
+def gdn_steps(mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor, nk: int, dk: int,
+              dv: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Gated DeltaNet steps over T tokens of one sequence: outputs [T, nv, dv] and the state after each token."""
+    out, *states = rowgemm_module().gdn_steps(mixed, g, beta, state, nk, dk, dv)
+    return out, states

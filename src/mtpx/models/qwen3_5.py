@@ -427,6 +427,12 @@ class GatedDeltaNet(nn.Module):
             acc = acc + xf[:, j:j + T] * wf[:, j:j + 1]
         mixed = F.silu(acc).t().to(qkv.dtype)
         rec, outs = state.recurrent[self.layer_idx], []
+        if rec.device.type == "cpu" and kernels.rowgemm_available():
+            out, states = kernels.gdn_steps(mixed.float().contiguous(), g.contiguous(), beta.contiguous(),
+                                            rec.contiguous(), self.nk, self.dk, self.dv)
+            snaps.extend((seq[:, t + 1:t + K], states[t]) for t in range(T))
+            state.conv[self.layer_idx], state.recurrent[self.layer_idx] = seq[:, T:], states[-1]
+            return out
         for t in range(T):
             # per token: reductions over a few elements may be vectorised differently for different T
             q, k, v = self._heads(mixed[t:t + 1])
