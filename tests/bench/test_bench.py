@@ -183,6 +183,7 @@ def test_cost_model_and_bandwidth(dense_ckpt):
     assert costs["c_mtp"] > 0 and costs["mtp_prefill_rel"] > 0 and costs["plain_step_s"] > 0
     bw = roofline.measure_bandwidth(mbytes=32, reps=2)
     assert bw["copy_GBps"] > 0 and bw["read_GBps"] > 0 and bw["linear_bf16_GBps"] > 0
+    assert bw["step_linear_1_rows_GBps"] > 0 and bw["step_linear_5_rows_GBps"] > 0
     recs = [{"weight_bytes_per_token": 2e9, "decode_tokens_per_s": 3.0}]
     roofline.add_roofline(recs, {"read_GBps": 12.0})
     assert recs[0]["achieved_GBps"] == pytest.approx(6.0) and recs[0]["bandwidth_fraction"] == pytest.approx(0.5)

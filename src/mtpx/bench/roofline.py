@@ -26,8 +26,8 @@ def _best(fn, reps: int) -> float:
 
 @torch.inference_mode()
 def measure_bandwidth(mbytes: int = 512, reps: int = 5) -> dict:
-    """GB/s (1e9 bytes) of: a copy (read + write counted), a sum (read), and bf16 matmuls with one row over a stack
-    of weights totalling `mbytes` (F.linear, and oneDNN-prepacked as mtpx runs them on CPU)."""
+    """GB/s (1e9 bytes) of: a copy (read + write counted), a sum (read), and bf16 matmuls over a stack of weights
+    totalling `mbytes`: F.linear with one row, and mtpx's step matmul with 1 and 5 rows (decode / verify k=4)."""
     n = mbytes * 2**20 // 4
     src = torch.rand(n, dtype=torch.float32)
     dst = torch.empty_like(src)
@@ -47,14 +47,13 @@ def measure_bandwidth(mbytes: int = 512, reps: int = 5) -> dict:
         "linear_bf16_GBps": w_bytes / linear_s / 1e9,
         "threads": torch.get_num_threads(),
     }
-    try:
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 5) for w in weights]
-        xp = torch.zeros(5, hidden, dtype=torch.bfloat16)
-        packed_s = _best(lambda: [torch.ops.mkldnn._linear_pointwise(xp, p, None, "none", [], "") for p in packed],
-                         reps)
-        out["linear_bf16_packed_GBps"] = w_bytes / packed_s / 1e9
-    except (RuntimeError, AttributeError):  # no oneDNN bf16 on this build/CPU
-        pass
+    from mtpx import kernels
+    from mtpx.models.qwen3_5 import linear, row_invariant
+    with row_invariant():  # mtpx's step matmuls as they run on this machine (rowgemm, or padded oneDNN blocks)
+        for rows in (1, 5):
+            xr = torch.randn(rows, hidden, dtype=torch.bfloat16)
+            out[f"step_linear_{rows}_rows_GBps"] = w_bytes / _best(lambda: [linear(xr, w) for w in weights], reps) / 1e9
+    out["step_kernel"] = "rowgemm" if kernels.rowgemm_available() else "oneDNN, 5-row blocks"
     return out
 
 
