@@ -26,3 +26,4 @@ for pair in "demo-run:models/demo" "draft-run:models/demo-draft"; do
 done
 cp "$BUILD/corpus/recipe.json" models/demo/corpus_recipe.json
 echo "rebuilt models/demo and models/demo-draft (the model card models/demo/README.md is maintained by hand)"
+# acceptance on held-out stdlib prompts: .venv/bin/python -m mtpx.train.evaluate --model demo --n 20 --max-tokens 128 --k 1 3
