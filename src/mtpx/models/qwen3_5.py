@@ -49,10 +49,15 @@ class Int8Weight:
     """Weight-only int8: q [N, K] int8 and one fp32 scale per output row (w ≈ q * scale, symmetric, absmax / 127).
     Step matmuls run on rowgemm_int8 (row-invariant, like bf16); prefill uses PyTorch's int8 weight-only matmul."""
 
-    def __init__(self, weight: torch.Tensor):
-        w = weight.detach().float()
-        self.scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.q = torch.round(w / self.scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    def __init__(self, weight: torch.Tensor, chunk_rows: int = 1024):
+        w = weight.detach()
+        self.scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+        self.q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        for start in range(0, w.shape[0], chunk_rows):  # in slices: no fp32 copy of a whole (vocab-sized) weight
+            rows = w[start:start + chunk_rows].float()
+            scale = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12)
+            self.scale[start:start + chunk_rows] = scale
+            self.q[start:start + chunk_rows] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.scale_bf16 = self.scale.to(torch.bfloat16)
         self.shape = self.q.shape
 

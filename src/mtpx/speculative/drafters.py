@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mtpx.models.qwen3_5 import Qwen35Model
+from mtpx.models.qwen3_5 import Qwen35Model, weight_bytes
 from mtpx.sampling import sample, target_probs
 from mtpx.state import SequenceState
 
@@ -159,7 +159,7 @@ class MTPDrafter(_StatefulDrafter):
             d.add_pending(h, e)
 
     def memory_bytes(self, seq):
-        weights = sum(p.numel() * p.element_size() for p in self.model.mtp.parameters())
+        weights = weight_bytes(self.model.mtp)
         return weights + (seq.draft.state.nbytes() if seq.draft is not None else 0)
 
 
@@ -195,7 +195,7 @@ class DraftModelDrafter(_StatefulDrafter):
             d.add_pending(None, e[kept:])
 
     def memory_bytes(self, seq):
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights = weight_bytes(self.model)
         return weights + (seq.draft.state.nbytes() if seq.draft is not None else 0)
 
 
