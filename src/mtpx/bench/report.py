@@ -86,6 +86,8 @@ def bandwidth_table(bw: dict, weights: dict | None) -> str:
              f"| copy, {bw['buffer_bytes'] / MiB:.0f} MiB fp32 (read + write counted) | {bw['copy_GBps']:.1f} |",
              f"| sum, {bw['buffer_bytes'] / MiB:.0f} MiB fp32 (read) — the roof used below | {bw['read_GBps']:.1f} |",
              f"| bf16 F.linear, 1 row, weights streamed | {bw['linear_bf16_GBps']:.1f} |"]
+    if "linear_bf16_packed_GBps" in bw:
+        lines.append(f"| bf16 oneDNN-prepacked linear, 5 rows | {bw['linear_bf16_packed_GBps']:.1f} |")
     for rows in (1, 5):
         if f"step_linear_{rows}_rows_GBps" in bw:
             lines.append(f"| bf16 step matmul ({bw.get('step_kernel', '?')}), {rows} row{'s' * (rows > 1)}, weights "

@@ -54,6 +54,14 @@ def measure_bandwidth(mbytes: int = 512, reps: int = 5) -> dict:
             xr = torch.randn(rows, hidden, dtype=torch.bfloat16)
             out[f"step_linear_{rows}_rows_GBps"] = w_bytes / _best(lambda: [linear(xr, w) for w in weights], reps) / 1e9
     out["step_kernel"] = "rowgemm" if kernels.rowgemm_available() else "oneDNN, 5-row blocks"
+    try:  # the fallback step path, for comparison: oneDNN-prepacked weights, 5 rows
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 5) for w in weights]
+        xp = torch.zeros(5, hidden, dtype=torch.bfloat16)
+        packed_s = _best(lambda: [torch.ops.mkldnn._linear_pointwise(xp, p, None, "none", [], "") for p in packed],
+                         reps)
+        out["linear_bf16_packed_GBps"] = w_bytes / packed_s / 1e9
+    except (RuntimeError, AttributeError):  # no oneDNN bf16 on this build/CPU
+        pass
     return out
 
 
