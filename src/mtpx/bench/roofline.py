@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mtpx.models.qwen3_5 import weight_bytes
+from mtpx.models.qwen3_5 import int8_weights, weight_bytes, weight_tensors
 
 
 def _best(fn, reps: int) -> float:
@@ -83,6 +83,6 @@ def model_weight_bytes(model) -> dict:
     from mtpx.bench.runner import WeightTraffic
     s = WeightTraffic.sizes(model)
     total = weight_bytes(model)
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    params = sum(t.numel() for t in weight_tensors(model)) - sum(w.scale.numel() for w in int8_weights(model))
     return {**s, "total": total, "parameters": params,
             "mtp_total": weight_bytes(model.mtp) if model.mtp else 0}

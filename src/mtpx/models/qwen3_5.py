@@ -176,19 +176,30 @@ def quantize_int8(model: nn.Module) -> None:
                 module.weight.data = torch.empty(0, dtype=module.weight.dtype)
 
 
-def weight_bytes(module: nn.Module, skip: set[int] = frozenset()) -> int:
-    """Bytes of the weights a forward of `module` reads: its parameters (ids in `skip` left out), with int8
-    replacements counted instead of the bf16 weights they replaced."""
-    total, seen, replaced = 0, set(), set(skip)
+def weight_tensors(module: nn.Module, skip: set[int] = frozenset()) -> list[torch.Tensor]:
+    """The weight tensors a forward of `module` reads: its parameters (ids in `skip` left out), with int8
+    replacements (values and scales) instead of the bf16 weights they replaced."""
+    tensors, replaced = [], set(skip)
+    for w in int8_weights(module):
+        tensors += [w.q, w.scale]
     for m in module.modules():
-        for w in (m.__dict__.get("_fused", (None,))[0], getattr(m, "q8", None)):
-            if isinstance(w, Int8Weight) and id(w) not in seen:
-                seen.add(id(w))
-                total += w.q.numel() + w.scale.numel() * w.scale.element_size()
         if isinstance(m, Linear) and m.q8 is not None:
             replaced.add(id(m.weight))
-    params = {id(p): p for p in module.parameters() if id(p) not in replaced}
-    return total + sum(p.numel() * p.element_size() for p in params.values())
+    params = {id(p): p for p in module.parameters() if id(p) not in replaced and p.numel()}
+    return tensors + list(params.values())
+
+
+def int8_weights(module: nn.Module) -> list[Int8Weight]:
+    found = {}
+    for m in module.modules():
+        for w in (m.__dict__.get("_fused", (None,))[0], getattr(m, "q8", None)):
+            if isinstance(w, Int8Weight):
+                found[id(w)] = w
+    return list(found.values())
+
+
+def weight_bytes(module: nn.Module, skip: set[int] = frozenset()) -> int:
+    return sum(t.numel() * t.element_size() for t in weight_tensors(module, skip))
 
 
 class RMSNorm(nn.Module):
