@@ -31,6 +31,11 @@ def rowgemm_module():
         import sys
 
         from torch.utils.cpp_extension import _get_build_directory, load
+        try:  # the ninja that pip installed with mtpx, also when the virtual environment is not activated
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
         source = Path(__file__).with_name("rowgemm.cpp")
         if not (Path(_get_build_directory("mtpx_rowgemm", False)) / "mtpx_rowgemm.so").exists():
             print("mtpx: compiling the rowgemm CPU kernel (once, ~30 s)", file=sys.stderr, flush=True)
