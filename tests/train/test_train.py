@@ -149,3 +149,18 @@ def test_mtpx_train_cli_writes_a_standard_checkpoint(setup, tmp_path):
     assert any(n.startswith("mtp.") for n in ckpt.shapes)
     card = (out / "README.md").read_text()
     assert "mtpx train --corpus" in card and "--preset tiny" in card and "val loss" in card
+
+
+@pytest.mark.skipif(not __import__("mtpx.kernels", fromlist=["x"]).rowgemm_available(), reason="int8 needs rowgemm")
+def test_quantization_error_reports_loss_and_agreement(dense_ckpt, tmp_path):
+    import mtpx
+    from mtpx.train.evaluate import quantization_error
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"f{i}.py")
+        files[-1].write_text("".join(f"def f{j}(x):\n    return x * {j}\n" for j in range(20 * (i + 1))))
+    bf16, int8 = mtpx.LLM(dense_ckpt), mtpx.LLM(dense_ckpt, dtype="int8")
+    same = quantization_error(bf16, bf16, files)
+    assert same["greedy_agreement"] == 1.0 and same["loss_quantized"] == same["loss_reference"] > 0
+    r = quantization_error(bf16, int8, files)
+    assert 0.5 < r["greedy_agreement"] <= 1.0 and abs(r["loss_quantized"] - r["loss_reference"]) < 0.5

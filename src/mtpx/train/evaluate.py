@@ -135,6 +135,26 @@ def speculative_acceptance(llm, prompts: list[str], k: int, max_tokens: int, spe
             "first_position_acceptance": by_pos_acc[0] / by_pos_n[0] if by_pos_n[0] else 0.0}
 
 
+@torch.inference_mode()
+def quantization_error(reference, quantized, files: list[Path], windows: int = 16, length: int = 256) -> dict:
+    """Held-out next-token loss of two LLMs on the same text (the first `length` tokens of `windows` held-out files)
+    and how often their greedy choices agree: the accuracy cost of a quantization."""
+    nll = {"reference": 0.0, "quantized": 0.0}
+    agree = total = 0
+    for f in files[:windows]:
+        ids = reference.tokenizer.encode(f.read_text(encoding="utf-8", errors="ignore"))[:length + 1]
+        if len(ids) < 2:
+            continue
+        target = torch.tensor(ids[1:])
+        ref, q = reference.logits(ids[:-1]), quantized.logits(ids[:-1])
+        nll["reference"] += torch.nn.functional.cross_entropy(ref, target, reduction="sum").item()
+        nll["quantized"] += torch.nn.functional.cross_entropy(q, target, reduction="sum").item()
+        agree += (ref.argmax(-1) == q.argmax(-1)).sum().item()
+        total += len(target)
+    return {"tokens": total, "loss_reference": nll["reference"] / total, "loss_quantized": nll["quantized"] / total,
+            "greedy_agreement": agree / total}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo")
@@ -148,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--samples", type=int, default=0, help="also print this many greedy code continuations")
+    p.add_argument("--compare-dtype", default=None,
+                   help="instead: held-out loss and greedy agreement of the model in this dtype (e.g. int8) vs bf16")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from mtpx.llm import LLM, resolve_model_path
@@ -155,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     recipe = args.recipe or path / "corpus_recipe.json"
     files = held_out_files(recipe)
     llm = LLM(args.model)
+    if args.compare_dtype:
+        r = quantization_error(llm, LLM(args.model, dtype=args.compare_dtype), files)
+        print(f"{args.compare_dtype} vs bf16 on {r['tokens']} held-out tokens: loss {r['loss_quantized']:.4f} vs "
+              f"{r['loss_reference']:.4f}, greedy agreement {r['greedy_agreement']:.1%}")
+        return 0
     results = []
     for kind in args.kinds:
         prompts = heldout_prompts(files, kind, args.n)
