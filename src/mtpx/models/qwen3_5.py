@@ -135,12 +135,13 @@ def pack_for_cpu(model: nn.Module) -> None:
 
     def pack(w: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), STEP_ROWS)
-    fused_members = set()
+    fused_members, fused_weights = set(), []
     for module in model.modules():
         groups = getattr(module, "FUSED_PROJECTIONS", None)
         if groups:
             members = [getattr(module, n) for n in groups]
             weight = torch.cat([m.weight.detach() for m in members])
+            fused_weights.append(weight)
             offset = 0
             for m in members:
                 rows = m.weight.shape[0]
@@ -152,6 +153,12 @@ def pack_for_cpu(model: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, Linear) and id(module) not in fused_members:
                 module.packed = pack(module.weight)
+    # the loader's tensors are views of the memory-mapped checkpoint: while any of them lives, the file's pages
+    # that fusing copied stay resident too (RSS ~1.7x the weights on the 0.8B body); own copies let it go
+    owned = {w.untyped_storage().data_ptr() for w in fused_weights}
+    for param in {id(p): p for p in model.parameters()}.values():
+        if param.untyped_storage().data_ptr() not in owned:
+            param.data = param.data.clone()
 
 
 def quantize_int8(model: nn.Module) -> None:
