@@ -3,7 +3,8 @@
 `rowgemm(x, w)`: x [M <= 8, K] @ w[N, K]^T with bf16 weights, fp32 accumulation. Each output row is computed the
 same way whatever M is (so a verify pass is bit-identical to one-token steps), and the weights are read once for
 all rows (so it costs about what one row costs). Measured here on a CPU without AVX512_BF16, where oneDNN's bf16
-matmul costs ~2.5x more for 5 rows than for 1 (see BENCHMARKS.md). Set MTPX_ROWGEMM=0 to use oneDNN instead.
+matmul costs ~2.5x more for 5 rows than for 1 (see BENCHMARKS.md). `rowgemm_int8`: the same for int8 weights.
+`gdn_steps`: the Gated DeltaNet recurrence over a few tokens, fused. Set MTPX_ROWGEMM=0 to use PyTorch ops instead.
 """
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 8
 _module = None
 _tried = False
+
+
+def _extension_name() -> str:
+    """Built with -march=native: name the build after the CPU, so a cache shared by different machines never loads
+    code for instructions this one lacks."""
+    import hashlib
+    import platform
+    cpu = platform.machine()
+    try:
+        cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    return "mtpx_rowgemm_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
 
 
 def rowgemm_module():
@@ -37,9 +51,10 @@ def rowgemm_module():
         except ImportError:
             pass
         source = Path(__file__).with_name("rowgemm.cpp")
-        if not (Path(_get_build_directory("mtpx_rowgemm", False)) / "mtpx_rowgemm.so").exists():
-            print("mtpx: compiling the rowgemm CPU kernel (once, ~30 s)", file=sys.stderr, flush=True)
-        _module = load(name="mtpx_rowgemm", sources=[str(source)], verbose=False,
+        name = _extension_name()
+        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
+            print("mtpx: compiling the CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
+        _module = load(name=name, sources=[str(source)], verbose=False,
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path
         log.warning("mtpx: could not build the rowgemm CPU kernel (%s); using oneDNN for step matmuls", e)
