@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from mtpx import kernels
-from mtpx.models import qwen3_5
-from mtpx.models.qwen3_5 import linear, row_invariant
+from mtpx.models import linear as linear_module
+from mtpx.models.linear import Int8Weight, linear, row_invariant
 
 needs_kernel = pytest.mark.skipif(not kernels.rowgemm_available(), reason="rowgemm kernel could not be built here")
 
@@ -48,7 +48,7 @@ def test_rowgemm_rejects_bad_shapes():
 
 def test_padded_onednn_path_is_row_invariant_too(monkeypatch):
     """Where the kernel cannot be built, step matmuls fall back to fixed blocks of STEP_ROWS rows on oneDNN."""
-    monkeypatch.setattr(qwen3_5, "uses_rowgemm", lambda w: False)
+    monkeypatch.setattr(linear_module, "uses_rowgemm", lambda w: False)
     g = torch.Generator().manual_seed(2)
     w = torch.randn(1024, 3584, generator=g).bfloat16()
     x = torch.randn(11, 3584, generator=g).bfloat16()
@@ -60,7 +60,6 @@ def test_padded_onednn_path_is_row_invariant_too(monkeypatch):
 
 @needs_kernel
 def test_rowgemm_int8_rows_do_not_depend_on_row_count_and_match_dequantized():
-    from mtpx.models.qwen3_5 import Int8Weight
     g = torch.Generator().manual_seed(3)
     w = Int8Weight(torch.randn(1000, 512, generator=g).bfloat16())
     x = torch.randn(8, 512, generator=g).bfloat16()

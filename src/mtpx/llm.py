@@ -11,8 +11,8 @@ import torch
 
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
-from mtpx.models.qwen3_5 import Qwen35Model, pack_for_cpu, quantize_int8
-from mtpx.models.qwen3_5 import weight_bytes as model_weight_bytes
+from mtpx.models.linear import pack_for_cpu, quantize_int8, weight_bytes
+from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import SamplingParams
 from mtpx.speculative.drafters import Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
 from mtpx.speculative.loop import Sequence, decode_round, prefill
@@ -59,18 +59,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def _libc():
-    import ctypes
-    return ctypes.CDLL("libc.so.6")
-
-
 def retain_freed_memory() -> None:
     """Let glibc keep freed memory instead of handing it back to the OS. Every decode round allocates fresh
     per-token Gated DeltaNet states (1 MiB a layer on the 0.8B body) and frees the previous round's; returned memory
     costs a page fault per 4 KiB when it is touched again (measured: verify of 4 tokens 17 -> 10 ms in the
     recurrence on the 0.8B body). Same idea as running PyTorch CPU inference on jemalloc / tcmalloc."""
     try:
-        libc = _libc()
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
         libc.malloc_trim(0)  # first hand back what loading freed (fp32 / unfused copies)
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
@@ -122,10 +118,10 @@ class LLM:
         self.model: Qwen35Model = self._prepare(build_model(ckpt, self.dtype, self.device))
         if self.device.type == "cpu":
             retain_freed_memory()
-            weight_bytes = model_weight_bytes(self.model)
+            nbytes = weight_bytes(self.model)
             # small models are bound by per-op overhead, and a second OpenMP thread that another process delays
             # stalls every op (measured on the demo model: 190 tok/s with 1 thread, 12-44 with 2 under load)
-            torch.set_num_threads(threads or (1 if weight_bytes < SMALL_MODEL_BYTES else torch.get_num_threads()))
+            torch.set_num_threads(threads or (1 if nbytes < SMALL_MODEL_BYTES else torch.get_num_threads()))
         self.eos = set(self.config.eos_token_id)
         self._draft_models: dict[str, Qwen35Model] = {}
 

@@ -114,7 +114,7 @@ def test_step_rows_are_batch_invariant_in_bf16(ckpt_factory, variant):
 def test_row_invariant_linear_for_wide_shapes_and_many_rows():
     """Plain bf16 matmuls on oneDNN may round a row differently depending on the row count (seen here for K >= 2048);
     inside row_invariant() every row's result equals its result alone, for any number of rows."""
-    from mtpx.models.qwen3_5 import linear, row_invariant
+    from mtpx.models.linear import linear, row_invariant
     g = torch.Generator().manual_seed(1)
     for n, k in [(1024, 3584), (2048, 3584), (64, 64), (4096, 1024)]:
         w = torch.randn(n, k, generator=g).bfloat16()

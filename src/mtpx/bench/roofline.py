@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mtpx.models.qwen3_5 import int8_weights, weight_bytes, weight_tensors
+from mtpx.models.linear import int8_weights, linear, row_invariant, weight_bytes, weight_tensors
 
 
 def _best(fn, reps: int) -> float:
@@ -48,7 +48,6 @@ def measure_bandwidth(mbytes: int = 512, reps: int = 5) -> dict:
         "threads": torch.get_num_threads(),
     }
     from mtpx import kernels
-    from mtpx.models.qwen3_5 import linear, row_invariant
     with row_invariant():  # mtpx's step matmuls as they run on this machine (rowgemm, or padded oneDNN blocks)
         for rows in (1, 5):
             xr = torch.randn(rows, hidden, dtype=torch.bfloat16)

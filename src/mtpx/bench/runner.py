@@ -19,7 +19,8 @@ import torch
 
 from mtpx.bench.prompts import Workload
 from mtpx.errors import RequestError
-from mtpx.models.qwen3_5 import Experts, Qwen35Model, weight_bytes
+from mtpx.models.linear import weight_bytes
+from mtpx.models.qwen3_5 import Experts, Qwen35Model
 
 DEFAULT_K = 3
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mtpx.models.qwen3_5 import Qwen35Model, weight_bytes
+from mtpx.models.linear import weight_bytes
+from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import sample, target_probs
 from mtpx.state import SequenceState
 

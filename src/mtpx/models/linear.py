@@ -1,0 +1,194 @@
+"""Linear layers of the step and prefill paths: row-invariant step matmuls (rowgemm, or fixed oneDNN row blocks),
+fused projections, weight-only int8, and counting the weight bytes a forward reads."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtpx import kernels
+
+# Step-mode matmuls must give each row the bits it would get alone (greedy speculation is then bit-exact). Two ways:
+# - rowgemm (mtpx.kernels, bf16 weights on CPU): computes every row the same way whatever the row count, and reads
+#   the weights once for all rows, so verifying k drafts costs about one decode step;
+# - otherwise: oneDNN picks its kernel (and so its summation order) by row count, so every matmul runs on exactly
+#   STEP_ROWS rows (zero-padded, or in blocks). 5 = a verify pass of k = 4 drafts.
+STEP_ROWS = 5
+_row_invariant = False
+
+
+@contextmanager
+def row_invariant(enabled: bool = True):
+    """Within this block, matmuls give each row the same result whatever the number of rows (see STEP_ROWS)."""
+    global _row_invariant
+    previous, _row_invariant = _row_invariant, enabled
+    try:
+        yield
+    finally:
+        _row_invariant = previous
+
+
+class Int8Weight:
+    """Weight-only int8: q [N, K] int8 and one fp32 scale per output row (w ≈ q * scale, symmetric, absmax / 127).
+    Step matmuls run on rowgemm_int8 (row-invariant, like bf16); prefill uses PyTorch's int8 weight-only matmul."""
+
+    def __init__(self, weight: torch.Tensor, chunk_rows: int = 1024):
+        w = weight.detach()
+        self.scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+        self.q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        for start in range(0, w.shape[0], chunk_rows):  # in slices: no fp32 copy of a whole (vocab-sized) weight
+            rows = w[start:start + chunk_rows].float()
+            scale = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12)
+            self.scale[start:start + chunk_rows] = scale
+            self.q[start:start + chunk_rows] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.scale_bf16 = self.scale.to(torch.bfloat16)
+        self.shape = self.q.shape
+
+
+def uses_rowgemm(weight: torch.Tensor) -> bool:
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.shape[-1] % 16 == 0
+            and weight.is_contiguous() and kernels.rowgemm_available())
+
+
+def _matmul(rows: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+    return F.linear(rows, weight)
+
+
+def _rowgemm(rows: torch.Tensor, weight) -> torch.Tensor:
+    if isinstance(weight, Int8Weight):
+        return kernels.rowgemm_int8(rows, weight.q, weight.scale)
+    return kernels.rowgemm(rows, weight)
+
+
+def linear(x: torch.Tensor, weight, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T, `weight` a tensor or an Int8Weight; `packed` is the same weight prepacked for oneDNN (see
+    pack_for_cpu), used in its place."""
+    out_features = (weight if weight is not None else packed).shape[0]
+    rows = x.reshape(-1, x.shape[-1])
+    if not _row_invariant:
+        if isinstance(weight, Int8Weight):
+            out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), weight.q, weight.scale_bf16)
+        else:
+            out = _matmul(rows, weight, packed)
+        return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    if isinstance(weight, Int8Weight) or (weight is not None and uses_rowgemm(weight)):
+        blocks = rows.split(kernels.MAX_ROWS)  # each row's result is independent of its block
+        out = torch.cat([_rowgemm(b, weight) for b in blocks]) if len(blocks) > 1 else _rowgemm(rows, weight)
+        return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    m = rows.shape[0]
+    pad = (-m) % STEP_ROWS
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+    if m + pad > STEP_ROWS:
+        out = torch.cat([_matmul(block, weight, packed) for block in rows.split(STEP_ROWS)])
+    else:
+        out = _matmul(rows, weight, packed)
+    return out[:m].reshape(*x.shape[:-1], out_features)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) that honours row_invariant() and can run from a oneDNN-prepacked copy."""
+    packed: torch.Tensor | None = None
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    q8: Int8Weight | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.q8 if self.q8 is not None else self.weight, self.packed)
+
+
+def project(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """Apply several Linear layers that read the same input; one matmul once pack_for_cpu has fused them."""
+    fused = owner.__dict__.get("_fused")
+    if fused is None:
+        return [getattr(owner, n)(x) for n in names]
+    weight, packed, sizes = fused
+    return list(linear(x, weight, packed).split(sizes, dim=-1))
+
+
+def pack_for_cpu(model: nn.Module) -> None:
+    """Inference on CPU in bf16: fuse projections that share an input into one weight (the members' parameters
+    become views of it, so no memory is added). Without the rowgemm kernel, also prepack every weight for oneDNN
+    (~1.5x the weight bandwidth of F.linear on AVX512_BF16 machines; the parameters stay for state_dict users)."""
+    oneDNN = not kernels.rowgemm_available()
+
+    def pack(w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), STEP_ROWS)
+    fused_members, fused_weights = set(), []
+    for module in model.modules():
+        groups = getattr(module, "FUSED_PROJECTIONS", None)
+        if groups:
+            members = [getattr(module, n) for n in groups]
+            weight = torch.cat([m.weight.detach() for m in members])
+            fused_weights.append(weight)
+            offset = 0
+            for m in members:
+                rows = m.weight.shape[0]
+                m.weight.data = weight[offset:offset + rows]
+                offset += rows
+            module.__dict__["_fused"] = (weight, pack(weight) if oneDNN else None, [m.weight.shape[0] for m in members])
+            fused_members.update(id(m) for m in members)
+    if oneDNN:
+        for module in model.modules():
+            if isinstance(module, Linear) and id(module) not in fused_members:
+                module.packed = pack(module.weight)
+    # the loader's tensors are views of the memory-mapped checkpoint: while any of them lives, the file's pages
+    # that fusing copied stay resident too (RSS ~1.7x the weights on the 0.8B body); own copies let it go
+    owned = {w.untyped_storage().data_ptr() for w in fused_weights}
+    for param in {id(p): p for p in model.parameters()}.values():
+        if param.untyped_storage().data_ptr() not in owned:
+            param.data = param.data.clone()
+
+
+def quantize_int8(model: nn.Module) -> None:
+    """Weight-only int8 for every Linear and fused projection (MoE experts and the embedding stay bf16). The bf16
+    copies are released, except the embedding's when lm_head shares it. Needs the rowgemm kernel (CPU)."""
+    if not kernels.rowgemm_available():
+        from mtpx.errors import RequestError
+        raise RequestError("int8 weights need the rowgemm CPU kernel, which could not be built here "
+                           "(a C++ compiler is required); use dtype bf16")
+    shared = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    for module in model.modules():
+        fused = module.__dict__.get("_fused")
+        if fused is not None:
+            weight, _, sizes = fused
+            module.__dict__["_fused"] = (Int8Weight(weight), None, sizes)
+            for n in module.FUSED_PROJECTIONS:
+                getattr(module, n).weight.data = torch.empty(0, dtype=weight.dtype)
+    for module in model.modules():
+        if isinstance(module, Linear) and module.weight.numel():
+            module.q8, module.packed = Int8Weight(module.weight), None
+            if id(module.weight) not in shared:
+                module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+
+
+def weight_tensors(module: nn.Module, skip: set[int] = frozenset()) -> list[torch.Tensor]:
+    """The weight tensors a forward of `module` reads: its parameters (ids in `skip` left out), with int8
+    replacements (values and scales) instead of the bf16 weights they replaced."""
+    tensors, replaced = [], set(skip)
+    for w in int8_weights(module):
+        tensors += [w.q, w.scale]
+    for m in module.modules():
+        if isinstance(m, Linear) and m.q8 is not None:
+            replaced.add(id(m.weight))
+    params = {id(p): p for p in module.parameters() if id(p) not in replaced and p.numel()}
+    return tensors + list(params.values())
+
+
+def int8_weights(module: nn.Module) -> list[Int8Weight]:
+    found = {}
+    for m in module.modules():
+        for w in (m.__dict__.get("_fused", (None,))[0], getattr(m, "q8", None)):
+            if isinstance(w, Int8Weight):
+                found[id(w)] = w
+    return list(found.values())
+
+
+def weight_bytes(module: nn.Module, skip: set[int] = frozenset()) -> int:
+    return sum(t.numel() * t.element_size() for t in weight_tensors(module, skip))
