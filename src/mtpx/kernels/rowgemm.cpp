@@ -14,6 +14,9 @@ namespace {
 
 constexpr int kLanes = 16;
 constexpr int kColumns = 4;  // output columns computed together (reuses each loaded x vector 4 times)
+// software prefetch this far ahead in each weight row: the hardware prefetcher alone left decode at ~75% of the
+// read bandwidth (measured: 17 -> 22 GB/s at 2 threads, one row)
+constexpr int64_t kPrefetchBytes = 1024;
 
 #ifdef __AVX512F__
 inline __m512 widen(const at::BFloat16* p) {
@@ -34,6 +37,9 @@ void columns(const float* x, const W* w, int64_t K, int64_t n, float* out, int64
   for (int64_t k = 0; k < K; k += kLanes) {
     __m512 xv[M];
     for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+    if ((k * sizeof(W)) % 64 == 0)  // once per cache line
+      for (int c = 0; c < C; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n + c) * K + k) + kPrefetchBytes, _MM_HINT_T0);
     for (int c = 0; c < C; ++c) {
       __m512 wv = widen(w + (n + c) * K + k);
       for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(wv, xv[m], acc[c][m]);
