@@ -75,29 +75,48 @@ def test_rowgemm_int8_rows_do_not_depend_on_row_count_and_match_dequantized():
 
 
 @needs_kernel
-def test_gdn_steps_match_the_reference_recurrence_and_do_not_depend_on_token_count():
-    """The fused Gated DeltaNet step equals the op-by-op recurrence (to fp32 rounding), and its result for a token is
-    the same bits whether the call holds 1 token or several."""
-    from mtpx.models.qwen3_5 import recurrent_gated_delta_step
-    g = torch.Generator().manual_seed(4)
-    T, nk, nv, dk, dv = 5, 2, 4, 16, 32
-    mixed = torch.randn(T, 2 * nk * dk + nv * dv, generator=g)
-    gate = -torch.rand(T, nv, generator=g)
-    beta = torch.rand(T, nv, generator=g)
-    state = torch.randn(nv, dk, dv, generator=g)
-    out, states = kernels.gdn_steps(mixed, gate, beta, state, nk, dk, dv)
-    ref_state = state
-    for t in range(T):
-        q, k, v = mixed[t].split([nk * dk, nk * dk, nv * dv])
-        q, k = q.view(nk, dk), k.view(nk, dk)
-        q = (q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dk ** 0.5).repeat_interleave(nv // nk, 0)
-        k = (k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)).repeat_interleave(nv // nk, 0)
-        o, ref_state = recurrent_gated_delta_step(q, k, v.view(nv, dv), gate[t], beta[t], ref_state)
-        torch.testing.assert_close(out[t], o, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(states[t], ref_state, rtol=1e-5, atol=1e-5)
-    # one token at a time, continuing from the state each call left
-    s = state
-    for t in range(T):
-        o1, (s,) = kernels.gdn_steps(mixed[t:t + 1].contiguous(), gate[t:t + 1].contiguous(),
-                                     beta[t:t + 1].contiguous(), s, nk, dk, dv)
-        assert torch.equal(o1[0], out[t]) and torch.equal(s, states[t])
+@pytest.mark.parametrize("variant", [dict(), dict(moe=True)], ids=["dense", "moe"])
+def test_fused_step_ops_compute_what_the_pytorch_step_path_computes(ckpt_factory, variant, monkeypatch):
+    """Step forwards of a bf16 model with the fused kernels (norms, attention, Gated DeltaNet, SwiGLU) against the
+    same forwards op by op: the same function, up to bf16 rounding of intermediate results."""
+    from mtpx.loading import build_model, load_checkpoint
+    model = build_model(load_checkpoint(ckpt_factory(**variant)), torch.bfloat16)
+    x = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(5))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        state = model.new_state(64)
+        with torch.no_grad():
+            model(x[:, :20], [state], "prefill")
+            logits = [model.logits(model(x[:, t:t + w], [state], "step"), step=True)
+                      for t, w in ((20, 1), (21, 4), (25, 5))]
+        return torch.cat(logits, 1).float()[0], state.recurrent[0]
+
+    fused, fused_state = run()
+    monkeypatch.setattr(kernels, "fused_step_ops", lambda x: False)
+    reference, reference_state = run()
+    scale = reference.abs().max()
+    assert (fused - reference).abs().max() <= 0.03 * scale
+    assert (fused.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8  # a random tiny model has near ties
+    torch.testing.assert_close(fused_state, reference_state, rtol=1e-3, atol=1e-4 * reference_state.abs().max().item())
+
+
+@needs_kernel
+def test_fused_norm_and_swiglu_match_pytorch():
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(7, 96, generator=g) * 3).bfloat16()
+    w = (torch.randn(96, generator=g) * 0.1).bfloat16()
+    ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w.float())).bfloat16()
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6, True), ref, rtol=2 ** -7, atol=1e-6)
+    gate_up = (torch.randn(5, 2 * 48, generator=g) * 2).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, rtol=2 ** -7, atol=1e-6)
+
+
+@needs_kernel
+def test_attention_step_rejects_positions_past_the_cache():
+    cache = torch.zeros(1, 4, 16, dtype=torch.bfloat16)
+    qkv = torch.zeros(2, 2 * 16 + 2 * 16, dtype=torch.bfloat16)
+    cos = torch.ones(2, 4, dtype=torch.bfloat16)
+    w = torch.zeros(16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="exceed the cache"):
+        kernels.attention_step(qkv, w, w, cos, cos, cache, cache.clone(), 3, 1, 1, 16, 1e-6)

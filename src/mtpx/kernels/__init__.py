@@ -4,7 +4,10 @@
 same way whatever M is (so a verify pass is bit-identical to one-token steps), and the weights are read once for
 all rows (so it costs about what one row costs). Measured here on a CPU without AVX512_BF16, where oneDNN's bf16
 matmul costs ~2.5x more for 5 rows than for 1 (see BENCHMARKS.md). `rowgemm_int8`: the same for int8 weights.
-`gdn_steps`: the Gated DeltaNet recurrence over a few tokens, fused. Set MTPX_ROWGEMM=0 to use PyTorch ops instead.
+The small ops of a step forward, fused (step_ops.cpp): `rms_norm`, `silu_mul`, `attention_step` (q/k norm, RoPE,
+cache write, per-position attention, output gate) and `gdn_step` (conv, gates, delta rule, gated norm). A step of a
+small model is otherwise a few hundred PyTorch ops of a few microseconds' overhead each.
+Set MTPX_ROWGEMM=0 to use PyTorch ops instead.
 """
 from __future__ import annotations
 
@@ -50,11 +53,11 @@ def rowgemm_module():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass
-        source = Path(__file__).with_name("rowgemm.cpp")
+        sources = [str(Path(__file__).with_name(f)) for f in ("rowgemm.cpp", "step_ops.cpp", "bindings.cpp")]
         name = _extension_name()
         if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
             print("mtpx: compiling the CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
-        _module = load(name=name, sources=[str(source)], verbose=False,
+        _module = load(name=name, sources=sources, verbose=False,
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path
         log.warning("mtpx: could not build the rowgemm CPU kernel (%s); using oneDNN for step matmuls", e)
@@ -74,8 +77,33 @@ def rowgemm_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     return rowgemm_module().rowgemm_int8(x, q, scale)
 
 
-def gdn_steps(mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor, nk: int, dk: int,
-              dv: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Gated DeltaNet steps over T tokens of one sequence: outputs [T, nv, dv] and the state after each token."""
-    out, *states = rowgemm_module().gdn_steps(mixed, g, beta, state, nk, dk, dv)
+def fused_step_ops(x: torch.Tensor) -> bool:
+    """Whether a step forward on x can use the fused small-op kernels (bf16 on CPU, kernels built)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and rowgemm_available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool) -> torch.Tensor:
+    """RMSNorm over the last dim of bf16 x; weight used as (1 + weight) when `offset` (Qwen3.5's zero-centred form)."""
+    return rowgemm_module().rms_norm(x.contiguous(), weight, eps, offset)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate | up) -> silu(gate) * up [..., I]."""
+    return rowgemm_module().silu_mul(gate_up.contiguous())
+
+
+def attention_step(qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, n_heads: int,
+                   n_kv: int, head_dim: int, eps: float) -> torch.Tensor:
+    """Gated attention of T positions of one sequence over its KV cache (writes their k, v at start..start+T)."""
+    return rowgemm_module().attention_step(qkv.contiguous(), q_norm, k_norm, cos.contiguous(), sin.contiguous(),
+                                           cache_k, cache_v, start, n_heads, n_kv, head_dim, eps)
+
+
+def gdn_step(conv_in: torch.Tensor, conv_weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor,
+             A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor, state: torch.Tensor, nk: int,
+             dk: int, dv: int, eps: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Gated DeltaNet layer core over T positions of one sequence: out [T, nv * dv] and the state after each one."""
+    out, *states = rowgemm_module().gdn_step(conv_in.contiguous(), conv_weight, a, b, z, A_log, dt_bias,
+                                             norm_weight, state.contiguous(), nk, dk, dv, eps)
     return out, states

@@ -6,7 +6,8 @@
 // accumulator per input row, summed over K in the same order, then reduced by the same fixed tree. So a verify pass
 // over k + 1 positions gives each position exactly the bits a one-token decode step gives, and costs about the
 // same, because the weights (the bandwidth) are read once for all rows.
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -117,87 +118,4 @@ torch::Tensor rowgemm_int8(const torch::Tensor& x, const torch::Tensor& q, const
   check(x, q, at::kChar, "int8");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == q.size(0), "rowgemm_int8: fp32 scale [N]");
   return (run(x, q.data_ptr<int8_t>(), q.size(0)) * scale).to(x.scalar_type());
-}
-
-// Gated DeltaNet decode/verify steps for one sequence, token after token, fused: per value head, l2-normalise q and
-// k, decay the state, read it (k^T S), update it by k ⊗ delta and read the output (q^T S) in two passes over the
-// state instead of the six of separate ops, and keep the state after every token (the snapshots rollback uses).
-// Tokens run strictly in order with the same code, so a position's result does not depend on how many follow it.
-// mixed [T, 2 * nk * dk + nv * dv] fp32 (conv output: q, k, v); g (log decay), beta [T, nv]; state [nv, dk, dv].
-// Returns out [T, nv, dv] and T separate states [nv, dk, dv] (separate, so a kept snapshot holds only itself).
-std::vector<torch::Tensor> gdn_steps(const torch::Tensor& mixed, const torch::Tensor& g, const torch::Tensor& beta,
-                                     const torch::Tensor& state, int64_t nk, int64_t dk, int64_t dv) {
-  const int64_t T = mixed.size(0), nv = state.size(0);
-  TORCH_CHECK(mixed.scalar_type() == at::kFloat && mixed.is_contiguous() && mixed.size(1) == 2 * nk * dk + nv * dv,
-              "gdn_steps: mixed must be contiguous fp32 [T, 2 * nk * dk + nv * dv]");
-  TORCH_CHECK(g.scalar_type() == at::kFloat && beta.scalar_type() == at::kFloat && g.is_contiguous() &&
-              beta.is_contiguous() && g.numel() == T * nv && beta.numel() == T * nv, "gdn_steps: g, beta fp32 [T, nv]");
-  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.size(1) == dk && state.size(2) == dv,
-              "gdn_steps: state must be contiguous fp32 [nv, dk, dv]");
-  TORCH_CHECK(nv % nk == 0, "gdn_steps: value heads must be a multiple of key heads");
-  auto out = torch::empty({T, nv, dv}, mixed.options());
-  std::vector<torch::Tensor> states;
-  std::vector<float*> sp;
-  for (int64_t t = 0; t < T; ++t) {
-    states.push_back(torch::empty({nv, dk, dv}, mixed.options()));
-    sp.push_back(states.back().data_ptr<float>());
-  }
-  const float* mp = mixed.data_ptr<float>();
-  const float* gp = g.data_ptr<float>();
-  const float* bp = beta.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float* s0 = state.data_ptr<float>();
-  const int64_t width = mixed.size(1), key_dim = nk * dk, group = nv / nk;
-  const float q_scale = 1.0f / std::sqrt(static_cast<float>(dk));
-  at::parallel_for(0, nv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(dk), k(dk), kv(dv), delta(dv);
-    for (int64_t h = begin; h < end; ++h) {
-      const int64_t kh = h / group;
-      for (int64_t t = 0; t < T; ++t) {
-        const float* row = mp + t * width;
-        float qq = 0.f, kk = 0.f;
-        for (int64_t i = 0; i < dk; ++i) {
-          q[i] = row[kh * dk + i];
-          k[i] = row[key_dim + kh * dk + i];
-          qq += q[i] * q[i];
-          kk += k[i] * k[i];
-        }
-        const float qn = q_scale / std::sqrt(qq + 1e-6f), kn = 1.0f / std::sqrt(kk + 1e-6f);
-        for (int64_t i = 0; i < dk; ++i) {
-          q[i] *= qn;
-          k[i] *= kn;
-        }
-        const float* v = row + 2 * key_dim + h * dv;
-        const float decay = std::exp(gp[t * nv + h]), b = bp[t * nv + h];
-        const float* S = (t == 0 ? s0 : sp[t - 1]) + h * dk * dv;
-        float* S_new = sp[t] + h * dk * dv;
-        float* o = op + (t * nv + h) * dv;
-        for (int64_t j = 0; j < dv; ++j) kv[j] = 0.f;
-        for (int64_t i = 0; i < dk; ++i) {
-          const float ki = k[i] * decay;
-          for (int64_t j = 0; j < dv; ++j) kv[j] += ki * S[i * dv + j];
-        }
-        for (int64_t j = 0; j < dv; ++j) {
-          delta[j] = (v[j] - kv[j]) * b;
-          o[j] = 0.f;
-        }
-        for (int64_t i = 0; i < dk; ++i) {
-          const float ki = k[i], qi = q[i];
-          for (int64_t j = 0; j < dv; ++j) {
-            const float s = decay * S[i * dv + j] + ki * delta[j];
-            S_new[i * dv + j] = s;
-            o[j] += qi * s;
-          }
-        }
-      }
-    }
-  });
-  states.insert(states.begin(), out);
-  return states;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gdn_steps", &gdn_steps, "fused Gated DeltaNet steps for one sequence, with per-token states");
-  m.def("rowgemm", &rowgemm, "few-row bf16 matmul, row-invariant");
-  m.def("rowgemm_int8", &rowgemm_int8, "few-row int8-weight matmul, row-invariant");
 }

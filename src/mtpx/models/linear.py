@@ -30,6 +30,11 @@ def row_invariant(enabled: bool = True):
         _row_invariant = previous
 
 
+def step_rows() -> bool:
+    """Inside row_invariant(): a step forward, whose ops must treat every row as if it were alone."""
+    return _row_invariant
+
+
 class Int8Weight:
     """Weight-only int8: q [N, K] int8 and one fp32 scale per output row (w ≈ q * scale, symmetric, absmax / 127).
     Step matmuls run on rowgemm_int8 (row-invariant, like bf16); prefill uses PyTorch's int8 weight-only matmul."""
@@ -110,6 +115,15 @@ def project(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[t
         return [getattr(owner, n)(x) for n in names]
     weight, packed, sizes = fused
     return list(linear(x, weight, packed).split(sizes, dim=-1))
+
+
+def project_joined(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    """`project`'s outputs side by side in one tensor [..., sum of out_features]."""
+    fused = owner.__dict__.get("_fused")
+    if fused is None:
+        return torch.cat(project(owner, names, x), dim=-1)
+    weight, packed, _ = fused
+    return linear(x, weight, packed)
 
 
 def pack_for_cpu(model: nn.Module) -> None:

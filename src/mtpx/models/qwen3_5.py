@@ -21,7 +21,7 @@ from torch import nn
 
 from mtpx import kernels
 from mtpx.config import ModelConfig
-from mtpx.models.linear import Linear, linear, project, row_invariant
+from mtpx.models.linear import Linear, linear, project, project_joined, row_invariant, step_rows
 from mtpx.state import SequenceState
 
 GDN_CHUNK = 64
@@ -36,6 +36,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if step_rows() and kernels.fused_step_ops(x):
+            return kernels.rms_norm(x, self.weight, self.eps, True)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (1.0 + self.weight.float())).type_as(x)
@@ -103,6 +105,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
         B, T, _ = x.shape
+        if p.mode == "step" and p.states is not None and kernels.fused_step_ops(x):
+            qkv = project_joined(self, self.FUSED_PROJECTIONS, x)
+            out = torch.stack([kernels.attention_step(qkv[b], self.q_norm.weight, self.k_norm.weight, p.cos[b],
+                                                      p.sin[b], *p.states[b].kv[self.layer_idx], p.states[b].length,
+                                                      self.n_heads, self.n_kv, self.head_dim, self.q_norm.eps)
+                               for b in range(B)])
+            return self.o_proj(out)
         q, k, v = project(self, self.FUSED_PROJECTIONS, x)
         q, gate = q.reshape(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
         gate = gate.reshape(B, T, -1)
@@ -203,10 +212,13 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
         B, T, _ = x.shape
         qkv, z, b, a = project(self, self.FUSED_PROJECTIONS, x)  # qkv: [B, T, conv_dim], before the conv
+        w = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
+        if p.mode == "step" and p.states is not None and kernels.fused_step_ops(x):
+            return self.out_proj(torch.stack([self._fused_step(qkv[i], a[i], b[i], z[i], w, p.states[i])
+                                              for i in range(B)]))
         z = z.reshape(B, T, self.nv, self.dv)
         beta = b.sigmoid().float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        w = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
         if p.states is None:  # no caches (training, LLM.logits): the whole batch at once
             core = self._uncached(qkv, g, beta, w).to(x.dtype)
             return self.out_proj(self.norm(core, z).reshape(B, T, self.value_dim))
@@ -259,7 +271,6 @@ class GatedDeltaNet(nn.Module):
 
     def _step(self, qkv, g, beta, w, state: SequenceState):
         T, K = qkv.shape[0], self.kernel
-        snaps = state.snapshots[self.layer_idx]
         seq = torch.cat([state.conv[self.layer_idx], qkv.t()], dim=1)  # [conv_dim, K - 1 + T]
         # causal conv as explicit multiply-adds: elementwise, so each position's value ignores T
         xf, wf = seq.float(), w.float()
@@ -267,21 +278,29 @@ class GatedDeltaNet(nn.Module):
         for j in range(1, K):
             acc = acc + xf[:, j:j + T] * wf[:, j:j + 1]
         mixed = F.silu(acc).t().to(qkv.dtype)
-        rec, outs = state.recurrent[self.layer_idx], []
-        if rec.device.type == "cpu" and kernels.rowgemm_available():
-            out, states = kernels.gdn_steps(mixed.float().contiguous(), g.contiguous(), beta.contiguous(),
-                                            rec.contiguous(), self.nk, self.dk, self.dv)
-            snaps.extend((seq[:, t + 1:t + K], states[t]) for t in range(T))
-            state.conv[self.layer_idx], state.recurrent[self.layer_idx] = seq[:, T:], states[-1]
-            return out
+        rec, outs, states = state.recurrent[self.layer_idx], [], []
         for t in range(T):
             # per token: reductions over a few elements may be vectorised differently for different T
             q, k, v = self._heads(mixed[t:t + 1])
             o, rec = recurrent_gated_delta_step(q[0], k[0], v[0], g[t], beta[t], rec)
-            snaps.append((seq[:, t + 1:t + K], rec))
+            states.append(rec)
             outs.append(o)
-        state.conv[self.layer_idx], state.recurrent[self.layer_idx] = seq[:, T:], rec
+        self._advance(state, seq, states)
         return torch.stack(outs)
+
+    def _fused_step(self, qkv, a, b, z, w, state: SequenceState) -> torch.Tensor:
+        """The step path in one kernel call (bf16 on CPU): conv, gates, delta rule and gated norm -> [T, value_dim]."""
+        seq = torch.cat([state.conv[self.layer_idx], qkv.t()], dim=1)  # [conv_dim, K - 1 + T]
+        out, states = kernels.gdn_step(seq, w, a, b, z, self.A_log, self.dt_bias, self.norm.weight,
+                                       state.recurrent[self.layer_idx], self.nk, self.dk, self.dv, self.norm.eps)
+        self._advance(state, seq, states)
+        return out
+
+    def _advance(self, state: SequenceState, seq: torch.Tensor, states: list[torch.Tensor]) -> None:
+        """Keep the (conv, recurrent) state after every position for rollback; the last one becomes current."""
+        T, K = len(states), self.kernel
+        state.snapshots[self.layer_idx].extend((seq[:, t + 1:t + K], states[t]) for t in range(T))
+        state.conv[self.layer_idx], state.recurrent[self.layer_idx] = seq[:, T:], states[-1]
 
 
 class MLP(nn.Module):
@@ -294,6 +313,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if step_rows() and kernels.fused_step_ops(x):
+            return self.down_proj(kernels.silu_mul(project_joined(self, self.FUSED_PROJECTIONS, x)))
         gate, up = project(self, self.FUSED_PROJECTIONS, x)
         return self.down_proj(F.silu(gate) * up)
 
