@@ -100,10 +100,13 @@ def attention_step(qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor
                                            cache_k, cache_v, start, n_heads, n_kv, head_dim, eps)
 
 
-def gdn_step(conv_in: torch.Tensor, conv_weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor,
-             A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor, state: torch.Tensor, nk: int,
-             dk: int, dv: int, eps: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Gated DeltaNet layer core over T positions of one sequence: out [T, nv * dv] and the state after each one."""
-    out, *states = rowgemm_module().gdn_step(conv_in.contiguous(), conv_weight, a, b, z, A_log, dt_bias,
-                                             norm_weight, state.contiguous(), nk, dk, dv, eps)
-    return out, states
+def gdn_step(proj: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
+             dt_bias: torch.Tensor, norm_weight: torch.Tensor, state: torch.Tensor, nk: int, dk: int, dv: int,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Gated DeltaNet layer core over T positions of one sequence, from the fused projection output proj
+    [T, conv_dim + nv * dv + 2 * nv]: out [T, nv * dv], the conv inputs [conv_dim, K - 1 + T] and the state after
+    each position."""
+    out, conv_in, *states = rowgemm_module().gdn_step(proj.contiguous(), conv_state.contiguous(),
+                                                      conv_weight.contiguous(), A_log, dt_bias, norm_weight,
+                                                      state.contiguous(), nk, dk, dv, eps)
+    return out, conv_in, states

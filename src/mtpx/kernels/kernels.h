@@ -11,8 +11,7 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up);
 torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_norm, const torch::Tensor& k_norm,
                              const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor cache_k,
                              torch::Tensor cache_v, int64_t start, int64_t nh, int64_t nkv, int64_t D, double eps);
-std::vector<torch::Tensor> gdn_step(const torch::Tensor& conv_in, const torch::Tensor& conv_weight,
-                                    const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& z,
-                                    const torch::Tensor& A_log, const torch::Tensor& dt_bias,
-                                    const torch::Tensor& norm_weight, const torch::Tensor& state, int64_t nk,
-                                    int64_t dk, int64_t dv, double eps);
+std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tensor& conv_state,
+                                    const torch::Tensor& conv_weight, const torch::Tensor& A_log,
+                                    const torch::Tensor& dt_bias, const torch::Tensor& norm_weight,
+                                    const torch::Tensor& state, int64_t nk, int64_t dk, int64_t dv, double eps);

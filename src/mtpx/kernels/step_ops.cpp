@@ -32,42 +32,88 @@ void check_bf16(const torch::Tensor& t, const char* what) {
               " must be a contiguous bf16 CPU tensor");
 }
 
-std::vector<float> as_floats(const torch::Tensor& t) {
-  auto f = t.to(at::kFloat).contiguous();
-  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
-}
+// Reads a small contiguous bf16 or fp32 tensor (a norm weight, a conv kernel) without converting it: a conversion
+// is a tensor op, and those dispatches are what these kernels remove.
+class Floats {
+ public:
+  explicit Floats(const torch::Tensor& t) {
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "step ops: weights must be contiguous CPU tensors");
+    if (t.scalar_type() == at::kFloat) {
+      f_ = t.data_ptr<float>();
+    } else {
+      TORCH_CHECK(t.scalar_type() == at::kBFloat16, "step ops: weights must be bf16 or fp32");
+      b_ = t.data_ptr<bf16>();
+    }
+  }
+  float operator[](int64_t i) const { return f_ != nullptr ? f_[i] : static_cast<float>(b_[i]); }
+
+ private:
+  const float* f_ = nullptr;
+  const bf16* b_ = nullptr;
+};
 
 // Gated DeltaNet recurrence of value head h over T tokens. q, k [T, nv, dk] (l2-normalised, q scaled), v [T, nv, dv],
 // decay, beta [T, nv]; s0 the state before the first token, states[t] receives the state after token t.
+// Per token t: S_t = decay * S_{t-1} + k ⊗ delta with delta = (v - decay * k^T S_{t-1}) * beta, and the output
+// q^T S_t = decay * q^T S_{t-1} + (q.k) delta. So one pass that writes S_t can also accumulate k^T S_t and q^T S_t
+// for token t + 1: one read and one write of the state per token (plus one read before the first). The sums for a
+// token run in the same order whatever T is.
 void delta_rule_head(const float* q_all, const float* k_all, const float* v_all, const float* decay_all,
                      const float* beta_all, int64_t T, int64_t nv, int64_t h, int64_t dk, int64_t dv,
                      const float* s0, const std::vector<float*>& states, float* out) {
-  std::vector<float> kv(dv), delta(dv);
+  std::vector<float> kS_buf(dv, 0.f), qS_buf(dv, 0.f), delta_buf(dv);
+  float* __restrict__ kS = kS_buf.data();
+  float* __restrict__ qS = qS_buf.data();
+  float* __restrict__ delta = delta_buf.data();
+  const float* S = s0 + h * dk * dv;
+  const float* q0 = q_all + h * dk;
+  const float* k0 = k_all + h * dk;
+  for (int64_t i = 0; i < dk; ++i) {
+    const float* __restrict__ row = S + i * dv;
+    const float ki = k0[i], qi = q0[i];
+#pragma omp simd
+    for (int64_t j = 0; j < dv; ++j) {
+      kS[j] += ki * row[j];
+      qS[j] += qi * row[j];
+    }
+  }
   for (int64_t t = 0; t < T; ++t) {
     const float* q = q_all + (t * nv + h) * dk;
     const float* k = k_all + (t * nv + h) * dk;
     const float* v = v_all + (t * nv + h) * dv;
     const float decay = decay_all[t * nv + h], b = beta_all[t * nv + h];
-    const float* S = (t == 0 ? s0 : states[t - 1]) + h * dk * dv;
-    float* S_new = states[t] + h * dk * dv;
-    float* o = out + (t * nv + h) * dv;
-    for (int64_t j = 0; j < dv; ++j) kv[j] = 0.f;
-    for (int64_t i = 0; i < dk; ++i) {
-      const float ki = k[i] * decay;
-      for (int64_t j = 0; j < dv; ++j) kv[j] += ki * S[i * dv + j];
-    }
+    float qk = 0.f;
+    for (int64_t i = 0; i < dk; ++i) qk += q[i] * k[i];
+    float* __restrict__ o = out + (t * nv + h) * dv;
     for (int64_t j = 0; j < dv; ++j) {
-      delta[j] = (v[j] - kv[j]) * b;
-      o[j] = 0.f;
+      delta[j] = (v[j] - decay * kS[j]) * b;
+      o[j] = decay * qS[j] + qk * delta[j];
+      kS[j] = 0.f;
+      qS[j] = 0.f;
     }
+    float* S_new = states[t] + h * dk * dv;
+    const bool next = t + 1 < T;
+    const float* kn = next ? k + nv * dk : k;
+    const float* qn = next ? q + nv * dk : q;
     for (int64_t i = 0; i < dk; ++i) {
-      const float ki = k[i], qi = q[i];
-      for (int64_t j = 0; j < dv; ++j) {
-        const float s = decay * S[i * dv + j] + ki * delta[j];
-        S_new[i * dv + j] = s;
-        o[j] += qi * s;
+      const float* __restrict__ row = S + i * dv;
+      float* __restrict__ row_new = S_new + i * dv;
+      const float ki = k[i];
+      if (next) {
+        const float kni = kn[i], qni = qn[i];
+#pragma omp simd
+        for (int64_t j = 0; j < dv; ++j) {
+          const float s = decay * row[j] + ki * delta[j];
+          row_new[j] = s;
+          kS[j] += kni * s;
+          qS[j] += qni * s;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < dv; ++j) row_new[j] = decay * row[j] + ki * delta[j];
       }
     }
+    S = S_new;
   }
 }
 
@@ -84,7 +130,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   check_bf16(x, "rms_norm: x");
   const int64_t H = x.size(-1), R = x.numel() / H;
   TORCH_CHECK(weight.numel() == H, "rms_norm: weight must have ", H, " elements");
-  const auto w = as_floats(weight);
+  const Floats w(weight);
   auto out = torch::empty_like(x);
   const bf16* xp = x.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
@@ -136,14 +182,14 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_no
   TORCH_CHECK(start >= 0 && start + T <= max_len, "attention_step: positions ", start, "..", start + T,
               " exceed the cache (", max_len, ")");
   TORCH_CHECK(nh % nkv == 0, "attention_step: query heads must be a multiple of kv heads");
-  const auto qw = as_floats(q_norm), kw = as_floats(k_norm);
+  const Floats qw(q_norm), kw(k_norm);
   const bf16* in = qkv.data_ptr<bf16>();
   const bf16* cp = cos.data_ptr<bf16>();
   const bf16* sp = sin.data_ptr<bf16>();
   bf16* Kc = cache_k.data_ptr<bf16>();
   bf16* Vc = cache_v.data_ptr<bf16>();
   // normalise + rotate one head vector, rounding as the PyTorch path does (norm -> bf16, x*cos, r*sin, sum -> bf16)
-  auto prepare = [&](const bf16* src, const std::vector<float>& w, int64_t t, float* dst) {
+  auto prepare = [&](const bf16* src, const Floats& w, int64_t t, float* dst) {
     std::vector<float> x(D);
     for (int64_t i = 0; i < D; ++i) x[i] = static_cast<float>(src[i]);
     const float inv = inverse_rms(x.data(), D, eps);
@@ -212,32 +258,42 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_no
   return out;
 }
 
-// Gated DeltaNet layer core for T new positions of one sequence, from the fused projection outputs:
-// conv_in [conv_dim, K - 1 + T] (the conv state followed by this call's q|k|v columns), conv_weight [conv_dim, K],
-// a, b [T, nv] (decay and beta inputs), z [T, nv * dv] (output gate). Per token: causal depthwise conv + silu,
-// l2-normalised q (scaled) and k, g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b), the gated delta rule
-// (two passes over the state instead of the six of separate ops), then the gated RMSNorm with weight norm_weight.
-// Returns out [T, nv * dv] bf16 (the out_proj input) followed by the T states [nv, dk, dv] after each token
-// (separate tensors: a snapshot kept for rollback holds only itself).
-std::vector<torch::Tensor> gdn_step(const torch::Tensor& conv_in, const torch::Tensor& conv_weight,
-                                    const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& z,
-                                    const torch::Tensor& A_log, const torch::Tensor& dt_bias,
-                                    const torch::Tensor& norm_weight, const torch::Tensor& state, int64_t nk,
-                                    int64_t dk, int64_t dv, double eps) {
-  check_bf16(conv_in, "gdn_step: conv_in");
+// Gated DeltaNet layer core for T new positions of one sequence. proj [T, conv_dim + nv * dv + 2 * nv] is the fused
+// projection output (q|k|v before the conv, then z, b, a); conv_state [conv_dim, K - 1] the last K - 1 conv inputs.
+// Per token: causal depthwise conv + silu, l2-normalised q (scaled) and k, g = -exp(A_log) * softplus(a + dt_bias),
+// beta = sigmoid(b), the gated delta rule (two passes over the state instead of the six of separate ops), then the
+// gated RMSNorm (weight norm_weight, gate silu(z)). Returns out [T, nv * dv] bf16 (the out_proj input), the conv
+// inputs [conv_dim, K - 1 + T] (the state followed by this call's columns: the conv state after token t is columns
+// t + 1 .. t + K - 1), then the T states [nv, dk, dv] after each token (separate tensors: a snapshot kept for
+// rollback holds only itself).
+std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tensor& conv_state,
+                                    const torch::Tensor& conv_weight, const torch::Tensor& A_log,
+                                    const torch::Tensor& dt_bias, const torch::Tensor& norm_weight,
+                                    const torch::Tensor& state, int64_t nk, int64_t dk, int64_t dv, double eps) {
+  check_bf16(proj, "gdn_step: proj");
+  check_bf16(conv_state, "gdn_step: conv_state");
   TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.dim() == 3 && state.size(1) == dk &&
               state.size(2) == dv, "gdn_step: state must be contiguous fp32 [nv, dk, dv]");
-  const int64_t nv = state.size(0), conv_dim = conv_in.size(0), K = conv_weight.size(-1);
-  const int64_t T = conv_in.size(1) - (K - 1), key_dim = nk * dk;
-  TORCH_CHECK(conv_dim == 2 * key_dim + nv * dv, "gdn_step: conv_in has ", conv_dim, " channels, expected ",
-              2 * key_dim + nv * dv);
+  const int64_t nv = state.size(0), key_dim = nk * dk, conv_dim = 2 * key_dim + nv * dv;
+  const int64_t T = proj.size(0), K = conv_weight.size(-1), width = conv_dim + nv * dv + 2 * nv;
+  TORCH_CHECK(proj.dim() == 2 && proj.size(1) == width, "gdn_step: proj must be [T, ", width, "]");
+  TORCH_CHECK(conv_state.dim() == 2 && conv_state.size(0) == conv_dim && conv_state.size(1) == K - 1,
+              "gdn_step: conv_state must be [", conv_dim, ", ", K - 1, "]");
   TORCH_CHECK(T >= 1 && conv_weight.numel() == conv_dim * K, "gdn_step: conv_weight [conv_dim, K]");
-  TORCH_CHECK(a.numel() == T * nv && b.numel() == T * nv && z.numel() == T * nv * dv, "gdn_step: a, b [T, nv], z [T, nv * dv]");
   TORCH_CHECK(nv % nk == 0, "gdn_step: value heads must be a multiple of key heads");
-  const auto w = as_floats(conv_weight), av = as_floats(a), bv = as_floats(b), zv = as_floats(z);
-  const auto A = as_floats(A_log), dt = as_floats(dt_bias), nw = as_floats(norm_weight);
-  const bf16* xp = conv_in.data_ptr<bf16>();
-  const int64_t len = conv_in.size(1);
+  const Floats w(conv_weight), A(A_log), dt(dt_bias), nw(norm_weight);
+  const bf16* pp = proj.data_ptr<bf16>();
+  const bf16* zp = pp + conv_dim;
+  const bf16* bp = zp + nv * dv;
+  const bf16* ap = bp + nv;
+  const int64_t len = K - 1 + T;
+  auto conv_in = torch::empty({conv_dim, len}, proj.options());
+  bf16* xp = conv_in.data_ptr<bf16>();
+  const bf16* cs = conv_state.data_ptr<bf16>();
+  for (int64_t c = 0; c < conv_dim; ++c) {
+    for (int64_t j = 0; j < K - 1; ++j) xp[c * len + j] = cs[c * (K - 1) + j];
+    for (int64_t t = 0; t < T; ++t) xp[c * len + K - 1 + t] = pp[t * width + c];
+  }
   // conv + silu, rounded to bf16 like the PyTorch path's `mixed`, laid out [T, conv_dim]
   std::vector<float> mixed(T * conv_dim);
   for (int64_t c = 0; c < conv_dim; ++c)
@@ -262,11 +318,12 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& conv_in, const torch::T
       l2_normalise(qh, dk, q_scale);
       l2_normalise(kh, dk, 1.0f);
       for (int64_t j = 0; j < dv; ++j) v[(t * nv + h) * dv + j] = row[2 * key_dim + h * dv + j];
-      decay[t * nv + h] = std::exp(-std::exp(A[h]) * softplus(av[t * nv + h] + dt[h]));
-      beta[t * nv + h] = round_bf16(sigmoid(bv[t * nv + h]));
+      const float a = static_cast<float>(ap[t * width + h]), b = static_cast<float>(bp[t * width + h]);
+      decay[t * nv + h] = std::exp(-std::exp(A[h]) * softplus(a + dt[h]));
+      beta[t * nv + h] = round_bf16(sigmoid(b));
     }
   auto opts = state.options();
-  std::vector<torch::Tensor> result{torch::empty({T, nv * dv}, conv_in.options())};
+  std::vector<torch::Tensor> result{torch::empty({T, nv * dv}, proj.options()), conv_in};
   std::vector<float*> states;
   for (int64_t t = 0; t < T; ++t) {
     result.push_back(torch::empty({nv, dk, dv}, opts));
@@ -283,11 +340,12 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& conv_in, const torch::T
   bf16* op = result[0].data_ptr<bf16>();
   std::vector<float> x(dv);
   for (int64_t r = 0; r < T * nv; ++r) {
+    const bf16* z = zp + (r / nv) * width + (r % nv) * dv;
     for (int64_t j = 0; j < dv; ++j) x[j] = round_bf16(core[r * dv + j]);
     const float inv = inverse_rms(x.data(), dv, eps);
     for (int64_t j = 0; j < dv; ++j) {
       const float normed = round_bf16(nw[j] * round_bf16(x[j] * inv));
-      op[r * dv + j] = static_cast<bf16>(normed * silu(zv[r * dv + j]));
+      op[r * dv + j] = static_cast<bf16>(normed * silu(static_cast<float>(z[j])));
     }
   }
   return result;

@@ -211,11 +211,11 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv, z, b, a = project(self, self.FUSED_PROJECTIONS, x)  # qkv: [B, T, conv_dim], before the conv
         w = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
         if p.mode == "step" and p.states is not None and kernels.fused_step_ops(x):
-            return self.out_proj(torch.stack([self._fused_step(qkv[i], a[i], b[i], z[i], w, p.states[i])
-                                              for i in range(B)]))
+            proj = project_joined(self, self.FUSED_PROJECTIONS, x)
+            return self.out_proj(torch.stack([self._fused_step(proj[i], w, p.states[i]) for i in range(B)]))
+        qkv, z, b, a = project(self, self.FUSED_PROJECTIONS, x)  # qkv: [B, T, conv_dim], before the conv
         z = z.reshape(B, T, self.nv, self.dv)
         beta = b.sigmoid().float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
@@ -288,11 +288,11 @@ class GatedDeltaNet(nn.Module):
         self._advance(state, seq, states)
         return torch.stack(outs)
 
-    def _fused_step(self, qkv, a, b, z, w, state: SequenceState) -> torch.Tensor:
+    def _fused_step(self, proj, w, state: SequenceState) -> torch.Tensor:
         """The step path in one kernel call (bf16 on CPU): conv, gates, delta rule and gated norm -> [T, value_dim]."""
-        seq = torch.cat([state.conv[self.layer_idx], qkv.t()], dim=1)  # [conv_dim, K - 1 + T]
-        out, states = kernels.gdn_step(seq, w, a, b, z, self.A_log, self.dt_bias, self.norm.weight,
-                                       state.recurrent[self.layer_idx], self.nk, self.dk, self.dv, self.norm.eps)
+        out, seq, states = kernels.gdn_step(proj, state.conv[self.layer_idx], w, self.A_log, self.dt_bias,
+                                            self.norm.weight, state.recurrent[self.layer_idx], self.nk, self.dk,
+                                            self.dv, self.norm.eps)
         self._advance(state, seq, states)
         return out
 
