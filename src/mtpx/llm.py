@@ -15,7 +15,7 @@ from mtpx.loading import build_model, load_checkpoint
 from mtpx.models.linear import pack_for_cpu, quantize_int8, weight_bytes
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import SamplingParams
-from mtpx.speculative.drafters import Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
+from mtpx.speculative.drafters import DraftHead, Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
 from mtpx.speculative.loop import Sequence, decode_round, prefill
 from mtpx.speculative.policy import DraftPolicy
 
@@ -128,6 +128,7 @@ class LLM:
         # would walk every object loaded so far (measured: ~4% of a 0.8B step); the loaded ones are long-lived
         gc.freeze()
         self._draft_models: dict[str, Qwen35Model] = {}
+        self._draft_heads: dict[int, DraftHead] = {}
 
     @property
     def max_context(self) -> int:
@@ -152,19 +153,27 @@ class LLM:
         return ids
 
     def make_drafter(self, spec_type: str, *, spec_draft_p_min: float = 0.0, spec_draft_model: str | None = None,
-                     spec_ngram_min: int = 1, spec_ngram_max: int = 4) -> Drafter | None:
+                     spec_ngram_min: int = 1, spec_ngram_max: int = 4, spec_draft_vocab: int = 0) -> Drafter | None:
         kind = SPEC_ALIASES.get(spec_type)
         if kind is None:
             raise RequestError(f"unknown spec_type {spec_type!r}: use one of {sorted(SPEC_ALIASES)}")
         if kind == "none":
             return None
         if kind == "mtp":
-            return MTPDrafter(self.model, spec_draft_p_min)
+            return MTPDrafter(self.model, spec_draft_p_min, self._draft_head(spec_draft_vocab))
         if kind == "ngram":
             return NgramDrafter(spec_ngram_min, spec_ngram_max)
         if not spec_draft_model:
             raise RequestError("spec_type 'draft' needs spec_draft_model (a checkpoint with the same tokenizer)")
         return DraftModelDrafter(self._draft_model(spec_draft_model), spec_draft_p_min)
+
+    def _draft_head(self, size: int) -> DraftHead | None:
+        """The MTP drafter's reduced-vocabulary head (built once per size); None for the full head (0 or >= V)."""
+        if not size or size >= self.config.vocab_size:
+            return None
+        if size not in self._draft_heads:
+            self._draft_heads[size] = DraftHead(self.model, size, self.eos)
+        return self._draft_heads[size]
 
     def _draft_model(self, name: str) -> Qwen35Model:
         if name not in self._draft_models:
@@ -210,6 +219,7 @@ class LLM:
                spec_type: str = "none", spec_draft_n_max: int = 3, spec_draft_n_min: int = 0,
                spec_draft_p_min: float = 0.0, spec_draft_policy: str = "adaptive",
                spec_draft_model: str | None = None, spec_ngram_min: int = 1, spec_ngram_max: int = 4,
+               spec_draft_vocab: int = 0,
                spec_synth_rates: list[float] | None = None, ignore_eos: bool = False) -> Iterator[StreamEvent]:
         """Generate, yielding text as it becomes final; the last event carries the Completion."""
         started = time.perf_counter()
@@ -217,7 +227,8 @@ class LLM:
         if spec_draft_policy not in ("adaptive", "fixed"):
             raise RequestError(f"spec_draft_policy must be 'adaptive' or 'fixed', got {spec_draft_policy!r}")
         drafter = self.make_drafter(spec_type, spec_draft_p_min=spec_draft_p_min, spec_draft_model=spec_draft_model,
-                                    spec_ngram_min=spec_ngram_min, spec_ngram_max=spec_ngram_max)
+                                    spec_ngram_min=spec_ngram_min, spec_ngram_max=spec_ngram_max,
+                                    spec_draft_vocab=spec_draft_vocab)
         policy = DraftPolicy(spec_draft_n_max, spec_draft_n_min, spec_draft_policy == "adaptive") if drafter else None
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         seq = self.new_sequence(self.encode_prompt(prompt), max_tokens, params, ignore_eos=ignore_eos,

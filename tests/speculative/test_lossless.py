@@ -137,3 +137,49 @@ def test_int8_weights_speculation_is_token_identical_to_int8_plain(ckpt_factory)
             spec = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="mtp", spec_draft_n_max=k,
                                 spec_draft_policy="fixed").token_ids
             assert spec == plain, (prompt, k)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_reduced_draft_vocabulary_is_token_identical_and_drafts_only_kept_ids(ckpt_factory, dtype):
+    """A DraftHead over the first N ids (+ eos) changes what MTP proposes, never what is emitted; its drafts come
+    from the kept ids only, and its logits for those ids are the full head's."""
+    from mtpx import kernels
+    from mtpx.speculative.drafters import MTPDrafter
+    if dtype == "int8" and not kernels.rowgemm_available():
+        pytest.skip("int8 needs rowgemm")
+    llm = mtpx.LLM(ckpt_factory(), dtype=dtype)
+    size = 64
+    head = llm._draft_head(size)
+    assert head.ids.tolist() == sorted(set(range(size)) | {t for t in llm.eos if t >= size})
+    x = torch.randn(3, llm.config.hidden_size).to(torch.bfloat16)
+    full = llm.model.logits(x, step=True).float()
+    reduced = head(x).float()
+    dropped = torch.ones(llm.config.vocab_size, dtype=torch.bool)
+    dropped[head.ids] = False
+    assert torch.isneginf(reduced[:, dropped]).all()
+    torch.testing.assert_close(reduced[:, head.ids], full[:, head.ids], rtol=0.02, atol=0.02)
+    drafted = []
+    original = MTPDrafter.propose
+
+    def recording(self, seqs, ks):
+        out = original(self, seqs, ks)
+        drafted.extend(t for d in out for t in d.tokens)
+        return out
+    MTPDrafter.propose = recording
+    try:
+        for prompt in prompts(8, seed=11):
+            plain = llm.generate(prompt, max_tokens=MAX_TOKENS).token_ids
+            for temperature in (0.0, 0.8):
+                kw = dict(max_tokens=MAX_TOKENS, temperature=temperature, seed=3)
+                ref = llm.generate(prompt, **kw).token_ids
+                spec = llm.generate(prompt, spec_type="mtp", spec_draft_n_max=3, spec_draft_policy="fixed",
+                                    spec_draft_vocab=size, **kw).token_ids
+                if temperature == 0:
+                    assert spec == plain == ref, prompt
+            assert len(spec) == len(ref)
+    finally:
+        MTPDrafter.propose = original
+    assert drafted and set(drafted) <= set(head.ids.tolist())
+    from mtpx.errors import RequestError
+    with pytest.raises(RequestError, match="spec_draft_vocab"):
+        llm.generate([1, 2, 3], max_tokens=2, spec_type="mtp", spec_draft_vocab=-5)

@@ -31,6 +31,7 @@ class Mode:
     spec_type: str  # none | mtp | draft | ngram
     k: int  # drafts per round (the maximum for the adaptive policy)
     policy: str = "fixed"  # fixed | adaptive
+    draft_vocab: int = 0  # MTP drafts from the first N token ids (DraftHead); 0 = full vocabulary
 
     @property
     def speculative(self) -> bool:
@@ -38,19 +39,22 @@ class Mode:
 
 
 def parse_mode(name: str, adaptive_n_max: int = 4) -> Mode:
-    """none | mtpK | mtp (= mtp3) | adaptive (MTP, adaptive k up to adaptive_n_max) | draft[K] | ngram[K]."""
+    """none | mtpK | mtp (= mtp3) | adaptive (MTP, adaptive k up to adaptive_n_max) | draft[K] | ngram[K];
+    mtp modes take a reduced draft vocabulary as a suffix: mtp3v4096, adaptivev4096."""
     name = name.strip()
     if name == "none":
         return Mode("none", "none", 0)
-    if name == "adaptive":
-        return Mode("adaptive", "mtp", adaptive_n_max, "adaptive")
-    m = re.fullmatch(r"(mtp|draft|ngram)(\d*)", name)
-    if not m:
-        raise RequestError(f"unknown mode {name!r}: use none, mtp1..mtpK, adaptive, draft[K], ngram[K]")
+    m = re.fullmatch(r"adaptive(?:v(\d+))?", name)
+    if m:
+        return Mode(name, "mtp", adaptive_n_max, "adaptive", int(m[1] or 0))
+    m = re.fullmatch(r"(mtp|draft|ngram)(\d*)(?:v(\d+))?", name)
+    if not m or (m[3] and m[1] != "mtp"):
+        raise RequestError(f"unknown mode {name!r}: use none, mtp1..mtpK, adaptive, draft[K], ngram[K] "
+                           "(mtp and adaptive with an optional draft vocabulary: mtp3v4096)")
     k = int(m[2]) if m[2] else DEFAULT_K
     if k < 1:
         raise RequestError(f"mode {name!r}: the number of drafts must be >= 1")
-    return Mode(name, m[1], k)
+    return Mode(name, m[1], k, draft_vocab=int(m[3] or 0))
 
 
 def parse_modes(names: list[str], adaptive_n_max: int = 4) -> list[Mode]:
@@ -165,6 +169,8 @@ def generation_kwargs(mode: Mode, cfg: BenchConfig, temperature: float, max_toke
               spec_type=mode.spec_type)
     if mode.speculative:
         kw.update(spec_draft_n_max=mode.k, spec_draft_policy=mode.policy, spec_synth_rates=cfg.synth_rates)
+        if mode.draft_vocab:
+            kw["spec_draft_vocab"] = mode.draft_vocab
         if mode.spec_type == "draft":
             if not cfg.draft_model:
                 raise RequestError(f"mode {mode.name!r} needs --spec-draft-model")

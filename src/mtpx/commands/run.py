@@ -35,13 +35,16 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-draft-model", default=None, help="draft checkpoint for --spec-type draft")
     p.add_argument("--spec-ngram-min", type=int, default=1)
     p.add_argument("--spec-ngram-max", type=int, default=4)
+    p.add_argument("--spec-draft-vocab", type=int, default=0,
+                   help="MTP drafts from the first N token ids only (plus eos); 0 = the full vocabulary")
 
 
 def spec_kwargs(args: argparse.Namespace) -> dict:
     return dict(spec_type=args.spec_type, spec_draft_n_max=args.spec_draft_n_max,
                 spec_draft_n_min=args.spec_draft_n_min, spec_draft_p_min=args.spec_draft_p_min,
                 spec_draft_policy=args.spec_draft_policy, spec_draft_model=args.spec_draft_model,
-                spec_ngram_min=args.spec_ngram_min, spec_ngram_max=args.spec_ngram_max)
+                spec_ngram_min=args.spec_ngram_min, spec_ngram_max=args.spec_ngram_max,
+                spec_draft_vocab=args.spec_draft_vocab)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

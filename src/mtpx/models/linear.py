@@ -51,6 +51,13 @@ class Int8Weight:
         self.scale_bf16 = self.scale.to(torch.bfloat16)
         self.shape = self.q.shape
 
+    def rows(self, index: torch.Tensor) -> "Int8Weight":
+        """The weight of the output rows `index` (already quantized: copies, no requantization)."""
+        part = Int8Weight.__new__(Int8Weight)
+        part.q, part.scale = self.q[index].contiguous(), self.scale[index].contiguous()
+        part.scale_bf16, part.shape = part.scale.to(torch.bfloat16), part.q.shape
+        return part
+
 
 def uses_rowgemm(weight: torch.Tensor) -> bool:
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.shape[-1] % 16 == 0

@@ -68,13 +68,25 @@ class Pass:
     sin: torch.Tensor
 
 
+_ROTARY: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (theta, dim, dtype, device) -> cos, sin by position
+
+
 def rotary_tables(cfg: ModelConfig, starts: list[int], length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    """cos, sin [B, length, rotary_dim] for positions starts[b] + 0..length-1, cut from a table computed once (a
+    decode step would otherwise spend a dozen small ops on them)."""
+    dim, end = cfg.rotary_dim, max(starts) + length
+    key = (cfg.rope_theta, dim, dtype, str(device))
+    cos, sin = _ROTARY.get(key, (None, None))
+    if cos is None or cos.shape[0] < end:
+        size = max(end, 2 * (cos.shape[0] if cos is not None else 0), 4096)
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+        freqs = torch.arange(size, device=device)[:, None].float() * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = _ROTARY[key] = emb.cos().to(dtype), emb.sin().to(dtype)
+    if len(starts) == 1:
+        return cos[None, starts[0]:end], sin[None, starts[0]:end]
     pos = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)[None, :]
-    freqs = pos[..., None].float() * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return cos[pos], sin[pos]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -425,8 +437,9 @@ class MTP(nn.Module):
 
     def forward(self, cfg: ModelConfig, embeds: torch.Tensor, hidden: torch.Tensor,
                 states: list[SequenceState] | None, mode: str) -> torch.Tensor:
-        x = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
-        return self.norm(run_stack(cfg, self.layers, x, states, mode))
+        with row_invariant(mode == "step"):  # the step path's fused ops for the norms and fc too
+            x = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+            return self.norm(run_stack(cfg, self.layers, x, states, mode))
 
 
 class Qwen35Model(nn.Module):
@@ -455,7 +468,8 @@ class Qwen35Model(nn.Module):
     def forward(self, tokens: torch.Tensor, states: list[SequenceState] | None = None,
                 mode: str = "prefill") -> torch.Tensor:
         x = self.model.embed_tokens(tokens)
-        return self.model.norm(run_stack(self.cfg, self.model.layers, x, states, mode))
+        with row_invariant(mode == "step"):
+            return self.model.norm(run_stack(self.cfg, self.model.layers, x, states, mode))
 
     def logits(self, hidden: torch.Tensor, step: bool = False) -> torch.Tensor:
         """lm_head; `step=True` for rows of a step forward (decode / verify / draft), so they are row-invariant."""

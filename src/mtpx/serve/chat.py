@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
                   min_p=args.min_p, seed=args.seed, **spec_kwargs(args))
     llm.make_drafter(args.spec_type, spec_draft_p_min=args.spec_draft_p_min,  # fail early on bad settings
                      spec_draft_model=args.spec_draft_model, spec_ngram_min=args.spec_ngram_min,
-                     spec_ngram_max=args.spec_ngram_max)
+                     spec_ngram_max=args.spec_ngram_max, spec_draft_vocab=args.spec_draft_vocab)
     tty = sys.stdin.isatty()
     print(f"mtpx chat · {llm.path} · speculation {args.spec_type} · {HELP}", file=sys.stderr)
     history: list[dict] = []

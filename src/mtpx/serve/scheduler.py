@@ -54,6 +54,7 @@ class SpecConfig:
     spec_draft_model: str | None = None
     spec_ngram_min: int = 1
     spec_ngram_max: int = 4
+    spec_draft_vocab: int = 0
 
     @property
     def kind(self) -> str:
@@ -168,7 +169,8 @@ class Scheduler:
         self.drafter = llm.make_drafter(self.spec.spec_type, spec_draft_p_min=self.spec.spec_draft_p_min,
                                         spec_draft_model=self.spec.spec_draft_model,
                                         spec_ngram_min=self.spec.spec_ngram_min,
-                                        spec_ngram_max=self.spec.spec_ngram_max)
+                                        spec_ngram_max=self.spec.spec_ngram_max,
+                                        spec_draft_vocab=self.spec.spec_draft_vocab)
         if self.drafter is not None and self.spec.kind in ("mtp", "draft"):
             self.drafter = GroupedDrafter(self.drafter)
         if self.spec.spec_draft_policy not in ("adaptive", "fixed"):

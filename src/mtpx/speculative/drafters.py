@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mtpx.models.linear import weight_bytes
+from mtpx.models.linear import Int8Weight, linear, row_invariant, weight_bytes
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import sample, target_probs
 from mtpx.state import SequenceState
@@ -125,18 +125,51 @@ class _StatefulDrafter(Drafter):
         return drafts
 
 
+class DraftHead:
+    """lm_head restricted to the first `size` token ids (plus the given always-kept ids, e.g. eos) for drafting, as
+    SGLang's reduced draft vocabulary: a draft step reads size / V of the full head's weights (Qwen3.5's head is
+    248k x H, a third of the 0.8B model). BPE ids follow merge order, so the first ids are the frequent tokens.
+    Outputs stay exact: drafts are only proposals, and verification uses the full head. Logits of the other ids
+    are -inf, so greedy and sampled drafts (q) are over the kept ids only, which rejection sampling allows."""
+
+    def __init__(self, model: Qwen35Model, size: int, keep: set[int] = frozenset()):
+        vocab = model.cfg.vocab_size
+        if size <= 0 or size > vocab:
+            from mtpx.errors import RequestError
+            raise RequestError(f"spec_draft_vocab must be in 1..{vocab} (the vocabulary), got {size}")
+        head = model.lm_head
+        weight = head.q8 if head.q8 is not None else head.weight.detach()
+        self.ids = torch.tensor(sorted(set(range(size)) | {t for t in keep if size <= t < vocab}),
+                                device=head.weight.device)
+        self.weight = weight.rows(self.ids) if isinstance(weight, Int8Weight) else weight[self.ids].contiguous()
+        self.vocab = vocab
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with row_invariant(True):
+            kept = linear(x, self.weight)
+        logits = kept.new_full((*kept.shape[:-1], self.vocab), float("-inf"))
+        logits[..., self.ids] = kept
+        return logits
+
+    def nbytes(self) -> int:
+        w = self.weight
+        return w.q.numel() + w.scale.numel() * 4 if isinstance(w, Int8Weight) else w.numel() * w.element_size()
+
+
 class MTPDrafter(_StatefulDrafter):
     """Drafts with the model's MTP layer: step 1 takes (main hidden state, accepted token); steps 2..k feed the
-    layer its own output. Its KV cache holds pairs (h_i, t_{i+1}) of the accepted sequence."""
+    layer its own output. Its KV cache holds pairs (h_i, t_{i+1}) of the accepted sequence. With a DraftHead, its
+    logits come from a reduced vocabulary."""
     name = "mtp"
 
-    def __init__(self, model: Qwen35Model, p_min: float = 0.0):
+    def __init__(self, model: Qwen35Model, p_min: float = 0.0, head: DraftHead | None = None):
         super().__init__(p_min)
         if model.mtp is None:
             from mtpx.errors import RequestError
             raise RequestError("spec_type 'mtp' needs a checkpoint with an MTP layer (mtp.* tensors); this one has "
                                "none — add one with `mtpx train-mtp`, or use spec_type 'ngram' or 'draft'")
         self.model = model
+        self.head = head
 
     def start(self, seq, prompt_hidden):
         # pairs (h_i, t_{i+1}) of the prompt plus (h_last, first generated token): filled by the first propose,
@@ -151,7 +184,7 @@ class MTPDrafter(_StatefulDrafter):
         return self.model.mtp_forward(x_prev, tokens, states, mode)
 
     def _logits(self, x):
-        return self.model.logits(x, step=True)
+        return self.head(x) if self.head is not None else self.model.logits(x, step=True)
 
     def on_accept(self, seqs, hidden, emitted, drafts):
         for seq, h, e in zip(seqs, hidden, emitted):
@@ -160,7 +193,7 @@ class MTPDrafter(_StatefulDrafter):
             d.add_pending(h, e)
 
     def memory_bytes(self, seq):
-        weights = weight_bytes(self.model.mtp)
+        weights = weight_bytes(self.model.mtp) + (self.head.nbytes() if self.head is not None else 0)
         return weights + (seq.draft.state.nbytes() if seq.draft is not None else 0)
 
 
