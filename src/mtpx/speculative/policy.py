@@ -14,8 +14,10 @@ How the ratios are measured, and why this way:
 - as ratios between rounds a few rounds apart: other processes on the machine slow rounds down in bursts, and a
   comparison of an absolute cost measured now against one measured minutes ago picks whichever came from a calm
   moment; the context also grows, so costs drift;
-- in pairs of rounds, using the second: the first drafting round after rounds without drafts also pays the drafter's
-  catch-up on everything accepted meanwhile;
+- in runs of MEASURE_ROUNDS rounds, using the last: the first drafting round after rounds without drafts also pays
+  the drafter's catch-up on everything accepted meanwhile, and the next still runs on weights that the rounds without
+  drafts let go cold in the caches (measured on the demo model: a second round read k = 1 as 2.3x a plain round,
+  its steady cost is 1.5x);
 - always against rounds with k = n_min, never chained through another k's ratio;
 - trusted once three samples agree (their median): single samples taken during a burst of load misled the policy
   for a hundred rounds.
@@ -37,7 +39,8 @@ MIN_SAMPLES = 3  # ... once it has at least this many
 EXPLORE_EVERY = 16  # re-measure the runner-up k after this many rounds with the same choice ...
 EXPLORE_MAX = 256  # ... doubling the interval each time the choice stays, up to this
 MEASURE_TRIES = 8  # measurement pairs per (batch, k); drafts can come out shorter than k (p_min, n-gram misses): stop forcing an unmeasured k then
-RECENT = 6  # rounds remembered for the reference of a ratio sample
+RECENT = 8  # rounds remembered for the reference of a ratio sample
+MEASURE_ROUNDS = 3  # rounds per measurement run; only the last one is a sample
 
 
 class DraftPolicy:
@@ -85,7 +88,7 @@ class DraftPolicy:
         if not self.adaptive or self.n_max == self.n_min:
             return self.n_max
         self.rounds += 1
-        if self.repeat_left > 0:  # second round of a measurement pair
+        if self.repeat_left > 0:  # rest of a measurement run
             self.repeat_left -= 1
             return self.repeat_k
         best_k, best, floor = self.n_min, -1.0, 1.0
@@ -110,7 +113,7 @@ class DraftPolicy:
             self.since_explore = 0
             self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)
             self.repeat_k = self.n_min if best_k > self.n_min else min(best_k + 1, self.n_max)
-            self.repeat_left = 1
+            self.repeat_left = MEASURE_ROUNDS - 1
             return self.repeat_k
         return best_k
 
@@ -120,7 +123,7 @@ class DraftPolicy:
         if last is None or last[:2] != (batch, self.n_min):
             return self.n_min  # a reference round first
         self.measure_tries[(batch, k)] = self.measure_tries.get((batch, k), 0) + 1
-        self.repeat_k, self.repeat_left = k, 1
+        self.repeat_k, self.repeat_left = k, MEASURE_ROUNDS - 1
         return k
 
     def observe(self, batch: int, ks: list[int], accepted: list[int], draft_s: float, verify_s: float,
@@ -130,11 +133,12 @@ class DraftPolicy:
                 self.tried[i] += 1
                 self.accepted[i] += i < n
         k, t = (max(ks) if ks else 0), draft_s + verify_s
-        prev = self.recent[-1] if self.recent else None
-        if prev is not None and prev[:2] == (batch, k):  # steady round (not the first after a change of k)
+        run = self.recent[-(MEASURE_ROUNDS - 1):]
+        if len(run) == MEASURE_ROUNDS - 1 and all(r[:2] == (batch, k) for r in run):  # steady: not among the first
+            # rounds after a change of k
             # compare with the rounds just before that used the other side of base vs drafting (never chained
             # through another k's ratio: errors would compound)
-            refs = [(kk, tt) for b, kk, tt in self.recent[-4:] if b == batch and kk != k
+            refs = [(kk, tt) for b, kk, tt in self.recent[-(MEASURE_ROUNDS + 3):] if b == batch and kk != k
                     and (kk == self.n_min) != (k == self.n_min)]
             if refs and t > 0:
                 ref_k = refs[-1][0]
