@@ -131,6 +131,15 @@ class LLM:
         self._draft_heads: dict[int, DraftHead] = {}
 
     @property
+    def step_row_block(self) -> int | None:
+        """Rows per weight read of step matmuls (the CPU rowgemm kernel's block), for the draft policy."""
+        from mtpx import kernels
+        from mtpx.models.linear import STEP_ROWS
+        if self.device.type != "cpu":
+            return None
+        return kernels.MAX_ROWS if kernels.rowgemm_available() else STEP_ROWS
+
+    @property
     def max_context(self) -> int:
         return self.config.max_position_embeddings
 
@@ -229,7 +238,8 @@ class LLM:
         drafter = self.make_drafter(spec_type, spec_draft_p_min=spec_draft_p_min, spec_draft_model=spec_draft_model,
                                     spec_ngram_min=spec_ngram_min, spec_ngram_max=spec_ngram_max,
                                     spec_draft_vocab=spec_draft_vocab)
-        policy = DraftPolicy(spec_draft_n_max, spec_draft_n_min, spec_draft_policy == "adaptive") if drafter else None
+        policy = DraftPolicy(spec_draft_n_max, spec_draft_n_min, spec_draft_policy == "adaptive",
+                             self.step_row_block) if drafter else None
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         seq = self.new_sequence(self.encode_prompt(prompt), max_tokens, params, ignore_eos=ignore_eos,
                                 spec_synth_rates=spec_synth_rates)

@@ -177,7 +177,8 @@ class Scheduler:
             from mtpx.errors import RequestError
             raise RequestError(f"spec_draft_policy must be 'adaptive' or 'fixed', got {self.spec.spec_draft_policy!r}")
         self.policy = (DraftPolicy(self.spec.spec_draft_n_max, self.spec.spec_draft_n_min,
-                                   self.spec.spec_draft_policy == "adaptive") if self.drafter else None)
+                                   self.spec.spec_draft_policy == "adaptive", llm.step_row_block)
+                       if self.drafter else None)
         self.metrics = metrics or Metrics("model")
         self.max_num_seqs = max(1, int(max_num_seqs))
         self.prefill_budget = max(1, int(prefill_budget))

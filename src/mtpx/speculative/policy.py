@@ -21,6 +21,9 @@ How the ratios are measured, and why this way:
 - always against rounds with k = n_min, never chained through another k's ratio;
 - trusted once three samples agree (their median): single samples taken during a burst of load misled the policy
   for a hundred rounds.
+Where step matmuls run in blocks of `row_block` rows that each read the weights (the CPU rowgemm kernel: 8 rows),
+a round over B x (k + 1) rows reads the weights ceil(B(k + 1) / row_block) times: that many times a plain round's
+reads is a floor on its ratio, known without measuring (at 8 streams, k = 1 reads them twice and cannot win).
 Each k is measured before it is judged (batch sizes between two measured ones interpolate; a k that could not win
 even at the cost of k - 1 drafts is not measured), and now and then the
 policy re-measures the runner-up (k + 1 while not drafting wins, n_min while drafting wins), at intervals that
@@ -44,11 +47,12 @@ MEASURE_ROUNDS = 3  # rounds per measurement run; only the last one is a sample
 
 
 class DraftPolicy:
-    def __init__(self, n_max: int = 3, n_min: int = 0, adaptive: bool = True):
+    def __init__(self, n_max: int = 3, n_min: int = 0, adaptive: bool = True, row_block: int | None = None):
         if n_max < 0 or n_min < 0 or n_min > n_max:
             from mtpx.errors import RequestError
             raise RequestError(f"need 0 <= spec_draft_n_min <= spec_draft_n_max, got {n_min}, {n_max}")
         self.n_max, self.n_min, self.adaptive = n_max, n_min, adaptive
+        self.row_block = row_block
         self.tried = [0.0] * n_max  # drafts reaching position i (all earlier accepted)
         self.accepted = [0.0] * n_max
         self.ratio: dict[tuple[int, int], float] = {}  # (batch, k) -> round time / round time with k = n_min
@@ -84,6 +88,14 @@ class DraftPolicy:
         lo, hi = max(below), min(above)
         return table[lo] + (table[hi] - table[lo]) * (batch - lo) / (hi - lo)
 
+    def weight_reads(self, batch: int, k: int) -> float:
+        """Lower bound of a round's time with k drafts relative to one with n_min: how many more times its
+        matmuls read the weights (1 where rows are not blocked)."""
+        if not self.row_block:
+            return 1.0
+        blocks = lambda rows: -(-rows // self.row_block)
+        return blocks(batch * (k + 1)) / blocks(batch * (self.n_min + 1))
+
     def next_k(self, batch: int = 1) -> int:
         if not self.adaptive or self.n_max == self.n_min:
             return self.n_max
@@ -95,13 +107,14 @@ class DraftPolicy:
         for k in range(self.n_min, self.n_max + 1):
             ratio = self.round_ratio(batch, k)
             margin = 1 + MARGIN if k > self.n_min else 1
+            floor = max(floor, self.weight_reads(batch, k))
             if ratio is None:  # not measured at this batch size yet
                 if self.expected_tokens(k) / floor / margin <= best:
                     continue  # cannot win even if it cost no more than k - 1 drafts: do not pay to measure it
                 if self.measure_tries.get((batch, k), 0) < MEASURE_TRIES:
                     return self._measure(batch, k)
                 continue
-            floor = max(floor, ratio)
+            floor = ratio = max(floor, ratio)
             value = self.expected_tokens(k) / ratio / margin
             if value > best:
                 best_k, best = k, value
@@ -112,13 +125,16 @@ class DraftPolicy:
         if self.since_explore >= self.explore_every:  # keep the runner-up's acceptance and cost measured
             self.since_explore = 0
             self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)
-            self.repeat_k = self.n_min if best_k > self.n_min else min(best_k + 1, self.n_max)
-            self.repeat_left = MEASURE_ROUNDS - 1
+            runner_up = self.n_min if best_k > self.n_min else min(best_k + 1, self.n_max)
+            if runner_up > self.n_min and \
+                    self.expected_tokens(runner_up) / self.weight_reads(batch, runner_up) / (1 + MARGIN) <= best:
+                return best_k  # it cannot win at this batch size whatever it measures
+            self.repeat_k, self.repeat_left = runner_up, MEASURE_ROUNDS - 1
             return self.repeat_k
         return best_k
 
     def _measure(self, batch: int, k: int) -> int:
-        """Start a measurement pair of k, right after a round whose ratio is known (the reference)."""
+        """Start a measurement run of k, right after a round whose ratio is known (the reference)."""
         last = self.recent[-1] if self.recent else None
         if last is None or last[:2] != (batch, self.n_min):
             return self.n_min  # a reference round first
