@@ -41,3 +41,19 @@ def test_never_drafts_where_blocked_matmuls_read_the_weights_again():
     assert policy.weight_reads(8, 1) == 2 and policy.weight_reads(2, 3) == 1 and policy.weight_reads(4, 2) == 2
     # at one stream the same policy drafts when it pays
     assert simulate(DraftPolicy(3, 0, True, row_block=8), 1, lambda k, run: 1.0 + 0.1 * k)[-100:].count(3) > 90
+
+
+def test_batch_sizes_moving_up_and_down_do_not_reset_the_exploration_backoff():
+    """In a server the batch size changes all the time; each batch size keeps its own exploration interval, so a
+    settled choice is re-measured rarely (here: plain decoding at batch 4, drafting at batch 1)."""
+    policy = DraftPolicy(3, 0, True, row_block=8)
+    cost = lambda batch, k: 1.0 + (0.1 if batch == 1 else 1.5) * k
+    chosen = {1: [], 4: []}
+    for round_ in range(6000):
+        batch = 1 if round_ % 250 < 5 else 4  # waves of 4 requests, a few rounds alone between them
+        k = policy.next_k(batch)
+        chosen[batch].append(k)
+        policy.observe(batch, [k] * batch, [k] * batch, 0.0, cost(batch, k), batch * (k + 1))
+    late = chosen[4][-1000:]
+    assert late.count(0) >= 980  # explorations only every EXPLORE_MAX rounds of batch 4 once settled
+    assert chosen[1][-100:].count(3) >= 70

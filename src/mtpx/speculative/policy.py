@@ -19,6 +19,9 @@ How the ratios are measured, and why this way:
   drafts let go cold in the caches (measured on the demo model: a second round read k = 1 as 2.3x a plain round,
   its steady cost is 1.5x);
 - always against rounds with k = n_min, never chained through another k's ratio;
+- including the time between rounds (streaming the tokens out, detokenizing, a server's HTTP threads): it grows
+  with the tokens a round emits, and leaving it out overstated the gain at 4 streams (predicted >= 1.15x, the load
+  check saw 0.90-0.93x); gaps longer than IDLE_GAP are idleness, not cost;
 - trusted once three samples agree (their median): single samples taken during a burst of load misled the policy
   for a hundred rounds.
 Where step matmuls run in blocks of `row_block` rows that each read the weights (the CPU rowgemm kernel: 8 rows),
@@ -44,6 +47,7 @@ EXPLORE_MAX = 256  # ... doubling the interval each time the choice stays, up to
 MEASURE_TRIES = 8  # measurement pairs per (batch, k); drafts can come out shorter than k (p_min, n-gram misses): stop forcing an unmeasured k then
 RECENT = 8  # rounds remembered for the reference of a ratio sample
 MEASURE_ROUNDS = 3  # rounds per measurement run; only the last one is a sample
+IDLE_GAP = 0.25  # seconds between rounds beyond which the gap is not counted as the round's cost
 
 
 class DraftPolicy:
@@ -58,8 +62,11 @@ class DraftPolicy:
         self.ratio: dict[tuple[int, int], float] = {}  # (batch, k) -> round time / round time with k = n_min
         self._ratio_samples: dict[tuple[int, int], list[float]] = {}
         self.recent: list[tuple[int, int, float]] = []  # (batch, k drafted, seconds) of the last rounds
+        self.last_end: float | None = None  # when the previous round ended (perf_counter)
         self.rounds = 0
-        self.explore_every, self.since_explore, self.last_best = EXPLORE_EVERY, 0, None
+        # per batch size: [best k, rounds between explorations, rounds since the last] (a server's batch size moves
+        # up and down as requests come and go; one shared backoff was reset by every move and explored every 16)
+        self.explore: dict[int, list] = {}
         self.measure_tries: dict[tuple[int, int], int] = {}
         self.repeat_k, self.repeat_left = 0, 0
 
@@ -118,13 +125,13 @@ class DraftPolicy:
             value = self.expected_tokens(k) / ratio / margin
             if value > best:
                 best_k, best = k, value
-        if best_k != self.last_best:
-            self.last_best, self.explore_every, self.since_explore = best_k, EXPLORE_EVERY, 0
+        explore = self.explore.setdefault(batch, [None, EXPLORE_EVERY, 0])
+        if best_k != explore[0]:
+            explore[:] = [best_k, EXPLORE_EVERY, 0]
             return best_k
-        self.since_explore += 1
-        if self.since_explore >= self.explore_every:  # keep the runner-up's acceptance and cost measured
-            self.since_explore = 0
-            self.explore_every = min(2 * self.explore_every, EXPLORE_MAX)
+        explore[2] += 1
+        if explore[2] >= explore[1]:  # keep the runner-up's acceptance and cost measured
+            explore[1], explore[2] = min(2 * explore[1], EXPLORE_MAX), 0
             runner_up = self.n_min if best_k > self.n_min else min(best_k + 1, self.n_max)
             if runner_up > self.n_min and \
                     self.expected_tokens(runner_up) / self.weight_reads(batch, runner_up) / (1 + MARGIN) <= best:
@@ -143,12 +150,15 @@ class DraftPolicy:
         return k
 
     def observe(self, batch: int, ks: list[int], accepted: list[int], draft_s: float, verify_s: float,
-                rows: int) -> None:
+                rows: int, started: float | None = None, ended: float | None = None) -> None:
         for k, n in zip(ks, accepted):
             for i in range(min(k, n + 1)):
                 self.tried[i] += 1
                 self.accepted[i] += i < n
         k, t = (max(ks) if ks else 0), draft_s + verify_s
+        if started is not None and self.last_end is not None and 0 <= started - self.last_end <= IDLE_GAP:
+            t += started - self.last_end
+        self.last_end = ended
         run = self.recent[-(MEASURE_ROUNDS - 1):]
         if len(run) == MEASURE_ROUNDS - 1 and all(r[:2] == (batch, k) for r in run):  # steady: not among the first
             # rounds after a change of k
