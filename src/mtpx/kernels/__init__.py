@@ -60,7 +60,7 @@ def rowgemm_module():
         _module = load(name=name, sources=sources, verbose=False,
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path
-        log.warning("mtpx: could not build the rowgemm CPU kernel (%s); using oneDNN for step matmuls", e)
+        log.warning("mtpx: could not build the CPU kernels (%s); steps use PyTorch ops (oneDNN for matmuls)", e)
         _module = None
     return _module
 
@@ -106,7 +106,7 @@ def gdn_step(proj: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Te
     """Gated DeltaNet layer core over T positions of one sequence, from the fused projection output proj
     [T, conv_dim + nv * dv + 2 * nv]: out [T, nv * dv], the conv inputs [conv_dim, K - 1 + T] and the state after
     each position."""
-    out, conv_in, *states = rowgemm_module().gdn_step(proj.contiguous(), conv_state.contiguous(),
+    out, conv_in, *states = rowgemm_module().gdn_step(proj.contiguous(), conv_state,
                                                       conv_weight.contiguous(), A_log, dt_bias, norm_weight,
                                                       state.contiguous(), nk, dk, dv, eps)
     return out, conv_in, states

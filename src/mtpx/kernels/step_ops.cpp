@@ -189,10 +189,9 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_no
   bf16* Kc = cache_k.data_ptr<bf16>();
   bf16* Vc = cache_v.data_ptr<bf16>();
   // normalise + rotate one head vector, rounding as the PyTorch path does (norm -> bf16, x*cos, r*sin, sum -> bf16)
-  auto prepare = [&](const bf16* src, const Floats& w, int64_t t, float* dst) {
-    std::vector<float> x(D);
+  auto prepare = [&](const bf16* src, const Floats& w, int64_t t, float* x, float* dst) {
     for (int64_t i = 0; i < D; ++i) x[i] = static_cast<float>(src[i]);
-    const float inv = inverse_rms(x.data(), D, eps);
+    const float inv = inverse_rms(x, D, eps);
     for (int64_t i = 0; i < D; ++i) x[i] = round_bf16(x[i] * inv * (1.0f + w[i]));
     for (int64_t i = 0; i < D; ++i) {
       if (i >= rd) {
@@ -204,11 +203,11 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_no
       dst[i] = round_bf16(round_bf16(x[i] * c) + round_bf16(rotated * s));
     }
   };
-  std::vector<float> buf(D);
+  std::vector<float> scratch(D), buf(D);
   for (int64_t t = 0; t < T; ++t) {
     const bf16* row = in + t * width;
     for (int64_t h = 0; h < nkv; ++h) {
-      prepare(row + 2 * nh * D + h * D, kw, t, buf.data());
+      prepare(row + 2 * nh * D + h * D, kw, t, scratch.data(), buf.data());
       bf16* kdst = Kc + (h * max_len + start + t) * D;
       bf16* vdst = Vc + (h * max_len + start + t) * D;
       const bf16* vsrc = row + 2 * nh * D + nkv * D + h * D;
@@ -223,11 +222,11 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_no
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t group = nh / nkv;
   at::parallel_for(0, T * nh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(D), acc(D), scores;
+    std::vector<float> x(D), q(D), acc(D), scores;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t t = job / nh, h = job % nh, kvh = h / group, n = start + t + 1;
       const bf16* row = in + t * width;
-      prepare(row + h * 2 * D, qw, t, q.data());
+      prepare(row + h * 2 * D, qw, t, x.data(), q.data());
       scores.resize(n);
       float top = -INFINITY;
       for (int64_t j = 0; j < n; ++j) {
@@ -271,7 +270,8 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
                                     const torch::Tensor& dt_bias, const torch::Tensor& norm_weight,
                                     const torch::Tensor& state, int64_t nk, int64_t dk, int64_t dv, double eps) {
   check_bf16(proj, "gdn_step: proj");
-  check_bf16(conv_state, "gdn_step: conv_state");
+  TORCH_CHECK(conv_state.scalar_type() == at::kBFloat16 && conv_state.device().is_cpu(),
+              "gdn_step: conv_state must be a bf16 CPU tensor");  // any strides: a view into the last call's conv inputs
   TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.dim() == 3 && state.size(1) == dk &&
               state.size(2) == dv, "gdn_step: state must be contiguous fp32 [nv, dk, dv]");
   const int64_t nv = state.size(0), key_dim = nk * dk, conv_dim = 2 * key_dim + nv * dv;
@@ -290,8 +290,9 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
   auto conv_in = torch::empty({conv_dim, len}, proj.options());
   bf16* xp = conv_in.data_ptr<bf16>();
   const bf16* cs = conv_state.data_ptr<bf16>();
+  const int64_t cs0 = conv_state.stride(0), cs1 = conv_state.stride(1);
   for (int64_t c = 0; c < conv_dim; ++c) {
-    for (int64_t j = 0; j < K - 1; ++j) xp[c * len + j] = cs[c * (K - 1) + j];
+    for (int64_t j = 0; j < K - 1; ++j) xp[c * len + j] = cs[c * cs0 + j * cs1];
     for (int64_t t = 0; t < T; ++t) xp[c * len + K - 1 + t] = pp[t * width + c];
   }
   // conv + silu, rounded to bf16 like the PyTorch path's `mixed`, laid out [T, conv_dim]

@@ -67,6 +67,10 @@ class Pass:
     cos: torch.Tensor  # [B, T, rotary_dim]
     sin: torch.Tensor
 
+    def fused(self, x: torch.Tensor) -> bool:
+        """A step over caches that the fused CPU kernels can run (kernels.step_ops)."""
+        return self.mode == "step" and self.states is not None and kernels.fused_step_ops(x)
+
 
 _ROTARY: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (theta, dim, dtype, device) -> cos, sin by position
 
@@ -117,7 +121,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
         B, T, _ = x.shape
-        if p.mode == "step" and p.states is not None and kernels.fused_step_ops(x):
+        if p.fused(x):
             qkv = project_joined(self, self.FUSED_PROJECTIONS, x)
             out = torch.stack([kernels.attention_step(qkv[b], self.q_norm.weight, self.k_norm.weight, p.cos[b],
                                                       p.sin[b], *p.states[b].kv[self.layer_idx], p.states[b].length,
@@ -224,7 +228,7 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
         B, T, _ = x.shape
         w = self.conv1d.weight.squeeze(1)  # [conv_dim, kernel]
-        if p.mode == "step" and p.states is not None and kernels.fused_step_ops(x):
+        if p.fused(x):
             proj = project_joined(self, self.FUSED_PROJECTIONS, x)
             return self.out_proj(torch.stack([self._fused_step(proj[i], w, p.states[i]) for i in range(B)]))
         qkv, z, b, a = project(self, self.FUSED_PROJECTIONS, x)  # qkv: [B, T, conv_dim], before the conv

@@ -44,7 +44,7 @@ WINDOW = 5  # a ratio is the median of its last WINDOW samples ...
 MIN_SAMPLES = 3  # ... once it has at least this many
 EXPLORE_EVERY = 16  # re-measure the runner-up k after this many rounds with the same choice ...
 EXPLORE_MAX = 256  # ... doubling the interval each time the choice stays, up to this
-MEASURE_TRIES = 8  # measurement pairs per (batch, k); drafts can come out shorter than k (p_min, n-gram misses): stop forcing an unmeasured k then
+MEASURE_TRIES = 8  # measurement runs per (batch, k); drafts can come out shorter than k (p_min, n-gram misses): stop forcing an unmeasured k then
 RECENT = 8  # rounds remembered for the reference of a ratio sample
 MEASURE_ROUNDS = 3  # rounds per measurement run; only the last one is a sample
 IDLE_GAP = 0.25  # seconds between rounds beyond which the gap is not counted as the round's cost
@@ -103,6 +103,10 @@ class DraftPolicy:
         blocks = lambda rows: -(-rows // self.row_block)
         return blocks(batch * (k + 1)) / blocks(batch * (self.n_min + 1))
 
+    def _could_win(self, k: int, cost_floor: float, best: float) -> bool:
+        """Whether k drafts, at a round cost of at least cost_floor, could beat the best value so far."""
+        return self.expected_tokens(k) / cost_floor / (1 + MARGIN) > best
+
     def next_k(self, batch: int = 1) -> int:
         if not self.adaptive or self.n_max == self.n_min:
             return self.n_max
@@ -116,7 +120,7 @@ class DraftPolicy:
             margin = 1 + MARGIN if k > self.n_min else 1
             floor = max(floor, self.weight_reads(batch, k))
             if ratio is None:  # not measured at this batch size yet
-                if self.expected_tokens(k) / floor / margin <= best:
+                if not self._could_win(k, floor, best):
                     continue  # cannot win even if it cost no more than k - 1 drafts: do not pay to measure it
                 if self.measure_tries.get((batch, k), 0) < MEASURE_TRIES:
                     return self._measure(batch, k)
@@ -133,8 +137,7 @@ class DraftPolicy:
         if explore[2] >= explore[1]:  # keep the runner-up's acceptance and cost measured
             explore[1], explore[2] = min(2 * explore[1], EXPLORE_MAX), 0
             runner_up = self.n_min if best_k > self.n_min else min(best_k + 1, self.n_max)
-            if runner_up > self.n_min and \
-                    self.expected_tokens(runner_up) / self.weight_reads(batch, runner_up) / (1 + MARGIN) <= best:
+            if runner_up > self.n_min and not self._could_win(runner_up, self.weight_reads(batch, runner_up), best):
                 return best_k  # it cannot win at this batch size whatever it measures
             self.repeat_k, self.repeat_left = runner_up, MEASURE_ROUNDS - 1
             return self.repeat_k
