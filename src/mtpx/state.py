@@ -1,8 +1,9 @@
 """Per-sequence state: attention KV caches (preallocated), Gated DeltaNet conv + recurrent states, and rollback.
 
 Step forwards (decode, verify, draft) keep the Gated DeltaNet state after every position they process, from the last
-`mark()` on, so the speculative loop can roll back to any of them without recomputing or copying anything: the
-recurrent update creates a new state tensor per token anyway, and we only keep references to them.
+`mark()` on, so the speculative loop can roll back to any of them. A kept recurrent state is either a tensor (the
+PyTorch path creates one per token anyway) or a function that rebuilds it (the fused CPU kernel writes only the
+last position's state and replays the accepted positions on rollback).
 """
 from __future__ import annotations
 
@@ -54,7 +55,11 @@ class SequenceState:
         if not lowest <= length <= self.length:
             raise ValueError(f"cannot roll back to {length}: snapshots cover {self.snapshot_start}..{self.length}")
         for i, snaps in self.snapshots.items():
-            self.conv[i], self.recurrent[i] = snaps[length - self.snapshot_start]
+            conv, recurrent = snaps[length - self.snapshot_start]
+            if callable(recurrent):
+                recurrent = recurrent()
+                snaps[length - self.snapshot_start] = (conv, recurrent)
+            self.conv[i], self.recurrent[i] = conv, recurrent
             del snaps[length - self.snapshot_start + 1:]
         self.length = length
 

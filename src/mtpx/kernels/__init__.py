@@ -102,11 +102,15 @@ def attention_step(qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor
 
 def gdn_step(proj: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
              dt_bias: torch.Tensor, norm_weight: torch.Tensor, state: torch.Tensor, nk: int, dk: int, dv: int,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gated DeltaNet layer core over T positions of one sequence, from the fused projection output proj
-    [T, conv_dim + nv * dv + 2 * nv]: out [T, nv * dv], the conv inputs [conv_dim, K - 1 + T] and the state after
-    each position."""
-    out, conv_in, *states = rowgemm_module().gdn_step(proj.contiguous(), conv_state,
-                                                      conv_weight.contiguous(), A_log, dt_bias, norm_weight,
-                                                      state.contiguous(), nk, dk, dv, eps)
-    return out, conv_in, states
+    [T, conv_dim + nv * dv + 2 * nv]: out [T, nv * dv], the conv inputs [conv_dim, K - 1 + T], the state after the
+    last position, and `replay`, from which `gdn_replay(state, replay, n)` rebuilds the state after position n."""
+    return tuple(rowgemm_module().gdn_step(proj.contiguous(), conv_state, conv_weight.contiguous(), A_log, dt_bias,
+                                           norm_weight, state.contiguous(), nk, dk, dv, eps))
+
+
+def gdn_replay(state: torch.Tensor, replay: torch.Tensor, n: int) -> torch.Tensor:
+    """The state after the first n positions of the gdn_step call that started from `state` and returned `replay`:
+    bit-identical to what that call computed (the same instructions), at the cost of one pass over the state."""
+    return rowgemm_module().gdn_replay(state, replay, n)

@@ -9,5 +9,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows", release());
   m.def("silu_mul", &silu_mul, "silu(gate) * up", release());
   m.def("attention_step", &attention_step, "gated attention of a few positions over a KV cache", release());
-  m.def("gdn_step", &gdn_step, "Gated DeltaNet layer core for a few positions, with per-token states", release());
+  m.def("gdn_step", &gdn_step, "Gated DeltaNet layer core for a few positions", release());
+  m.def("gdn_replay", &gdn_replay, "Gated DeltaNet state after the first n positions of a gdn_step call", release());
 }

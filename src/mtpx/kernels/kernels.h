@@ -15,3 +15,4 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
                                     const torch::Tensor& conv_weight, const torch::Tensor& A_log,
                                     const torch::Tensor& dt_bias, const torch::Tensor& norm_weight,
                                     const torch::Tensor& state, int64_t nk, int64_t dk, int64_t dv, double eps);
+torch::Tensor gdn_replay(const torch::Tensor& state, const torch::Tensor& replay, int64_t n);

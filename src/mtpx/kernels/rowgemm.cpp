@@ -14,10 +14,15 @@
 namespace {
 
 constexpr int kLanes = 16;
-constexpr int kColumns = 4;  // output columns computed together (reuses each loaded x vector 4 times)
-// software prefetch this far ahead in each weight row: the hardware prefetcher alone left decode at ~75% of the
-// read bandwidth (measured: 17 -> 22 GB/s at 2 threads, one row)
-constexpr int64_t kPrefetchBytes = 1024;
+// Output columns computed together (each loaded x vector is reused that many times) and how far ahead in each
+// weight row to prefetch, by row count. The hardware prefetcher alone left decode at ~75% of the read bandwidth;
+// one row: 4 columns, 1 KiB ahead (17 -> 22 GB/s at 2 threads). With 2+ rows the FMAs take longer per cache line,
+// and fewer streams each prefetched further ahead keep more of the bandwidth: 2 columns, 4 KiB ahead took 4 rows
+// from 18 to 21 GB/s and 5 rows from 16.5 to 19.7 (2 threads, 888 MB of weights, scratch benchmark).
+template <int M>
+constexpr int kColumns = M == 1 ? 4 : 2;
+template <int M>
+constexpr int64_t kPrefetchBytes = M == 1 ? 1024 : 4096;
 
 #ifdef __AVX512F__
 inline __m512 widen(const at::BFloat16* p) {
@@ -40,7 +45,7 @@ void columns(const float* x, const W* w, int64_t K, int64_t n, float* out, int64
     for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
     if ((k * sizeof(W)) % 64 == 0)  // once per cache line
       for (int c = 0; c < C; ++c)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n + c) * K + k) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n + c) * K + k) + kPrefetchBytes<M>, _MM_HINT_T0);
     for (int c = 0; c < C; ++c) {
       __m512 wv = widen(w + (n + c) * K + k);
       for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(wv, xv[m], acc[c][m]);
@@ -70,12 +75,13 @@ void columns(const float* x, const W* w, int64_t K, int64_t n, float* out, int64
 
 template <int M, typename W>
 void rows(const float* x, const W* w, int64_t K, int64_t N, float* out) {
-  const int64_t blocks = N / kColumns;
+  constexpr int C = kColumns<M>;
+  const int64_t blocks = N / C;
   // a block's result does not depend on which thread computes it, so any thread count gives the same bits
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) columns<M, kColumns>(x, w, K, b * kColumns, out, N);
+  at::parallel_for(0, blocks, 64 / C, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) columns<M, C>(x, w, K, b * C, out, N);
   });
-  for (int64_t n = blocks * kColumns; n < N; ++n) columns<M, 1>(x, w, K, n, out, N);
+  for (int64_t n = blocks * C; n < N; ++n) columns<M, 1>(x, w, K, n, out, N);
 }
 
 // Returns x's dtype; each result is scaled by scale[n] (int8 weights) before its one rounding.

@@ -12,6 +12,11 @@
 
 #include <cmath>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#include <sleef.h>  // PyTorch's own vectorised exp (exported by libtorch_cpu)
+#endif
+
 namespace {
 
 using bf16 = at::BFloat16;
@@ -21,11 +26,55 @@ inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // PyTorch's threshold
 
-float inverse_rms(const float* x, int64_t n, double eps) {
-  float ss = 0.f;
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-  return 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+// Vector helpers. Each works along one row in a fixed order (16 lanes, then a fixed reduction tree, then the
+// scalar tail), so a row's result never depends on how many rows a call has: row invariance is kept.
+float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
 }
+
+float dot_bf16(const float* a, const bf16* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i));
+    __m512 bv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), bv, acc);
+  }
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  return s;
+}
+
+// x <- silu(x) over one row
+void silu_row(float* x, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    _mm512_storeu_ps(x + i, _mm512_div_ps(v, _mm512_add_ps(one, Sleef_expf16_u10(_mm512_sub_ps(zero, v)))));
+  }
+#endif
+  for (; i < n; ++i) x[i] = silu(x[i]);
+}
+
+float inverse_rms(const float* x, int64_t n, double eps) {
+  return 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + static_cast<float>(eps));
+}
+
+// rows of at least this many elements are split across threads (below it a parallel region costs more than it saves)
+constexpr int64_t kParallelGrain = 2048;
 
 void check_bf16(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(), what,
@@ -52,75 +101,109 @@ class Floats {
   const bf16* b_ = nullptr;
 };
 
-// Gated DeltaNet recurrence of value head h over T tokens. q, k [T, nv, dk] (l2-normalised, q scaled), v [T, nv, dv],
-// decay, beta [T, nv]; s0 the state before the first token, states[t] receives the state after token t.
-// Per token t: S_t = decay * S_{t-1} + k ⊗ delta with delta = (v - decay * k^T S_{t-1}) * beta, and the output
-// q^T S_t = decay * q^T S_{t-1} + (q.k) delta. So one pass that writes S_t can also accumulate k^T S_t and q^T S_t
-// for token t + 1: one read and one write of the state per token (plus one read before the first). The sums for a
-// token run in the same order whatever T is.
-void delta_rule_head(const float* q_all, const float* k_all, const float* v_all, const float* decay_all,
-                     const float* beta_all, int64_t T, int64_t nv, int64_t h, int64_t dk, int64_t dv,
-                     const float* s0, const std::vector<float*>& states, float* out) {
-  std::vector<float> kS_buf(dv, 0.f), qS_buf(dv, 0.f), delta_buf(dv);
-  float* __restrict__ kS = kS_buf.data();
-  float* __restrict__ qS = qS_buf.data();
-  float* __restrict__ delta = delta_buf.data();
-  const float* S = s0 + h * dk * dv;
-  const float* q0 = q_all + h * dk;
-  const float* k0 = k_all + h * dk;
-  for (int64_t i = 0; i < dk; ++i) {
-    const float* __restrict__ row = S + i * dv;
-    const float ki = k0[i], qi = q0[i];
-#pragma omp simd
-    for (int64_t j = 0; j < dv; ++j) {
-      kS[j] += ki * row[j];
-      qS[j] += qi * row[j];
+// One row of a delta-rule state update, the only place its arithmetic is written:
+//   dst = decay * row + ki * delta, and (when kS, qS are given) kS += kn * dst, qS += qn * dst.
+// Explicit FMAs, so a verify pass, a decode step and a rollback replay round every element identically. With
+// `stream` the row goes straight to memory (no read-for-ownership of a line the next step reads from DRAM anyway).
+inline void update_row(const float* __restrict__ row, float* __restrict__ dst, const float* __restrict__ delta,
+                       float decay, float ki, float kn, float qn, float* __restrict__ kS, float* __restrict__ qS,
+                       int64_t n, bool stream) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512 dv = _mm512_set1_ps(decay), kv = _mm512_set1_ps(ki), knv = _mm512_set1_ps(kn),
+               qnv = _mm512_set1_ps(qn);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 s = _mm512_fmadd_ps(kv, _mm512_loadu_ps(delta + j), _mm512_mul_ps(dv, _mm512_loadu_ps(row + j)));
+    if (stream)
+      _mm512_stream_ps(dst + j, s);
+    else
+      _mm512_storeu_ps(dst + j, s);
+    if (kS != nullptr) {
+      _mm512_storeu_ps(kS + j, _mm512_fmadd_ps(knv, s, _mm512_loadu_ps(kS + j)));
+      _mm512_storeu_ps(qS + j, _mm512_fmadd_ps(qnv, s, _mm512_loadu_ps(qS + j)));
     }
   }
+#endif
+  for (; j < n; ++j) {
+    const float s = std::fma(ki, delta[j], decay * row[j]);
+    dst[j] = s;
+    if (kS != nullptr) {
+      kS[j] = std::fma(kn, s, kS[j]);
+      qS[j] = std::fma(qn, s, qS[j]);
+    }
+  }
+}
+
+// Gated DeltaNet recurrence of one value head h over T tokens. q, k [T, nv, dk] (l2-normalised, q scaled),
+// v [T, nv, dv], decay, beta [T, nv]; s0 and s_final point at this head's state before the first token and after
+// the last; scratch holds 2 * dk * dv floats; out [T, nv, dv] receives q^T S_t (q and out may be null: a replay).
+// Per token t: S_t = decay * S_{t-1} + k ⊗ delta with delta = (v - decay * k^T S_{t-1}) * beta, and the output
+// q^T S_t = decay * q^T S_{t-1} + (q.k) delta. So one pass that writes S_t can also accumulate k^T S_t and q^T S_t
+// for token t + 1: the state is read once per call and written once per token, the states between tokens stay
+// in this thread's cache (scratch), and only the last one goes to memory. Not inlined: every caller must run
+// these exact instructions, since a replay has to reproduce a verify pass's states bit for bit.
+__attribute__((noinline)) void delta_rule_head(const float* q_all, const float* k_all, const float* v_all,
+                                               const float* decay_all, const float* beta_all, int64_t T,
+                                               int64_t nv, int64_t h, int64_t dk, int64_t dv, const float* s0,
+                                               float* s_final, float* scratch, float* out) {
+  std::vector<float> kS_buf(dv, 0.f), qS_buf(dv, 0.f), delta_buf(dv);
+  float* kS = kS_buf.data();
+  float* qS = qS_buf.data();
+  float* delta = delta_buf.data();
+  const float* q0 = q_all != nullptr ? q_all + h * dk : nullptr;
+  const float* k0 = k_all + h * dk;
+  for (int64_t i = 0; i < dk; ++i) {
+    const float* row = s0 + i * dv;
+    for (int64_t j = 0; j < dv; ++j) {
+      kS[j] = std::fma(k0[i], row[j], kS[j]);
+      if (q0 != nullptr) qS[j] = std::fma(q0[i], row[j], qS[j]);
+    }
+  }
+  const float* S = s0;
   for (int64_t t = 0; t < T; ++t) {
-    const float* q = q_all + (t * nv + h) * dk;
     const float* k = k_all + (t * nv + h) * dk;
     const float* v = v_all + (t * nv + h) * dv;
     const float decay = decay_all[t * nv + h], b = beta_all[t * nv + h];
-    float qk = 0.f;
-    for (int64_t i = 0; i < dk; ++i) qk += q[i] * k[i];
-    float* __restrict__ o = out + (t * nv + h) * dv;
-    for (int64_t j = 0; j < dv; ++j) {
-      delta[j] = (v[j] - decay * kS[j]) * b;
-      o[j] = decay * qS[j] + qk * delta[j];
-      kS[j] = 0.f;
-      qS[j] = 0.f;
+    for (int64_t j = 0; j < dv; ++j) delta[j] = (v[j] - decay * kS[j]) * b;
+    if (out != nullptr) {
+      const float* q = q_all + (t * nv + h) * dk;
+      const float qk = dot(q, k, dk);
+      float* o = out + (t * nv + h) * dv;
+      for (int64_t j = 0; j < dv; ++j) o[j] = decay * qS[j] + qk * delta[j];
     }
-    float* S_new = states[t] + h * dk * dv;
-    const bool next = t + 1 < T;
-    const float* kn = next ? k + nv * dk : k;
-    const float* qn = next ? q + nv * dk : q;
-    for (int64_t i = 0; i < dk; ++i) {
-      const float* __restrict__ row = S + i * dv;
-      float* __restrict__ row_new = S_new + i * dv;
-      const float ki = k[i];
-      if (next) {
-        const float kni = kn[i], qni = qn[i];
-#pragma omp simd
-        for (int64_t j = 0; j < dv; ++j) {
-          const float s = decay * row[j] + ki * delta[j];
-          row_new[j] = s;
-          kS[j] += kni * s;
-          qS[j] += qni * s;
-        }
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < dv; ++j) row_new[j] = decay * row[j] + ki * delta[j];
-      }
+    const bool last = t + 1 == T;
+    float* S_new = last ? s_final : scratch + (t % 2) * dk * dv;
+    const float* kn = last ? nullptr : k + nv * dk;
+    const float* qn = last || q_all == nullptr ? nullptr : q_all + ((t + 1) * nv + h) * dk;
+    if (!last) {
+      std::fill(kS, kS + dv, 0.f);
+      std::fill(qS, qS + dv, 0.f);
     }
+    for (int64_t i = 0; i < dk; ++i)
+      update_row(S + i * dv, S_new + i * dv, delta, decay, k[i], last ? 0.f : kn[i], qn != nullptr ? qn[i] : 0.f,
+                 last ? nullptr : kS, qS, dv, last);
     S = S_new;
   }
 }
 
+// Runs delta_rule_head for every value head (threads split the heads); states are [nv, dk, dv] fp32.
+void delta_rule(const float* q, const float* k, const float* v, const float* decay, const float* beta, int64_t T,
+                int64_t nv, int64_t dk, int64_t dv, const float* s0, float* s_final, float* out) {
+  at::parallel_for(0, nv, 1, [&](int64_t begin, int64_t end) {
+    // per thread and reused: a fresh 128 KiB buffer per call would be mmap-ed and page-faulted in every time
+    thread_local std::vector<float> scratch;
+    if (T > 1 && scratch.size() < static_cast<size_t>(2 * dk * dv)) scratch.resize(2 * dk * dv);
+    for (int64_t h = begin; h < end; ++h)
+      delta_rule_head(q, k, v, decay, beta, T, nv, h, dk, dv, s0 + h * dk * dv, s_final + h * dk * dv,
+                      scratch.data(), out);
+  });
+#ifdef __AVX512F__
+  _mm_sfence();  // streamed stores are visible before the state is used
+#endif
+}
+
 void l2_normalise(float* x, int64_t n, float scale) {
-  float ss = 0.f;
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-  const float f = scale / std::sqrt(ss + 1e-6f);
+  const float f = scale / std::sqrt(dot(x, x, n) + 1e-6f);
   for (int64_t i = 0; i < n; ++i) x[i] *= f;
 }
 
@@ -152,11 +235,19 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   auto out = torch::empty(sizes, gate_up.options());
   const bf16* gp = gate_up.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t i = 0; i < I; ++i) {
-      const float g = round_bf16(silu(static_cast<float>(gp[r * 2 * I + i])));
-      op[r * I + i] = static_cast<bf16>(g * static_cast<float>(gp[r * 2 * I + I + i]));
+  constexpr int64_t kBlock = 512;  // blocks at fixed offsets in a row: a row's bits do not depend on R
+  const int64_t blocks = (I + kBlock - 1) / kBlock;
+  at::parallel_for(0, R * blocks, kParallelGrain / kBlock, [&](int64_t begin, int64_t end) {
+    float g[kBlock];
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t r = job / blocks, i0 = (job % blocks) * kBlock, n = std::min(kBlock, I - i0);
+      const bf16* gate = gp + r * 2 * I + i0;
+      for (int64_t i = 0; i < n; ++i) g[i] = static_cast<float>(gate[i]);
+      silu_row(g, n);
+      for (int64_t i = 0; i < n; ++i)
+        op[r * I + i0 + i] = static_cast<bf16>(round_bf16(g[i]) * static_cast<float>(gate[I + i]));
     }
+  });
   return out;
 }
 
@@ -230,10 +321,7 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_no
       scores.resize(n);
       float top = -INFINITY;
       for (int64_t j = 0; j < n; ++j) {
-        const bf16* key = Kc + (kvh * max_len + j) * D;
-        float s = 0.f;
-        for (int64_t i = 0; i < D; ++i) s += q[i] * static_cast<float>(key[i]);
-        scores[j] = s * scale;
+        scores[j] = dot_bf16(q.data(), Kc + (kvh * max_len + j) * D, D) * scale;
         top = std::max(top, scores[j]);
       }
       float total = 0.f;
@@ -291,27 +379,45 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
   bf16* xp = conv_in.data_ptr<bf16>();
   const bf16* cs = conv_state.data_ptr<bf16>();
   const int64_t cs0 = conv_state.stride(0), cs1 = conv_state.stride(1);
-  for (int64_t c = 0; c < conv_dim; ++c) {
-    for (int64_t j = 0; j < K - 1; ++j) xp[c * len + j] = cs[c * cs0 + j * cs1];
-    for (int64_t t = 0; t < T; ++t) xp[c * len + K - 1 + t] = pp[t * width + c];
-  }
-  // conv + silu, rounded to bf16 like the PyTorch path's `mixed`, laid out [T, conv_dim]
+  // conv + silu, rounded to bf16 like the PyTorch path's `mixed`, laid out [T, conv_dim]; channel blocks at fixed
+  // offsets, so a position's bits do not depend on T
   std::vector<float> mixed(T * conv_dim);
-  for (int64_t c = 0; c < conv_dim; ++c)
-    for (int64_t t = 0; t < T; ++t) {
-      float acc = static_cast<float>(xp[c * len + t]) * w[c * K];
-      for (int64_t j = 1; j < K; ++j) acc = acc + static_cast<float>(xp[c * len + t + j]) * w[c * K + j];
-      mixed[t * conv_dim + c] = round_bf16(silu(acc));
+  constexpr int64_t kChannels = 256;
+  at::parallel_for(0, (conv_dim + kChannels - 1) / kChannels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t c0 = block * kChannels, c1 = std::min(conv_dim, c0 + kChannels);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t j = 0; j < K - 1; ++j) xp[c * len + j] = cs[c * cs0 + j * cs1];
+        for (int64_t t = 0; t < T; ++t) xp[c * len + K - 1 + t] = pp[t * width + c];
+        for (int64_t t = 0; t < T; ++t) {
+          float acc = static_cast<float>(xp[c * len + t]) * w[c * K];
+          for (int64_t j = 1; j < K; ++j) acc = acc + static_cast<float>(xp[c * len + t + j]) * w[c * K + j];
+          mixed[t * conv_dim + c] = acc;
+        }
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        float* row = mixed.data() + t * conv_dim + c0;
+        silu_row(row, c1 - c0);
+        for (int64_t c = 0; c < c1 - c0; ++c) row[c] = round_bf16(row[c]);
+      }
     }
+  });
   const int64_t group = nv / nk;
   const float q_scale = 1.0f / std::sqrt(static_cast<float>(dk));
-  // per value head: q, k (of its key head), v, laid out [T, nv, d] so heads are independent
-  std::vector<float> q(T * nv * dk), k(T * nv * dk), v(T * nv * dv), decay(T * nv), beta(T * nv);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < nv; ++h) {
+  // per value head: q, k (of its key head), v, laid out [T, nv, d] so heads are independent. k, v, decay and beta
+  // are returned (`replay`): with the state before this call they rebuild the state after any of its positions.
+  std::vector<float> q(T * nv * dk);
+  auto replay = torch::empty({T, nv * (dk + dv + 2)}, state.options());
+  float* k = replay.data_ptr<float>();
+  float* v = k + T * nv * dk;
+  float* decay = v + T * nv * dv;
+  float* beta = decay + T * nv;
+  at::parallel_for(0, T * nv, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t t = job / nv, h = job % nv;
       const float* row = mixed.data() + t * conv_dim;
       float* qh = q.data() + (t * nv + h) * dk;
-      float* kh = k.data() + (t * nv + h) * dk;
+      float* kh = k + (t * nv + h) * dk;
       for (int64_t i = 0; i < dk; ++i) {
         qh[i] = row[(h / group) * dk + i];
         kh[i] = row[key_dim + (h / group) * dk + i];
@@ -323,31 +429,48 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
       decay[t * nv + h] = std::exp(-std::exp(A[h]) * softplus(a + dt[h]));
       beta[t * nv + h] = round_bf16(sigmoid(b));
     }
-  auto opts = state.options();
-  std::vector<torch::Tensor> result{torch::empty({T, nv * dv}, proj.options()), conv_in};
-  std::vector<float*> states;
-  for (int64_t t = 0; t < T; ++t) {
-    result.push_back(torch::empty({nv, dk, dv}, opts));
-    states.push_back(result.back().data_ptr<float>());
-  }
-  std::vector<float> core(T * nv * dv);
-  const float* s0 = state.data_ptr<float>();
-  at::parallel_for(0, nv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h)
-      delta_rule_head(q.data(), k.data(), v.data(), decay.data(), beta.data(), T, nv, h, dk, dv, s0, states,
-                      core.data());
   });
+  std::vector<torch::Tensor> result{torch::empty({T, nv * dv}, proj.options()), conv_in, torch::empty_like(state),
+                                    replay};
+  std::vector<float> core(T * nv * dv);
+  delta_rule(q.data(), k, v, decay, beta, T, nv, dk, dv, state.data_ptr<float>(), result[2].data_ptr<float>(),
+             core.data());
   // gated RMSNorm over each head's dv values: weight * norm(core) (bf16) * silu(z)
   bf16* op = result[0].data_ptr<bf16>();
-  std::vector<float> x(dv);
-  for (int64_t r = 0; r < T * nv; ++r) {
-    const bf16* z = zp + (r / nv) * width + (r % nv) * dv;
-    for (int64_t j = 0; j < dv; ++j) x[j] = round_bf16(core[r * dv + j]);
-    const float inv = inverse_rms(x.data(), dv, eps);
-    for (int64_t j = 0; j < dv; ++j) {
-      const float normed = round_bf16(nw[j] * round_bf16(x[j] * inv));
-      op[r * dv + j] = static_cast<bf16>(normed * silu(static_cast<float>(z[j])));
+  at::parallel_for(0, T * nv, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(dv), gate(dv);
+    for (int64_t r = begin; r < end; ++r) {
+      const bf16* z = zp + (r / nv) * width + (r % nv) * dv;
+      for (int64_t j = 0; j < dv; ++j) {
+        x[j] = round_bf16(core[r * dv + j]);
+        gate[j] = static_cast<float>(z[j]);
+      }
+      silu_row(gate.data(), dv);
+      const float inv = inverse_rms(x.data(), dv, eps);
+      for (int64_t j = 0; j < dv; ++j) {
+        const float normed = round_bf16(nw[j] * round_bf16(x[j] * inv));
+        op[r * dv + j] = static_cast<bf16>(normed * gate[j]);
+      }
     }
-  }
+  });
   return result;
+}
+
+// The Gated DeltaNet state after the first n positions of a gdn_step call, from the state before it and that
+// call's `replay` tensor: the same instructions as the call itself, so the same bits (rollback after a verify).
+torch::Tensor gdn_replay(const torch::Tensor& state, const torch::Tensor& replay, int64_t n) {
+  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.dim() == 3,
+              "gdn_replay: state must be contiguous fp32 [nv, dk, dv]");
+  const int64_t nv = state.size(0), dk = state.size(1), dv = state.size(2), T = replay.size(0);
+  TORCH_CHECK(replay.scalar_type() == at::kFloat && replay.is_contiguous() && replay.dim() == 2 &&
+                  replay.size(1) == nv * (dk + dv + 2),
+              "gdn_replay: replay must be the [T, nv * (dk + dv + 2)] tensor gdn_step returned for this state");
+  TORCH_CHECK(n >= 1 && n <= T, "gdn_replay: n must be in 1..", T, ", got ", n);
+  const float* k = replay.data_ptr<float>();
+  const float* v = k + T * nv * dk;
+  const float* decay = v + T * nv * dv;
+  const float* beta = decay + T * nv;
+  auto out = torch::empty_like(state);
+  delta_rule(nullptr, k, v, decay, beta, n, nv, dk, dv, state.data_ptr<float>(), out.data_ptr<float>(), nullptr);
+  return out;
 }

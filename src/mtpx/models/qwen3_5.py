@@ -12,6 +12,7 @@ Two forward modes share every layer:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -306,14 +307,19 @@ class GatedDeltaNet(nn.Module):
 
     def _fused_step(self, proj, w, state: SequenceState) -> torch.Tensor:
         """The step path in one kernel call (bf16 on CPU): conv, gates, delta rule and gated norm -> [T, value_dim]."""
-        out, seq, states = kernels.gdn_step(proj, state.conv[self.layer_idx], w, self.A_log, self.dt_bias,
-                                            self.norm.weight, state.recurrent[self.layer_idx], self.nk, self.dk,
-                                            self.dv, self.norm.eps)
-        self._advance(state, seq, states)
+        before = state.recurrent[self.layer_idx]
+        out, seq, after, replay = kernels.gdn_step(proj, state.conv[self.layer_idx], w, self.A_log, self.dt_bias,
+                                                   self.norm.weight, before, self.nk, self.dk, self.dv, self.norm.eps)
+        # states between positions are rebuilt only if a rollback asks for one: writing each (1 MiB per layer for
+        # Qwen3.5-0.8B) costs a verify pass more than the rare replay does
+        T = proj.shape[0]
+        lazy = [functools.partial(kernels.gdn_replay, before, replay, t + 1) for t in range(T - 1)]
+        self._advance(state, seq, lazy + [after])
         return out
 
-    def _advance(self, state: SequenceState, seq: torch.Tensor, states: list[torch.Tensor]) -> None:
-        """Keep the (conv, recurrent) state after every position for rollback; the last one becomes current."""
+    def _advance(self, state: SequenceState, seq: torch.Tensor, states: list) -> None:
+        """Keep the (conv, recurrent) state after every position for rollback (a recurrent state may be a function
+        that computes it); the last one becomes current."""
         T, K = len(states), self.kernel
         state.snapshots[self.layer_idx].extend((seq[:, t + 1:t + K], states[t]) for t in range(T))
         state.conv[self.layer_idx], state.recurrent[self.layer_idx] = seq[:, T:], states[-1]
