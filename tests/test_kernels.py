@@ -120,3 +120,26 @@ def test_attention_step_rejects_positions_past_the_cache():
     w = torch.zeros(16, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="exceed the cache"):
         kernels.attention_step(qkv, w, w, cos, cos, cache, cache.clone(), 3, 1, 1, 16, 1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dv", [32, 24])  # 24: rows not 64-byte aligned, so no streaming stores
+def test_gdn_replay_rebuilds_the_states_of_a_verify_pass_bit_for_bit(dv):
+    """A verify pass keeps only its last state; rollback replays the accepted positions. The replayed state must be
+    exactly what a pass over just those positions computes (what plain decoding would have)."""
+    g = torch.Generator().manual_seed(dv)
+    nk, nv, dk, K = 2, 4, 16, 4
+    conv_dim = 2 * nk * dk + nv * dv
+    proj = torch.randn(5, conv_dim + nv * dv + 2 * nv, generator=g).bfloat16()
+    conv_state = torch.randn(conv_dim, K - 1, generator=g).bfloat16()
+    weights = (torch.randn(conv_dim, K, generator=g).bfloat16(), torch.randn(nv, generator=g),
+               torch.randn(nv, generator=g), torch.randn(dv, generator=g).bfloat16())
+    state = torch.randn(nv, dk, dv, generator=g)
+    out, _, last, replay = kernels.gdn_step(proj, conv_state, *weights, state, nk, dk, dv, 1e-6)
+    for n in range(1, 6):
+        out_n, _, last_n, _ = kernels.gdn_step(proj[:n], conv_state, *weights, state, nk, dk, dv, 1e-6)
+        assert torch.equal(out_n, out[:n])  # each position's output ignores later positions
+        assert torch.equal(kernels.gdn_replay(state, replay, n), last_n)
+    assert torch.equal(last_n, last)
+    with pytest.raises(RuntimeError, match="n must be in 1..5"):
+        kernels.gdn_replay(state, replay, 6)

@@ -110,6 +110,7 @@ inline void update_row(const float* __restrict__ row, float* __restrict__ dst, c
                        int64_t n, bool stream) {
   int64_t j = 0;
 #ifdef __AVX512F__
+  stream = stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0;  // streaming stores need aligned addresses
   const __m512 dv = _mm512_set1_ps(decay), kv = _mm512_set1_ps(ki), knv = _mm512_set1_ps(kn),
                qnv = _mm512_set1_ps(qn);
   for (; j + 16 <= n; j += 16) {
