@@ -5,8 +5,9 @@ same way whatever M is (so a verify pass is bit-identical to one-token steps), a
 all rows (so it costs about what one row costs). Measured here on a CPU without AVX512_BF16, where oneDNN's bf16
 matmul costs ~2.5x more for 5 rows than for 1 (see BENCHMARKS.md). `rowgemm_int8`: the same for int8 weights.
 The small ops of a step forward, fused (step_ops.cpp): `rms_norm`, `silu_mul`, `attention_step` (q/k norm, RoPE,
-cache write, per-position attention, output gate) and `gdn_step` (conv, gates, delta rule, gated norm). A step of a
-small model is otherwise a few hundred PyTorch ops of a few microseconds' overhead each.
+cache write, per-position attention, output gate) and `gdn_step` (conv, gates, delta rule, gated norm; with
+`gdn_replay` to rebuild the state after any of its positions on rollback). A step of a small model is otherwise a
+few hundred PyTorch ops of a few microseconds' overhead each.
 Set MTPX_ROWGEMM=0 to use PyTorch ops instead.
 """
 from __future__ import annotations
