@@ -57,3 +57,26 @@ def test_batch_sizes_moving_up_and_down_do_not_reset_the_exploration_backoff():
     late = chosen[4][-1000:]
     assert late.count(0) >= 980  # explorations only every EXPLORE_MAX rounds of batch 4 once settled
     assert chosen[1][-100:].count(3) >= 70
+
+
+def test_a_measurement_run_stops_when_the_batch_size_changes():
+    """A run of k = 1 started for 4 sequences must not go on when 8 are running: there 16 rows read the weights
+    twice, and the run's rounds would not compare with each other anyway."""
+    policy = DraftPolicy(1, 0, True, row_block=8)
+    k = policy.next_k(4)
+    while k == 0:  # reference rounds without drafts, until a measurement run of k = 1 starts
+        policy.observe(4, [0] * 4, [0] * 4, 0.0, 1.0, 4)
+        k = policy.next_k(4)
+    policy.observe(4, [1] * 4, [1] * 4, 0.0, 1.1, 8)
+    assert policy.repeat_left == MEASURE_ROUNDS - 1  # the run had more rounds to go
+    assert policy.next_k(8) == 0  # four more requests arrived
+
+
+def test_time_spent_on_other_work_between_rounds_is_not_a_rounds_cost():
+    policy = DraftPolicy(1, 0, True)
+    policy.observe(1, [0], [0], 0.0, 0.01, 1, started=0.0, ended=0.01)
+    policy.observe(1, [0], [0], 0.0, 0.01, 1, started=0.02, ended=0.03)
+    assert abs(policy.recent[-1][2] - 0.02) < 1e-9  # streaming gap of 10 ms counted
+    policy.skip_gap()  # e.g. a prefill of 100 ms ran here
+    policy.observe(1, [0], [0], 0.0, 0.01, 1, started=0.13, ended=0.14)
+    assert abs(policy.recent[-1][2] - 0.01) < 1e-9

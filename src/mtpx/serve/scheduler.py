@@ -242,6 +242,8 @@ class Scheduler:
                         self._prefill(r)
                     if admit or changed:
                         self._update_gauges()
+                        if self.policy is not None:
+                            self.policy.skip_gap()
                     if self._running:
                         self._decode()
                 except Exception as e:  # a bug outside the guarded model calls: fail this batch, keep serving

@@ -68,7 +68,7 @@ class DraftPolicy:
         # up and down as requests come and go; one shared backoff was reset by every move and explored every 16)
         self.explore: dict[int, list] = {}
         self.measure_tries: dict[tuple[int, int], int] = {}
-        self.repeat_k, self.repeat_left = 0, 0
+        self.repeat_k, self.repeat_left, self.repeat_batch = 0, 0, 0
 
     def rate(self, i: int) -> float:
         return (self.accepted[i] + PRIOR_RATE * PRIOR_WEIGHT) / (self.tried[i] + PRIOR_WEIGHT)
@@ -111,9 +111,12 @@ class DraftPolicy:
         if not self.adaptive or self.n_max == self.n_min:
             return self.n_max
         self.rounds += 1
-        if self.repeat_left > 0:  # rest of a measurement run
-            self.repeat_left -= 1
-            return self.repeat_k
+        if self.repeat_left > 0:  # rest of a measurement run ...
+            if batch == self.repeat_batch:
+                self.repeat_left -= 1
+                return self.repeat_k
+            self.repeat_left = 0  # ... unless the batch size changed: its rounds would not compare (and a k chosen
+            # for 4 sequences may read the weights twice for 8)
         best_k, best, floor = self.n_min, -1.0, 1.0
         for k in range(self.n_min, self.n_max + 1):
             ratio = self.round_ratio(batch, k)
@@ -139,7 +142,7 @@ class DraftPolicy:
             runner_up = self.n_min if best_k > self.n_min else min(best_k + 1, self.n_max)
             if runner_up > self.n_min and not self._could_win(runner_up, self.weight_reads(batch, runner_up), best):
                 return best_k  # it cannot win at this batch size whatever it measures
-            self.repeat_k, self.repeat_left = runner_up, MEASURE_ROUNDS - 1
+            self.repeat_k, self.repeat_left, self.repeat_batch = runner_up, MEASURE_ROUNDS - 1, batch
             return self.repeat_k
         return best_k
 
@@ -149,8 +152,14 @@ class DraftPolicy:
         if last is None or last[:2] != (batch, self.n_min):
             return self.n_min  # a reference round first
         self.measure_tries[(batch, k)] = self.measure_tries.get((batch, k), 0) + 1
-        self.repeat_k, self.repeat_left = k, MEASURE_ROUNDS - 1
+        self.repeat_k, self.repeat_left, self.repeat_batch = k, MEASURE_ROUNDS - 1, batch
         return k
+
+    def skip_gap(self) -> None:
+        """Other work ran since the last round (a server's prefill of a new request, a cancellation): the time until
+        the next round is not that round's cost. (Counted, it made the first round at each new batch size look
+        slow, and so the reference it was compared with.)"""
+        self.last_end = None
 
     def observe(self, batch: int, ks: list[int], accepted: list[int], draft_s: float, verify_s: float,
                 rows: int, started: float | None = None, ended: float | None = None) -> None:
