@@ -24,16 +24,27 @@ _module = None
 _tried = False
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def native_bf16() -> bool:
+    """Whether the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX): without them oneDNN emulates its bf16
+    matmul, and a many-row bf16 matmul is faster widened to fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def _extension_name() -> str:
     """Built with -march=native: name the build after the CPU, so a cache shared by different machines never loads
     code for instructions this one lacks."""
     import hashlib
     import platform
-    cpu = platform.machine()
-    try:
-        cpu += next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
+    cpu = platform.machine() + " ".join(sorted(cpu_flags()))
     return "mtpx_rowgemm_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
 
 

@@ -17,6 +17,12 @@ from mtpx import kernels
 #   STEP_ROWS rows (zero-padded, or in blocks). 5 = a verify pass of k = 4 drafts.
 STEP_ROWS = 5
 _row_invariant = False
+# Prefill matmuls of bf16 weights with at least this many rows run widened to fp32 (MKL's sgemm) where the CPU has
+# no bf16 dot products: oneDNN's emulated bf16 path reached 51-60 GFLOP/s here, fp32 128-234 (64-512 rows of the
+# 0.8B body's shapes, 2 threads). The weight is widened in slices of _WIDEN_BYTES, never all at once.
+WIDEN_ROWS = 32
+_WIDEN_BYTES = 16 << 20
+_widen_prefill: bool | None = None
 
 
 @contextmanager
@@ -64,7 +70,26 @@ def uses_rowgemm(weight: torch.Tensor) -> bool:
             and weight.is_contiguous() and kernels.rowgemm_available())
 
 
+def _widens(rows: torch.Tensor, weight) -> bool:
+    global _widen_prefill
+    if _widen_prefill is None:
+        _widen_prefill = not kernels.native_bf16()
+    return (_widen_prefill and rows.shape[0] >= WIDEN_ROWS and isinstance(weight, torch.Tensor)
+            and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not torch.is_grad_enabled())
+
+
+def _widened_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    x = rows.float()
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=rows.dtype)
+    step = max(16, _WIDEN_BYTES // (4 * weight.shape[1]))
+    for n in range(0, weight.shape[0], step):
+        out[:, n:n + step] = F.linear(x, weight[n:n + step].float())
+    return out
+
+
 def _matmul(rows: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+    if _widens(rows, weight):
+        return _widened_matmul(rows, weight)
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
     return F.linear(rows, weight)
