@@ -15,14 +15,15 @@ namespace {
 
 constexpr int kLanes = 16;
 // Output columns computed together (each loaded x vector is reused that many times) and how far ahead in each
-// weight row to prefetch, by row count. The hardware prefetcher alone left decode at ~75% of the read bandwidth;
-// one row: 4 columns, 1 KiB ahead (17 -> 22 GB/s at 2 threads). With 2+ rows the FMAs take longer per cache line,
-// and fewer streams each prefetched further ahead keep more of the bandwidth: 2 columns, 4 KiB ahead took 4 rows
-// from 18 to 21 GB/s and 5 rows from 16.5 to 19.7 (2 threads, 888 MB of weights, scratch benchmark).
+// weight row to prefetch. The hardware prefetcher alone left decode at ~75% of the read bandwidth; one bf16 row:
+// 4 columns, 1 KiB ahead (17 -> 22 GB/s at 2 threads). With 2+ rows the FMAs take longer per cache line, and fewer
+// streams each prefetched further ahead keep more of the bandwidth: 2 columns, 4 KiB ahead took 4 rows from 18 to
+// 21 GB/s and 5 rows from 16.5 to 19.7. int8 rows (twice the weights per byte) want 4 KiB too: one row 11 -> 19 GB/s.
+// (2 threads, 888 MB of weights, scratch benchmarks.)
 template <int M>
 constexpr int kColumns = M == 1 ? 4 : 2;
-template <int M>
-constexpr int64_t kPrefetchBytes = M == 1 ? 1024 : 4096;
+template <int M, typename W>
+constexpr int64_t kPrefetchBytes = M == 1 && sizeof(W) == 2 ? 1024 : 4096;
 
 #ifdef __AVX512F__
 inline __m512 widen(const at::BFloat16* p) {
@@ -45,7 +46,7 @@ void columns(const float* x, const W* w, int64_t K, int64_t n, float* out, int64
     for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
     if ((k * sizeof(W)) % 64 == 0)  // once per cache line
       for (int c = 0; c < C; ++c)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n + c) * K + k) + kPrefetchBytes<M>, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n + c) * K + k) + kPrefetchBytes<M, W>, _MM_HINT_T0);
     for (int c = 0; c < C; ++c) {
       __m512 wv = widen(w + (n + c) * K + k);
       for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(wv, xv[m], acc[c][m]);
