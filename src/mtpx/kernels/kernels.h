@@ -4,6 +4,16 @@
 
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+// 16 bf16 values -> fp32 lanes (bf16 is the top half of an fp32: widening is exact)
+inline __m512 widen_bf16(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
 torch::Tensor rowgemm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor rowgemm_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool offset);

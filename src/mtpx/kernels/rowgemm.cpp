@@ -26,10 +26,7 @@ template <int M, typename W>
 constexpr int64_t kPrefetchBytes = M == 1 && sizeof(W) == 2 ? 1024 : 4096;
 
 #ifdef __AVX512F__
-inline __m512 widen(const at::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+inline __m512 widen(const at::BFloat16* p) { return widen_bf16(p); }
 
 inline __m512 widen(const int8_t* p) {
   __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

@@ -13,7 +13,6 @@
 #include <cmath>
 
 #ifdef __AVX512F__
-#include <immintrin.h>
 #include <sleef.h>  // PyTorch's own vectorised exp (exported by libtorch_cpu)
 #endif
 
@@ -45,11 +44,7 @@ float dot_bf16(const float* a, const bf16* b, int64_t n) {
   float s = 0.f;
 #ifdef __AVX512F__
   __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i));
-    __m512 bv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), bv, acc);
-  }
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), widen_bf16(b + i), acc);
   s = _mm512_reduce_add_ps(acc);
 #endif
   for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
@@ -72,9 +67,6 @@ void silu_row(float* x, int64_t n) {
 float inverse_rms(const float* x, int64_t n, double eps) {
   return 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + static_cast<float>(eps));
 }
-
-// rows of at least this many elements are split across threads (below it a parallel region costs more than it saves)
-constexpr int64_t kParallelGrain = 2048;
 
 void check_bf16(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.device().is_cpu(), what,
@@ -238,7 +230,8 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   bf16* op = out.data_ptr<bf16>();
   constexpr int64_t kBlock = 512;  // blocks at fixed offsets in a row: a row's bits do not depend on R
   const int64_t blocks = (I + kBlock - 1) / kBlock;
-  at::parallel_for(0, R * blocks, kParallelGrain / kBlock, [&](int64_t begin, int64_t end) {
+  // threads take at least 4 blocks each: on less work a parallel region costs more than it saves
+  at::parallel_for(0, R * blocks, 4, [&](int64_t begin, int64_t end) {
     float g[kBlock];
     for (int64_t job = begin; job < end; ++job) {
       const int64_t r = job / blocks, i0 = (job % blocks) * kBlock, n = std::min(kBlock, I - i0);
