@@ -10,9 +10,10 @@ from typing import Iterator
 
 import torch
 
+from mtpx import kernels
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
-from mtpx.models.linear import pack_for_cpu, quantize_int8, weight_bytes
+from mtpx.models.linear import STEP_ROWS, pack_for_cpu, quantize_int8, weight_bytes
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import SamplingParams
 from mtpx.speculative.drafters import DraftHead, Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
@@ -133,8 +134,6 @@ class LLM:
     @property
     def step_row_block(self) -> int | None:
         """Rows per weight read of step matmuls (the CPU rowgemm kernel's block), for the draft policy."""
-        from mtpx import kernels
-        from mtpx.models.linear import STEP_ROWS
         if self.device.type != "cpu":
             return None
         return kernels.MAX_ROWS if kernels.rowgemm_available() else STEP_ROWS

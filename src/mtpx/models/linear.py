@@ -236,5 +236,11 @@ def int8_weights(module: nn.Module) -> list[Int8Weight]:
     return list(found.values())
 
 
+def nbytes(weight) -> int:
+    """Bytes of one weight: a tensor, or an Int8Weight's values and scales."""
+    parts = [weight.q, weight.scale] if isinstance(weight, Int8Weight) else [weight]
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
 def weight_bytes(module: nn.Module, skip: set[int] = frozenset()) -> int:
-    return sum(t.numel() * t.element_size() for t in weight_tensors(module, skip))
+    return sum(nbytes(t) for t in weight_tensors(module, skip))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mtpx.models.linear import Int8Weight, linear, row_invariant, weight_bytes
+from mtpx.models.linear import Int8Weight, linear, nbytes, row_invariant, weight_bytes
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import sample, target_probs
 from mtpx.state import SequenceState
@@ -153,8 +153,7 @@ class DraftHead:
         return logits
 
     def nbytes(self) -> int:
-        w = self.weight
-        return w.q.numel() + w.scale.numel() * 4 if isinstance(w, Int8Weight) else w.numel() * w.element_size()
+        return nbytes(self.weight)
 
 
 class MTPDrafter(_StatefulDrafter):
