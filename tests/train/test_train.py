@@ -11,7 +11,10 @@ from mtpx.tokenizer import Tokenizer
 from mtpx.train.cli import PRESETS
 from mtpx.train.corpus import DOC_SEPARATOR
 from mtpx.train.mtp_cli import distill, teacher_forced_acceptance, write_with_mtp
-from mtpx.train.trainer import TrainConfig, fresh_mtp, new_model, save_checkpoint, tokenize_file, train, train_tokenizer
+from mtpx import kernels
+from mtpx.errors import MtpxError
+from mtpx.train.trainer import (TrainConfig, fresh_mtp, mixed_precision, new_model, save_checkpoint, tokenize_file,
+                                 train, train_tokenizer)
 
 TC = TrainConfig(steps=30, seq_len=64, batch_size=8, lr=3e-3, warmup=5, val_every=0, save_every=0, seed=0)
 
@@ -42,6 +45,22 @@ def setup(tmp_path_factory):
 def test_training_reduces_loss(setup, tmp_path):
     d, tok, cfg, data, _ = setup
     history = train(new_model(cfg, 1, 0), data, None, TC, tmp_path, log=lambda m: None)
+    assert sum(history[-5:]) / 5 < 0.7 * sum(history[:5]) / 5
+
+
+def test_precision_auto_uses_bf16_only_where_the_cpu_has_bf16_dot_products():
+    def bf16_matmul(precision: str) -> bool:
+        with mixed_precision(precision):
+            return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert bf16_matmul("auto") == kernels.native_bf16()
+    assert bf16_matmul("bf16") and not bf16_matmul("fp32")
+    with pytest.raises(MtpxError, match="precision must be one of"):
+        mixed_precision("fp8")
+
+
+def test_bf16_training_reduces_loss_too(setup, tmp_path):
+    d, tok, cfg, data, _ = setup
+    history = train(new_model(cfg, 1, 0), data, None, replace(TC, precision="bf16"), tmp_path, log=lambda m: None)
     assert sum(history[-5:]) / 5 < 0.7 * sum(history[:5]) / 5
 
 

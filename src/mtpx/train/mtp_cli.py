@@ -24,7 +24,7 @@ from mtpx.loading import build_model, load_checkpoint
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.train.cli import corpus_file, invocation
 from mtpx.train.evaluate import teacher_forced_acceptance as tf_acceptance
-from mtpx.train.trainer import batch_at, fresh_mtp, mtp_chain, tokenize_file
+from mtpx.train.trainer import PRECISIONS, batch_at, fresh_mtp, mixed_precision, mtp_chain, tokenize_file
 
 
 class TrainMTPError(MtpxError):
@@ -47,7 +47,8 @@ def teacher_forced_acceptance(model: Qwen35Model, data: torch.Tensor, batches: i
 
 
 def distill(model: Qwen35Model, data: torch.Tensor, steps: int, batch: int, seq_len: int, lr: float, seed: int,
-            time_budget_s: float | None = None, log=print, chain: int = 1, objective: str = "kl") -> list[float]:
+            time_budget_s: float | None = None, log=print, chain: int = 1, objective: str = "kl",
+            precision: str = "auto") -> list[float]:
     """Train only model.mtp to reproduce the frozen base model's own predictions.
 
     Draft step j (1..chain) at position i sees (h_i, t_{i+1}) for j = 1, or its own previous output with t_{i+j}, and
@@ -69,10 +70,10 @@ def distill(model: Qwen35Model, data: torch.Tensor, steps: int, batch: int, seq_
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * max(0.0, 1 - progress))
         x = batch_at(data, step, seed, batch, seq_len)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), mixed_precision(precision):
             hidden = model(x)
             target = F.log_softmax(model.logits(hidden).float(), -1)  # base prediction of t_{p+1} at every p
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with mixed_precision(precision):
             drafts = [model.logits(h) for h in mtp_chain(model, hidden.float(), x, chain)]
         terms = []
         for j, d in enumerate(drafts, start=1):
@@ -106,6 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="matmul precision; auto: bf16 where the CPU has bf16 dot products, else fp32")
     p.add_argument("--time-budget-min", type=float, default=None)
     p.add_argument("--replace", action="store_true", help="replace an existing MTP layer with a fresh one")
     p.add_argument("--refine", action="store_true",
@@ -146,7 +149,8 @@ def main(args: argparse.Namespace) -> int:
     budget = args.time_budget_min * 60 if args.time_budget_min else None
     t0 = time.perf_counter()
     history = distill(model, train_data, args.steps, args.batch_size, args.seq_len, args.lr, args.seed, budget,
-                      log=lambda m: print(m, file=sys.stderr), chain=args.chain, objective=args.objective)
+                      log=lambda m: print(m, file=sys.stderr), chain=args.chain, objective=args.objective,
+                      precision=args.precision)
     seconds = time.perf_counter() - t0
     after = tf_acceptance(model, val_data, k=k)
     print(f"held-out teacher-forced acceptance after:  {fmt(after)}  ({len(history)} steps, {seconds / 60:.1f} min)",
