@@ -10,7 +10,7 @@ def simulate(policy: DraftPolicy, batch: int, cost, rounds: int = 400) -> list[i
     for _ in range(rounds):
         k = policy.next_k(batch)
         run = run + 1 if chosen and chosen[-1] == k else 1
-        policy.observe(batch, [k] * batch, [k] * batch, 0.0, cost(k, run), batch * (k + 1))
+        policy.observe(batch, [k] * batch, [k] * batch, 0.0, cost(k, run))
         chosen.append(k)
     return chosen
 
@@ -53,7 +53,7 @@ def test_batch_sizes_moving_up_and_down_do_not_reset_the_exploration_backoff():
         batch = 1 if round_ % 250 < 5 else 4  # waves of 4 requests, a few rounds alone between them
         k = policy.next_k(batch)
         chosen[batch].append(k)
-        policy.observe(batch, [k] * batch, [k] * batch, 0.0, cost(batch, k), batch * (k + 1))
+        policy.observe(batch, [k] * batch, [k] * batch, 0.0, cost(batch, k))
     late = chosen[4][-1000:]
     assert late.count(0) >= 980  # explorations only every EXPLORE_MAX rounds of batch 4 once settled
     assert chosen[1][-100:].count(3) >= 70
@@ -65,18 +65,18 @@ def test_a_measurement_run_stops_when_the_batch_size_changes():
     policy = DraftPolicy(1, 0, True, row_block=8)
     k = policy.next_k(4)
     while k == 0:  # reference rounds without drafts, until a measurement run of k = 1 starts
-        policy.observe(4, [0] * 4, [0] * 4, 0.0, 1.0, 4)
+        policy.observe(4, [0] * 4, [0] * 4, 0.0, 1.0)
         k = policy.next_k(4)
-    policy.observe(4, [1] * 4, [1] * 4, 0.0, 1.1, 8)
+    policy.observe(4, [1] * 4, [1] * 4, 0.0, 1.1)
     assert policy.repeat_left == MEASURE_ROUNDS - 1  # the run had more rounds to go
     assert policy.next_k(8) == 0  # four more requests arrived
 
 
 def test_time_spent_on_other_work_between_rounds_is_not_a_rounds_cost():
     policy = DraftPolicy(1, 0, True)
-    policy.observe(1, [0], [0], 0.0, 0.01, 1, started=0.0, ended=0.01)
-    policy.observe(1, [0], [0], 0.0, 0.01, 1, started=0.02, ended=0.03)
+    policy.observe(1, [0], [0], 0.0, 0.01, started=0.0, ended=0.01)
+    policy.observe(1, [0], [0], 0.0, 0.01, started=0.02, ended=0.03)
     assert abs(policy.recent[-1][2] - 0.02) < 1e-9  # streaming gap of 10 ms counted
     policy.skip_gap()  # e.g. a prefill of 100 ms ran here
-    policy.observe(1, [0], [0], 0.0, 0.01, 1, started=0.13, ended=0.14)
+    policy.observe(1, [0], [0], 0.0, 0.01, started=0.13, ended=0.14)
     assert abs(policy.recent[-1][2] - 0.01) < 1e-9

@@ -145,5 +145,5 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
         s.stats.verify_s += (t2 - t1) / len(seqs)
     if policy is not None and drafter is not None:
         policy.observe(len(seqs), [len(d.tokens) for d in drafts], n_accepted, t1 - t0 + t3 - t2, t2 - t1,
-                       len(seqs) * width, started=t0, ended=t3)
+                       started=t0, ended=t3)
     return emitted

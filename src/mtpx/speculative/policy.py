@@ -162,7 +162,7 @@ class DraftPolicy:
         self.last_end = None
 
     def observe(self, batch: int, ks: list[int], accepted: list[int], draft_s: float, verify_s: float,
-                rows: int, started: float | None = None, ended: float | None = None) -> None:
+                started: float | None = None, ended: float | None = None) -> None:
         for k, n in zip(ks, accepted):
             for i in range(min(k, n + 1)):
                 self.tried[i] += 1
