@@ -5,14 +5,14 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mtpx import kernels
 from mtpx.config import ModelConfig
+from mtpx.errors import MtpxError
 from mtpx.loading import build_model, load_checkpoint
 from mtpx.tokenizer import Tokenizer
 from mtpx.train.cli import PRESETS
 from mtpx.train.corpus import DOC_SEPARATOR
 from mtpx.train.mtp_cli import distill, teacher_forced_acceptance, write_with_mtp
-from mtpx import kernels
-from mtpx.errors import MtpxError
 from mtpx.train.trainer import (TrainConfig, fresh_mtp, mixed_precision, new_model, save_checkpoint, tokenize_file,
                                  train, train_tokenizer)
 

@@ -12,6 +12,7 @@ Set MTPX_ROWGEMM=0 to use PyTorch ops instead.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -24,13 +25,14 @@ _module = None
 _tried = False
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo, read once; empty where there is none)."""
     try:
         line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split())
 
 
 def native_bf16() -> bool:

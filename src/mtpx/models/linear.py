@@ -22,7 +22,7 @@ _row_invariant = False
 # 0.8B body's shapes, 2 threads). The weight is widened in slices of _WIDEN_BYTES, never all at once.
 WIDEN_ROWS = 32
 _WIDEN_BYTES = 16 << 20
-_widen_prefill: bool | None = None
+_widen_prefill: bool | None = None  # None: widen where kernels.native_bf16() is false
 
 
 @contextmanager
@@ -71,10 +71,8 @@ def uses_rowgemm(weight: torch.Tensor) -> bool:
 
 
 def _widens(rows: torch.Tensor, weight) -> bool:
-    global _widen_prefill
-    if _widen_prefill is None:
-        _widen_prefill = not kernels.native_bf16()
-    return (_widen_prefill and rows.shape[0] >= WIDEN_ROWS and isinstance(weight, torch.Tensor)
+    widen = _widen_prefill if _widen_prefill is not None else not kernels.native_bf16()
+    return (widen and rows.shape[0] >= WIDEN_ROWS and isinstance(weight, torch.Tensor)
             and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not torch.is_grad_enabled())
 
 

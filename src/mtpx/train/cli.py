@@ -15,7 +15,7 @@ from mtpx.config import ModelConfig
 from mtpx.errors import MtpxError
 from mtpx.tokenizer import Tokenizer
 from mtpx.train.corpus import DOC_SEPARATOR
-from mtpx.train.trainer import PRECISIONS, TrainConfig, new_model, save_checkpoint, tokenize_file, train, train_tokenizer
+from mtpx.train.trainer import TrainConfig, new_model, save_checkpoint, tokenize_file, train, train_tokenizer
 
 PRESETS = {
     # the bundled demo model: both layer types, one MTP layer; key and value head dims equal (llama.cpp needs it)
@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         kind = type(f.default)
         parse = (lambda v: v.lower() in ("1", "true", "yes", "on")) if kind is bool else kind
         p.add_argument("--" + f.name.replace("_", "-"), type=parse, default=f.default,
-                       choices=PRECISIONS if f.name == "precision" else None)
+                       choices=f.metadata.get("choices"))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,9 @@ from mtpx.config import ModelConfig
 from mtpx.errors import MtpxError
 from mtpx.models.qwen3_5 import MTP, Qwen35Model
 from mtpx.train.corpus import CHAT_TEMPLATE, DOC_SEPARATOR, SPECIAL_TOKENS
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -40,12 +43,11 @@ class TrainConfig:
     val_every: int = 100
     save_every: int = 100
     val_batches: int = 8
-    precision: str = "auto"  # matmuls in "bf16" (autocast; weights and optimizer stay fp32) or "fp32"; "auto": bf16
-    # only where the CPU has bf16 dot products; elsewhere oneDNN emulates them and fp32 trains ~2x faster
+    # matmuls in "bf16" (autocast; weights and optimizer stay fp32) or "fp32"; "auto": bf16 only where the CPU has
+    # bf16 dot products; elsewhere oneDNN emulates them and fp32 trains ~2x faster
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     stop_after: int = 0  # stop (and save the training state) after this many steps; 0 = run to `steps`
 
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def mixed_precision(precision: str) -> torch.autocast:
