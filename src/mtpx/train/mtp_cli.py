@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -24,6 +23,7 @@ from mtpx.loading import build_model, load_checkpoint
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.train.cli import corpus_file, invocation
 from mtpx.train.evaluate import teacher_forced_acceptance as tf_acceptance
+from mtpx.train.head_loss import linear_cross_entropy
 from mtpx.train.trainer import PRECISIONS, batch_at, fresh_mtp, mixed_precision, mtp_chain, tokenize_file
 
 
@@ -71,18 +71,15 @@ def distill(model: Qwen35Model, data: torch.Tensor, steps: int, batch: int, seq_
             g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * max(0.0, 1 - progress))
         x = batch_at(data, step, seed, batch, seq_len)
         with torch.no_grad(), mixed_precision(precision):
-            hidden = model(x)
-            target = F.log_softmax(model.logits(hidden).float(), -1)  # base prediction of t_{p+1} at every p
+            hidden = model(x).float()  # the base's prediction of t_{p+1} at every p is lm_head(hidden[:, p])
+            if objective == "argmax":
+                target = model.logits(hidden).argmax(-1)
         with mixed_precision(precision):
-            drafts = [model.logits(h) for h in mtp_chain(model, hidden.float(), x, chain)]
-        terms = []
-        for j, d in enumerate(drafts, start=1):
-            logq = F.log_softmax(d.float(), -1).flatten(0, 1)
-            ref = target[:, j:j + d.shape[1]].flatten(0, 1)
-            if objective == "kl":
-                terms.append(F.kl_div(logq, ref, log_target=True, reduction="batchmean"))
-            else:
-                terms.append(F.nll_loss(logq, ref.argmax(-1)))
+            drafts = mtp_chain(model, hidden, x, chain)
+            rows = lambda t: t.reshape(-1, *t.shape[2:])
+            terms = [linear_cross_entropy(rows(d), model.lm_head.weight,
+                                          rows((hidden if objective == "kl" else target)[:, j:j + d.shape[1]]))
+                     for j, d in enumerate(drafts, start=1)]
         loss = sum(terms) / len(terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()

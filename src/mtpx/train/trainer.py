@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -22,6 +21,7 @@ from mtpx.config import ModelConfig
 from mtpx.errors import MtpxError
 from mtpx.models.qwen3_5 import MTP, Qwen35Model
 from mtpx.train.corpus import CHAT_TEMPLATE, DOC_SEPARATOR, SPECIAL_TOKENS
+from mtpx.train.head_loss import linear_cross_entropy
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -137,11 +137,11 @@ def losses(model: Qwen35Model, batch: torch.Tensor, mtp_steps: int = 1) -> tuple
     """(next-token CE, MTP CE averaged over the chained draft steps) for a batch of windows [B, L + 1]."""
     x, y = batch[:, :-1], batch[:, 1:]
     hidden = model(x)
-    main = F.cross_entropy(model.logits(hidden).flatten(0, 1).float(), y.flatten())
+    head = lambda h, targets: linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head.weight, targets.flatten())
+    main = head(hidden, y)
     if model.mtp is None:
         return main, torch.zeros((), device=main.device)
-    terms = [F.cross_entropy(model.logits(h).flatten(0, 1).float(), y[:, j:j + h.shape[1]].flatten())
-             for j, h in enumerate(mtp_chain(model, hidden, x, mtp_steps), start=1)]
+    terms = [head(h, y[:, j:j + h.shape[1]]) for j, h in enumerate(mtp_chain(model, hidden, x, mtp_steps), start=1)]
     return main, sum(terms) / len(terms)
 
 
