@@ -76,6 +76,15 @@ def retain_freed_memory() -> None:
         pass
 
 
+def tune_cpu_process() -> None:
+    """Process-wide settings for running (inference or training) on the CPU."""
+    retain_freed_memory()
+    # Gated DeltaNet's decays (e^(G_i - G_j) in a chunk, the state times e^g per token) underflow into subnormal
+    # floats, on which x86 arithmetic is many times slower; flushing them to zero only changes values below 1.2e-38
+    # (measured on the demo model: 1500-token prefill 330-370 -> 255-270 ms, a training step -13 %)
+    torch.set_flush_denormal(True)
+
+
 @dataclass
 class Completion:
     text: str
@@ -119,7 +128,7 @@ class LLM:
         self.tokenizer = ckpt.tokenizer
         self.model: Qwen35Model = self._prepare(build_model(ckpt, self.dtype, self.device))
         if self.device.type == "cpu":
-            retain_freed_memory()
+            tune_cpu_process()
             nbytes = weight_bytes(self.model)
             # small models are bound by per-op overhead, and a second OpenMP thread that another process delays
             # stalls every op (measured on the demo model: 190 tok/s with 1 thread, 12-44 with 2 under load)

@@ -13,6 +13,14 @@ import torch
 BLOCK_ROWS = 512  # 512 × 8192 fp32 = 16 MB per block: reused from the heap, below glibc's mmap threshold
 
 
+def _softmax_lse_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim, in place, and the rows' logsumexp (torch's log_softmax and logsumexp run 3-10x
+    slower than these few vectorised passes on CPU)."""
+    top = logits.amax(-1, keepdim=True)
+    total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+    return logits.div_(total), (top + total.log()).squeeze(-1)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -23,6 +31,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         soft = targets.is_floating_point()
         with torch.autocast("cpu", enabled=False):
             w = weight.to(dtype)
+            w_t = w.t().contiguous()  # [H, V]: MKL runs h @ w_t ~25 % faster than on the transposed view
             n = hidden.shape[0]
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -30,15 +39,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n, BLOCK_ROWS):
                 h = hidden[start:start + BLOCK_ROWS].to(dtype)
                 t = targets[start:start + BLOCK_ROWS]
-                log_q = (h @ w.t()).float().log_softmax(-1)
-                if soft:  # KL(p || q), p the softmax of the teacher's logits through the same head
-                    log_p = (t.to(dtype) @ w.t()).float().log_softmax(-1)
-                    p = log_p.exp()
-                    total += (p * (log_p - log_q)).sum()
+                logits = (h @ w_t).float()
+                if soft:  # KL(p || q) = sum p (t - x) + lse(x) - lse(t), p the teacher's softmax through the same head
+                    teacher = (t.to(dtype) @ w_t).float()
+                    gap = teacher - logits
+                    p, lse_p = _softmax_lse_(teacher)
+                    q, lse_q = _softmax_lse_(logits)
+                    total += torch.linalg.vecdot(p, gap).sum() + (lse_q - lse_p).sum()
                 else:
-                    total -= log_q.gather(1, t[:, None]).sum()
+                    picked = logits.gather(1, t[:, None]).squeeze(1)
+                    q, lse_q = _softmax_lse_(logits)
+                    total += (lse_q - picked).sum()
                 if want_hidden or want_weight:
-                    grad = log_q.exp_()  # d loss / d logits = q - p (p one-hot for hard targets), in place
+                    grad = q  # d loss / d logits = q - p (p one-hot for hard targets), in place
                     if soft:
                         grad -= p
                     else:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mtpx.errors import ModelLoadError, MtpxError
-from mtpx.llm import resolve_model_path
+from mtpx.llm import resolve_model_path, tune_cpu_process
 from mtpx.loading import build_model, load_checkpoint
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.train.cli import corpus_file, invocation
@@ -56,6 +56,7 @@ def distill(model: Qwen35Model, data: torch.Tensor, steps: int, batch: int, seq_
     (objective "argmax": CE to the base's greedy token) — exactly what greedy drafts are verified against."""
     if objective not in ("kl", "argmax"):
         raise ValueError(f"objective must be 'kl' or 'argmax', got {objective!r}")
+    tune_cpu_process()
     model.requires_grad_(False)
     model.mtp.requires_grad_(True)
     params = list(model.mtp.parameters())

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mtpx.config import ModelConfig
 from mtpx.errors import MtpxError
+from mtpx.llm import tune_cpu_process
 from mtpx.models.qwen3_5 import MTP, Qwen35Model
 from mtpx.train.corpus import CHAT_TEMPLATE, DOC_SEPARATOR, SPECIAL_TOKENS
 from mtpx.train.head_loss import linear_cross_entropy
@@ -234,6 +235,7 @@ def evaluate(model: Qwen35Model, data: torch.Tensor, tc: TrainConfig) -> tuple[f
 def train(model: Qwen35Model, train_data: torch.Tensor, val_data: torch.Tensor, tc: TrainConfig, out: Path,
           resume: bool = False, log=print) -> list[float]:
     """Train on CPU (fp32 weights and optimizer state); returns the training losses per step (for tests)."""
+    tune_cpu_process()
     opt = make_optimizer(model, tc)
     start = 0
     if resume and (out / "train_state" / "state.json").exists():
