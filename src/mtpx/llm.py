@@ -233,6 +233,7 @@ class LLM:
     @torch.inference_mode()
     def stream(self, prompt: str | list[int], *, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None, stop: list[str] | str | None = None,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
                spec_type: str = "none", spec_draft_n_max: int = 3, spec_draft_n_min: int = 0,
                spec_draft_p_min: float = 0.0, spec_draft_policy: str = "adaptive",
                spec_draft_model: str | None = None, spec_ngram_min: int = 1, spec_ngram_max: int = 4,
@@ -240,7 +241,8 @@ class LLM:
                spec_synth_rates: list[float] | None = None, ignore_eos: bool = False) -> Iterator[StreamEvent]:
         """Generate, yielding text as it becomes final; the last event carries the Completion."""
         started = time.perf_counter()
-        params = SamplingParams(temperature, top_k, top_p, min_p, seed)
+        params = SamplingParams(temperature, top_k, top_p, min_p, seed, presence_penalty, frequency_penalty,
+                                repetition_penalty)
         if spec_draft_policy not in ("adaptive", "fixed"):
             raise RequestError(f"spec_draft_policy must be 'adaptive' or 'fixed', got {spec_draft_policy!r}")
         drafter = self.make_drafter(spec_type, spec_draft_p_min=spec_draft_p_min, spec_draft_model=spec_draft_model,

@@ -19,6 +19,12 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int | None = None
+    # penalties on repeated tokens, with vLLM's semantics: presence and frequency (OpenAI's, subtracted from the
+    # logits) count the generated tokens only; repetition (CTRL / HF transformers: divide a positive logit, multiply
+    # a negative one) covers prompt and generated tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -29,6 +35,15 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise RequestError(f"repetition_penalty must be in (0, 10] (1 disables it), got {self.repetition_penalty}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def greedy(self) -> bool:
@@ -38,6 +53,26 @@ class SamplingParams:
         g = torch.Generator()
         g.manual_seed(self.seed if self.seed is not None else torch.seed())
         return g
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, tokens: list[int], n_prompt: int,
+                    drafts: list[int] = ()) -> torch.Tensor:
+    """Penalised copy of logits [R, V] for rows that follow `tokens` (prompt of n_prompt, then generated ones):
+    row j follows `tokens + drafts[:j]` — in a verify pass, row j only counts once drafts[:j] are accepted, so each
+    row sees exactly the history plain decoding would, and speculation stays lossless."""
+    rows, vocab = logits.shape
+    extra = torch.zeros(rows, vocab, device=logits.device)  # row j: counts of drafts[:j]
+    for j, d in enumerate(drafts[:rows - 1]):
+        extra[j + 1:, d] += 1
+    generated = torch.tensor(tokens[n_prompt:], dtype=torch.long, device=logits.device)
+    counts = torch.bincount(generated, minlength=vocab)[:vocab].float() + extra
+    out = logits.float().clone()
+    if params.repetition_penalty != 1:
+        seen = counts > 0
+        seen[:, torch.tensor(tokens[:n_prompt], dtype=torch.long, device=logits.device)] = True
+        r = params.repetition_penalty
+        out = torch.where(seen, torch.where(out > 0, out / r, out * r), out)
+    return out - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

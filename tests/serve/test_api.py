@@ -93,6 +93,16 @@ def test_completions_non_streaming_and_streaming(live, serve_llm):
         assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
+def test_penalties_reach_the_model_and_match_plain_decoding(live, serve_llm):
+    kw = dict(presence_penalty=0.8, frequency_penalty=0.5, repetition_penalty=1.3)
+    ref = serve_llm.generate("while True:\n", max_tokens=MAX_TOKENS, temperature=0.0, spec_type="none", **kw)
+    assert ref.token_ids != reference(serve_llm, "while True:\n").token_ids  # the penalties change this output
+    r = live.client().completions.create(model="tiny", prompt="while True:\n", max_tokens=MAX_TOKENS, temperature=0,
+                                         presence_penalty=0.8, frequency_penalty=0.5,
+                                         extra_body={"repetition_penalty": 1.3})
+    assert r.choices[0].text == ref.text  # served with MTP speculation: identical to plain decoding
+
+
 def test_sampling_with_seed_is_reproducible(live):
     client = live.client()
     kw = dict(model="tiny", prompt="Hello, how are", max_tokens=10, temperature=0.9, top_p=0.9, seed=1234,
@@ -204,7 +214,9 @@ BAD = [
     ("tools", "chat", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("echo", "completion", {**COMP, "echo": True}, 400, "echo"),
     ("json mode", "chat", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ("presence penalty", "chat", {**CHAT, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("presence penalty out of range", "chat", {**CHAT, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("frequency penalty wrong type", "chat", {**CHAT, "frequency_penalty": "lots"}, 400, "frequency_penalty"),
+    ("repetition penalty zero", "completion", {**COMP, "repetition_penalty": 0}, 400, "repetition_penalty"),
 ]
 
 

@@ -119,6 +119,25 @@ def test_stop_string_mid_draft_cuts_like_plain_decoding(llm):
             assert (spec.token_ids, spec.text, spec.finish_reason) == (plain.token_ids, plain.text, "stop")
 
 
+def test_penalties_keep_speculation_lossless(llm):
+    penalties = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3)
+    changed = 0
+    for i, prompt in enumerate(prompts(8, seed=11)):
+        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, **penalties).token_ids
+        changed += ref != llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
+        for k in (2, 4):
+            for spec in ("mtp", "ngram"):
+                out = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type=spec, spec_draft_n_max=k,
+                                   spec_draft_policy="fixed", ignore_eos=True, **penalties)
+                assert out.token_ids == ref, (i, k, spec)
+            # drafts that plain decoding with penalties would emit, some corrupted: rows after an accepted draft
+            # must be penalised for it, rows after a rejected one are discarded
+            out = run_with(llm, OracleDrafter(ref, llm.config.vocab_size, i), prompt, k, ignore_eos=True,
+                           **penalties)
+            assert out.token_ids == ref and out.stats["accepted_tokens"] > 0, (i, k, "oracle")
+    assert changed >= 4  # the penalties are really applied
+
+
 def test_adaptive_policy_is_lossless_too(llm):
     for prompt in prompts(5, seed=5):
         ref = llm.generate(prompt, max_tokens=40, ignore_eos=True).token_ids

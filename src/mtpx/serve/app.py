@@ -134,9 +134,6 @@ class Server:
         body.unsupported("response_format", lambda v: isinstance(v, dict) and v.get("type") == "text")
         body.unsupported("echo", lambda v: v is False)
         body.unsupported("suffix", lambda v: v == "")
-        body.unsupported("presence_penalty", lambda v: v == 0)
-        body.unsupported("frequency_penalty", lambda v: v == 0)
-        body.unsupported("repetition_penalty", lambda v: v == 1)
         body.get("user", "string")
         body.get("stream_options", "object")
         temperature = float(body.get("temperature", "number", 1.0))
@@ -144,6 +141,9 @@ class Server:
         top_k = body.get("top_k", "integer", 0)
         min_p = float(body.get("min_p", "number", 0.0))
         seed = body.get("seed", "integer")
+        penalties = {name: float(body.get(name, "number", default))
+                     for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                                           ("repetition_penalty", 1.0))}
         if seed is not None and not -2 ** 63 <= seed < 2 ** 64:
             raise ApiError(400, f"'seed' must fit in 64 bits, got {seed}", "seed", "invalid_value")
         if top_k == -1:  # vLLM's spelling of "disabled"
@@ -152,10 +152,10 @@ class Server:
             raise ApiError(400, f"'temperature' must be in [0, 2] (up to 100 accepted), got {temperature}",
                            "temperature", "invalid_value")
         try:
-            params = SamplingParams(temperature, top_k, top_p, min_p, seed)
+            params = SamplingParams(temperature, top_k, top_p, min_p, seed, **penalties)
         except RequestError as e:
             param = str(e).split(" ", 1)[0]
-            raise ApiError(400, str(e), param if param in ("top_k", "top_p", "min_p") else None,
+            raise ApiError(400, str(e), param if param in ("top_k", "top_p", "min_p", *penalties) else None,
                            "invalid_value") from None
         stop = body.get("stop", ("string", "array"))
         if isinstance(stop, str):

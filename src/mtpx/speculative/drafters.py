@@ -13,7 +13,7 @@ import torch
 
 from mtpx.models.linear import Int8Weight, linear, nbytes, row_invariant, weight_bytes
 from mtpx.models.qwen3_5 import Qwen35Model
-from mtpx.sampling import sample, target_probs
+from mtpx.sampling import apply_penalties, sample, target_probs
 from mtpx.state import SequenceState
 
 if TYPE_CHECKING:
@@ -48,9 +48,13 @@ class Drafter(ABC):
         return 0
 
 
-def _pick(logits: torch.Tensor, seq: "Sequence", p_min: float) -> tuple[int | None, torch.Tensor | None]:
-    """Choose a draft token from draft logits [V]: argmax when greedy, else sample from q (processed like the
-    target). None when the draft's top probability is below p_min."""
+def _pick(logits: torch.Tensor, seq: "Sequence", p_min: float,
+          drafted: list[int]) -> tuple[int | None, torch.Tensor | None]:
+    """Choose a draft token from draft logits [V] that follow the sequence and its drafts so far: argmax when
+    greedy, else sample from q (processed like the target, penalties included). None when the draft's top
+    probability is below p_min."""
+    if seq.params.penalized:
+        logits = apply_penalties(logits[None], seq.params, seq.tokens + drafted, seq.n_prompt)[0]
     if seq.params.greedy:
         if p_min > 0 and torch.softmax(logits.float(), -1).max() < p_min:
             return None, None
@@ -104,7 +108,7 @@ class _StatefulDrafter(Drafter):
             next_live = []
             for row, i in enumerate(live):
                 b = active[i]
-                tok, q = _pick(logits[row], seqs[b], self.p_min)
+                tok, q = _pick(logits[row], seqs[b], self.p_min, drafts[b].tokens)
                 if tok is None:
                     continue
                 drafts[b].tokens.append(tok)

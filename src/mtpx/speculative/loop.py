@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mtpx.models.qwen3_5 import Qwen35Model
-from mtpx.sampling import SamplingParams, accept, choose
+from mtpx.sampling import SamplingParams, accept, apply_penalties, choose
 from mtpx.speculative.drafters import Draft, Drafter
 from mtpx.speculative.policy import DraftPolicy
 from mtpx.state import SequenceState
@@ -98,7 +98,10 @@ def prefill(model: Qwen35Model, drafter: Drafter | None, seq: Sequence) -> list[
     t0 = time.perf_counter()
     prompt = torch.tensor([seq.tokens[:seq.n_prompt]], device=seq.state.device)
     hidden = model(prompt, [seq.state], "prefill")
-    first = choose(model.logits(hidden[0, -1]).float(), seq.params, seq.gen)
+    logits = model.logits(hidden[0, -1]).float()
+    if seq.params.penalized:
+        logits = apply_penalties(logits[None], seq.params, seq.tokens, seq.n_prompt)[0]
+    first = choose(logits, seq.params, seq.gen)
     emitted = seq.append([first])
     t1 = time.perf_counter()
     seq.stats.prefill_s += t1 - t0
@@ -129,7 +132,10 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
     emitted, accepted_hidden, n_accepted, accepted_tokens = [], [], [], []
     for b, (s, d) in enumerate(zip(seqs, drafts)):
         start = s.state.length - width
-        n, tok = accept(logits[b, :len(rows[b])], d.tokens, d.probs, s.params, s.gen, s.synthetic_rates)
+        target = logits[b, :len(rows[b])]
+        if s.params.penalized:
+            target = apply_penalties(target, s.params, s.tokens, s.n_prompt, d.tokens)
+        n, tok = accept(target, d.tokens, d.probs, s.params, s.gen, s.synthetic_rates)
         s.state.rollback(start + 1 + n)
         s.stats.record(len(d.tokens), n)
         accepted_tokens.append(d.tokens[:n] + [tok])

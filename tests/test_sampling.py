@@ -1,0 +1,38 @@
+"""Logits processing: repetition, presence and frequency penalties."""
+import pytest
+import torch
+
+from mtpx.errors import RequestError
+from mtpx.sampling import SamplingParams, apply_penalties
+
+
+def reference_row(logits, params, history, n_prompt):
+    """One row, written the obvious way: vLLM's semantics."""
+    out = logits.clone()
+    generated = history[n_prompt:]
+    for t in set(history):
+        if params.repetition_penalty != 1:
+            out[t] = out[t] / params.repetition_penalty if out[t] > 0 else out[t] * params.repetition_penalty
+    for t in set(generated):
+        out[t] -= params.presence_penalty + params.frequency_penalty * generated.count(t)
+    return out
+
+
+def test_rows_follow_the_history_plus_earlier_drafts():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 20, generator=g) * 3
+    params = SamplingParams(presence_penalty=0.7, frequency_penalty=0.4, repetition_penalty=1.5)
+    tokens, n_prompt, drafts = [3, 4, 5, 4, 9, 9, 1], 3, [9, 2, 5]
+    got = apply_penalties(logits, params, tokens, n_prompt, drafts)
+    for j in range(4):
+        torch.testing.assert_close(got[j], reference_row(logits[j], params, tokens + drafts[:j], n_prompt))
+
+
+def test_defaults_change_nothing_and_bad_values_are_named():
+    assert not SamplingParams().penalized
+    logits = torch.randn(2, 10)
+    torch.testing.assert_close(apply_penalties(logits, SamplingParams(), [1, 2, 3], 1, [4]), logits)
+    for kw, name in ((dict(presence_penalty=3), "presence_penalty"), (dict(frequency_penalty=-2.5), "frequency"),
+                     (dict(repetition_penalty=0), "repetition_penalty")):
+        with pytest.raises(RequestError, match=name):
+            SamplingParams(**kw)
