@@ -66,8 +66,10 @@ def assert_same_distribution(a: Counter, b: Counter):
     assert p > 0.01, f"speculative and plain sampling differ (chi-square p = {p:.2e})"
 
 
-@pytest.mark.parametrize("params_kw", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9)],
-                         ids=["T1", "T0.7-top_p0.9"])
+@pytest.mark.parametrize("params_kw", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9),
+                                       dict(temperature=1.0, repetition_penalty=1.5, presence_penalty=0.6,
+                                            frequency_penalty=0.4)],
+                         ids=["T1", "T0.7-top_p0.9", "T1-penalties"])
 def test_mtp_rejection_sampling_preserves_joint_distribution(peaked, params_kw):
     prompt = [5, 17, 42, 99, 7]
     plain = joint_counts(peaked, prompt, params_kw, None, 0, seed=1)
