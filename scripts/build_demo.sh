@@ -10,10 +10,10 @@ if [ ! -d /usr/share/doc/python3-doc/html ]; then
   (apt-get install -y -qq python3-doc >/dev/null 2>&1) || echo "python3-doc unavailable: prose comes from docstrings only"
 fi
 $PY -c "from pathlib import Path; from mtpx.train.corpus import build_corpus; build_corpus(Path('$BUILD/corpus'))"
-# main model (~22 min on 2 quiet CPU cores; trains in fp32 where the CPU lacks bf16 dot products, --precision auto)
+# main model (~26 min on 2 CPU cores; trains in fp32 where the CPU lacks bf16 dot products, --precision auto)
 $MTPX train --corpus "$BUILD/corpus" --out "$BUILD/demo-run" --preset demo --steps 600 --warmup 40 --lr 3e-3 \
   --batch-size 16 --seq-len 256 --val-every 75 --save-every 75 --vocab-size 8192
-# draft model with the same tokenizer: ~3 min
+# draft model with the same tokenizer: ~2 min
 $MTPX train --corpus "$BUILD/corpus" --out "$BUILD/draft-run" --preset demo-draft --tokenizer "$BUILD/demo-run" \
   --no-mtp --steps 250 --warmup 20 --lr 4e-3 --batch-size 16 --seq-len 256 --val-every 0 --save-every 250
 for pair in "demo-run:models/demo" "draft-run:models/demo-draft"; do

@@ -241,8 +241,8 @@ class LLM:
                spec_synth_rates: list[float] | None = None, ignore_eos: bool = False) -> Iterator[StreamEvent]:
         """Generate, yielding text as it becomes final; the last event carries the Completion."""
         started = time.perf_counter()
-        params = SamplingParams(temperature, top_k, top_p, min_p, seed, presence_penalty, frequency_penalty,
-                                repetition_penalty)
+        params = SamplingParams(temperature, top_k, top_p, min_p, seed, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty)
         if spec_draft_policy not in ("adaptive", "fixed"):
             raise RequestError(f"spec_draft_policy must be 'adaptive' or 'fixed', got {spec_draft_policy!r}")
         drafter = self.make_drafter(spec_type, spec_draft_p_min=spec_draft_p_min, spec_draft_model=spec_draft_model,

@@ -59,7 +59,9 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, tokens: list[i
                     drafts: list[int] = ()) -> torch.Tensor:
     """Penalised copy of logits [R, V] for rows that follow `tokens` (prompt of n_prompt, then generated ones):
     row j follows `tokens + drafts[:j]` — in a verify pass, row j only counts once drafts[:j] are accepted, so each
-    row sees exactly the history plain decoding would, and speculation stays lossless."""
+    row sees exactly the history plain decoding would, and speculation stays lossless. Without penalties: logits."""
+    if not params.penalized:
+        return logits
     rows, vocab = logits.shape
     extra = torch.zeros(rows, vocab, device=logits.device)  # row j: counts of drafts[:j]
     for j, d in enumerate(drafts[:rows - 1]):

@@ -17,16 +17,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=128)
+    add_decoding_arguments(p)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """How each token is chosen: shared by `mtpx run` and `mtpx chat`."""
     p.add_argument("--temperature", "--temp", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    add_penalty_arguments(p)
-
-
-def add_penalty_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repetition_penalty", type=float, default=1.0,
                    help="divide positive / multiply negative logits of tokens already in prompt or output (1 = off)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract from tokens already generated")
@@ -34,8 +35,9 @@ def add_penalty_arguments(p: argparse.ArgumentParser) -> None:
                    help="subtract this times the number of times a token was generated")
 
 
-def penalty_kwargs(args: argparse.Namespace) -> dict:
-    return dict(repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+def decoding_kwargs(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty)
 
 
@@ -62,8 +64,7 @@ def spec_kwargs(args: argparse.Namespace) -> dict:
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, seed=args.seed, stop=args.stop, **penalty_kwargs(args))
+    return dict(max_tokens=args.max_tokens, stop=args.stop, **decoding_kwargs(args))
 
 
 def stats_line(stats: dict) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtpx.commands.run import (add_model_arguments, add_penalty_arguments, add_spec_arguments, penalty_kwargs,
+from mtpx.commands.run import (add_decoding_arguments, add_model_arguments, add_spec_arguments, decoding_kwargs,
                                spec_kwargs, stats_line)
 from mtpx.errors import RequestError
 from mtpx.llm import LLM
@@ -19,12 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", "-n", type=int, default=512, help="most tokens per reply (default 512)")
-    p.add_argument("--temperature", "--temp", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    add_penalty_arguments(p)
+    add_decoding_arguments(p)
     p.add_argument("--no-stats", action="store_true", help="do not print the stats line after each reply")
     add_spec_arguments(p)
 
@@ -50,8 +45,7 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
-    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  min_p=args.min_p, seed=args.seed, **penalty_kwargs(args), **spec_kwargs(args))
+    kwargs = dict(max_tokens=args.max_tokens, **decoding_kwargs(args), **spec_kwargs(args))
     llm.make_drafter(args.spec_type, spec_draft_p_min=args.spec_draft_p_min,  # fail early on bad settings
                      spec_draft_model=args.spec_draft_model, spec_ngram_min=args.spec_ngram_min,
                      spec_ngram_max=args.spec_ngram_max, spec_draft_vocab=args.spec_draft_vocab)

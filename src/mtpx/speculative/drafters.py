@@ -53,8 +53,7 @@ def _pick(logits: torch.Tensor, seq: "Sequence", p_min: float,
     """Choose a draft token from draft logits [V] that follow the sequence and its drafts so far: argmax when
     greedy, else sample from q (processed like the target, penalties included). None when the draft's top
     probability is below p_min."""
-    if seq.params.penalized:
-        logits = apply_penalties(logits[None], seq.params, seq.tokens + drafted, seq.n_prompt)[0]
+    logits = apply_penalties(logits[None], seq.params, seq.tokens + drafted, seq.n_prompt)[0]
     if seq.params.greedy:
         if p_min > 0 and torch.softmax(logits.float(), -1).max() < p_min:
             return None, None

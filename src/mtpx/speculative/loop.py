@@ -99,9 +99,7 @@ def prefill(model: Qwen35Model, drafter: Drafter | None, seq: Sequence) -> list[
     prompt = torch.tensor([seq.tokens[:seq.n_prompt]], device=seq.state.device)
     hidden = model(prompt, [seq.state], "prefill")
     logits = model.logits(hidden[0, -1]).float()
-    if seq.params.penalized:
-        logits = apply_penalties(logits[None], seq.params, seq.tokens, seq.n_prompt)[0]
-    first = choose(logits, seq.params, seq.gen)
+    first = choose(apply_penalties(logits[None], seq.params, seq.tokens, seq.n_prompt)[0], seq.params, seq.gen)
     emitted = seq.append([first])
     t1 = time.perf_counter()
     seq.stats.prefill_s += t1 - t0
@@ -132,9 +130,7 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
     emitted, accepted_hidden, n_accepted, accepted_tokens = [], [], [], []
     for b, (s, d) in enumerate(zip(seqs, drafts)):
         start = s.state.length - width
-        target = logits[b, :len(rows[b])]
-        if s.params.penalized:
-            target = apply_penalties(target, s.params, s.tokens, s.n_prompt, d.tokens)
+        target = apply_penalties(logits[b, :len(rows[b])], s.params, s.tokens, s.n_prompt, d.tokens)
         n, tok = accept(target, d.tokens, d.probs, s.params, s.gen, s.synthetic_rates)
         s.state.rollback(start + 1 + n)
         s.stats.record(len(d.tokens), n)
