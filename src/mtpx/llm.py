@@ -13,6 +13,7 @@ import torch
 from mtpx import kernels
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
+from mtpx.models.graphs import WIDTH, StatePool, StaticState
 from mtpx.models.linear import STEP_ROWS, pack_for_cpu, quantize_int8, weight_bytes
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import SamplingParams
@@ -114,7 +115,9 @@ class _Request:
 
 class LLM:
     def __init__(self, model: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, static_steps: bool | None = None):
+        """static_steps: run single-sequence step passes at fixed addresses and shapes (models/graphs.py), replayed
+        as CUDA graphs on a GPU; default: on CUDA for dense models (MoE routing picks experts on the host)."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.quantization = dtype if isinstance(dtype, str) and dtype in QUANTIZED else None
@@ -139,6 +142,9 @@ class LLM:
         gc.freeze()
         self._draft_models: dict[str, Qwen35Model] = {}
         self._draft_heads: dict[int, DraftHead] = {}
+        self.static_steps = (self.device.type == "cuda" and not self.config.is_moe) if static_steps is None \
+            else static_steps
+        self._states = StatePool(self.model.new_static_state)
 
     @property
     def step_row_block(self) -> int | None:
@@ -212,15 +218,16 @@ class LLM:
         return model
 
     def new_sequence(self, ids: list[int], max_tokens: int, params: SamplingParams, *, ignore_eos: bool = False,
-                     spec_synth_rates: list[float] | None = None, reserve: int = 8) -> Sequence:
+                     spec_synth_rates: list[float] | None = None, reserve: int = 8, static: bool = False) -> Sequence:
         if max_tokens is None or int(max_tokens) < 1:
             raise RequestError(f"max_tokens must be >= 1, got {max_tokens}")
         if len(ids) + 1 > self.max_context:
             raise RequestError(f"prompt has {len(ids)} tokens; the model's context is {self.max_context}")
         max_tokens = min(int(max_tokens), self.max_context - len(ids))
         max_len = min(len(ids) + max_tokens + reserve, self.max_context + reserve)
+        state = self._states.acquire("main", max_len) if static else self.model.new_state(max_len)
         return Sequence(tokens=list(ids), n_prompt=len(ids), max_new=max_tokens, params=params,
-                        eos=set() if ignore_eos else self.eos, state=self.model.new_state(max_len), max_len=max_len,
+                        eos=set() if ignore_eos else self.eos, state=state, max_len=max_len,
                         gen=None if params.greedy and spec_synth_rates is None else params.generator(),
                         synthetic_rates=spec_synth_rates)
 
@@ -250,20 +257,28 @@ class LLM:
                                     spec_draft_vocab=spec_draft_vocab)
         policy = DraftPolicy(spec_draft_n_max, spec_draft_n_min, spec_draft_policy == "adaptive",
                              self.step_row_block) if drafter else None
+        if drafter and self.static_steps and spec_draft_n_max >= WIDTH:
+            raise RequestError(f"spec_draft_n_max is at most {WIDTH - 1} with static step passes (CUDA graphs), "
+                               f"got {spec_draft_n_max}")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         seq = self.new_sequence(self.encode_prompt(prompt), max_tokens, params, ignore_eos=ignore_eos,
-                                spec_synth_rates=spec_synth_rates)
-        req = _Request(seq, stops, started)
-        new = prefill(self.model, drafter, seq)
-        req.first_token_at = time.perf_counter()
-        while True:
-            event = self._advance(req, new)
-            if seq.finished:
-                break
-            if event.text or event.token_ids:
-                yield event
-            new = decode_round(self.model, drafter, policy, [seq])[0]
-        yield StreamEvent(event.text, event.token_ids, self._completion(req, drafter, spec_type))
+                                spec_synth_rates=spec_synth_rates, static=self.static_steps)
+        try:
+            req = _Request(seq, stops, started)
+            new = prefill(self.model, drafter, seq)
+            req.first_token_at = time.perf_counter()
+            while True:
+                event = self._advance(req, new)
+                if seq.finished:
+                    break
+                if event.text or event.token_ids:
+                    yield event
+                new = decode_round(self.model, drafter, policy, [seq])[0]
+            yield StreamEvent(event.text, event.token_ids, self._completion(req, drafter, spec_type))
+        finally:  # also when the caller stops iterating: the static caches go back for the next request
+            for state in (seq.state, getattr(seq.draft, "state", None)):
+                if isinstance(state, StaticState):
+                    self._states.release(state)
 
     def _advance(self, req: _Request, new: list[int]) -> StreamEvent:
         """Update the request's text after `new` tokens; apply stop strings; return what can be streamed."""

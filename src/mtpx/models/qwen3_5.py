@@ -22,6 +22,7 @@ from torch import nn
 
 from mtpx import kernels
 from mtpx.config import ModelConfig
+from mtpx.models.graphs import WIDTH, StaticState, is_static
 from mtpx.models.linear import Linear, linear, project, project_joined, row_invariant, step_rows
 from mtpx.state import SequenceState
 
@@ -67,10 +68,15 @@ class Pass:
     mode: str  # "prefill" | "step"
     cos: torch.Tensor  # [B, T, rotary_dim]
     sin: torch.Tensor
+    # a static step pass (models/graphs.py): the WIDTH rows' positions [WIDTH] (device), which cache entries each row
+    # sees [WIDTH, cache length], and how many rows are real
+    positions: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+    n_real: int = 0
 
     def fused(self, x: torch.Tensor) -> bool:
         """A step over caches that the fused CPU kernels can run (kernels.step_ops)."""
-        return self.mode == "step" and self.states is not None and kernels.fused_step_ops(x)
+        return self.mode == "step" and self.states is not None and self.positions is None and kernels.fused_step_ops(x)
 
 
 _ROTARY: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (theta, dim, dtype, device) -> cos, sin by position
@@ -136,12 +142,22 @@ class Attention(nn.Module):
         k = self.k_norm(k.reshape(B, T, self.n_kv, self.head_dim)).transpose(1, 2)
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, p.cos, p.sin), apply_rotary(k, p.cos, p.sin)
-        if p.states is None:
+        if p.positions is not None:
+            out = self._static(q, k, v, p)
+        elif p.states is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             out = torch.cat([self._cached(q[b], k[b], v[b], p.states[b], p.mode) for b in range(B)])
         out = out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate)
         return self.o_proj(out)
+
+    def _static(self, q, k, v, p: Pass) -> torch.Tensor:
+        """A static pass: every row's k, v written at its position, every query over the whole cache under a mask
+        (fixed shapes; keys past a row's position weigh exactly 0)."""
+        K, V = p.states[0].kv[self.layer_idx]
+        K.index_copy_(1, p.positions, k[0])
+        V.index_copy_(1, p.positions, v[0])
+        return F.scaled_dot_product_attention(q, K[None], V[None], attn_mask=p.key_mask, enable_gqa=True)
 
     def _cached(self, q, k, v, state: SequenceState, mode: str) -> torch.Tensor:
         T, start = q.shape[1], state.length
@@ -239,6 +255,9 @@ class GatedDeltaNet(nn.Module):
         if p.states is None:  # no caches (training, LLM.logits): the whole batch at once
             core = self._uncached(qkv, g, beta, w).to(x.dtype)
             return self.out_proj(self.norm(core, z).reshape(B, T, self.value_dim))
+        if p.positions is not None:
+            core = self._static_step(qkv[0], g[0], beta[0], w, p.states[0], p.n_real)[None].to(x.dtype)
+            return self.out_proj(self.norm(core, z).reshape(B, T, self.value_dim))
         outs = []
         for b in range(B):
             state = p.states[b] if p.states is not None else None
@@ -286,15 +305,19 @@ class GatedDeltaNet(nn.Module):
             state.recurrent[self.layer_idx] = rec
         return out.transpose(0, 1)
 
-    def _step(self, qkv, g, beta, w, state: SequenceState):
-        T, K = qkv.shape[0], self.kernel
-        seq = torch.cat([state.conv[self.layer_idx], qkv.t()], dim=1)  # [conv_dim, K - 1 + T]
-        # causal conv as explicit multiply-adds: elementwise, so each position's value ignores T
+    def _conv_step(self, seq: torch.Tensor, w: torch.Tensor, T: int) -> torch.Tensor:
+        """The causal conv of T positions from their inputs seq [conv_dim, K - 1 + T], as explicit multiply-adds:
+        elementwise, so each position's value ignores T. Returns silu(conv) [T, conv_dim] in seq's dtype."""
         xf, wf = seq.float(), w.float()
         acc = xf[:, :T] * wf[:, :1]
-        for j in range(1, K):
+        for j in range(1, self.kernel):
             acc = acc + xf[:, j:j + T] * wf[:, j:j + 1]
-        mixed = F.silu(acc).t().to(qkv.dtype)
+        return F.silu(acc).t().to(seq.dtype)
+
+    def _step(self, qkv, g, beta, w, state: SequenceState):
+        T = qkv.shape[0]
+        seq = torch.cat([state.conv[self.layer_idx], qkv.t()], dim=1)  # [conv_dim, K - 1 + T]
+        mixed = self._conv_step(seq, w, T)
         rec, outs, states = state.recurrent[self.layer_idx], [], []
         for t in range(T):
             # per token: reductions over a few elements may be vectorised differently for different T
@@ -304,6 +327,25 @@ class GatedDeltaNet(nn.Module):
             outs.append(o)
         self._advance(state, seq, states)
         return torch.stack(outs)
+
+    def _static_step(self, qkv, g, beta, w, state: StaticState, T: int) -> torch.Tensor:
+        """A static pass (models/graphs.py): all WIDTH rows through the conv and head split (fixed shapes), the T
+        real ones through the recurrence; the states after each position go to the snapshot buffers, the current
+        ones are updated in place. Returns [WIDTH, nv, dv], zero past T."""
+        i, K = self.layer_idx, self.kernel
+        seq = torch.cat([state.conv[i], qkv.t()], dim=1)  # [conv_dim, K - 1 + WIDTH]
+        q, k, v = self._heads(self._conv_step(seq, w, qkv.shape[0]))
+        state.snap_conv[i][:T + 1].copy_(seq.unfold(1, K - 1, 1)[:, :T + 1].transpose(0, 1))  # window after t tokens
+        rec = state.recurrent[i]
+        state.snap_recurrent[i][0].copy_(rec)
+        outs = []
+        for t in range(T):
+            o, rec = recurrent_gated_delta_step(q[t], k[t], v[t], g[t], beta[t], rec)
+            state.snap_recurrent[i][t + 1].copy_(rec)
+            outs.append(o)
+        state.conv[i].copy_(state.snap_conv[i][T])
+        state.recurrent[i].copy_(rec)
+        return torch.cat([torch.stack(outs), q.new_zeros(qkv.shape[0] - T, self.nv, self.dv)])
 
     def _fused_step(self, proj, w, state: SequenceState) -> torch.Tensor:
         """The step path in one kernel call (bf16 on CPU): conv, gates, delta rule and gated norm -> [T, value_dim]."""
@@ -431,6 +473,20 @@ def run_stack(cfg: ModelConfig, layers: nn.ModuleList, x: torch.Tensor, states: 
     return x
 
 
+def run_static_stack(cfg: ModelConfig, layers: nn.ModuleList, x: torch.Tensor, state: StaticState,
+                     n_real: int) -> torch.Tensor:
+    """run_stack for a static step pass (models/graphs.py): x [1, WIDTH, H] of which n_real rows are real, positions
+    read from the state's device tensor; StaticState.run_step does the host-side bookkeeping."""
+    positions = state.position + torch.arange(WIDTH, device=x.device)
+    cos, sin = (table[positions][None] for table in state.rotary)
+    key_mask = torch.arange(state.cache_len, device=x.device)[None, :] <= positions[:, None]
+    p = Pass([state], "step", cos, sin, positions, key_mask, n_real)
+    with row_invariant(False):  # every matmul has WIDTH rows: row-invariant by its fixed shape
+        for layer in layers:
+            x = layer(x, p)
+    return x
+
+
 class MTP(nn.Module):
     """The multi-token-prediction layer(s): `x = fc([norm_e(embed(t_{i+1})); norm_h(h_i)])` → decoder layer(s) with
     their own KV cache → `norm`. Uses the main model's embedding and lm_head."""
@@ -447,9 +503,19 @@ class MTP(nn.Module):
 
     def forward(self, cfg: ModelConfig, embeds: torch.Tensor, hidden: torch.Tensor,
                 states: list[SequenceState] | None, mode: str) -> torch.Tensor:
+        if mode == "step" and is_static(states):
+            return states[0].run_step("mtp", functools.partial(self._static, cfg, states[0]), embeds, hidden)
         with row_invariant(mode == "step"):  # the step path's fused ops for the norms and fc too
-            x = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
-            return self.norm(run_stack(cfg, self.layers, x, states, mode))
+            return self.norm(run_stack(cfg, self.layers, self._inputs(embeds, hidden), states, mode))
+
+    def _inputs(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+
+    def _static(self, cfg: ModelConfig, state: StaticState, embeds: torch.Tensor, hidden: torch.Tensor,
+                n_real: int) -> torch.Tensor:
+        with row_invariant(False):
+            x = self._inputs(embeds, hidden)
+        return self.norm(run_static_stack(cfg, self.layers, x, state, n_real))
 
 
 class Qwen35Model(nn.Module):
@@ -475,11 +541,24 @@ class Qwen35Model(nn.Module):
         p = self.lm_head.weight
         return SequenceState(self.cfg, self.mtp.layer_types, max_len, p.dtype, device or p.device)
 
+    def new_static_state(self, stack: str, max_len: int) -> StaticState:
+        """Caches for static step passes (CUDA graphs) of the main stack ("main") or the MTP layers ("mtp")."""
+        p = self.lm_head.weight
+        cos, sin = rotary_tables(self.cfg, [0], max_len + WIDTH, p.dtype, p.device)
+        types = self.cfg.layer_types if stack == "main" else self.mtp.layer_types
+        return StaticState(self.cfg, types, max_len, p.dtype, p.device, (cos[0], sin[0]))
+
     def forward(self, tokens: torch.Tensor, states: list[SequenceState] | None = None,
                 mode: str = "prefill") -> torch.Tensor:
+        if mode == "step" and is_static(states):
+            return states[0].run_step("main", functools.partial(self._static, states[0]), tokens)
         x = self.model.embed_tokens(tokens)
         with row_invariant(mode == "step"):
             return self.model.norm(run_stack(self.cfg, self.model.layers, x, states, mode))
+
+    def _static(self, state: StaticState, tokens: torch.Tensor, n_real: int) -> torch.Tensor:
+        x = self.model.embed_tokens(tokens)
+        return self.model.norm(run_static_stack(self.cfg, self.model.layers, x, state, n_real))
 
     def logits(self, hidden: torch.Tensor, step: bool = False) -> torch.Tensor:
         """lm_head; `step=True` for rows of a step forward (decode / verify / draft), so they are row-invariant."""

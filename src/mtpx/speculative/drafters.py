@@ -84,12 +84,13 @@ class _StatefulDrafter(Drafter):
         if not active:
             return drafts
         pend = [self._pending(seqs[b]) for b in active]
+        states = [seqs[b].draft.state for b in active]
+        device = states[0].device
         m = max(len(t) for _, t in pend)
-        tokens = torch.tensor([t + [t[-1]] * (m - len(t)) for _, t in pend])
+        tokens = torch.tensor([t + [t[-1]] * (m - len(t)) for _, t in pend], device=device)
         hid = None
         if pend[0][0] is not None:
             hid = torch.stack([torch.cat([h, h[-1:].expand(m - len(h), -1)]) for h, _ in pend])
-        states = [seqs[b].draft.state for b in active]
         for s in states:
             s.mark()
         out = self._forward(hid, tokens, states, "prefill" if m > PREFILL_ROWS else "step")
@@ -119,7 +120,7 @@ class _StatefulDrafter(Drafter):
             if not live:
                 break
             hid = torch.stack([x[i] for i in live])[:, None] if pend[0][0] is not None else None
-            toks = torch.tensor([[drafts[active[i]].tokens[-1]] for i in live])
+            toks = torch.tensor([[drafts[active[i]].tokens[-1]] for i in live], device=device)
             out = self._forward(hid, toks, [states[i] for i in live], "step")
             for row, i in enumerate(live):
                 x[i] = out[row, 0]
@@ -177,8 +178,9 @@ class MTPDrafter(_StatefulDrafter):
     def start(self, seq, prompt_hidden):
         # pairs (h_i, t_{i+1}) of the prompt plus (h_last, first generated token): filled by the first propose,
         # after the first token has been emitted, so time-to-first-token is unchanged
-        seq.draft = _DraftState(self.model.new_mtp_state(seq.max_len), prompt_hidden,
-                                seq.tokens[1:seq.n_prompt + 1])
+        pool = getattr(seq.state, "pool", None)  # a static main state: the MTP layer's caches static too
+        state = pool.acquire("mtp", seq.max_len) if pool is not None else self.model.new_mtp_state(seq.max_len)
+        seq.draft = _DraftState(state, prompt_hidden, seq.tokens[1:seq.n_prompt + 1])
 
     def _pending(self, seq):
         d = seq.draft
@@ -218,7 +220,7 @@ class DraftModelDrafter(_StatefulDrafter):
 
     def start(self, seq, prompt_hidden):
         state = self.model.new_state(seq.max_len)
-        self.model(torch.tensor([seq.tokens[:seq.n_prompt]]), [state], "prefill")
+        self.model(torch.tensor([seq.tokens[:seq.n_prompt]], device=state.device), [state], "prefill")
         seq.draft = _DraftState(state, None, [seq.tokens[-1]])
 
     def _pending(self, seq):

@@ -1,0 +1,103 @@
+"""Static step passes (models/graphs.py), run eagerly on the CPU: the same values as the ordinary step path, rows
+bit-identical whatever the pass width, rollback, the state pool, and speculation token-identical to plain decoding.
+On a GPU the same passes are captured as CUDA graphs (scripts/cuda_check.py checks that on a device)."""
+import pytest
+import torch
+
+import mtpx
+from mtpx.errors import RequestError
+from mtpx.models.graphs import WIDTH, StaticState
+
+
+def _prefilled(model, prompt, static: bool):
+    state = model.new_static_state("main", 96) if static else model.new_state(96)
+    hidden = model(torch.tensor([prompt]), [state], "prefill")
+    return state, hidden
+
+
+@pytest.fixture(scope="module")
+def fp32(dense_ckpt):
+    return mtpx.LLM(dense_ckpt, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def bf16(dense_ckpt):
+    return mtpx.LLM(dense_ckpt, static_steps=True)
+
+
+def test_static_passes_match_the_step_path(fp32):
+    """Passes of every width with rollbacks in between: main stack and MTP layer, fp32, against run_stack's step
+    mode (per-query attention over the cache prefix; the static pass masks the whole cache)."""
+    model, g = fp32.model, torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 300, (11,), generator=g).tolist()
+    eager, h_e = _prefilled(model, prompt, static=False)
+    static, h_s = _prefilled(model, prompt, static=True)
+    torch.testing.assert_close(h_s, h_e)
+    mtp_eager, mtp_static = model.new_mtp_state(96), model.new_static_state("mtp", 96)
+    for width, keep in [(1, 1), (4, 2), (WIDTH, 5), (3, 3), (2, 1), (5, 1), (1, 1)]:
+        tokens = torch.randint(0, 300, (1, width), generator=g)
+        for s in (eager, static):
+            s.mark()
+        out_e, out_s = model(tokens, [eager], "step"), model(tokens, [static], "step")
+        torch.testing.assert_close(out_s, out_e, rtol=1e-5, atol=1e-5)
+        m_e = model.mtp_forward(out_e, tokens, [mtp_eager], "step")
+        m_s = model.mtp_forward(out_s, tokens, [mtp_static], "step")
+        torch.testing.assert_close(m_s, m_e, rtol=1e-5, atol=1e-5)
+        for s in (eager, static):
+            s.rollback(s.length - width + keep)
+        mtp_eager.rollback(mtp_eager.length - width + keep)
+        mtp_static.rollback(mtp_static.length - width + keep)
+        assert static.length == eager.length and mtp_static.length == mtp_eager.length
+    for i in static.conv:  # the restored Gated DeltaNet states themselves
+        torch.testing.assert_close(static.recurrent[i], eager.recurrent[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(static.conv[i], eager.conv[i])
+
+
+def test_static_rows_do_not_depend_on_the_pass_width(bf16):
+    """bf16: a verify pass of 5 positions gives each position the bits that 5 one-token passes give it."""
+    model = bf16.model
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 300, (9,), generator=g).tolist()
+    state, _ = _prefilled(model, prompt, static=True)
+    tokens = torch.randint(0, 300, (1, 5), generator=g)
+    start = state.length
+    wide = model(tokens, [state], "step")
+    wide_logits = model.logits(wide, step=True)
+    state.rollback(start)
+    narrow = torch.cat([model(tokens[:, t:t + 1], [state], "step") for t in range(5)], dim=1)
+    assert torch.equal(wide, narrow)
+    assert torch.equal(wide_logits, model.logits(narrow, step=True))
+
+
+def test_speculation_on_static_passes_is_token_identical_to_plain_decoding(bf16):
+    g = torch.Generator().manual_seed(2)
+    for n in (3, 17, 40):
+        prompt = torch.randint(0, 300, (n,), generator=g).tolist()
+        ref = bf16.generate(prompt, max_tokens=24, ignore_eos=True).token_ids
+        for k in (1, 3, WIDTH - 1):
+            for spec in ("mtp", "ngram"):
+                out = bf16.generate(prompt, max_tokens=24, ignore_eos=True, spec_type=spec, spec_draft_n_max=k,
+                                    spec_draft_policy="fixed")
+                assert out.token_ids == ref, (n, k, spec)
+
+
+def test_static_states_are_reused_and_released(bf16):
+    bf16.generate([5, 6, 7], max_tokens=4, spec_type="mtp")
+    pooled = {key: list(states) for key, states in bf16._states.free.items()}
+    assert all(len(s) == 1 for s in pooled.values()) and {k[0] for k in pooled} == {"main", "mtp"}
+    bf16.generate([5, 6, 7, 8], max_tokens=4, spec_type="mtp")
+    assert {k: list(v) for k, v in bf16._states.free.items()} == pooled  # the same objects came back
+    stream = bf16.stream([5, 6, 7], max_tokens=50, ignore_eos=True)
+    next(stream)
+    assert not bf16._states.free[("main", 256)]  # held by the running request ...
+    stream.close()
+    assert bf16._states.free[("main", 256)]  # ... and returned when its caller stops early
+
+
+def test_static_pass_limits_are_named(bf16):
+    with pytest.raises(RequestError, match="spec_draft_n_max is at most"):
+        bf16.generate([1, 2, 3], max_tokens=4, spec_type="mtp", spec_draft_n_max=WIDTH)
+    state = bf16.model.new_static_state("main", 64)
+    assert isinstance(state, StaticState)
+    with pytest.raises(RequestError, match="wider than"):
+        bf16.model(torch.zeros(1, WIDTH + 1, dtype=torch.long), [state], "step")
