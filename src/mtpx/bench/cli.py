@@ -42,6 +42,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="checkpoint directory, .gguf file, or 'demo'")
     p.add_argument("--dtype", default=None, help="bf16 (default), fp16, fp32, int8 (weight-only, CPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="CUDA: run step passes eagerly on the ordinary step path (no static passes, no graphs)")
     p.add_argument("--workloads", type=_csv, default=_csv("code,chat,creative"))
     p.add_argument("--modes", type=_csv, default=_csv(DEFAULT_MODES),
                    help="none, mtpK (K drafts), adaptive (MTP, adaptive k up to --adaptive-n-max), draft[K], ngram[K]")
@@ -181,7 +183,8 @@ def run(args: argparse.Namespace) -> dict:
     workloads = prompts.load_workloads(args.workloads, args.prompts, args.max_prompts, args.max_tokens)
     modes = runner.parse_modes(args.modes, args.adaptive_n_max)
     log(f"bench: loading {args.model}")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None,
+              static_steps=False if args.no_cuda_graphs else None)
     draft_model = args.spec_draft_model
     if draft_model is None and str(args.model) == "demo" and any(m.spec_type == "draft" for m in modes):
         draft_model = "demo-draft"
@@ -215,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     weights = roofline.model_weight_bytes(llm.model)
     if not args.no_roofline:
         log("bench: memory bandwidth")
-        bandwidth = roofline.measure_bandwidth()
+        bandwidth = roofline.measure_bandwidth(device=llm.device)
         roofline.add_roofline(records, bandwidth)
     memory = None
     if not args.no_memory:

@@ -14,39 +14,51 @@ import torch.nn.functional as F
 from mtpx.models.linear import int8_weights, linear, row_invariant, weight_bytes, weight_tensors
 
 
-def _best(fn, reps: int) -> float:
+def _best(fn, reps: int, device: torch.device = torch.device("cpu")) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     fn()
     best = float("inf")
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
 @torch.inference_mode()
-def measure_bandwidth(mbytes: int = 512, reps: int = 5) -> dict:
+def measure_bandwidth(mbytes: int = 512, reps: int = 5, device: torch.device | str = "cpu") -> dict:
     """GB/s (1e9 bytes) of: a copy (read + write counted), a sum (read), and bf16 matmuls over a stack of weights
-    totalling `mbytes`: F.linear with one row, and mtpx's step matmul with 1 and 5 rows (decode / verify k=4)."""
+    totalling `mbytes`: F.linear with one row, and (CPU) mtpx's step matmul with 1 and 5 rows (decode / verify k=4).
+    On a GPU the buffers are 4x larger (well past its L2 cache)."""
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    mbytes = mbytes * 4 if gpu else mbytes
     n = mbytes * 2**20 // 4
-    src = torch.rand(n, dtype=torch.float32)
+    src = torch.rand(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    copy_s = _best(lambda: dst.copy_(src), reps)
-    sum_s = _best(lambda: src.sum(), reps)
+    copy_s = _best(lambda: dst.copy_(src), reps, device)
+    sum_s = _best(lambda: src.sum(), reps, device)
     del src, dst
     hidden = 4096
     n_w = max(1, mbytes * 2**20 // (hidden * hidden * 2))
-    weights = [torch.randn(hidden, hidden, dtype=torch.bfloat16) * 0.02 for _ in range(n_w)]
-    x = torch.randn(1, hidden, dtype=torch.bfloat16)
+    weights = [torch.randn(hidden, hidden, dtype=torch.bfloat16, device=device) * 0.02 for _ in range(n_w)]
+    x = torch.randn(1, hidden, dtype=torch.bfloat16, device=device)
     w_bytes = n_w * hidden * hidden * 2
-    linear_s = _best(lambda: [F.linear(x, w) for w in weights], reps)
+    linear_s = _best(lambda: [F.linear(x, w) for w in weights], reps, device)
     out = {
+        "device": torch.cuda.get_device_name(device) if gpu else "cpu",
         "buffer_bytes": n * 4,
         "copy_GBps": 2 * n * 4 / copy_s / 1e9,
         "read_GBps": n * 4 / sum_s / 1e9,
         "linear_bf16_GBps": w_bytes / linear_s / 1e9,
         "threads": torch.get_num_threads(),
     }
+    if gpu:
+        return out
     from mtpx import kernels
     with row_invariant():  # mtpx's step matmuls as they run on this machine (rowgemm, or padded oneDNN blocks)
         for rows in (1, 5):
