@@ -11,7 +11,7 @@ Capture needs every tensor a pass reads or writes at a fixed address and every s
   never depend on T: a verify row equals a decode row, and greedy speculation stays exact, by construction rather
   than by the row-invariance of any one kernel.
 One graph is captured per (stack, T) on the second pass of that kind (the first runs eagerly and warms up), into a
-memory pool shared by all graphs: outputs are copied out at once, so no graph's memory outlives its replay.
+memory pool shared by the state's graphs: outputs are copied out at once, so no graph's memory outlives its replay.
 Off CUDA (or with MTPX_CUDA_GRAPHS=0) the same static code runs eagerly: that is how the CPU tests check it.
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ from mtpx.errors import RequestError
 from mtpx.state import SequenceState
 
 WIDTH = 8  # rows of every static step pass: verify of up to 7 drafts, the drafters' catch-up of up to 8 positions
-_POOL = None
 
 
 def graphs_enabled(device: torch.device) -> bool:
@@ -52,7 +51,8 @@ class StaticState(SequenceState):
         self.snap_recurrent = {i: r.new_zeros(WIDTH + 1, *r.shape) for i, r in self.recurrent.items()}
         self.position = torch.zeros((), dtype=torch.long, device=self.device)  # = length, read by the passes
         self.rotary = rotary  # cos, sin tables covering cache_len positions (kept alive for the graphs)
-        self.graphs: dict[tuple, tuple] = {}  # (stack, T) -> (graph, input buffers, output) once captured
+        self.graphs: dict[tuple, tuple] = {}  # (stack, T) -> (graph, output) once captured
+        self.graph_pool = None  # the graphs' memory pool: one per state (a pool dies with the last of its graphs)
         self.inputs: dict[tuple, list[torch.Tensor]] = {}
         self.warm: set[tuple] = set()
         self.last_pass = 0  # positions of the last static pass (rollbacks reach back to its start)
@@ -121,11 +121,10 @@ class StaticState(SequenceState):
         return out[:, :T].clone()
 
     def _capture(self, key: tuple, fn: Callable, buffers: list[torch.Tensor], T: int) -> torch.Tensor:
-        global _POOL
-        if _POOL is None:
-            _POOL = torch.cuda.graph_pool_handle()
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=_POOL):  # records only: nothing runs until replay
+        with torch.cuda.graph(graph, pool=self.graph_pool):  # records only: nothing runs until replay
             out = fn(*buffers, T)
         self.graphs[key] = (graph, out)
         graph.replay()
