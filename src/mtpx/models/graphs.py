@@ -16,7 +16,9 @@ Off CUDA (or with MTPX_CUDA_GRAPHS=0) the same static code runs eagerly: that is
 """
 from __future__ import annotations
 
+import functools
 import os
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -26,6 +28,7 @@ from mtpx.errors import RequestError
 from mtpx.state import SequenceState
 
 WIDTH = 8  # rows of every static step pass: verify of up to 7 drafts, the drafters' catch-up of up to 8 positions
+_in_static_pass = False
 
 
 def graphs_enabled(device: torch.device) -> bool:
@@ -34,6 +37,35 @@ def graphs_enabled(device: torch.device) -> bool:
 
 def is_static(states) -> bool:
     return bool(states) and isinstance(states[0], StaticState)
+
+
+@contextmanager
+def static_pass():
+    global _in_static_pass
+    previous, _in_static_pass = _in_static_pass, True
+    try:
+        yield
+    finally:
+        _in_static_pass = previous
+
+
+def step_op(fn: Callable) -> Callable:
+    """A group of small row-wise ops (a norm, the gates) that static passes on CUDA run compiled (torch.compile,
+    fixed shapes): one or two fused kernels instead of ~10, in every graph. A static pass's shapes never change with
+    its width, so each pass width replays the same compiled kernels and rows keep their bits. Elsewhere (prefill,
+    training, the CPU, MTPX_COMPILE_STEP_OPS=0) `fn` runs as it is."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(*args):
+        nonlocal compiled
+        if not (_in_static_pass and args[0].device.type == "cuda"
+                and os.environ.get("MTPX_COMPILE_STEP_OPS", "1") != "0"):
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+        return compiled(*args)
+    return run
 
 
 class StaticState(SequenceState):
@@ -114,7 +146,8 @@ class StaticState(SequenceState):
         elif graphs_enabled(self.device) and key in self.warm:
             out = self._capture(key, fn, buffers, T)
         else:
-            out = fn(*buffers, T)
+            with static_pass():
+                out = fn(*buffers, T)
             self.warm.add(key)
         self.length += T
         self.last_pass = T
@@ -124,7 +157,7 @@ class StaticState(SequenceState):
         if self.graph_pool is None:
             self.graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):  # records only: nothing runs until replay
+        with torch.cuda.graph(graph, pool=self.graph_pool), static_pass():  # records only: nothing runs yet
             out = fn(*buffers, T)
         self.graphs[key] = (graph, out)
         graph.replay()

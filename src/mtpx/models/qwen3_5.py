@@ -22,7 +22,7 @@ from torch import nn
 
 from mtpx import kernels
 from mtpx.config import ModelConfig
-from mtpx.models.graphs import WIDTH, StaticState, is_static
+from mtpx.models.graphs import WIDTH, StaticState, is_static, step_op
 from mtpx.models.linear import Linear, linear, project, project_joined, row_invariant, step_rows
 from mtpx.state import SequenceState
 
@@ -40,9 +40,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if step_rows() and kernels.fused_step_ops(x):
             return kernels.rms_norm(x, self.weight, self.eps, True)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+@step_op
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).type_as(x)
 
 
 class GatedRMSNorm(nn.Module):
@@ -54,11 +59,16 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(dtype)
-        return (out * F.silu(gate.float())).to(dtype)
+        return gated_rms_norm(x, gate, self.weight, self.eps)
+
+
+@step_op
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * xf.to(dtype)
+    return (out * F.silu(gate.float())).to(dtype)
 
 
 @dataclass
@@ -100,6 +110,7 @@ def rotary_tables(cfg: ModelConfig, starts: list[int], length: int, dtype: torch
     return cos[pos], sin[pos]
 
 
+@step_op
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, heads, T, head_dim]; rotates the first rotary_dim dims (rotate-half convention)."""
     rd = cos.shape[-1]
@@ -218,6 +229,37 @@ def recurrent_gated_delta_step(q, k, v, g, beta, state):
     return torch.bmm(q[:, None, :], state).squeeze(1), state
 
 
+@step_op
+def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor,
+              dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet's log decay g and write strength beta (fp32) from the a, b projections."""
+    return -A_log.float().exp() * F.softplus(a.float() + dt_bias.float()), b.sigmoid().float()
+
+
+@step_op
+def gdn_heads(mixed: torch.Tensor, nk: int, dk: int, nv: int, dv: int):
+    """Split conv output [T, conv_dim] into normalized fp32 q, k [T, nv, dk] and v [T, nv, dv]."""
+    T = mixed.shape[0]
+    q, k, v = mixed.float().split([nk * dk, nk * dk, nv * dv], dim=-1)
+    q, k = q.view(T, nk, dk), k.view(T, nk, dk)
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / math.sqrt(dk)
+    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    if nv != nk:  # each key head serves nv/nk consecutive value heads
+        q, k = q.repeat_interleave(nv // nk, dim=1), k.repeat_interleave(nv // nk, dim=1)
+    return q, k, v.view(T, nv, dv)
+
+
+@step_op
+def causal_conv_step(seq: torch.Tensor, w: torch.Tensor, T: int) -> torch.Tensor:
+    """The causal conv of T positions from their inputs seq [conv_dim, K - 1 + T], as explicit multiply-adds:
+    elementwise, so each position's value ignores T. Returns silu(conv) [T, conv_dim] in seq's dtype."""
+    xf, wf = seq.float(), w.float()
+    acc = xf[:, :T] * wf[:, :1]
+    for j in range(1, w.shape[1]):
+        acc = acc + xf[:, j:j + T] * wf[:, j:j + 1]
+    return F.silu(acc).t().to(seq.dtype)
+
+
 class GatedDeltaNet(nn.Module):
     """Linear-attention layer: causal depthwise conv over q/k/v, gated delta rule, gated RMSNorm."""
     FUSED_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
@@ -250,8 +292,7 @@ class GatedDeltaNet(nn.Module):
             return self.out_proj(torch.stack([self._fused_step(proj[i], w, p.states[i]) for i in range(B)]))
         qkv, z, b, a = project(self, self.FUSED_PROJECTIONS, x)  # qkv: [B, T, conv_dim], before the conv
         z = z.reshape(B, T, self.nv, self.dv)
-        beta = b.sigmoid().float()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        g, beta = gdn_gates(a, b, self.A_log, self.dt_bias)
         if p.states is None:  # no caches (training, LLM.logits): the whole batch at once
             core = self._uncached(qkv, g, beta, w).to(x.dtype)
             return self.out_proj(self.norm(core, z).reshape(B, T, self.value_dim))
@@ -271,14 +312,7 @@ class GatedDeltaNet(nn.Module):
 
     def _heads(self, mixed: torch.Tensor):
         """Split conv output [T, conv_dim] into normalized fp32 q, k [T, nv, dk] and v [T, nv, dv]."""
-        T = mixed.shape[0]
-        q, k, v = mixed.float().split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q, k = q.view(T, self.nk, self.dk), k.view(T, self.nk, self.dk)
-        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / math.sqrt(self.dk)
-        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
-        if self.nv != self.nk:  # each key head serves nv/nk consecutive value heads
-            q, k = q.repeat_interleave(self.nv // self.nk, dim=1), k.repeat_interleave(self.nv // self.nk, dim=1)
-        return q, k, v.view(T, self.nv, self.dv)
+        return gdn_heads(mixed, self.nk, self.dk, self.nv, self.dv)
 
     def _uncached(self, qkv, g, beta, w):
         B, T, _ = qkv.shape
@@ -305,19 +339,10 @@ class GatedDeltaNet(nn.Module):
             state.recurrent[self.layer_idx] = rec
         return out.transpose(0, 1)
 
-    def _conv_step(self, seq: torch.Tensor, w: torch.Tensor, T: int) -> torch.Tensor:
-        """The causal conv of T positions from their inputs seq [conv_dim, K - 1 + T], as explicit multiply-adds:
-        elementwise, so each position's value ignores T. Returns silu(conv) [T, conv_dim] in seq's dtype."""
-        xf, wf = seq.float(), w.float()
-        acc = xf[:, :T] * wf[:, :1]
-        for j in range(1, self.kernel):
-            acc = acc + xf[:, j:j + T] * wf[:, j:j + 1]
-        return F.silu(acc).t().to(seq.dtype)
-
     def _step(self, qkv, g, beta, w, state: SequenceState):
         T = qkv.shape[0]
         seq = torch.cat([state.conv[self.layer_idx], qkv.t()], dim=1)  # [conv_dim, K - 1 + T]
-        mixed = self._conv_step(seq, w, T)
+        mixed = causal_conv_step(seq, w, T)
         rec, outs, states = state.recurrent[self.layer_idx], [], []
         for t in range(T):
             # per token: reductions over a few elements may be vectorised differently for different T
@@ -334,7 +359,7 @@ class GatedDeltaNet(nn.Module):
         ones are updated in place. Returns [WIDTH, nv, dv], zero past T."""
         i, K = self.layer_idx, self.kernel
         seq = torch.cat([state.conv[i], qkv.t()], dim=1)  # [conv_dim, K - 1 + WIDTH]
-        q, k, v = self._heads(self._conv_step(seq, w, qkv.shape[0]))
+        q, k, v = self._heads(causal_conv_step(seq, w, qkv.shape[0]))
         state.snap_conv[i][:T + 1].copy_(seq.unfold(1, K - 1, 1)[:, :T + 1].transpose(0, 1))  # window after t tokens
         rec = state.recurrent[i]
         state.snap_recurrent[i][0].copy_(rec)
@@ -380,7 +405,12 @@ class MLP(nn.Module):
         if step_rows() and kernels.fused_step_ops(x):
             return self.down_proj(kernels.silu_mul(project_joined(self, self.FUSED_PROJECTIONS, x)))
         gate, up = project(self, self.FUSED_PROJECTIONS, x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(gate, up))
+
+
+@step_op
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class Router(nn.Module):
