@@ -275,10 +275,15 @@ class LLM:
                     yield event
                 new = decode_round(self.model, drafter, policy, [seq])[0]
             yield StreamEvent(event.text, event.token_ids, self._completion(req, drafter, spec_type))
-        finally:  # also when the caller stops iterating: the static caches go back for the next request
-            for state in (seq.state, getattr(seq.draft, "state", None)):
-                if isinstance(state, StaticState):
-                    self._states.release(state)
+        finally:  # also when the caller stops iterating
+            self.release(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Return a finished sequence's static caches (and its drafter's) to the pool for the next request."""
+        for state in (seq.state, getattr(seq.draft, "state", None)):
+            if isinstance(state, StaticState) and state.pool is self._states:
+                self._states.release(state)
+                state.pool = None  # released once, even if called again
 
     def _advance(self, req: _Request, new: list[int]) -> StreamEvent:
         """Update the request's text after `new` tokens; apply stop strings; return what can be streamed."""

@@ -47,12 +47,9 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SPECS))
-def test_staggered_batch_equals_sequential_greedy(serve_llm, draft_path, name):
-    spec = SPECS[name]
-    if spec.spec_type == "draft":
-        spec = SpecConfig(**{**spec.__dict__, "spec_draft_model": draft_path})
-    llm = serve_llm
+def run_staggered(llm, spec):
+    """Seven requests of different lengths, four arriving while the first three decode; every one must equal
+    sequential greedy decoding."""
     jobs = prompts(llm, 7)
     max_tokens = [12, 30, 5, 24, 1, 18, 16]
     refs = [llm.generate(p, max_tokens=m, spec_type="none") for p, m in zip(jobs, max_tokens)]
@@ -82,6 +79,27 @@ def test_staggered_batch_equals_sequential_greedy(serve_llm, draft_path, name):
     assert m["running"] == 0 and m["cache_bytes"] == 0 and m["requests_finished"] == len(jobs)
     if spec.spec_type != "none" and spec.spec_draft_policy == "fixed":
         assert m["spec_decode"]["num_drafts"] > 0
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_staggered_batch_equals_sequential_greedy(serve_llm, draft_path, name):
+    spec = SPECS[name]
+    if spec.spec_type == "draft":
+        spec = SpecConfig(**{**spec.__dict__, "spec_draft_model": draft_path})
+    run_staggered(serve_llm, spec)
+
+
+@pytest.mark.parametrize("name", ["none", "mtp-fixed"])
+def test_static_passes_in_a_batch_equal_sequential_greedy(dense_ckpt, name):
+    """Static step passes (CUDA graphs on a GPU; here run eagerly): one pass per sequence in a batched round, and
+    every static cache back in the pool afterwards."""
+    llm = mtpx.LLM(dense_ckpt, static_steps=True)
+    run_staggered(llm, SPECS[name])
+    held = [s for states in llm._states.free.values() for s in states]
+    assert held and all(s.pool is None for s in held)  # every one released, none still marked as handed out
+    made = len(held)
+    run_staggered(llm, SPECS[name])
+    assert sum(len(v) for v in llm._states.free.values()) == made  # the second run reused them all
 
 
 def test_cancel_running_and_waiting(serve_llm):

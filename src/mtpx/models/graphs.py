@@ -36,7 +36,7 @@ def graphs_enabled(device: torch.device) -> bool:
 
 
 def is_static(states) -> bool:
-    return bool(states) and isinstance(states[0], StaticState)
+    return bool(states) and all(isinstance(s, StaticState) for s in states)
 
 
 @contextmanager

@@ -533,8 +533,9 @@ class MTP(nn.Module):
 
     def forward(self, cfg: ModelConfig, embeds: torch.Tensor, hidden: torch.Tensor,
                 states: list[SequenceState] | None, mode: str) -> torch.Tensor:
-        if mode == "step" and is_static(states):
-            return states[0].run_step("mtp", functools.partial(self._static, cfg, states[0]), embeds, hidden)
+        if mode == "step" and is_static(states):  # one pass (one graph) per sequence
+            return torch.cat([s.run_step("mtp", functools.partial(self._static, cfg, s), embeds[b:b + 1],
+                                         hidden[b:b + 1]) for b, s in enumerate(states)])
         with row_invariant(mode == "step"):  # the step path's fused ops for the norms and fc too
             return self.norm(run_stack(cfg, self.layers, self._inputs(embeds, hidden), states, mode))
 
@@ -580,8 +581,9 @@ class Qwen35Model(nn.Module):
 
     def forward(self, tokens: torch.Tensor, states: list[SequenceState] | None = None,
                 mode: str = "prefill") -> torch.Tensor:
-        if mode == "step" and is_static(states):
-            return states[0].run_step("main", functools.partial(self._static, states[0]), tokens)
+        if mode == "step" and is_static(states):  # one pass (one graph) per sequence
+            return torch.cat([s.run_step("main", functools.partial(self._static, s), tokens[b:b + 1])
+                              for b, s in enumerate(states)])
         x = self.model.embed_tokens(tokens)
         with row_invariant(mode == "step"):
             return self.model.norm(run_stack(self.cfg, self.model.layers, x, states, mode))

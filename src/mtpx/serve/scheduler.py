@@ -286,16 +286,23 @@ class Scheduler:
 
     def _count_cancel(self, r: GenRequest) -> None:
         r.done = True
-        r.req = None  # drops the Sequence: its KV / recurrent caches and drafter state are freed
+        self._free(r)
         with self.metrics.lock:
             self.metrics.requests_cancelled += 1
+
+    def _free(self, r: GenRequest) -> None:
+        """Drop the request's Sequence: its caches and drafter state are freed (static ones go back to the pool)."""
+        if r.req is not None:
+            self.llm.release(r.req.seq)
+            r.req = None
 
     def _prefill(self, r: GenRequest) -> None:
         r.admitted_at = time.perf_counter()
         with self.metrics.lock:
             self.metrics.queue_time.observe(r.admitted_at - r.arrived)
         try:
-            seq = self.llm.new_sequence(r.prompt_ids, r.max_tokens, r.params, ignore_eos=r.ignore_eos)
+            seq = self.llm.new_sequence(r.prompt_ids, r.max_tokens, r.params, ignore_eos=r.ignore_eos,
+                                        static=self.llm.static_steps)
             r.req = _Request(seq, list(r.stop), r.arrived)
             new = prefill(self.llm.model, self.drafter, seq)
             r.req.first_token_at = time.perf_counter()
@@ -355,7 +362,7 @@ class Scheduler:
                 reason = completion.finish_reason
                 self.metrics.requests_finished[reason] = self.metrics.requests_finished.get(reason, 0) + 1
             delta = Delta(ev.text, ev.token_ids, stats, finish_reason=completion.finish_reason)
-            r.req = None  # free the caches now; the client has everything it needs
+            self._free(r)  # free the caches now; the client has everything it needs
         else:
             delta = Delta(ev.text, ev.token_ids, r.live_stats(spec_type))
         self._send(r, delta)
@@ -379,7 +386,7 @@ class Scheduler:
         if r.done:
             return
         r.done = True
-        r.req = None
+        self._free(r)
         with self.metrics.lock:
             self.metrics.requests_failed += 1
         self._send(r, Delta("", [], {}, finish_reason="error", error=message))
