@@ -1,6 +1,7 @@
-"""Static step passes (models/graphs.py), run eagerly on the CPU: the same values as the ordinary step path, rows
-bit-identical whatever the pass width, rollback, the state pool, and speculation token-identical to plain decoding.
-On a GPU the same passes are captured as CUDA graphs (scripts/cuda_check.py checks that on a device)."""
+"""Static step passes (models/graphs.py): the same values as the ordinary step path, rows bit-identical whatever the
+pass width, rollback, the state pool, and speculation token-identical to plain decoding. On the CPU the passes run
+eagerly; where a GPU is present the same tests run on it too, with CUDA graphs and compiled small ops
+(scripts/cuda_check.py does the same on the bundled model and bench prompts)."""
 import pytest
 import torch
 
@@ -9,20 +10,23 @@ from mtpx.errors import RequestError
 from mtpx.models.graphs import WIDTH, StaticState
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
 def _prefilled(model, prompt, static: bool):
     state = model.new_static_state("main", 96) if static else model.new_state(96)
-    hidden = model(torch.tensor([prompt]), [state], "prefill")
+    hidden = model(torch.tensor([prompt], device=state.device), [state], "prefill")
     return state, hidden
 
 
-@pytest.fixture(scope="module")
-def fp32(dense_ckpt):
-    return mtpx.LLM(dense_ckpt, dtype="fp32")
+@pytest.fixture(scope="module", params=DEVICES)
+def fp32(dense_ckpt, request):
+    return mtpx.LLM(dense_ckpt, dtype="fp32", device=request.param, static_steps=True)
 
 
-@pytest.fixture(scope="module")
-def bf16(dense_ckpt):
-    return mtpx.LLM(dense_ckpt, static_steps=True)
+@pytest.fixture(scope="module", params=DEVICES)
+def bf16(dense_ckpt, request):
+    return mtpx.LLM(dense_ckpt, device=request.param, static_steps=True)
 
 
 def test_static_passes_match_the_step_path(fp32):
@@ -33,23 +37,24 @@ def test_static_passes_match_the_step_path(fp32):
     eager, h_e = _prefilled(model, prompt, static=False)
     static, h_s = _prefilled(model, prompt, static=True)
     torch.testing.assert_close(h_s, h_e)
+    tol = dict(rtol=1e-5, atol=1e-5) if fp32.device.type == "cpu" else dict(rtol=1e-4, atol=1e-4)  # GPU sums vary
     mtp_eager, mtp_static = model.new_mtp_state(96), model.new_static_state("mtp", 96)
     for width, keep in [(1, 1), (4, 2), (WIDTH, 5), (3, 3), (2, 1), (5, 1), (1, 1)]:
-        tokens = torch.randint(0, 300, (1, width), generator=g)
+        tokens = torch.randint(0, 300, (1, width), generator=g).to(fp32.device)
         for s in (eager, static):
             s.mark()
         out_e, out_s = model(tokens, [eager], "step"), model(tokens, [static], "step")
-        torch.testing.assert_close(out_s, out_e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_s, out_e, **tol)
         m_e = model.mtp_forward(out_e, tokens, [mtp_eager], "step")
         m_s = model.mtp_forward(out_s, tokens, [mtp_static], "step")
-        torch.testing.assert_close(m_s, m_e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m_s, m_e, **tol)
         for s in (eager, static):
             s.rollback(s.length - width + keep)
         mtp_eager.rollback(mtp_eager.length - width + keep)
         mtp_static.rollback(mtp_static.length - width + keep)
         assert static.length == eager.length and mtp_static.length == mtp_eager.length
     for i in static.conv:  # the restored Gated DeltaNet states themselves
-        torch.testing.assert_close(static.recurrent[i], eager.recurrent[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(static.recurrent[i], eager.recurrent[i], **tol)
         torch.testing.assert_close(static.conv[i], eager.conv[i])
 
 
@@ -59,7 +64,7 @@ def test_static_rows_do_not_depend_on_the_pass_width(bf16):
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 300, (9,), generator=g).tolist()
     state, _ = _prefilled(model, prompt, static=True)
-    tokens = torch.randint(0, 300, (1, 5), generator=g)
+    tokens = torch.randint(0, 300, (1, 5), generator=g).to(bf16.device)
     start = state.length
     wide = model(tokens, [state], "step")
     wide_logits = model.logits(wide, step=True)
@@ -100,4 +105,4 @@ def test_static_pass_limits_are_named(bf16):
     state = bf16.model.new_static_state("main", 64)
     assert isinstance(state, StaticState)
     with pytest.raises(RequestError, match="wider than"):
-        bf16.model(torch.zeros(1, WIDTH + 1, dtype=torch.long), [state], "step")
+        bf16.model(torch.zeros(1, WIDTH + 1, dtype=torch.long, device=bf16.device), [state], "step")
