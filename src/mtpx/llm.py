@@ -14,7 +14,7 @@ from mtpx import kernels
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
 from mtpx.models.graphs import WIDTH, StatePool, StaticState
-from mtpx.models.linear import STEP_ROWS, pack_for_cpu, quantize_int8, weight_bytes
+from mtpx.models.linear import QUANTIZATIONS, STEP_ROWS, pack_for_cpu, quantize, weight_bytes
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import SamplingParams
 from mtpx.speculative.drafters import DraftHead, Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
@@ -27,7 +27,7 @@ SPEC_ALIASES = {"none": "none", "mtp": "mtp", "draft-mtp": "mtp", "draft": "draf
                 "ngram": "ngram", "ngram-simple": "ngram"}
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-QUANTIZED = {"int8"}  # weight-only int8 (per output row scales), bf16 activations
+QUANTIZED = set(QUANTIZATIONS)  # weight-only int8 (per output row) / int4 (groups of 32), bf16 activations
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -213,8 +213,8 @@ class LLM:
     def _prepare(self, model: Qwen35Model) -> Qwen35Model:
         if self.device.type == "cpu" and self.dtype == torch.bfloat16 and os.environ.get("MTPX_PACK", "1") != "0":
             pack_for_cpu(model)
-        if self.quantization == "int8":
-            quantize_int8(model)
+        if self.quantization:
+            quantize(model, self.quantization)
         return model
 
     def new_sequence(self, ids: list[int], max_tokens: int, params: SamplingParams, *, ignore_eos: bool = False,

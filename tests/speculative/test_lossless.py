@@ -147,9 +147,10 @@ def test_adaptive_policy_is_lossless_too(llm):
 
 
 @pytest.mark.skipif(not __import__("mtpx.kernels", fromlist=["x"]).rowgemm_available(), reason="needs rowgemm")
-def test_int8_weights_speculation_is_token_identical_to_int8_plain(ckpt_factory):
-    """Quantization changes the model, not the guarantee: speculative == plain decoding at the same int8 weights."""
-    llm = mtpx.LLM(ckpt_factory(), dtype="int8")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_weights_speculation_is_token_identical_to_quantized_plain(ckpt_factory, dtype):
+    """Quantization changes the model, not the guarantee: speculative == plain decoding at the same weights."""
+    llm = mtpx.LLM(ckpt_factory(), dtype=dtype)
     for prompt in prompts(10, seed=5):
         plain = llm.generate(prompt, max_tokens=MAX_TOKENS).token_ids
         for k in (1, 3):
@@ -158,14 +159,14 @@ def test_int8_weights_speculation_is_token_identical_to_int8_plain(ckpt_factory)
             assert spec == plain, (prompt, k)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
 def test_reduced_draft_vocabulary_is_token_identical_and_drafts_only_kept_ids(ckpt_factory, dtype):
     """A DraftHead over the first N ids (+ eos) changes what MTP proposes, never what is emitted; its drafts come
     from the kept ids only, and its logits for those ids are the full head's."""
     from mtpx import kernels
     from mtpx.speculative.drafters import MTPDrafter
-    if dtype == "int8" and not kernels.rowgemm_available():
-        pytest.skip("int8 needs rowgemm")
+    if dtype != "bf16" and not kernels.rowgemm_available():
+        pytest.skip("quantized weights need rowgemm")
     llm = mtpx.LLM(ckpt_factory(), dtype=dtype)
     size = 64
     head = llm._draft_head(size)

@@ -40,7 +40,7 @@ def _floats(value: str) -> list[float]:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="checkpoint directory, .gguf file, or 'demo'")
-    p.add_argument("--dtype", default=None, help="bf16 (default), fp16, fp32, int8 (weight-only, CPU)")
+    p.add_argument("--dtype", default=None, help="bf16 (default), fp16, fp32, int8 or int4 (weight-only, CPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="CUDA: run step passes eagerly on the ordinary step path (no static passes, no graphs)")

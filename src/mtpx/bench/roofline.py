@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mtpx.models.linear import int8_weights, linear, row_invariant, weight_bytes, weight_tensors
+from mtpx.models.linear import linear, parameter_count, row_invariant, weight_bytes
 
 
 def _best(fn, reps: int, device: torch.device = torch.device("cpu")) -> float:
@@ -94,6 +94,6 @@ def model_weight_bytes(model) -> dict:
     from mtpx.bench.runner import WeightTraffic
     s = WeightTraffic.sizes(model)
     total = weight_bytes(model)
-    params = sum(t.numel() for t in weight_tensors(model)) - sum(w.scale.numel() for w in int8_weights(model))
+    params = parameter_count(model)
     return {**s, "total": total, "parameters": params,
             "mtp_total": weight_bytes(model.mtp) if model.mtp else 0}

@@ -1,9 +1,9 @@
-"""`mtpx convert --to gguf IN OUT [--outtype bf16|f16|q8_0|f32]`: write a GGUF that llama.cpp loads, MTP layer included.
+"""`mtpx convert --to gguf IN OUT [--outtype bf16|f16|q8_0|q4_0|f32]`: write a GGUF that llama.cpp loads, MTP layer included.
 
 The file follows what llama.cpp's own converter writes for `Qwen3_5ForCausalLM` / `Qwen3_5MoeForCausalLM` (arch
 `qwen35` / `qwen35moe`): the same metadata keys, tensor names and transforms (see `mtpx.loading.gguf`), the MTP block
 as `blk.{n_main}.*` with `nextn.*`, and the same per-tensor types: 1-D tensors, norms, the router (`ffn_gate_inp*`)
-and `ssm_conv1d` are F32; with q8_0, a tensor whose rows are not a multiple of 32 falls back to F16.
+and `ssm_conv1d` are F32; with q8_0 / q4_0, a tensor whose rows are not a multiple of 32 falls back to F16.
 
 With bf16 / f16 every weight is first rounded to that type, also those stored as F32, so that loading the GGUF back
 in mtpx gives exactly the model the checkpoint gives at that dtype.
@@ -27,7 +27,7 @@ from mtpx.loading.gguf import (GATE_UP_EXPERTS, GLOBAL_NAMES, LAYER_NAMES, MTP_N
                                TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, is_offset_norm, linear_attn_reorder)
 from mtpx.tokenizer import Tokenizer
 
-OUTTYPES = ("bf16", "f16", "q8_0", "f32")
+OUTTYPES = ("bf16", "f16", "q8_0", "q4_0", "f32")
 F32_SUFFIXES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight")
 
 
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="checkpoint directory, .gguf file or 'demo' to convert")
     p.add_argument("output", help="output .gguf file")
     p.add_argument("--outtype", default="bf16", choices=OUTTYPES,
-                   help="weight type: bf16 (default), f16, q8_0 (8-bit, about half the size), f32")
+                   help="weight type: bf16 (default), f16, q8_0 (8-bit, about half the size), q4_0 (4-bit), f32")
     p.add_argument("--no-mtp", action="store_true", help="leave the MTP layer out")
     p.add_argument("--name", default=None, help="general.name written into the file (default: the input's name)")
 
@@ -149,9 +149,9 @@ def tensor_type(gname: str, shape: tuple[int, ...], outtype: str):
     if len(shape) <= 1 or gname.endswith("_norm.weight") or gname.endswith(F32_SUFFIXES) \
             or not gname.endswith(".weight"):
         return Q.F32
-    if outtype == "q8_0" and shape[-1] % 32:
+    if outtype in ("q8_0", "q4_0") and shape[-1] % 32:
         return Q.F16  # as llama.cpp's converter does when rows don't split into 32-blocks
-    return {"bf16": Q.BF16, "f16": Q.F16, "q8_0": Q.Q8_0, "f32": Q.F32}[outtype]
+    return {"bf16": Q.BF16, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "f32": Q.F32}[outtype]
 
 
 def encode_tensor(gname: str, x: torch.Tensor, qtype) -> np.ndarray:
@@ -265,7 +265,8 @@ def write_gguf(ckpt: Checkpoint, out: Path, outtype: str = "bf16", with_mtp: boo
     n_mtp = count_mtp_layers(ckpt.shapes) if with_mtp else 0
     arch = "qwen35moe" if cfg.is_moe else "qwen35"
     ftype = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f32": gguf.LlamaFileType.ALL_F32}[outtype]
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+             "f32": gguf.LlamaFileType.ALL_F32}[outtype]
 
     w = gguf.GGUFWriter(str(out), arch)
     w.add_type("model")

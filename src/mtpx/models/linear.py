@@ -1,5 +1,5 @@
 """Linear layers of the step and prefill paths: row-invariant step matmuls (rowgemm, or fixed oneDNN row blocks),
-fused projections, weight-only int8, and counting the weight bytes a forward reads."""
+fused projections, weight-only int8 and int4, and counting the weight bytes a forward reads."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -41,7 +41,23 @@ def step_rows() -> bool:
     return _row_invariant
 
 
-class Int8Weight:
+class QuantizedWeight:
+    """A weight-only quantized weight [N, K] (bf16 activations): `matmul` computes rows @ w.T, row-invariantly in step
+    mode; `tensors()` are what a forward reads; `rows(index)` gives the weight of some output rows (a reduced draft
+    head)."""
+    shape: torch.Size
+
+    def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def rows(self, index: torch.Tensor):
+        raise NotImplementedError
+
+
+class Int8Weight(QuantizedWeight):
     """Weight-only int8: q [N, K] int8 and one fp32 scale per output row (w ≈ q * scale, symmetric, absmax / 127).
     Step matmuls run on rowgemm_int8 (row-invariant, like bf16); prefill uses PyTorch's int8 weight-only matmul."""
 
@@ -63,6 +79,68 @@ class Int8Weight:
         part.q, part.scale = self.q[index].contiguous(), self.scale[index].contiguous()
         part.scale_bf16, part.shape = part.scale.to(torch.bfloat16), part.q.shape
         return part
+
+    def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
+        if step:
+            return _in_blocks(rows, lambda b: kernels.rowgemm_int8(b, self.q, self.scale))
+        return torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.q, self.scale_bf16)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q, self.scale]
+
+
+class Int4Weight(QuantizedWeight):
+    """Weight-only int4 in groups of GROUP input columns, each with a bf16 scale and offset (asymmetric:
+    w ≈ q * scale + min, q in 0..15), packed for PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`). That
+    kernel computes each row the same way whatever the row count (tests/models/test_linear.py checks it up to
+    kernels.MAX_ROWS rows), so step matmuls run on it in blocks of that many rows and stay row-invariant. Needs N % 16
+    == 0 and K % GROUP == 0 (`fits`); quantize() keeps other weights int8."""
+    GROUP = 32
+    _PACK_ROWS = 1024  # packed in slices of rows (the kernel's layout is separable at multiples of 64 rows)
+
+    @classmethod
+    def fits(cls, shape: torch.Size) -> bool:
+        return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % cls.GROUP == 0
+
+    def __init__(self, weight: torch.Tensor):
+        w = weight.detach()
+        n, k = w.shape
+        g = self.GROUP
+        packed, scales = [], []
+        step = self._PACK_ROWS if n % 64 == 0 else n
+        for start in range(0, n, step):
+            rows = w[start:start + step].float().reshape(-1, k // g, g)
+            low, high = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)
+            scale = ((high - low) / 15).clamp(min=1e-12)
+            q = torch.round((rows - low) / scale).clamp(0, 15).to(torch.int32).reshape(-1, k)
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+            # the kernel's form: w = (q - 8) * scale + zero
+            scales.append(torch.stack([scale[..., 0], (low + 8 * scale)[..., 0]], dim=-1))
+        self.packed = torch.cat(packed)
+        self.scales_and_zeros = torch.cat(scales).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K / g, N, 2]
+        self.shape = w.shape
+
+    def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
+        def mm(b):
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(b.to(torch.bfloat16), self.packed, self.GROUP,
+                                                             self.scales_and_zeros)
+        return _in_blocks(rows, mm) if step else mm(rows)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scales_and_zeros]
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The dequantized bf16 weight of the output rows `index` (a reduced draft head: drafts need not be exact),
+        from products with slices of the identity, so no whole dequantized copy is made."""
+        k = self.shape[1]
+        eye = torch.eye(k, dtype=torch.bfloat16)
+        return torch.cat([self.matmul(eye[i:i + 256], False)[:, index] for i in range(0, k, 256)]).t().contiguous()
+
+
+def _in_blocks(rows: torch.Tensor, fn) -> torch.Tensor:
+    """fn over blocks of at most kernels.MAX_ROWS rows: each row's result is independent of its block."""
+    blocks = rows.split(kernels.MAX_ROWS)
+    return torch.cat([fn(b) for b in blocks]) if len(blocks) > 1 else fn(rows)
 
 
 def uses_rowgemm(weight: torch.Tensor) -> bool:
@@ -93,26 +171,17 @@ def _matmul(rows: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tenso
     return F.linear(rows, weight)
 
 
-def _rowgemm(rows: torch.Tensor, weight) -> torch.Tensor:
-    if isinstance(weight, Int8Weight):
-        return kernels.rowgemm_int8(rows, weight.q, weight.scale)
-    return kernels.rowgemm(rows, weight)
-
-
 def linear(x: torch.Tensor, weight, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T, `weight` a tensor or an Int8Weight; `packed` is the same weight prepacked for oneDNN (see
+    """x @ weight.T, `weight` a tensor or a QuantizedWeight; `packed` is the same weight prepacked for oneDNN (see
     pack_for_cpu), used in its place."""
     out_features = (weight if weight is not None else packed).shape[0]
     rows = x.reshape(-1, x.shape[-1])
+    if isinstance(weight, QuantizedWeight):
+        return weight.matmul(rows, _row_invariant).to(x.dtype).reshape(*x.shape[:-1], out_features)
     if not _row_invariant:
-        if isinstance(weight, Int8Weight):
-            out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), weight.q, weight.scale_bf16)
-        else:
-            out = _matmul(rows, weight, packed)
-        return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
-    if isinstance(weight, Int8Weight) or (weight is not None and uses_rowgemm(weight)):
-        blocks = rows.split(kernels.MAX_ROWS)  # each row's result is independent of its block
-        out = torch.cat([_rowgemm(b, weight) for b in blocks]) if len(blocks) > 1 else _rowgemm(rows, weight)
+        return _matmul(rows, weight, packed).to(x.dtype).reshape(*x.shape[:-1], out_features)
+    if weight is not None and uses_rowgemm(weight):
+        out = _in_blocks(rows, lambda b: kernels.rowgemm(b, weight))
         return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
     m = rows.shape[0]
     pad = (-m) % STEP_ROWS
@@ -132,10 +201,10 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
-    q8: Int8Weight | None = None
+    quantized: QuantizedWeight | None = None  # set by quantize(): used instead of the bf16 weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.q8 if self.q8 is not None else self.weight, self.packed)
+        return linear(x, self.quantized if self.quantized is not None else self.weight, self.packed)
 
 
 def project(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
@@ -190,53 +259,76 @@ def pack_for_cpu(model: nn.Module) -> None:
             param.data = param.data.clone()
 
 
-def quantize_int8(model: nn.Module) -> None:
-    """Weight-only int8 for every Linear and fused projection (MoE experts and the embedding stay bf16). The bf16
-    copies are released, except the embedding's when lm_head shares it. Needs the rowgemm kernel (CPU)."""
+QUANTIZATIONS = ("int8", "int4")
+
+
+def quantize(model: nn.Module, kind: str) -> dict[str, int]:
+    """Weight-only quantization of every Linear and fused projection (MoE experts and the embedding stay bf16):
+    int8 (per output row), or int4 (groups of 32, PyTorch's CPU kernel) with int8 for weights whose shape that
+    kernel does not take. The bf16 copies are released, except the embedding's when lm_head shares it. Returns how
+    many weights got each format."""
     if not kernels.rowgemm_available():
         from mtpx.errors import RequestError
-        raise RequestError("int8 weights need the rowgemm CPU kernel, which could not be built here "
+        raise RequestError(f"{kind} weights need the rowgemm CPU kernel, which could not be built here "
                            "(a C++ compiler is required); use dtype bf16")
+    if kind == "int4" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        from mtpx.errors import RequestError
+        raise RequestError(f"this PyTorch ({torch.__version__}) has no CPU int4 kernel; use dtype int8 or bf16")
+    counts = {"int8": 0, "int4": 0}
+
+    def convert(weight: torch.Tensor) -> QuantizedWeight:
+        fmt = "int4" if kind == "int4" and Int4Weight.fits(weight.shape) else "int8"
+        counts[fmt] += 1
+        return Int4Weight(weight) if fmt == "int4" else Int8Weight(weight)
     shared = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for module in model.modules():
         fused = module.__dict__.get("_fused")
         if fused is not None:
             weight, _, sizes = fused
-            module.__dict__["_fused"] = (Int8Weight(weight), None, sizes)
+            module.__dict__["_fused"] = (convert(weight), None, sizes)
             for n in module.FUSED_PROJECTIONS:
                 getattr(module, n).weight.data = torch.empty(0, dtype=weight.dtype)
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.numel():
-            module.q8, module.packed = Int8Weight(module.weight), None
+            module.quantized, module.packed = convert(module.weight), None
             if id(module.weight) not in shared:
                 module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+    return counts
 
 
 def weight_tensors(module: nn.Module, skip: set[int] = frozenset()) -> list[torch.Tensor]:
-    """The weight tensors a forward of `module` reads: its parameters (ids in `skip` left out), with int8
+    """The weight tensors a forward of `module` reads: its parameters (ids in `skip` left out), with quantized
     replacements (values and scales) instead of the bf16 weights they replaced."""
     tensors, replaced = [], set(skip)
-    for w in int8_weights(module):
-        tensors += [w.q, w.scale]
+    for w in quantized_weights(module):
+        tensors += w.tensors()
     for m in module.modules():
-        if isinstance(m, Linear) and m.q8 is not None:
+        if isinstance(m, Linear) and m.quantized is not None:
             replaced.add(id(m.weight))
     params = {id(p): p for p in module.parameters() if id(p) not in replaced and p.numel()}
     return tensors + list(params.values())
 
 
-def int8_weights(module: nn.Module) -> list[Int8Weight]:
+def quantized_weights(module: nn.Module) -> list[QuantizedWeight]:
     found = {}
     for m in module.modules():
-        for w in (m.__dict__.get("_fused", (None,))[0], getattr(m, "q8", None)):
-            if isinstance(w, Int8Weight):
+        for w in (m.__dict__.get("_fused", (None,))[0], getattr(m, "quantized", None)):
+            if isinstance(w, QuantizedWeight):
                 found[id(w)] = w
     return list(found.values())
 
 
+def parameter_count(module: nn.Module) -> int:
+    """Parameters of `module` as loaded: quantized weights count their N x K values, not their packed bytes."""
+    tensors = weight_tensors(module)
+    quantized = quantized_weights(module)
+    packed = sum(t.numel() for w in quantized for t in w.tensors())
+    return sum(t.numel() for t in tensors) - packed + sum(w.shape.numel() for w in quantized)
+
+
 def nbytes(weight) -> int:
-    """Bytes of one weight: a tensor, or an Int8Weight's values and scales."""
-    parts = [weight.q, weight.scale] if isinstance(weight, Int8Weight) else [weight]
+    """Bytes of one weight: a tensor, or a QuantizedWeight's values and scales."""
+    parts = weight.tensors() if isinstance(weight, QuantizedWeight) else [weight]
     return sum(t.numel() * t.element_size() for t in parts)
 
 

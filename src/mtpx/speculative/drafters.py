@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mtpx.models.linear import Int8Weight, linear, nbytes, row_invariant, weight_bytes
+from mtpx.models.linear import QuantizedWeight, linear, nbytes, row_invariant, weight_bytes
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import apply_penalties, sample, target_probs
 from mtpx.state import SequenceState
@@ -143,10 +143,10 @@ class DraftHead:
             from mtpx.errors import RequestError
             raise RequestError(f"spec_draft_vocab must be in 1..{vocab} (the vocabulary), got {size}")
         head = model.lm_head
-        weight = head.q8 if head.q8 is not None else head.weight.detach()
+        weight = head.quantized if head.quantized is not None else head.weight.detach()
         self.ids = torch.tensor(sorted(set(range(size)) | {t for t in keep if size <= t < vocab}),
                                 device=head.weight.device)
-        self.weight = weight.rows(self.ids) if isinstance(weight, Int8Weight) else weight[self.ids].contiguous()
+        self.weight = weight.rows(self.ids) if isinstance(weight, QuantizedWeight) else weight[self.ids].contiguous()
         self.vocab = vocab
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--samples", type=int, default=0, help="also print this many greedy code continuations")
     p.add_argument("--compare-dtype", default=None,
-                   help="instead: held-out loss and greedy agreement of the model in this dtype (e.g. int8) vs bf16")
+                   help="instead: held-out loss and greedy agreement of the model in this dtype (e.g. int8, int4) vs bf16")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from mtpx.llm import LLM, resolve_model_path
