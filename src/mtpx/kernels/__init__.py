@@ -3,7 +3,8 @@
 `rowgemm(x, w)`: x [M <= 8, K] @ w[N, K]^T with bf16 weights, fp32 accumulation. Each output row is computed the
 same way whatever M is (so a verify pass is bit-identical to one-token steps), and the weights are read once for
 all rows (so it costs about what one row costs). Measured here on a CPU without AVX512_BF16, where oneDNN's bf16
-matmul costs ~2.5x more for 5 rows than for 1 (see BENCHMARKS.md). `rowgemm_int8`: the same for int8 weights.
+matmul costs ~2.5x more for 5 rows than for 1 (see BENCHMARKS.md). `rowgemm_int8` / `rowgemm_int4`: the same for
+int8 weights and for int4 weights in groups of 32.
 The small ops of a step forward, fused (step_ops.cpp): `rms_norm`, `silu_mul`, `attention_step` (q/k norm, RoPE,
 cache write, per-position attention, output gate) and `gdn_step` (conv, gates, delta rule, gated norm; with
 `gdn_replay` to rebuild the state after any of its positions on rollback). A step of a small model is otherwise a
@@ -89,6 +90,12 @@ def rowgemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def rowgemm_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return rowgemm_module().rowgemm_int8(x, q, scale)
+
+
+def rowgemm_int4(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """x [M <= 8, K] @ w.T for int4 weights: codes [N, K / 2] (two a byte, even element low), bf16 scale and offset
+    [N, K / 32] (w = code * scale + offset). Row-invariant like rowgemm."""
+    return rowgemm_module().rowgemm_int4(x, codes, scale, offset)
 
 
 def fused_step_ops(x: torch.Tensor) -> bool:

@@ -132,13 +132,81 @@ void deinterleave_pairs(float* x, int64_t M, int64_t K) {
     }
 }
 
+// int4 weights: two 4-bit codes a byte (the even element in the low nibble), each group of kGroup4 along K with a
+// bf16 scale and offset (w = code * scale + offset). Each 16 codes are widened and dequantized in registers (one
+// FMA), then used like the other weight types: the dequantized value depends only on the weight, so each row's
+// result is again the same whatever the row count.
+constexpr int64_t kGroup4 = 32;
+struct Int4 {
+  const uint8_t* codes;       // [N, K / 2]
+  const at::BFloat16* scale;  // [N, K / kGroup4]
+  const at::BFloat16* offset;
+};
+
+#ifdef __AVX512F__
+template <int M, int C>
+void columns_int4(const float* x, const Int4* w, int64_t K, int64_t n, float* out, int64_t N) {
+  __m512 acc[C][M];
+  for (int c = 0; c < C; ++c)
+    for (int m = 0; m < M; ++m) acc[c][m] = _mm512_setzero_ps();
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const int64_t groups = K / kGroup4;
+  __m512 scale[C], offset[C];
+  for (int64_t k = 0; k < K; k += kLanes) {
+    if (k % kGroup4 == 0)
+      for (int c = 0; c < C; ++c) {
+        const int64_t g = (n + c) * groups + k / kGroup4;
+        scale[c] = _mm512_set1_ps(static_cast<float>(w->scale[g]));
+        offset[c] = _mm512_set1_ps(static_cast<float>(w->offset[g]));
+      }
+    __m512 xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* row = w->codes + (n + c) * (K / 2) + k / 2;
+      if (k % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(row) + 4096, _MM_HINT_T0);
+      __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row));
+      __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(raw, low4), _mm_and_si128(_mm_srli_epi16(raw, 4), low4));
+      __m512 wv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), scale[c], offset[c]);
+      for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(wv, xv[m], acc[c][m]);
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int m = 0; m < M; ++m) out[m * N + n + c] = _mm512_reduce_add_ps(acc[c][m]);
+}
+#else
+template <int M, int C>
+void columns_int4(const float* x, const Int4* w, int64_t K, int64_t n, float* out, int64_t N) {
+  const int64_t groups = K / kGroup4;
+  for (int c = 0; c < C; ++c) {
+    float acc[M][kLanes] = {};
+    for (int64_t k = 0; k < K; k += kLanes) {
+      const int64_t g = (n + c) * groups + k / kGroup4;
+      const float s = static_cast<float>(w->scale[g]), o = static_cast<float>(w->offset[g]);
+      for (int l = 0; l < kLanes; ++l) {
+        const uint8_t byte = w->codes[(n + c) * (K / 2) + (k + l) / 2];
+        const float wv = std::fma(static_cast<float>((l % 2) ? byte >> 4 : byte & 15), s, o);
+        for (int m = 0; m < M; ++m) acc[m][l] = std::fma(wv, x[m * K + k + l], acc[m][l]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float sum = 0.f;
+      for (int l = 0; l < kLanes; ++l) sum += acc[m][l];
+      out[m * N + n + c] = sum;
+    }
+  }
+}
+#endif
+
 template <int M, int C, typename W>
 void column_block(const float* x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
+  if constexpr (std::is_same_v<W, Int4>) return columns_int4<M, C>(x, w, K, n, out, N);
+  else {
 #ifdef __AVX512F__
   if constexpr (std::is_same_v<W, at::BFloat16>)
     if (pairs<W>(K)) return columns_bf16_pairs<M, C>(x, w, K, n, out, N);
 #endif
   columns<M, C>(x, w, K, n, out, N);
+  }
 }
 
 template <int M, typename W>
@@ -210,4 +278,18 @@ torch::Tensor rowgemm_int8(const torch::Tensor& x, const torch::Tensor& q, const
   check(x, q, at::kChar, "int8");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == q.size(0), "rowgemm_int8: fp32 scale [N]");
   return run(x, q.data_ptr<int8_t>(), q.size(0), scale.contiguous().data_ptr<float>());
+}
+
+// int4 weights (codes [N, K / 2] uint8, scale and offset [N, K / 32] bf16; see Int4 above)
+torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                           const torch::Tensor& offset) {
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && x.size(1) == 2 * codes.size(1), "rowgemm_int4: x [M, K], codes [N, K / 2]");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "rowgemm_int4: contiguous uint8 codes");
+  const int64_t N = codes.size(0), K = x.size(1);
+  TORCH_CHECK(K % kGroup4 == 0, "rowgemm_int4: K must be a multiple of ", kGroup4, ", got ", K);
+  for (const auto* t : {&scale, &offset})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == N * (K / kGroup4),
+                "rowgemm_int4: bf16 scale and offset [N, K / ", kGroup4, "]");
+  const Int4 w{codes.data_ptr<uint8_t>(), scale.data_ptr<at::BFloat16>(), offset.data_ptr<at::BFloat16>()};
+  return run(x, &w, N);
 }

@@ -90,51 +90,57 @@ class Int8Weight(QuantizedWeight):
 
 
 class Int4Weight(QuantizedWeight):
-    """Weight-only int4 in groups of GROUP input columns, each with a bf16 scale and offset (asymmetric:
-    w ≈ q * scale + min, q in 0..15), packed for PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`). That
-    kernel computes each row the same way whatever the row count (tests/models/test_linear.py checks it up to
-    kernels.MAX_ROWS rows), so step matmuls run on it in blocks of that many rows and stay row-invariant. Needs N % 16
-    == 0 and K % GROUP == 0 (`fits`); quantize() keeps other weights int8."""
+    """Weight-only int4: each group of GROUP weights along K has a bf16 scale and offset (asymmetric: w ≈ code *
+    scale + offset, code 0..15 spanning the group's range), codes two a byte [N, K / 2]. Step matmuls run on
+    rowgemm_int4 (row-invariant, weights read once for all rows); prefill dequantizes slices of rows to fp32 for
+    MKL's sgemm, like widened bf16 prefill. Needs K % GROUP == 0 (`fits`); quantize() keeps other weights int8."""
     GROUP = 32
-    _PACK_ROWS = 1024  # packed in slices of rows (the kernel's layout is separable at multiples of 64 rows)
+    _ROWS = 1024  # rows quantized / dequantized at a time: no fp32 copy of a whole (vocab-sized) weight
 
     @classmethod
     def fits(cls, shape: torch.Size) -> bool:
-        return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % cls.GROUP == 0
+        return len(shape) == 2 and shape[1] % cls.GROUP == 0
 
     def __init__(self, weight: torch.Tensor):
         w = weight.detach()
         n, k = w.shape
         g = self.GROUP
-        packed, scales = [], []
-        step = self._PACK_ROWS if n % 64 == 0 else n
-        for start in range(0, n, step):
-            rows = w[start:start + step].float().reshape(-1, k // g, g)
-            low, high = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)
-            scale = ((high - low) / 15).clamp(min=1e-12)
-            q = torch.round((rows - low) / scale).clamp(0, 15).to(torch.int32).reshape(-1, k)
-            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
-            # the kernel's form: w = (q - 8) * scale + zero
-            scales.append(torch.stack([scale[..., 0], (low + 8 * scale)[..., 0]], dim=-1))
-        self.packed = torch.cat(packed)
-        self.scales_and_zeros = torch.cat(scales).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K / g, N, 2]
+        self.codes = torch.empty(n, k // 2, dtype=torch.uint8)
+        self.scale = torch.empty(n, k // g, dtype=torch.bfloat16)
+        self.offset = torch.empty(n, k // g, dtype=torch.bfloat16)
+        for start in range(0, n, self._ROWS):
+            rows = w[start:start + self._ROWS].float().reshape(-1, k // g, g)
+            low, high = rows.amin(-1), rows.amax(-1)
+            scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16)
+            offset = low.to(torch.bfloat16)
+            codes = torch.round((rows - offset.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
+            codes = codes.to(torch.uint8).reshape(-1, k)
+            self.codes[start:start + self._ROWS] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            self.scale[start:start + self._ROWS], self.offset[start:start + self._ROWS] = scale, offset
         self.shape = w.shape
 
+    def dequantize(self, index) -> torch.Tensor:
+        """fp32 weights of the output rows `index` (a slice or an index tensor)."""
+        codes, scale, offset = self.codes[index], self.scale[index].float(), self.offset[index].float()
+        values = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1, self.GROUP).float()
+        return (values * scale[..., None] + offset[..., None]).reshape(codes.shape[0], -1)
+
     def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
-        def mm(b):
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(b.to(torch.bfloat16), self.packed, self.GROUP,
-                                                             self.scales_and_zeros)
-        return _in_blocks(rows, mm) if step else mm(rows)
+        if step or rows.shape[0] <= kernels.MAX_ROWS:
+            return _in_blocks(rows, lambda b: kernels.rowgemm_int4(b, self.codes, self.scale, self.offset))
+        x = rows.float()
+        out = torch.empty(rows.shape[0], self.shape[0], dtype=torch.bfloat16)
+        for n in range(0, self.shape[0], self._ROWS):
+            out[:, n:n + self._ROWS] = F.linear(x, self.dequantize(slice(n, n + self._ROWS)))
+        return out
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.packed, self.scales_and_zeros]
+        return [self.codes, self.scale, self.offset]
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """The dequantized bf16 weight of the output rows `index` (a reduced draft head: drafts need not be exact),
-        from products with slices of the identity, so no whole dequantized copy is made."""
-        k = self.shape[1]
-        eye = torch.eye(k, dtype=torch.bfloat16)
-        return torch.cat([self.matmul(eye[i:i + 256], False)[:, index] for i in range(0, k, 256)]).t().contiguous()
+        """The (dequantized, bf16) weight of the output rows `index`, for a reduced draft head: drafts need not be
+        exact, and bf16 runs on the fast rowgemm."""
+        return self.dequantize(index).to(torch.bfloat16)
 
 
 def _in_blocks(rows: torch.Tensor, fn) -> torch.Tensor:
@@ -264,16 +270,13 @@ QUANTIZATIONS = ("int8", "int4")
 
 def quantize(model: nn.Module, kind: str) -> dict[str, int]:
     """Weight-only quantization of every Linear and fused projection (MoE experts and the embedding stay bf16):
-    int8 (per output row), or int4 (groups of 32, PyTorch's CPU kernel) with int8 for weights whose shape that
-    kernel does not take. The bf16 copies are released, except the embedding's when lm_head shares it. Returns how
+    int8 (per output row), or int4 (groups of 32) with int8 for weights whose K is not a multiple of 32. The bf16
+    copies are released, except the embedding's when lm_head shares it. Returns how
     many weights got each format."""
     if not kernels.rowgemm_available():
         from mtpx.errors import RequestError
         raise RequestError(f"{kind} weights need the rowgemm CPU kernel, which could not be built here "
                            "(a C++ compiler is required); use dtype bf16")
-    if kind == "int4" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        from mtpx.errors import RequestError
-        raise RequestError(f"this PyTorch ({torch.__version__}) has no CPU int4 kernel; use dtype int8 or bf16")
     counts = {"int8": 0, "int4": 0}
 
     def convert(weight: torch.Tensor) -> QuantizedWeight:
