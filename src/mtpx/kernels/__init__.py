@@ -92,10 +92,10 @@ def rowgemm_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     return rowgemm_module().rowgemm_int8(x, q, scale)
 
 
-def rowgemm_int4(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """x [M <= 8, K] @ w.T for int4 weights: codes [N, K / 2] (two a byte, even element low), bf16 scale and offset
-    [N, K / 32] (w = code * scale + offset). Row-invariant like rowgemm."""
-    return rowgemm_module().rowgemm_int4(x, codes, scale, offset)
+def rowgemm_int4(x: torch.Tensor, codes: torch.Tensor, scale_offset: torch.Tensor) -> torch.Tensor:
+    """x [M <= 8, K] @ w.T for int4 weights: codes [N, K / 2] (two a byte, even element low), fp32 scale and offset
+    [N, K / 32, 2] (w = code * scale + offset). Row-invariant like rowgemm."""
+    return rowgemm_module().rowgemm_int4(x, codes, scale_offset)
 
 
 def fused_step_ops(x: torch.Tensor) -> bool:

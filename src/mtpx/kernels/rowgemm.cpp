@@ -16,6 +16,15 @@
 namespace {
 
 constexpr int kLanes = 16;
+// int4 weights: two 4-bit codes a byte (the even element of each pair in the low nibble), each group of kGroup4
+// along K with an fp32 scale and offset (w = code * scale + offset). A group's 16 possible values are computed once
+// (one FMA) and its 32 codes looked up in them (a permute per 16), then used like the other weight types: the
+// dequantized value depends only on the weight, so each row's result is again the same whatever the row count.
+constexpr int64_t kGroup4 = 32;
+struct Int4 {
+  const uint8_t* codes;         // [N, K / 2]
+  const float* scale_offset;    // [N, K / kGroup4, 2]
+};
 // Output columns computed together (each loaded x vector is reused that many times) and how far ahead in each
 // weight row to prefetch. The hardware prefetcher alone left decode at ~75% of the read bandwidth; one bf16 row:
 // 4 columns, 1 KiB ahead (17 -> 22 GB/s at 2 threads). With 2+ rows the FMAs take longer per cache line, and fewer
@@ -119,7 +128,9 @@ constexpr bool kPairs = false;
 
 // Whether bf16 weights of this K run 32 at a time (columns_bf16_pairs), with x deinterleaved to match.
 template <typename W>
-bool pairs(int64_t K) { return kPairs && std::is_same_v<W, at::BFloat16> && K % (2 * kLanes) == 0; }
+bool pairs(int64_t K) {
+  return kPairs && (std::is_same_v<W, at::BFloat16> || std::is_same_v<W, Int4>) && K % (2 * kLanes) == 0;
+}
 
 // Each 32-block of each row of x [M, K]: its 16 even elements, then its 16 odd ones.
 void deinterleave_pairs(float* x, int64_t M, int64_t K) {
@@ -132,42 +143,33 @@ void deinterleave_pairs(float* x, int64_t M, int64_t K) {
     }
 }
 
-// int4 weights: two 4-bit codes a byte (the even element in the low nibble), each group of kGroup4 along K with a
-// bf16 scale and offset (w = code * scale + offset). Each 16 codes are widened and dequantized in registers (one
-// FMA), then used like the other weight types: the dequantized value depends only on the weight, so each row's
-// result is again the same whatever the row count.
-constexpr int64_t kGroup4 = 32;
-struct Int4 {
-  const uint8_t* codes;       // [N, K / 2]
-  const at::BFloat16* scale;  // [N, K / kGroup4]
-  const at::BFloat16* offset;
-};
-
 #ifdef __AVX512F__
+// x comes deinterleaved (deinterleave_pairs): a byte's low nibbles are the even elements of a 32-block, its high
+// nibbles the odd ones. Per 32 weights: one 16-byte load, two masks, two widenings and two permutes.
 template <int M, int C>
 void columns_int4(const float* x, const Int4* w, int64_t K, int64_t n, float* out, int64_t N) {
   __m512 acc[C][M];
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) acc[c][m] = _mm512_setzero_ps();
   const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const int64_t groups = K / kGroup4;
-  __m512 scale[C], offset[C];
-  for (int64_t k = 0; k < K; k += kLanes) {
-    if (k % kGroup4 == 0)
-      for (int c = 0; c < C; ++c) {
-        const int64_t g = (n + c) * groups + k / kGroup4;
-        scale[c] = _mm512_set1_ps(static_cast<float>(w->scale[g]));
-        offset[c] = _mm512_set1_ps(static_cast<float>(w->offset[g]));
-      }
-    __m512 xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+  for (int64_t k = 0; k < K; k += kGroup4) {
+    __m512 even[M], odd[M];
+    for (int m = 0; m < M; ++m) {
+      even[m] = _mm512_loadu_ps(x + m * K + k);
+      odd[m] = _mm512_loadu_ps(x + m * K + k + kLanes);
+    }
     for (int c = 0; c < C; ++c) {
+      const float* so = w->scale_offset + 2 * ((n + c) * groups + k / kGroup4);
+      const __m512 values = _mm512_fmadd_ps(iota, _mm512_set1_ps(so[0]), _mm512_set1_ps(so[1]));
       const uint8_t* row = w->codes + (n + c) * (K / 2) + k / 2;
-      if (k % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(row) + 4096, _MM_HINT_T0);
-      __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row));
-      __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(raw, low4), _mm_and_si128(_mm_srli_epi16(raw, 4), low4));
-      __m512 wv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), scale[c], offset[c]);
-      for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(wv, xv[m], acc[c][m]);
+      if (k % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(row) + 4096, _MM_HINT_T0);  // once per line
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+      const __m512 lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, low4)), values);
+      const __m512 hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low4)), values);
+      for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(lo, even[m], acc[c][m]);
+      for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(hi, odd[m], acc[c][m]);
     }
   }
   for (int c = 0; c < C; ++c)
@@ -180,8 +182,8 @@ void columns_int4(const float* x, const Int4* w, int64_t K, int64_t n, float* ou
   for (int c = 0; c < C; ++c) {
     float acc[M][kLanes] = {};
     for (int64_t k = 0; k < K; k += kLanes) {
-      const int64_t g = (n + c) * groups + k / kGroup4;
-      const float s = static_cast<float>(w->scale[g]), o = static_cast<float>(w->offset[g]);
+      const float* so = w->scale_offset + 2 * ((n + c) * groups + k / kGroup4);
+      const float s = so[0], o = so[1];
       for (int l = 0; l < kLanes; ++l) {
         const uint8_t byte = w->codes[(n + c) * (K / 2) + (k + l) / 2];
         const float wv = std::fma(static_cast<float>((l % 2) ? byte >> 4 : byte & 15), s, o);
@@ -280,16 +282,14 @@ torch::Tensor rowgemm_int8(const torch::Tensor& x, const torch::Tensor& q, const
   return run(x, q.data_ptr<int8_t>(), q.size(0), scale.contiguous().data_ptr<float>());
 }
 
-// int4 weights (codes [N, K / 2] uint8, scale and offset [N, K / 32] bf16; see Int4 above)
-torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
-                           const torch::Tensor& offset) {
+// int4 weights (codes [N, K / 2] uint8, scale and offset [N, K / 32, 2] fp32; see Int4 above)
+torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale_offset) {
   TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && x.size(1) == 2 * codes.size(1), "rowgemm_int4: x [M, K], codes [N, K / 2]");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "rowgemm_int4: contiguous uint8 codes");
   const int64_t N = codes.size(0), K = x.size(1);
   TORCH_CHECK(K % kGroup4 == 0, "rowgemm_int4: K must be a multiple of ", kGroup4, ", got ", K);
-  for (const auto* t : {&scale, &offset})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == N * (K / kGroup4),
-                "rowgemm_int4: bf16 scale and offset [N, K / ", kGroup4, "]");
-  const Int4 w{codes.data_ptr<uint8_t>(), scale.data_ptr<at::BFloat16>(), offset.data_ptr<at::BFloat16>()};
+  TORCH_CHECK(scale_offset.scalar_type() == at::kFloat && scale_offset.is_contiguous() &&
+              scale_offset.numel() == N * (K / kGroup4) * 2, "rowgemm_int4: fp32 scale and offset [N, K / ", kGroup4, ", 2]");
+  const Int4 w{codes.data_ptr<uint8_t>(), scale_offset.data_ptr<float>()};
   return run(x, &w, N);
 }

@@ -90,8 +90,8 @@ class Int8Weight(QuantizedWeight):
 
 
 class Int4Weight(QuantizedWeight):
-    """Weight-only int4: each group of GROUP weights along K has a bf16 scale and offset (asymmetric: w ≈ code *
-    scale + offset, code 0..15 spanning the group's range), codes two a byte [N, K / 2]. Step matmuls run on
+    """Weight-only int4: each group of GROUP weights along K has an fp32 scale and offset (asymmetric: w ≈ code *
+    scale + offset, code 0..15 spanning the group's range), codes two a byte [N, K / 2]: 0.75 bytes a weight. Step matmuls run on
     rowgemm_int4 (row-invariant, weights read once for all rows); prefill dequantizes slices of rows to fp32 for
     MKL's sgemm, like widened bf16 prefill. Needs K % GROUP == 0 (`fits`); quantize() keeps other weights int8."""
     GROUP = 32
@@ -106,28 +106,25 @@ class Int4Weight(QuantizedWeight):
         n, k = w.shape
         g = self.GROUP
         self.codes = torch.empty(n, k // 2, dtype=torch.uint8)
-        self.scale = torch.empty(n, k // g, dtype=torch.bfloat16)
-        self.offset = torch.empty(n, k // g, dtype=torch.bfloat16)
+        self.scale_offset = torch.empty(n, k // g, 2)  # fp32: the kernel broadcasts them without converting
         for start in range(0, n, self._ROWS):
             rows = w[start:start + self._ROWS].float().reshape(-1, k // g, g)
             low, high = rows.amin(-1), rows.amax(-1)
-            scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16)
-            offset = low.to(torch.bfloat16)
-            codes = torch.round((rows - offset.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
-            codes = codes.to(torch.uint8).reshape(-1, k)
+            scale = ((high - low) / 15).clamp(min=1e-12)
+            codes = torch.round((rows - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(-1, k)
             self.codes[start:start + self._ROWS] = codes[:, 0::2] | (codes[:, 1::2] << 4)
-            self.scale[start:start + self._ROWS], self.offset[start:start + self._ROWS] = scale, offset
+            self.scale_offset[start:start + self._ROWS] = torch.stack([scale, low], dim=-1)
         self.shape = w.shape
 
     def dequantize(self, index) -> torch.Tensor:
         """fp32 weights of the output rows `index` (a slice or an index tensor)."""
-        codes, scale, offset = self.codes[index], self.scale[index].float(), self.offset[index].float()
+        codes, so = self.codes[index], self.scale_offset[index]
         values = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1, self.GROUP).float()
-        return (values * scale[..., None] + offset[..., None]).reshape(codes.shape[0], -1)
+        return torch.addcmul(so[..., 1:], values, so[..., :1]).reshape(codes.shape[0], -1)
 
     def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
         if step or rows.shape[0] <= kernels.MAX_ROWS:
-            return _in_blocks(rows, lambda b: kernels.rowgemm_int4(b, self.codes, self.scale, self.offset))
+            return _in_blocks(rows, lambda b: kernels.rowgemm_int4(b, self.codes, self.scale_offset))
         x = rows.float()
         out = torch.empty(rows.shape[0], self.shape[0], dtype=torch.bfloat16)
         for n in range(0, self.shape[0], self._ROWS):
@@ -135,7 +132,7 @@ class Int4Weight(QuantizedWeight):
         return out
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.codes, self.scale, self.offset]
+        return [self.codes, self.scale_offset]
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The (dequantized, bf16) weight of the output rows `index`, for a reduced draft head: drafts need not be
