@@ -31,7 +31,7 @@ def test_widened_prefill_matmul_is_a_bf16_matmul_and_slices_the_weight(monkeypat
 
 def test_int4_rows_do_not_depend_on_row_count_and_match_dequantized():
     """Int4Weight on rowgemm_int4: each row's bits independent of the row count (so speculation stays exact on int4
-    weights), values those of the dequantized groups; prefill (sliced fp32 sgemm) computes the same function."""
+    weights), values those of the dequantized groups; a long prefill (sliced fp32 sgemm) computes the same function."""
     from mtpx import kernels
     from mtpx.models.linear import Int4Weight, linear, row_invariant
     if not kernels.rowgemm_available():
@@ -52,8 +52,8 @@ def test_int4_rows_do_not_depend_on_row_count_and_match_dequantized():
     assert (error <= step[..., None] * 0.5 + groups.abs().amax(-1, keepdim=True) * 2 ** -7).all()
     ref = x.double() @ dequantized.t()
     assert (alone.double() - ref).norm() / ref.norm() < 0.005  # bf16 output rounding: measured 0.17 %
-    with row_invariant(False):
-        xs = torch.randn(40, 256, generator=g).bfloat16()
+    with row_invariant(False):  # a long prefill: dequantized slices and sgemm
+        xs = torch.randn(Int4Weight.KERNEL_ROWS + 10, 256, generator=g).bfloat16()
         prefill = linear(xs, w).double()
     ref = xs.double() @ dequantized.t()
     assert (prefill - ref).norm() / ref.norm() < 0.005
