@@ -257,9 +257,8 @@ class LLM:
                                     spec_draft_vocab=spec_draft_vocab)
         policy = DraftPolicy(spec_draft_n_max, spec_draft_n_min, spec_draft_policy == "adaptive",
                              self.step_row_block) if drafter else None
-        if drafter and self.static_steps and spec_draft_n_max >= WIDTH:
-            raise RequestError(f"spec_draft_n_max is at most {WIDTH - 1} with static step passes (CUDA graphs), "
-                               f"got {spec_draft_n_max}")
+        if drafter:
+            self.check_draft_n_max(spec_draft_n_max)
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         seq = self.new_sequence(self.encode_prompt(prompt), max_tokens, params, ignore_eos=ignore_eos,
                                 spec_synth_rates=spec_synth_rates, static=self.static_steps)
@@ -277,6 +276,12 @@ class LLM:
             yield StreamEvent(event.text, event.token_ids, self._completion(req, drafter, spec_type))
         finally:  # also when the caller stops iterating
             self.release(seq)
+
+    def check_draft_n_max(self, n_max: int) -> None:
+        """Static step passes hold WIDTH positions: the last token and up to WIDTH - 1 drafts."""
+        if self.static_steps and n_max >= WIDTH:
+            raise RequestError(f"spec_draft_n_max is at most {WIDTH - 1} with static step passes (CUDA graphs), "
+                               f"got {n_max}")
 
     def release(self, seq: Sequence) -> None:
         """Return a finished sequence's static caches (and its drafter's) to the pool for the next request."""

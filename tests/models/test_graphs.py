@@ -102,6 +102,9 @@ def test_static_states_are_reused_and_released(bf16):
 def test_static_pass_limits_are_named(bf16):
     with pytest.raises(RequestError, match="spec_draft_n_max is at most"):
         bf16.generate([1, 2, 3], max_tokens=4, spec_type="mtp", spec_draft_n_max=WIDTH)
+    from mtpx.serve.scheduler import Scheduler, SpecConfig
+    with pytest.raises(RequestError, match="spec_draft_n_max is at most"):
+        Scheduler(bf16, SpecConfig(spec_type="mtp", spec_draft_n_max=WIDTH))
     state = bf16.model.new_static_state("main", 64)
     assert isinstance(state, StaticState)
     with pytest.raises(RequestError, match="wider than"):

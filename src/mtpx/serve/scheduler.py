@@ -176,6 +176,8 @@ class Scheduler:
         if self.spec.spec_draft_policy not in ("adaptive", "fixed"):
             from mtpx.errors import RequestError
             raise RequestError(f"spec_draft_policy must be 'adaptive' or 'fixed', got {self.spec.spec_draft_policy!r}")
+        if self.drafter is not None:
+            llm.check_draft_n_max(self.spec.spec_draft_n_max)
         self.policy = (DraftPolicy(self.spec.spec_draft_n_max, self.spec.spec_draft_n_min,
                                    self.spec.spec_draft_policy == "adaptive", llm.step_row_block)
                        if self.drafter else None)
