@@ -87,7 +87,6 @@ class StaticState(SequenceState):
         self.graph_pool = None  # the graphs' memory pool: one per state (a pool dies with the last of its graphs)
         self.inputs: dict[tuple, list[torch.Tensor]] = {}
         self.warm: set[tuple] = set()
-        self.last_pass = 0  # positions of the last static pass (rollbacks reach back to its start)
         self.pool: StatePool | None = None  # the pool it came from, which the sequence's drafter draws from too
         self.pool_key: tuple[str, int] | None = None
 
@@ -96,7 +95,7 @@ class StaticState(SequenceState):
         self.mark()
         for t in (*self.conv.values(), *self.recurrent.values()):
             t.zero_()
-        self.length = self.snapshot_start = self.last_pass = 0
+        self.length = self.snapshot_start = 0
 
     def mark(self) -> None:
         # eager passes (prefill) replace the state tensors: copy them back to the fixed addresses the graphs use
@@ -106,7 +105,6 @@ class StaticState(SequenceState):
                     f.copy_(current[i])
                     current[i] = f
         self.snapshot_start = self.length
-        self.last_pass = 0
         self.snapshots = {}
 
     def rollback(self, length: int) -> None:
@@ -150,7 +148,6 @@ class StaticState(SequenceState):
                 out = fn(*buffers, T)
             self.warm.add(key)
         self.length += T
-        self.last_pass = T
         return out[:, :T].clone()
 
     def _capture(self, key: tuple, fn: Callable, buffers: list[torch.Tensor], T: int) -> torch.Tensor:
