@@ -54,14 +54,19 @@ class SequenceState:
         lowest = self.snapshot_start if self.conv else 0  # attention-only stacks (MTP) can truncate anywhere
         if not lowest <= length <= self.length:
             raise ValueError(f"cannot roll back to {length}: snapshots cover {self.snapshot_start}..{self.length}")
+        if self.conv:
+            self._restore(length - self.snapshot_start)
+        self.length = length
+
+    def _restore(self, n: int) -> None:
+        """Make the Gated DeltaNet states those after the first n positions since mark()."""
         for i, snaps in self.snapshots.items():
-            conv, recurrent = snaps[length - self.snapshot_start]
+            conv, recurrent = snaps[n]
             if callable(recurrent):
                 recurrent = recurrent()
-                snaps[length - self.snapshot_start] = (conv, recurrent)
+                snaps[n] = (conv, recurrent)
             self.conv[i], self.recurrent[i] = conv, recurrent
-            del snaps[length - self.snapshot_start + 1:]
-        self.length = length
+            del snaps[n + 1:]
 
     def nbytes(self) -> int:
         tensors = [t for kv in self.kv.values() for t in kv] + list(self.conv.values()) + list(self.recurrent.values())

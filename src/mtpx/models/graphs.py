@@ -107,18 +107,11 @@ class StaticState(SequenceState):
         self.snapshot_start = self.length
         self.snapshots = {}
 
-    def rollback(self, length: int) -> None:
-        if length == self.length:
-            return
-        lowest = self.snapshot_start if self.conv else 0
-        if not lowest <= length <= self.length:
-            raise ValueError(f"cannot roll back to {length}: snapshots cover {self.snapshot_start}..{self.length}")
-        if self.conv:
-            n = length - self.snapshot_start
-            layers = list(self.conv)
-            torch._foreach_copy_([self.conv[i] for i in layers] + [self.recurrent[i] for i in layers],
-                                 [self.snap_conv[i][n] for i in layers] + [self.snap_recurrent[i][n] for i in layers])
-        self.length = length
+    def _restore(self, n: int) -> None:
+        """Copy the states after the first n positions of the last pass back into the fixed tensors."""
+        layers = list(self.conv)
+        torch._foreach_copy_([self.conv[i] for i in layers] + [self.recurrent[i] for i in layers],
+                             [self.snap_conv[i][n] for i in layers] + [self.snap_recurrent[i][n] for i in layers])
 
     def run_step(self, stack: str, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         """Run `fn(*buffers, T)` over inputs [1, T, ...] padded to WIDTH rows; returns its output's first T rows
