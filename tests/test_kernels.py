@@ -143,3 +143,36 @@ def test_gdn_replay_rebuilds_the_states_of_a_verify_pass_bit_for_bit(dv):
     assert torch.equal(last_n, last)
     with pytest.raises(RuntimeError, match="n must be in 1..5"):
         kernels.gdn_replay(state, replay, 6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
+def test_whole_layer_step_kernels_give_the_module_path_bits(dense_ckpt, dtype, monkeypatch):
+    """kernels.attention_layer_step / gdn_layer_step chain the kernels the module path calls: the same logits and
+    caches bit for bit, for the main stack and the MTP layer, across decode, verify and rollback."""
+    from mtpx.llm import LLM
+    from mtpx.models.qwen3_5 import DecoderLayer
+    llm = LLM(dense_ckpt, dtype=dtype)
+    model = llm.model
+    assert all(layer.step_weights() is not None for layer in [*model.model.layers, *model.mtp.layers])
+    x = torch.randint(0, 300, (1, 31), generator=torch.Generator().manual_seed(9))
+
+    def run() -> tuple[torch.Tensor, list]:
+        state, mtp_state = model.new_state(64), model.new_mtp_state(64)
+        out = []
+        with torch.inference_mode():
+            hidden = model(x[:, :20], [state], "prefill")
+            model.mtp_forward(hidden[:, :-1], x[:, 1:20], [mtp_state], "prefill")
+            for t, w in ((20, 1), (21, 4), (25, 5)):
+                state.mark()
+                hidden = model(x[:, t:t + w], [state], "step")
+                out.append(model.logits(hidden, step=True))
+                out.append(model.logits(model.mtp_forward(hidden, x[:, t + 1:t + w + 1], [mtp_state], "step"), step=True))
+                state.rollback(state.length - 1)  # keep all but the last position: a replayed state is used next
+        return torch.cat(out, 1), [*state.recurrent.values(), *state.conv.values(), *state.kv[2], *mtp_state.kv[0]]
+
+    fast, fast_states = run()
+    monkeypatch.setattr(DecoderLayer, "step_weights", lambda self: None)
+    slow, slow_states = run()
+    assert torch.equal(fast, slow)
+    assert len(fast_states) == 10 and all(torch.equal(a, b) for a, b in zip(fast_states, slow_states))

@@ -8,7 +8,8 @@ int8 weights and for int4 weights in groups of 32.
 The small ops of a step forward, fused (step_ops.cpp): `rms_norm`, `silu_mul`, `attention_step` (q/k norm, RoPE,
 cache write, per-position attention, output gate) and `gdn_step` (conv, gates, delta rule, gated norm; with
 `gdn_replay` to rebuild the state after any of its positions on rollback). A step of a small model is otherwise a
-few hundred PyTorch ops of a few microseconds' overhead each.
+few hundred PyTorch ops of a few microseconds' overhead each. `attention_layer_step` / `gdn_layer_step`
+(layer_step.cpp) chain those kernels through a whole decoder layer in one call.
 Set MTPX_ROWGEMM=0 to use PyTorch ops instead.
 """
 from __future__ import annotations
@@ -68,7 +69,7 @@ def rowgemm_module():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass
-        sources = [str(Path(__file__).with_name(f)) for f in ("rowgemm.cpp", "step_ops.cpp", "bindings.cpp")]
+        sources = [str(Path(__file__).with_name(f)) for f in ("rowgemm.cpp", "step_ops.cpp", "layer_step.cpp", "bindings.cpp")]
         name = _extension_name()
         if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
             print("mtpx: compiling the CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
@@ -129,6 +130,23 @@ def gdn_step(proj: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Te
     last position, and `replay`, from which `gdn_replay(state, replay, n)` rebuilds the state after position n."""
     return tuple(rowgemm_module().gdn_step(proj.contiguous(), conv_state, conv_weight.contiguous(), A_log, dt_bias,
                                            norm_weight, state.contiguous(), nk, dk, dv, eps))
+
+
+def attention_layer_step(x: torch.Tensor, weights: tuple, cos: torch.Tensor, sin: torch.Tensor,
+                         cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, n_heads: int, n_kv: int,
+                         head_dim: int, eps: float) -> torch.Tensor:
+    """A full-attention decoder layer over T positions x [T, hidden] of one sequence: the same kernels, in the same
+    order, as the module path (so the same bits). `weights`: DecoderLayer.step_weights()."""
+    return rowgemm_module().attention_layer_step(x.contiguous(), *weights, cos.contiguous(), sin.contiguous(), cache_k,
+                                                 cache_v, start, n_heads, n_kv, head_dim, eps)
+
+
+def gdn_layer_step(x: torch.Tensor, weights: tuple, conv_state: torch.Tensor, state: torch.Tensor, nk: int, dk: int,
+                   dv: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Gated DeltaNet decoder layer over T positions x [T, hidden] of one sequence: the layer's output, then what
+    gdn_step returns after it (conv inputs, state after the last position, replay)."""
+    return tuple(rowgemm_module().gdn_layer_step(x.contiguous(), *weights, conv_state, state.contiguous(), nk, dk, dv,
+                                                 eps))
 
 
 def gdn_replay(state: torch.Tensor, replay: torch.Tensor, n: int) -> torch.Tensor:

@@ -11,5 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up", release());
   m.def("attention_step", &attention_step, "gated attention of a few positions over a KV cache", release());
   m.def("gdn_step", &gdn_step, "Gated DeltaNet layer core for a few positions", release());
+  m.def("attention_layer_step", &attention_layer_step, "a full-attention decoder layer of a step, one call", release());
+  m.def("gdn_layer_step", &gdn_layer_step, "a Gated DeltaNet decoder layer of a step, one call", release());
   m.def("gdn_replay", &gdn_replay, "Gated DeltaNet state after the first n positions of a gdn_step call", release());
 }

@@ -1,4 +1,5 @@
-// mtpx's CPU kernels: few-row matmuls (rowgemm.cpp) and the fused small ops of a step forward (step_ops.cpp).
+// mtpx's CPU kernels: few-row matmuls (rowgemm.cpp), the fused small ops of a step forward (step_ops.cpp) and whole
+// decoder layers of a step chained from them (layer_step.cpp).
 #pragma once
 #include <torch/extension.h>
 
@@ -27,3 +28,17 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
                                     const torch::Tensor& dt_bias, const torch::Tensor& norm_weight,
                                     const torch::Tensor& state, int64_t nk, int64_t dk, int64_t dv, double eps);
 torch::Tensor gdn_replay(const torch::Tensor& state, const torch::Tensor& replay, int64_t n);
+torch::Tensor attention_layer_step(const torch::Tensor& x, const torch::Tensor& input_norm,
+                                   const std::vector<torch::Tensor>& qkv, const torch::Tensor& q_norm,
+                                   const torch::Tensor& k_norm, const std::vector<torch::Tensor>& o,
+                                   const torch::Tensor& post_norm, const std::vector<torch::Tensor>& gate_up,
+                                   const std::vector<torch::Tensor>& down, const torch::Tensor& cos,
+                                   const torch::Tensor& sin, torch::Tensor cache_k, torch::Tensor cache_v,
+                                   int64_t start, int64_t nh, int64_t nkv, int64_t D, double eps);
+std::vector<torch::Tensor> gdn_layer_step(const torch::Tensor& x, const torch::Tensor& input_norm,
+                                          const std::vector<torch::Tensor>& proj, const torch::Tensor& conv_weight,
+                                          const torch::Tensor& A_log, const torch::Tensor& dt_bias,
+                                          const torch::Tensor& norm_weight, const std::vector<torch::Tensor>& out,
+                                          const torch::Tensor& post_norm, const std::vector<torch::Tensor>& gate_up,
+                                          const std::vector<torch::Tensor>& down, const torch::Tensor& conv_state,
+                                          const torch::Tensor& state, int64_t nk, int64_t dk, int64_t dv, double eps);

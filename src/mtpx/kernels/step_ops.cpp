@@ -64,6 +64,54 @@ void silu_row(float* x, int64_t n) {
   for (; i < n; ++i) x[i] = silu(x[i]);
 }
 
+// s[j] <- exp(s[j] - top) for j < n; returns their sum. 16 lanes at a time (the tail masked), summed lane-wise in
+// order and then by a fixed tree: a function of (s, n) only.
+float exp_shifted(float* s, int64_t n, float top) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  for (; j < n; j += 16) {
+    const __mmask16 live = j + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), shift));
+    _mm512_mask_storeu_ps(s + j, live, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float total = 0.f;
+  for (; j < n; ++j) total += (s[j] = std::exp(s[j] - top));
+  return total;
+#endif
+}
+
+// acc[D] = sum over j < n of p[j] * rows[j] (bf16 rows of D), in order of j
+void weighted_sum(const float* p, const bf16* rows, int64_t n, int64_t D, float* acc) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i + 64 <= D; i += 64) {  // four lanes of 16 at a time: four independent FMA chains
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < n; ++j) {
+      const bf16* r = rows + j * D + i;
+      const __m512 w = _mm512_set1_ps(p[j]);
+      a0 = _mm512_fmadd_ps(w, widen_bf16(r), a0);
+      a1 = _mm512_fmadd_ps(w, widen_bf16(r + 16), a1);
+      a2 = _mm512_fmadd_ps(w, widen_bf16(r + 32), a2);
+      a3 = _mm512_fmadd_ps(w, widen_bf16(r + 48), a3);
+    }
+    _mm512_storeu_ps(acc + i, a0);
+    _mm512_storeu_ps(acc + i + 16, a1);
+    _mm512_storeu_ps(acc + i + 32, a2);
+    _mm512_storeu_ps(acc + i + 48, a3);
+  }
+#endif
+  for (; i < D; ++i) {
+    float a = 0.f;
+    for (int64_t j = 0; j < n; ++j) a = std::fma(p[j], static_cast<float>(rows[j * D + i]), a);
+    acc[i] = a;
+  }
+}
+
 float inverse_rms(const float* x, int64_t n, double eps) {
   return 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + static_cast<float>(eps));
 }
@@ -318,17 +366,8 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_no
         scores[j] = dot_bf16(q.data(), Kc + (kvh * max_len + j) * D, D) * scale;
         top = std::max(top, scores[j]);
       }
-      float total = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        scores[j] = std::exp(scores[j] - top);
-        total += scores[j];
-      }
-      for (int64_t i = 0; i < D; ++i) acc[i] = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        const bf16* value = Vc + (kvh * max_len + j) * D;
-        const float p = scores[j];
-        for (int64_t i = 0; i < D; ++i) acc[i] += p * static_cast<float>(value[i]);
-      }
+      const float total = exp_shifted(scores.data(), n, top);
+      weighted_sum(scores.data(), Vc + kvh * max_len * D, n, D, acc.data());
       const bf16* gate = row + h * 2 * D + D;
       for (int64_t i = 0; i < D; ++i) {
         const float o = round_bf16(acc[i] / total);

@@ -213,6 +213,22 @@ class Linear(nn.Linear):
         return linear(x, self.quantized if self.quantized is not None else self.weight, self.packed)
 
 
+def kernel_weight(weight) -> list[torch.Tensor] | None:
+    """A weight (tensor or QuantizedWeight) as the tensors a whole-layer step kernel takes (kernels/layer_step.cpp):
+    [w] bf16, [q, scale] int8, [codes, scale_offset] int4; None where the rowgemm kernel cannot read it."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.tensors()
+    return [weight] if weight is not None and uses_rowgemm(weight) else None
+
+
+def step_weight(module: nn.Module) -> list[torch.Tensor] | None:
+    """kernel_weight of a Linear, or of the fused projection of a module whose projections pack_for_cpu fused."""
+    if isinstance(module, Linear):
+        return kernel_weight(module.quantized if module.quantized is not None else module.weight)
+    fused = module.__dict__.get("_fused")
+    return kernel_weight(fused[0]) if fused is not None else None
+
+
 def project(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
     """Apply several Linear layers that read the same input; one matmul once pack_for_cpu has fused them."""
     fused = owner.__dict__.get("_fused")

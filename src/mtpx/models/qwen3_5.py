@@ -23,7 +23,7 @@ from torch import nn
 from mtpx import kernels
 from mtpx.config import ModelConfig
 from mtpx.models.graphs import WIDTH, StaticState, is_static, step_op
-from mtpx.models.linear import Linear, linear, project, project_joined, row_invariant, step_rows
+from mtpx.models.linear import Linear, linear, project, project_joined, row_invariant, step_rows, step_weight
 from mtpx.state import SequenceState
 
 GDN_CHUNK = 64
@@ -377,12 +377,16 @@ class GatedDeltaNet(nn.Module):
         before = state.recurrent[self.layer_idx]
         out, seq, after, replay = kernels.gdn_step(proj, state.conv[self.layer_idx], w, self.A_log, self.dt_bias,
                                                    self.norm.weight, before, self.nk, self.dk, self.dv, self.norm.eps)
-        # states between positions are rebuilt only if a rollback asks for one: writing each (1 MiB per layer for
-        # Qwen3.5-0.8B) costs a verify pass more than the rare replay does
-        T = proj.shape[0]
-        lazy = [functools.partial(kernels.gdn_replay, before, replay, t + 1) for t in range(T - 1)]
-        self._advance(state, seq, lazy + [after])
+        self.keep_fused_states(state, before, seq, after, replay)
         return out
+
+    def keep_fused_states(self, state: SequenceState, before: torch.Tensor, seq: torch.Tensor, after: torch.Tensor,
+                          replay: torch.Tensor) -> None:
+        """Record what a fused step (kernels.gdn_step) returned, for rollback. The states between positions are
+        rebuilt only if a rollback asks for one: writing each (1 MiB per layer for Qwen3.5-0.8B) costs a verify pass
+        more than the rare replay does."""
+        lazy = [functools.partial(kernels.gdn_replay, before, replay, t + 1) for t in range(replay.shape[0] - 1)]
+        self._advance(state, seq, lazy + [after])
 
     def _advance(self, state: SequenceState, seq: torch.Tensor, states: list) -> None:
         """Keep the (conv, recurrent) state after every position for rollback (a recurrent state may be a function
@@ -476,9 +480,48 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
+        if p.fused(x) and x.shape[0] == 1 and (weights := self.step_weights()) is not None:
+            return self._layer_step(x[0], p, weights)[None]
         mixer = self.linear_attn if self.layer_type == "linear_attention" else self.self_attn
         x = x + mixer(self.input_layernorm(x), p)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def step_weights(self) -> tuple | None:
+        """The layer's weights as the whole-layer step kernels take them (kernels/layer_step.cpp), or None where
+        those cannot run it (MoE, projections not fused by pack_for_cpu, a weight the kernel cannot read). Cached
+        per MLP projection: pack_for_cpu and quantize() replace it, and with it the cache."""
+        fused = self.mlp.__dict__.get("_fused")
+        cached = self.__dict__.get("_step_weights")
+        if cached is None or cached[0] is not fused:
+            cached = self.__dict__["_step_weights"] = (fused, self._collect_step_weights() if fused else None)
+        return cached[1]
+
+    def _collect_step_weights(self) -> tuple | None:
+        mlp = [self.post_attention_layernorm.weight, step_weight(self.mlp), step_weight(self.mlp.down_proj)]
+        if self.layer_type == "linear_attention":
+            g = self.linear_attn
+            mixer = [self.input_layernorm.weight, step_weight(g), g.conv1d.weight.squeeze(1).contiguous(),
+                     g.A_log, g.dt_bias, g.norm.weight, step_weight(g.out_proj)]
+        else:
+            a = self.self_attn
+            mixer = [self.input_layernorm.weight, step_weight(a), a.q_norm.weight, a.k_norm.weight,
+                     step_weight(a.o_proj)]
+        weights = tuple(mixer + mlp)
+        return None if any(w is None for w in weights) else weights
+
+    def _layer_step(self, x: torch.Tensor, p: Pass, weights: tuple) -> torch.Tensor:
+        """This layer over the T positions x [T, H] of one sequence in one kernel call (kernels/layer_step.cpp)."""
+        state = p.states[0]
+        if self.layer_type == "linear_attention":
+            g, i = self.linear_attn, self.linear_attn.layer_idx
+            before = state.recurrent[i]
+            out, seq, after, replay = kernels.gdn_layer_step(x, weights, state.conv[i], before, g.nk, g.dk, g.dv,
+                                                             self.input_layernorm.eps)
+            g.keep_fused_states(state, before, seq, after, replay)
+            return out
+        a = self.self_attn
+        return kernels.attention_layer_step(x, weights, p.cos[0], p.sin[0], *state.kv[a.layer_idx], state.length,
+                                            a.n_heads, a.n_kv, a.head_dim, self.input_layernorm.eps)
 
 
 def run_stack(cfg: ModelConfig, layers: nn.ModuleList, x: torch.Tensor, states: list[SequenceState] | None,
