@@ -23,3 +23,26 @@ def test_chat_template_rendered_as_transformers_does(dense_ckpt):
     for gen in (True, False):
         assert ours.apply_chat_template(messages, add_generation_prompt=gen) == theirs.apply_chat_template(
             messages, add_generation_prompt=gen, tokenize=False)
+
+
+def test_incremental_text_equals_a_full_decode_at_every_step():
+    """Streamed text: each round decodes only a window, yet equals decode(all ids), also when tokens split UTF-8
+    characters (byte-level BPE), around special tokens, and when the list does not extend the last one."""
+    import random
+
+    from mtpx.llm import resolve_model_path
+    from mtpx.tokenizer import IncrementalText
+    tok = load_checkpoint(resolve_model_path("demo")).tokenizer
+    text = "def f(x):\n    return x  # Ünïcödé ✓ 你好 🙂\n" + "<|im_end|>" + " naïve café 東京\n" * 3
+    ids = tok.encode(text)
+    rng = random.Random(0)
+    for trial in range(30):
+        stream = ids + [rng.randrange(tok.vocab_size) for _ in range(40)] if trial else ids
+        detok, n, seen_partial = IncrementalText(tok), 0, False
+        while n < len(stream):
+            n = min(len(stream), n + rng.randint(1, 4))
+            full = tok.decode(stream[:n])
+            seen_partial |= full.endswith("\ufffd")
+            assert detok.decode(stream[:n]) == full
+        assert detok.decode(stream[:n // 2]) == tok.decode(stream[:n // 2])  # not an extension: starts over
+    assert seen_partial  # the random tails did cut characters in the middle

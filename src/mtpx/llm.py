@@ -20,6 +20,7 @@ from mtpx.sampling import SamplingParams
 from mtpx.speculative.drafters import DraftHead, Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
 from mtpx.speculative.loop import Sequence, decode_round, prefill
 from mtpx.speculative.policy import DraftPolicy
+from mtpx.tokenizer import IncrementalText
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL_MODEL_BYTES = 256 * 2**20
@@ -111,6 +112,7 @@ class _Request:
     sent_tokens: int = 0
     first_token_at: float = 0.0
     extra: dict = field(default_factory=dict)
+    detokenizer: IncrementalText | None = None
 
 
 class LLM:
@@ -295,7 +297,9 @@ class LLM:
         seq = req.seq
         gen = seq.generated
         visible = gen[:-1] if gen and gen[-1] in seq.eos else gen
-        text = self.tokenizer.decode(visible)
+        if req.detokenizer is None:
+            req.detokenizer = IncrementalText(self.tokenizer)
+        text = req.detokenizer.decode(visible)
         if req.stop:
             hits = [(i, s) for s in req.stop if (i := text.find(s, max(0, len(req.text) - len(s)))) >= 0]
             if hits:

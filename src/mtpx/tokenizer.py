@@ -14,6 +14,35 @@ from mtpx.config import read_json
 from mtpx.errors import ModelLoadError, RequestError
 
 
+class IncrementalText:
+    """`Tokenizer.decode` of a growing token list (a stream's output), decoding only the tokens since the text was
+    last complete (plus a few before them) instead of all of them: decoding the whole output every round costs
+    O(length), 300 us at 2000 tokens with the demo's tokenizer. Returns exactly what decode(ids) returns (tested); a
+    list that is not an extension of the last one starts over."""
+    CONTEXT = 4  # tokens decoded again before the new ones: a decoder may treat a text's first token specially
+
+    def __init__(self, tokenizer: "Tokenizer"):
+        self.tokenizer = tokenizer
+        self._done: list[int] = []  # ids whose text is complete (no partial UTF-8 character at its end)
+        self._done_text = ""  # decode(_done)
+        self._start = 0  # the window decoded each call starts here
+        self._head = ""  # decode(_done[_start:])
+
+    def decode(self, ids: list[int]) -> str:
+        n = len(self._done)
+        if len(ids) < n or ids[:n] != self._done:
+            self.__init__(self.tokenizer)
+        window = self.tokenizer.decode(ids[self._start:])
+        if not window.startswith(self._head):  # the decoder rewrote earlier text: no shortcut
+            return self.tokenizer.decode(ids)
+        text = self._done_text + window[len(self._head):]
+        if not window.endswith("\ufffd"):
+            self._done, self._done_text = list(ids), text
+            self._start = max(0, len(ids) - self.CONTEXT)
+            self._head = self.tokenizer.decode(ids[self._start:])
+        return text
+
+
 def _raise(message: str):
     raise TemplateError(message)
 
