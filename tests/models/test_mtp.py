@@ -100,3 +100,40 @@ def test_mtp_layer_count_inferred_from_weights(dense_ckpt):
     assert ckpt.config.mtp_num_hidden_layers is None  # config omits it, as Qwen3.6's does
     assert count_mtp_layers(ckpt.shapes) == 1
     assert build_model(ckpt, torch.float32).mtp is not None
+
+
+@pytest.mark.parametrize("dtype,draft_vocab", [("bf16", 0), ("bf16", 100), ("int8", 0), ("int4", 100)])
+def test_greedy_draft_chain_in_one_call_equals_step_by_step_drafting(dense_ckpt, dtype, draft_vocab):
+    """Qwen35Model.mtp_greedy_drafts (one kernel call for k drafts) proposes what the step-by-step drafting loop
+    proposes, and leaves the MTP cache as that loop does."""
+    from mtpx import kernels
+    from mtpx.llm import LLM
+    from mtpx.models.linear import kernel_weight
+    if not kernels.rowgemm_available():
+        pytest.skip("the CPU kernels could not be built here")
+    llm = LLM(dense_ckpt, dtype=dtype)
+    model, head = llm.model, llm._draft_head(draft_vocab)
+    head_args = (kernel_weight(head.weight), head.ids) if head is not None else ()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=g)
+    with torch.inference_mode():
+        state = model.new_state(64)
+        hidden = model(ids[:, :20], [state], "prefill")[0]
+        for n, k in ((1, 1), (3, 4), (5, 2)):
+            pairs_h, pairs_t = hidden[-n:], ids[0, 20 - n + 1:21]
+            mtp_a, mtp_b = model.new_mtp_state(64), model.new_mtp_state(64)
+            for s in (mtp_a, mtp_b):  # the same history in both caches
+                model.mtp_forward(hidden[None, :12], ids[:, 1:13], [s], "prefill")
+            chain = model.mtp_greedy_drafts(pairs_h, pairs_t, mtp_a, k, *head_args)
+            assert chain is not None
+            x = model.mtp_forward(pairs_h[None], pairs_t[None], [mtp_b], "step")[0, -1:]
+            steps = []
+            for j in range(k):
+                logits = head(x) if head is not None else model.logits(x, step=True)
+                steps.append(int(logits.float().argmax(-1)))
+                if j + 1 < k:
+                    x = model.mtp_forward(x[None], torch.tensor([[steps[-1]]]), [mtp_b], "step")[0]
+            assert chain == steps
+            assert mtp_a.length == mtp_b.length == 12 + n + k - 1
+            length = mtp_a.length
+            assert torch.equal(mtp_a.kv[0][0][:, :length], mtp_b.kv[0][0][:, :length])

@@ -149,6 +149,19 @@ def gdn_layer_step(x: torch.Tensor, weights: tuple, conv_state: torch.Tensor, st
                                                  eps))
 
 
+def mtp_greedy_drafts(hidden: torch.Tensor, tokens: torch.Tensor, embed: torch.Tensor, norm_embedding: torch.Tensor,
+                      norm_hidden: torch.Tensor, fc: list[torch.Tensor], layer_weights: tuple,
+                      final_norm: torch.Tensor, head: list[torch.Tensor], head_ids: torch.Tensor | None,
+                      cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int,
+                      k: int, n_heads: int, n_kv: int, head_dim: int, eps: float) -> list[int]:
+    """k greedy drafts of a one-layer MTP module in one call (layer_step.cpp), from the pending pairs (hidden [n, H],
+    tokens [n]); writes the MTP KV cache at start .. start + n + k - 2."""
+    ids = head_ids if head_ids is not None else torch.empty(0, dtype=torch.long)
+    return rowgemm_module().mtp_greedy_drafts(
+        hidden.contiguous(), tokens, embed, norm_embedding, norm_hidden, fc, *layer_weights, final_norm, head, ids,
+        cos.contiguous(), sin.contiguous(), cache_k, cache_v, start, k, n_heads, n_kv, head_dim, eps).tolist()
+
+
 def gdn_replay(state: torch.Tensor, replay: torch.Tensor, n: int) -> torch.Tensor:
     """The state after the first n positions of the gdn_step call that started from `state` and returned `replay`:
     bit-identical to what that call computed (the same instructions), at the cost of one pass over the state."""

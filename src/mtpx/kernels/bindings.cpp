@@ -13,5 +13,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gdn_step", &gdn_step, "Gated DeltaNet layer core for a few positions", release());
   m.def("attention_layer_step", &attention_layer_step, "a full-attention decoder layer of a step, one call", release());
   m.def("gdn_layer_step", &gdn_layer_step, "a Gated DeltaNet decoder layer of a step, one call", release());
+  m.def("mtp_greedy_drafts", &mtp_greedy_drafts, "k greedy drafts of a one-layer MTP module, one call", release());
   m.def("gdn_replay", &gdn_replay, "Gated DeltaNet state after the first n positions of a gdn_step call", release());
 }

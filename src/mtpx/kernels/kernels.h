@@ -42,3 +42,14 @@ std::vector<torch::Tensor> gdn_layer_step(const torch::Tensor& x, const torch::T
                                           const torch::Tensor& post_norm, const std::vector<torch::Tensor>& gate_up,
                                           const std::vector<torch::Tensor>& down, const torch::Tensor& conv_state,
                                           const torch::Tensor& state, int64_t nk, int64_t dk, int64_t dv, double eps);
+torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor& tokens, const torch::Tensor& embed,
+                                const torch::Tensor& norm_embedding, const torch::Tensor& norm_hidden,
+                                const std::vector<torch::Tensor>& fc, const torch::Tensor& input_norm,
+                                const std::vector<torch::Tensor>& qkv, const torch::Tensor& q_norm,
+                                const torch::Tensor& k_norm, const std::vector<torch::Tensor>& o,
+                                const torch::Tensor& post_norm, const std::vector<torch::Tensor>& gate_up,
+                                const std::vector<torch::Tensor>& down, const torch::Tensor& final_norm,
+                                const std::vector<torch::Tensor>& head, const torch::Tensor& head_ids,
+                                const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor cache_k,
+                                torch::Tensor cache_v, int64_t start, int64_t k, int64_t nh, int64_t nkv, int64_t D,
+                                double eps);

@@ -59,3 +59,44 @@ std::vector<torch::Tensor> gdn_layer_step(const torch::Tensor& x, const torch::T
   core[0] = mlp_residual(x + matmul(core[0], out), post_norm, gate_up, down, eps);
   return core;  // the layer's output, then gdn_step's conv inputs, state after the last position, replay
 }
+
+// Greedy drafting with a one-layer MTP module for one sequence, all k drafts in one call. The first pass runs the
+// n pending pairs (h_i, t_{i+1}) of the accepted sequence (hidden [n, H], tokens [n]); each later pass feeds the
+// layer its own normed output and the draft token it chose. A pass: x = fc([rms_norm_e(embed(t)); rms_norm_h(h)]),
+// the attention layer (writing the MTP KV cache at start, start + 1, ...), then mtp.norm; a draft is the argmax of
+// head(x) (over the rows `head_ids` of the full vocabulary when given, else all of it). The same kernels and ops as
+// the Python drafting loop (drafters.py), so the same drafts. cos, sin: [n + k - 1, rd] for positions start... .
+// Returns the k draft token ids.
+torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor& tokens, const torch::Tensor& embed,
+                                const torch::Tensor& norm_embedding, const torch::Tensor& norm_hidden,
+                                const std::vector<torch::Tensor>& fc, const torch::Tensor& input_norm,
+                                const std::vector<torch::Tensor>& qkv, const torch::Tensor& q_norm,
+                                const torch::Tensor& k_norm, const std::vector<torch::Tensor>& o,
+                                const torch::Tensor& post_norm, const std::vector<torch::Tensor>& gate_up,
+                                const std::vector<torch::Tensor>& down, const torch::Tensor& final_norm,
+                                const std::vector<torch::Tensor>& head, const torch::Tensor& head_ids,
+                                const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor cache_k,
+                                torch::Tensor cache_v, int64_t start, int64_t k, int64_t nh, int64_t nkv, int64_t D,
+                                double eps) {
+  const int64_t n = tokens.size(0);
+  TORCH_CHECK(n >= 1 && k >= 1 && hidden.dim() == 2 && hidden.size(0) == n, "mtp_greedy_drafts: hidden [n, H], tokens [n]");
+  TORCH_CHECK(cos.size(0) >= n + k - 1, "mtp_greedy_drafts: cos, sin need n + k - 1 rows");
+  auto drafts = torch::empty({k}, tokens.options().dtype(at::kLong));
+  torch::Tensor h = hidden, t = tokens;
+  int64_t pos = 0;  // rows of cos / sin used so far
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t T = t.size(0);
+    auto x = matmul(torch::cat({rms_norm(at::embedding(embed, t), norm_embedding, eps, true),
+                                rms_norm(h.contiguous(), norm_hidden, eps, true)}, -1), fc);
+    x = attention_layer_step(x, input_norm, qkv, q_norm, k_norm, o, post_norm, gate_up, down,
+                             cos.narrow(0, pos, T), sin.narrow(0, pos, T), cache_k, cache_v, start + pos, nh, nkv,
+                             D, eps);
+    pos += T;
+    h = rms_norm(x.narrow(0, T - 1, 1).contiguous(), final_norm, eps, true);
+    auto best = matmul(h, head).to(at::kFloat).argmax(-1);
+    if (head_ids.numel() > 0) best = head_ids.index_select(0, best);
+    drafts[j] = best[0];
+    t = best.to(at::kLong);
+  }
+  return drafts;
+}

@@ -640,6 +640,32 @@ class Qwen35Model(nn.Module):
         with row_invariant(step):
             return self.lm_head(hidden)
 
+    def mtp_greedy_drafts(self, hidden: torch.Tensor, tokens: torch.Tensor, state: SequenceState, k: int,
+                          head: list[torch.Tensor] | None = None, head_ids: torch.Tensor | None = None) -> list[int] | None:
+        """k greedy drafts of the MTP layer for one sequence in one kernel call (kernels/layer_step.cpp), from its n
+        pending pairs (hidden [n, H], tokens [n]); advances the MTP state by n + k - 1. `head`: the draft head's
+        weight as kernel_weight gives it (default lm_head), `head_ids`: the token ids of its rows. None where the
+        kernel cannot run this (not bf16 on CPU, more than one MTP layer, a weight it cannot read): the caller then
+        drafts step by step, with the same result."""
+        mtp = self.mtp
+        if len(mtp.layers) != 1 or not kernels.fused_step_ops(hidden) or isinstance(state, StaticState):
+            return None
+        layer = mtp.layers[0]
+        weights, fc = layer.step_weights(), step_weight(mtp.fc)
+        head = head if head is not None else step_weight(self.lm_head)
+        if weights is None or fc is None or head is None:
+            return None
+        n = tokens.shape[0]
+        state.check_room(n + k - 1)
+        cos, sin = rotary_tables(self.cfg, [state.length], n + k - 1, hidden.dtype, hidden.device)
+        a = layer.self_attn
+        drafts = kernels.mtp_greedy_drafts(
+            hidden, tokens, self.model.embed_tokens.weight, mtp.pre_fc_norm_embedding.weight,
+            mtp.pre_fc_norm_hidden.weight, fc, weights, mtp.norm.weight, head, head_ids, cos[0], sin[0],
+            *state.kv[a.layer_idx], state.length, k, a.n_heads, a.n_kv, a.head_dim, self.cfg.rms_norm_eps)
+        state.length += n + k - 1
+        return drafts
+
     def mtp_forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor,
                     states: list[SequenceState] | None = None, mode: str = "prefill") -> torch.Tensor:
         """MTP output (after mtp.norm) for pairs (h_i, t_{i+1}); `logits()` of it predicts t_{i+2}."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mtpx.models.linear import QuantizedWeight, linear, nbytes, row_invariant, weight_bytes
+from mtpx.models.linear import QuantizedWeight, kernel_weight, linear, nbytes, row_invariant, weight_bytes
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import apply_penalties, sample, target_probs
 from mtpx.state import SequenceState
@@ -212,6 +212,28 @@ class MTPDrafter(_StatefulDrafter):
             # a little worse, outputs are unchanged (verification decides)
             hidden, tokens = hidden[-MTP_BACKLOG:], tokens[-MTP_BACKLOG:]
         return hidden, tokens
+
+    def propose(self, seqs, ks):
+        if len(seqs) == 1 and ks[0] > 0:  # one sequence, greedy: all drafts in one kernel call where it can run
+            drafts = self._greedy_chain(seqs[0], ks[0])
+            if drafts is not None:
+                return [Draft(drafts)]
+        return super().propose(seqs, ks)
+
+    def _greedy_chain(self, seq: "Sequence", k: int) -> list[int] | None:
+        hidden, tokens = self._pending(seq)
+        if (self.p_min > 0 or not seq.params.greedy or seq.params.penalized or hidden is None
+                or len(tokens) > PREFILL_ROWS):
+            return None
+        d = seq.draft
+        start = d.state.length
+        d.state.mark()
+        head = (kernel_weight(self.head.weight), self.head.ids) if self.head is not None else (None, None)
+        drafts = self.model.mtp_greedy_drafts(hidden, torch.tensor(tokens, device=hidden.device), d.state, k, *head)
+        if drafts is not None:
+            d.committed = start + len(tokens)
+            d.clear_pending()
+        return drafts
 
     def _forward(self, x_prev, tokens, states, mode):
         return self.model.mtp_forward(x_prev, tokens, states, mode)
