@@ -167,7 +167,8 @@ def test_whole_layer_step_kernels_give_the_module_path_bits(dense_ckpt, dtype, m
                 state.mark()
                 hidden = model(x[:, t:t + w], [state], "step")
                 out.append(model.logits(hidden, step=True))
-                out.append(model.logits(model.mtp_forward(hidden, x[:, t + 1:t + w + 1], [mtp_state], "step"), step=True))
+                mtp_out = model.mtp_forward(hidden, x[:, t + 1:t + w + 1], [mtp_state], "step")
+                out.append(model.logits(mtp_out, step=True))
                 state.rollback(state.length - 1)  # keep all but the last position: a replayed state is used next
         return torch.cat(out, 1), [*state.recurrent.values(), *state.conv.values(), *state.kv[2], *mtp_state.kv[0]]
 

@@ -69,7 +69,8 @@ def rowgemm_module():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass
-        sources = [str(Path(__file__).with_name(f)) for f in ("rowgemm.cpp", "step_ops.cpp", "layer_step.cpp", "bindings.cpp")]
+        sources = [str(Path(__file__).with_name(f))
+                   for f in ("rowgemm.cpp", "step_ops.cpp", "layer_step.cpp", "bindings.cpp")]
         name = _extension_name()
         if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
             print("mtpx: compiling the CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)

@@ -26,8 +26,9 @@ torch::Tensor matmul(const torch::Tensor& x, const std::vector<torch::Tensor>& w
 }
 
 // x + down(silu(gate) * up) of the post-attention-normed x
-torch::Tensor mlp_residual(const torch::Tensor& x, const torch::Tensor& post_norm, const std::vector<torch::Tensor>& gate_up,
-                           const std::vector<torch::Tensor>& down, double eps) {
+torch::Tensor mlp_residual(const torch::Tensor& x, const torch::Tensor& post_norm,
+                           const std::vector<torch::Tensor>& gate_up, const std::vector<torch::Tensor>& down,
+                           double eps) {
   return x + matmul(silu_mul(matmul(rms_norm(x, post_norm, eps, true), gate_up)), down);
 }
 
@@ -79,7 +80,8 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
                                 torch::Tensor cache_v, int64_t start, int64_t k, int64_t nh, int64_t nkv, int64_t D,
                                 double eps) {
   const int64_t n = tokens.size(0);
-  TORCH_CHECK(n >= 1 && k >= 1 && hidden.dim() == 2 && hidden.size(0) == n, "mtp_greedy_drafts: hidden [n, H], tokens [n]");
+  TORCH_CHECK(n >= 1 && k >= 1 && hidden.dim() == 2 && hidden.size(0) == n,
+              "mtp_greedy_drafts: hidden [n, H], tokens [n], k >= 1");
   TORCH_CHECK(cos.size(0) >= n + k - 1, "mtp_greedy_drafts: cos, sin need n + k - 1 rows");
   auto drafts = torch::empty({k}, tokens.options().dtype(at::kLong));
   torch::Tensor h = hidden, t = tokens;

@@ -641,7 +641,8 @@ class Qwen35Model(nn.Module):
             return self.lm_head(hidden)
 
     def mtp_greedy_drafts(self, hidden: torch.Tensor, tokens: torch.Tensor, state: SequenceState, k: int,
-                          head: list[torch.Tensor] | None = None, head_ids: torch.Tensor | None = None) -> list[int] | None:
+                          head: list[torch.Tensor] | None = None,
+                          head_ids: torch.Tensor | None = None) -> list[int] | None:
         """k greedy drafts of the MTP layer for one sequence in one kernel call (kernels/layer_step.cpp), from its n
         pending pairs (hidden [n, H], tokens [n]); advances the MTP state by n + k - 1. `head`: the draft head's
         weight as kernel_weight gives it (default lm_head), `head_ids`: the token ids of its rows. None where the
