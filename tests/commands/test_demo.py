@@ -1,0 +1,9 @@
+"""`mtpx demo` on the bundled model: text with MTP off and on, identical, and the speed and acceptance line."""
+from mtpx.cli import main
+
+
+def test_demo_prints_both_runs_and_reports_identical_output(capsys):
+    assert main(["demo", "--max-tokens", "40", "--runs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "--- spec_type=none" in out and "--- spec_type=mtp, k <= 3, drafts over the first 2048 token ids" in out
+    assert "output identical to plain decoding" in out and "acceptance" in out
