@@ -181,6 +181,9 @@ def test_cost_model_and_bandwidth(dense_ckpt):
     costs = costmodel.measure_costs(llm.model, context=16, reps=3, max_rows=3)
     assert costs["verify_rel"][0] == pytest.approx(1.0) and set(costs["verify_rel"]) == {0, 1, 2}
     assert costs["c_mtp"] > 0 and costs["mtp_prefill_rel"] > 0 and costs["plain_step_s"] > 0
+    from mtpx import kernels
+    assert ("c_mtp_chain" in costs) == kernels.rowgemm_available()  # the one-call chain where the kernels run
+    assert costs.get("c_mtp_chain", 1) > 0
     bw = roofline.measure_bandwidth(mbytes=32, reps=2)
     assert bw["copy_GBps"] > 0 and bw["read_GBps"] > 0 and bw["linear_bf16_GBps"] > 0
     assert bw["step_linear_1_rows_GBps"] > 0 and bw["step_linear_5_rows_GBps"] > 0

@@ -1,7 +1,8 @@
 """Cost model of speculative decoding on this model and machine, measured with the engine's own step path.
 
 - verify cost: a step-mode forward of r = k + 1 rows (plus lm_head) relative to one plain decode step (r = 1);
-- draft cost c: one MTP step (MTP layer + lm_head, one row) relative to one plain step; likewise a draft model step;
+- draft cost c: one MTP step (MTP layer + lm_head, one row) relative to one plain step; likewise a draft model
+  step; where greedy drafts run as one kernel call (Qwen35Model.mtp_greedy_drafts), also that call's cost per draft;
 - the MTP layer's pass over a prompt relative to the main model's prefill of it.
 
 Predictions (REFERENCE §4): with i.i.d. acceptance α and k drafts a round yields E = (1 − α^(k+1)) / (1 − α) tokens
@@ -16,6 +17,8 @@ import time
 import torch
 
 from mtpx.models.qwen3_5 import Qwen35Model
+
+CHAIN_DRAFTS = 3  # drafts per call when timing the one-call greedy draft chain
 
 
 def _sync(device) -> None:
@@ -64,6 +67,12 @@ def measure_costs(model: Qwen35Model, context: int = 128, reps: int = 15, max_ro
             model.logits(x[:, -1], step=True).float()
             mtp_state.rollback(mtp_len)
 
+        def mtp_chain():  # greedy drafting as the engine runs it for one sequence: k drafts in one kernel call
+            mtp_state.mark()
+            drafts = model.mtp_greedy_drafts(h_last[0], t_last[0], mtp_state, CHAIN_DRAFTS)
+            mtp_state.rollback(mtp_len)
+            return drafts
+
         def mtp_prefill():
             s = model.new_mtp_state(context + 8)
             model.mtp_forward(hidden, nxt, [s], "prefill")
@@ -86,11 +95,14 @@ def measure_costs(model: Qwen35Model, context: int = 128, reps: int = 15, max_ro
             dm_state.rollback(dm_len)
 
     times: dict[str, list[float]] = {f"verify_{r}": [] for r in range(1, max_rows + 1)}
+    chain = mtp_state is not None and mtp_chain() is not None
     for _ in range(2):  # warm-up
         for r in range(1, max_rows + 1):
             verify(r)
         if mtp_state is not None:
             mtp_step()
+        if chain:
+            mtp_chain()
         if dm_state is not None:
             dm_step()
     for i in range(reps):
@@ -98,6 +110,8 @@ def measure_costs(model: Qwen35Model, context: int = 128, reps: int = 15, max_ro
             times[f"verify_{r}"].append(_timed(lambda: verify(r), device))
         if mtp_state is not None:
             times.setdefault("mtp_step", []).append(_timed(mtp_step, device))
+        if chain:
+            times.setdefault("mtp_chain", []).append(_timed(mtp_chain, device))
         if dm_state is not None:
             times.setdefault("draft_model_step", []).append(_timed(dm_step, device))
         if i < max(3, reps // 3):
@@ -116,6 +130,9 @@ def measure_costs(model: Qwen35Model, context: int = 128, reps: int = 15, max_ro
     if "mtp_step" in med:
         out.update(mtp_step_s=med["mtp_step"], c_mtp=med["mtp_step"] / step, mtp_prefill_s=med["mtp_prefill"],
                    mtp_prefill_rel=med["mtp_prefill"] / med["prefill"])
+    if "mtp_chain" in med:
+        per_draft = med["mtp_chain"] / CHAIN_DRAFTS
+        out.update(mtp_chain_draft_s=per_draft, c_mtp_chain=per_draft / step)
     if "draft_model_step" in med:
         out.update(draft_model_step_s=med["draft_model_step"], c_draft_model=med["draft_model_step"] / step)
     return out
