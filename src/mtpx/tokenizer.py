@@ -23,6 +23,9 @@ class IncrementalText:
 
     def __init__(self, tokenizer: "Tokenizer"):
         self.tokenizer = tokenizer
+        self._reset()
+
+    def _reset(self) -> None:
         self._done: list[int] = []  # ids whose text is complete (no partial UTF-8 character at its end)
         self._done_text = ""  # decode(_done)
         self._start = 0  # the window decoded each call starts here
@@ -31,7 +34,7 @@ class IncrementalText:
     def decode(self, ids: list[int]) -> str:
         n = len(self._done)
         if len(ids) < n or ids[:n] != self._done:
-            self.__init__(self.tokenizer)
+            self._reset()
         window = self.tokenizer.decode(ids[self._start:])
         if not window.startswith(self._head):  # the decoder rewrote earlier text: no shortcut
             return self.tokenizer.decode(ids)

@@ -81,6 +81,10 @@ class _StatefulDrafter(Drafter):
     @abstractmethod
     def _logits(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    def _drafts_by_argmax(self, seq: "Sequence") -> bool:
+        """Greedy, unpenalised, no p_min: a draft is the argmax, and the full logits are never needed."""
+        return self.p_min == 0 and seq.params.greedy and not seq.params.penalized
+
     def _argmax(self, x: torch.Tensor) -> list[int]:
         """Greedy draft tokens for drafter outputs x [R, H]."""
         return self._logits(x).float().argmax(-1).tolist()  # fp32: torch's bf16 argmax is ~2x slower here
@@ -110,8 +114,7 @@ class _StatefulDrafter(Drafter):
             x.append(out[i, n_b - 1])
         live = list(range(len(active)))
         probs: list[list[torch.Tensor]] = [[] for _ in active]
-        # greedy, unpenalised, no p_min: a draft is the argmax, and the full logits are never needed
-        plain_argmax = self.p_min == 0 and all(seqs[b].params.greedy and not seqs[b].params.penalized for b in active)
+        plain_argmax = all(self._drafts_by_argmax(seqs[b]) for b in active)
         for j in range(max(ks[b] for b in active)):
             rows = torch.stack([x[i] for i in live])
             if plain_argmax:
@@ -222,8 +225,7 @@ class MTPDrafter(_StatefulDrafter):
 
     def _greedy_chain(self, seq: "Sequence", k: int) -> list[int] | None:
         hidden, tokens = self._pending(seq)
-        if (self.p_min > 0 or not seq.params.greedy or seq.params.penalized or hidden is None
-                or len(tokens) > PREFILL_ROWS):
+        if not self._drafts_by_argmax(seq) or hidden is None or len(tokens) > PREFILL_ROWS:
             return None
         d = seq.draft
         start = d.state.length
