@@ -148,10 +148,11 @@ def test_gdn_replay_rebuilds_the_states_of_a_verify_pass_bit_for_bit(dv):
 @needs_kernel
 @pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
 def test_whole_layer_step_kernels_give_the_module_path_bits(dense_ckpt, dtype, monkeypatch):
-    """kernels.attention_layer_step / gdn_layer_step chain the kernels the module path calls: the same logits and
-    caches bit for bit, for the main stack and the MTP layer, across decode, verify and rollback."""
+    """kernels.attention_layer_step / gdn_layer_step chain the kernels the module path calls, and the whole-stack
+    call (kernels.step_stack) chains those: the same logits and caches bit for bit on all three paths, for the main
+    stack and the MTP layer, across decode, verify and rollback."""
     from mtpx.llm import LLM
-    from mtpx.models.qwen3_5 import DecoderLayer
+    from mtpx.models.qwen3_5 import DecoderLayer, Qwen35Model
     llm = LLM(dense_ckpt, dtype=dtype)
     model = llm.model
     assert all(layer.step_weights() is not None for layer in [*model.model.layers, *model.mtp.layers])
@@ -172,8 +173,12 @@ def test_whole_layer_step_kernels_give_the_module_path_bits(dense_ckpt, dtype, m
                 state.rollback(state.length - 1)  # keep all but the last position: a replayed state is used next
         return torch.cat(out, 1), [*state.recurrent.values(), *state.conv.values(), *state.kv[2], *mtp_state.kv[0]]
 
-    fast, fast_states = run()
+    assert model._step_stack() is not None
+    stack, stack_states = run()
+    monkeypatch.setattr(Qwen35Model, "_step_stack", lambda self: None)
+    layers, layer_states = run()
     monkeypatch.setattr(DecoderLayer, "step_weights", lambda self: None)
-    slow, slow_states = run()
-    assert torch.equal(fast, slow)
-    assert len(fast_states) == 10 and all(torch.equal(a, b) for a, b in zip(fast_states, slow_states))
+    modules, module_states = run()
+    assert torch.equal(stack, modules) and torch.equal(layers, modules)
+    assert len(stack_states) == 10
+    assert all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in zip(stack_states, layer_states, module_states))

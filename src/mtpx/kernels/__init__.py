@@ -150,6 +150,15 @@ def gdn_layer_step(x: torch.Tensor, weights: tuple, conv_state: torch.Tensor, st
                                                  eps))
 
 
+def step_stack(embed: torch.Tensor, final_norm: torch.Tensor, eps: float, layers: list[tuple[str, tuple, tuple]]):
+    """A decoder stack as one kernel object (layer_step.cpp's StackStep) whose run() takes a step pass of one
+    sequence through every layer: layers as (layer type, DecoderLayer.step_weights(), DecoderLayer.mixer_dims())."""
+    stack = rowgemm_module().StackStep(embed, final_norm, eps)
+    for kind, weights, dims in layers:
+        (stack.add_attention if kind == "full_attention" else stack.add_gdn)(*weights, *dims)
+    return stack
+
+
 def mtp_greedy_drafts(hidden: torch.Tensor, tokens: torch.Tensor, embed: torch.Tensor, norm_embedding: torch.Tensor,
                       norm_hidden: torch.Tensor, fc: list[torch.Tensor], layer_weights: tuple,
                       final_norm: torch.Tensor, head: list[torch.Tensor], head_ids: torch.Tensor | None,

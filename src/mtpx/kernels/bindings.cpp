@@ -14,5 +14,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_layer_step", &attention_layer_step, "a full-attention decoder layer of a step, one call", release());
   m.def("gdn_layer_step", &gdn_layer_step, "a Gated DeltaNet decoder layer of a step, one call", release());
   m.def("mtp_greedy_drafts", &mtp_greedy_drafts, "k greedy drafts of a one-layer MTP module, one call", release());
+  pybind11::class_<StackStep>(m, "StackStep")
+      .def(pybind11::init<torch::Tensor, torch::Tensor, double>())
+      .def("add_attention", &StackStep::add_attention)
+      .def("add_gdn", &StackStep::add_gdn)
+      .def("run", &StackStep::run, "the whole stack over a step's positions of one sequence", release());
   m.def("gdn_replay", &gdn_replay, "Gated DeltaNet state after the first n positions of a gdn_step call", release());
 }

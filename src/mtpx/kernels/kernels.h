@@ -53,3 +53,38 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
                                 const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor cache_k,
                                 torch::Tensor cache_v, int64_t start, int64_t k, int64_t nh, int64_t nkv, int64_t D,
                                 double eps);
+
+// A decoder stack (embedding, layers, final norm) for whole-stack step calls of one sequence: the layers' weights
+// are handed over once (add_attention / add_gdn, in layer order), so a step passes only its tokens and caches
+// across the Python boundary. run() chains attention_layer_step / gdn_layer_step (the same bits as calling them one
+// by one) and returns the final-normed hidden states [T, H], then per Gated DeltaNet layer what gdn_layer_step
+// returns after the layer output (conv inputs, state after the last position, replay).
+class StackStep {
+ public:
+  StackStep(torch::Tensor embed, torch::Tensor final_norm, double eps);
+  void add_attention(torch::Tensor input_norm, std::vector<torch::Tensor> qkv, torch::Tensor q_norm,
+                     torch::Tensor k_norm, std::vector<torch::Tensor> o, torch::Tensor post_norm,
+                     std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down, int64_t nh, int64_t nkv,
+                     int64_t D);
+  void add_gdn(torch::Tensor input_norm, std::vector<torch::Tensor> proj, torch::Tensor conv_weight,
+               torch::Tensor A_log, torch::Tensor dt_bias, torch::Tensor norm_weight, std::vector<torch::Tensor> out,
+               torch::Tensor post_norm, std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down,
+               int64_t nk, int64_t dk, int64_t dv);
+  // tokens [T]; cos, sin [T, rd] for positions start..; kv: (k, v) per attention layer; conv_states, states: per
+  // Gated DeltaNet layer
+  std::vector<torch::Tensor> run(const torch::Tensor& tokens, const torch::Tensor& cos, const torch::Tensor& sin,
+                                 int64_t start, const std::vector<torch::Tensor>& kv,
+                                 const std::vector<torch::Tensor>& conv_states,
+                                 const std::vector<torch::Tensor>& states) const;
+
+ private:
+  struct Layer {
+    bool attention;
+    std::vector<torch::Tensor> t;               // norms and small tensors, in the layer kernel's argument order
+    std::vector<std::vector<torch::Tensor>> w;  // the matmul weights: mixer in, mixer out, gate_up, down
+    std::vector<int64_t> dims;                  // nh, nkv, D | nk, dk, dv
+  };
+  torch::Tensor embed_, final_norm_;
+  double eps_;
+  std::vector<Layer> layers_;
+};

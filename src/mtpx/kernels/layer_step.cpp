@@ -102,3 +102,51 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
   }
   return drafts;
 }
+
+StackStep::StackStep(torch::Tensor embed, torch::Tensor final_norm, double eps)
+    : embed_(std::move(embed)), final_norm_(std::move(final_norm)), eps_(eps) {}
+
+void StackStep::add_attention(torch::Tensor input_norm, std::vector<torch::Tensor> qkv, torch::Tensor q_norm,
+                              torch::Tensor k_norm, std::vector<torch::Tensor> o, torch::Tensor post_norm,
+                              std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down, int64_t nh,
+                              int64_t nkv, int64_t D) {
+  layers_.push_back({true, {input_norm, q_norm, k_norm, post_norm}, {qkv, o, gate_up, down}, {nh, nkv, D}});
+}
+
+void StackStep::add_gdn(torch::Tensor input_norm, std::vector<torch::Tensor> proj, torch::Tensor conv_weight,
+                        torch::Tensor A_log, torch::Tensor dt_bias, torch::Tensor norm_weight,
+                        std::vector<torch::Tensor> out, torch::Tensor post_norm, std::vector<torch::Tensor> gate_up,
+                        std::vector<torch::Tensor> down, int64_t nk, int64_t dk, int64_t dv) {
+  layers_.push_back({false, {input_norm, conv_weight, A_log, dt_bias, norm_weight, post_norm},
+                     {proj, out, gate_up, down}, {nk, dk, dv}});
+}
+
+std::vector<torch::Tensor> StackStep::run(const torch::Tensor& tokens, const torch::Tensor& cos,
+                                          const torch::Tensor& sin, int64_t start,
+                                          const std::vector<torch::Tensor>& kv,
+                                          const std::vector<torch::Tensor>& conv_states,
+                                          const std::vector<torch::Tensor>& states) const {
+  TORCH_CHECK(tokens.dim() == 1, "StackStep.run: tokens must be [T]");
+  std::vector<torch::Tensor> out{torch::Tensor()};
+  auto x = at::embedding(embed_, tokens);
+  size_t attention = 0, gdn = 0;
+  for (const Layer& l : layers_) {
+    if (l.attention) {
+      TORCH_CHECK(2 * attention + 1 < kv.size(), "StackStep.run: a (k, v) cache pair per attention layer");
+      x = attention_layer_step(x, l.t[0], l.w[0], l.t[1], l.t[2], l.w[1], l.t[3], l.w[2], l.w[3], cos, sin,
+                               kv[2 * attention], kv[2 * attention + 1], start, l.dims[0], l.dims[1], l.dims[2],
+                               eps_);
+      ++attention;
+    } else {
+      TORCH_CHECK(gdn < conv_states.size() && gdn < states.size(),
+                  "StackStep.run: a conv state and a recurrent state per Gated DeltaNet layer");
+      auto r = gdn_layer_step(x, l.t[0], l.w[0], l.t[1], l.t[2], l.t[3], l.t[4], l.w[1], l.t[5], l.w[2], l.w[3],
+                              conv_states[gdn], states[gdn].contiguous(), l.dims[0], l.dims[1], l.dims[2], eps_);
+      x = r[0];
+      out.insert(out.end(), r.begin() + 1, r.end());
+      ++gdn;
+    }
+  }
+  out[0] = rms_norm(x, final_norm_, eps_, true);
+  return out;
+}

@@ -509,6 +509,15 @@ class DecoderLayer(nn.Module):
         weights = tuple(mixer + mlp)
         return None if any(w is None for w in weights) else weights
 
+    def mixer_dims(self) -> tuple[int, int, int]:
+        """The head sizes the whole-layer kernels take: (heads, kv heads, head dim) or (key heads, key dim, value
+        dim)."""
+        if self.layer_type == "linear_attention":
+            g = self.linear_attn
+            return g.nk, g.dk, g.dv
+        a = self.self_attn
+        return a.n_heads, a.n_kv, a.head_dim
+
     def _layer_step(self, x: torch.Tensor, p: Pass, weights: tuple) -> torch.Tensor:
         """This layer over the T positions x [T, H] of one sequence in one kernel call (kernels/layer_step.cpp)."""
         state = p.states[0]
@@ -627,9 +636,46 @@ class Qwen35Model(nn.Module):
         if mode == "step" and is_static(states):  # one pass (one graph) per sequence
             return torch.cat([s.run_step("main", functools.partial(self._static, s), tokens[b:b + 1])
                               for b, s in enumerate(states)])
+        if mode == "step" and states is not None and len(states) == 1 and (stack := self._step_stack()) is not None:
+            return self._stack_step(stack, tokens, states[0])
         x = self.model.embed_tokens(tokens)
         with row_invariant(mode == "step"):
             return self.model.norm(run_stack(self.cfg, self.model.layers, x, states, mode))
+
+    def _step_stack(self) -> tuple | None:
+        """The main stack as one kernel object (kernels.StackStep) with what a call needs, for step passes of one
+        sequence; None where a layer has no whole-layer kernel (DecoderLayer.step_weights) or the weights are not
+        bf16 on a CPU. Rebuilt when a layer's weights change, like step_weights."""
+        layers = self.model.layers
+        if not kernels.fused_step_ops(self.model.embed_tokens.weight):
+            return None
+        weights = [layer.step_weights() for layer in layers]
+        cached = self.__dict__.get("_stack")
+        if cached is None or any(a is not b for a, b in zip(cached[0], weights)):
+            stack = None
+            if all(w is not None for w in weights):
+                stack = kernels.step_stack(
+                    self.model.embed_tokens.weight, self.model.norm.weight, self.cfg.rms_norm_eps,
+                    [(layer.layer_type, w, layer.mixer_dims()) for layer, w in zip(layers, weights)])
+            attention = [layer.self_attn.layer_idx for layer in layers if layer.layer_type == "full_attention"]
+            gdn = [layer.linear_attn for layer in layers if layer.layer_type == "linear_attention"]
+            cached = self.__dict__["_stack"] = (weights, (stack, attention, gdn) if stack is not None else None)
+        return cached[1]
+
+    def _stack_step(self, stack: tuple, tokens: torch.Tensor, state: SequenceState) -> torch.Tensor:
+        """run_stack's step pass of one sequence, the whole stack in one kernel call: the same kernels in the same
+        order as the per-layer path (so the same bits), without the Python between the layers."""
+        kernel, attention, gdn = stack
+        T = tokens.shape[1]
+        state.check_room(T)
+        cos, sin = rotary_tables(self.cfg, [state.length], T, self.lm_head.weight.dtype, tokens.device)
+        before = [state.recurrent[g.layer_idx] for g in gdn]
+        out = kernel.run(tokens[0], cos[0], sin[0], state.length, [t for i in attention for t in state.kv[i]],
+                         [state.conv[g.layer_idx] for g in gdn], before)
+        for j, g in enumerate(gdn):
+            g.keep_fused_states(state, before[j], *out[1 + 3 * j:4 + 3 * j])
+        state.length += T
+        return out[0][None]
 
     def _static(self, state: StaticState, tokens: torch.Tensor, n_real: int) -> torch.Tensor:
         x = self.model.embed_tokens(tokens)
