@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,7 +6,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(1)  # tiny test models: a second thread only adds sync stalls
+# tiny test models: a second thread only adds sync stalls (MTPX_THREADS: LLM's count, also in server subprocesses;
+# tests/test_threads.py covers the tuner that chooses it otherwise)
+torch.set_num_threads(1)
+os.environ["MTPX_THREADS"] = "1"
 
 from checkpoints import make_checkpoint  # noqa: E402
 

@@ -14,16 +14,16 @@ from mtpx import kernels
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
 from mtpx.models.graphs import WIDTH, StatePool, StaticState
-from mtpx.models.linear import QUANTIZATIONS, STEP_ROWS, pack_for_cpu, quantize, weight_bytes
+from mtpx.models.linear import QUANTIZATIONS, STEP_ROWS, pack_for_cpu, quantize
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import SamplingParams
 from mtpx.speculative.drafters import DraftHead, Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
 from mtpx.speculative.loop import Sequence, decode_round, prefill
 from mtpx.speculative.policy import DraftPolicy
+from mtpx.threads import ThreadTuner
 from mtpx.tokenizer import IncrementalText
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SMALL_MODEL_BYTES = 256 * 2**20
 SPEC_ALIASES = {"none": "none", "mtp": "mtp", "draft-mtp": "mtp", "draft": "draft", "draft-simple": "draft",
                 "ngram": "ngram", "ngram-simple": "ngram"}
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -132,12 +132,15 @@ class LLM:
         self.config = ckpt.config
         self.tokenizer = ckpt.tokenizer
         self.model: Qwen35Model = self._prepare(build_model(ckpt, self.dtype, self.device))
+        self.thread_tuner: ThreadTuner | None = None
         if self.device.type == "cpu":
             tune_cpu_process()
-            nbytes = weight_bytes(self.model)
-            # small models are bound by per-op overhead, and a second OpenMP thread that another process delays
-            # stalls every op (measured on the demo model: 190 tok/s with 1 thread, 12-44 with 2 under load)
-            torch.set_num_threads(threads or (1 if nbytes < SMALL_MODEL_BYTES else torch.get_num_threads()))
+            threads = threads or int(os.environ.get("MTPX_THREADS", "0"))
+            if threads:
+                torch.set_num_threads(threads)
+            elif (cores := len(os.sched_getaffinity(0))) > 1:
+                # all cores are fastest while they are free, one is while another process is busy: measure
+                self.thread_tuner = ThreadTuner([1, cores])
         self.eos = set(self.config.eos_token_id)
         # a decode step allocates hundreds of short-lived tensors, and each of Python's periodic cycle collections
         # would walk every object loaded so far (measured: ~4% of a 0.8B step); the loaded ones are long-lived
@@ -274,10 +277,21 @@ class LLM:
                     break
                 if event.text or event.token_ids:
                     yield event
-                new = decode_round(self.model, drafter, policy, [seq])[0]
+                new = self.decode_round(drafter, policy, [seq])[0]
             yield StreamEvent(event.text, event.token_ids, self._completion(req, drafter, spec_type))
         finally:  # also when the caller stops iterating
             self.release(seq)
+
+    def decode_round(self, drafter: Drafter | None, policy: DraftPolicy | None,
+                     seqs: list[Sequence]) -> list[list[int]]:
+        """loop.decode_round, timed for the thread tuner: the tokens each sequence emitted."""
+        started = time.perf_counter()
+        emitted = decode_round(self.model, drafter, policy, seqs)
+        if self.thread_tuner is not None and self.thread_tuner.observe(sum(map(len, emitted)),
+                                                                        time.perf_counter() - started):
+            if policy is not None:  # round times measured on another thread count are no reference
+                policy.restart_timing()
+        return emitted
 
     def check_draft_n_max(self, n_max: int) -> None:
         """Static step passes hold WIDTH positions: the last token and up to WIDTH - 1 drafts."""

@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> dict:
         "command": "mtpx bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"]
         else " ".join(shlex.quote(a) for a in sys.argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "git_commit": git_commit(), "torch": torch.__version__, "threads": _threads(llm),
         "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
         "repeat": args.repeat, "temperatures": cfg.temperatures, "ignore_eos": cfg.ignore_eos,
         "synthetic": synth is not None, "synthetic_rates": synth, "draft_model": draft_model,
@@ -249,6 +249,16 @@ def run(args: argparse.Namespace) -> dict:
     }
     return {"meta": meta, "records": records, "memory": memory, "costs": costs, "bandwidth": bandwidth,
             "weights": weights, "peers": peers, "runs": rows}
+
+
+def _threads(llm) -> int | str:
+    """The thread count, or what the thread tuner measured (mtpx/threads.py) where it chose."""
+    import torch
+    tuner = llm.thread_tuner
+    if tuner is None:
+        return torch.get_num_threads()
+    rates = ", ".join(f"{n}: {r:.0f} tok/s" for n, r in sorted(tuner.rates.items()))
+    return f"tuned ({rates} in its last measurement; {tuner.current} at the end)"
 
 
 def _memory(args, modes, prompt, max_tokens, synth, draft_model) -> dict:

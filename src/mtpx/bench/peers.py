@@ -232,7 +232,7 @@ def run_peers(args, llm, workloads, modes, synth, log=print) -> list[dict]:
         prompts[w.name] = (ids[:n_prompts] if n_prompts else ids, w.max_tokens)
     results = []
     temps = list(args.temperature)
-    threads = args.threads or __import__("torch").get_num_threads()
+    threads = args.threads or len(__import__("os").sched_getaffinity(0))  # all cores, as the peers default to
     for peer in args.peers:
         if peer == "hf":
             try:

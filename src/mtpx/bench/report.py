@@ -143,7 +143,7 @@ def write_markdown(result: dict, out: Path) -> Path:
     parts = [f"# mtpx bench: {meta['model']}", "",
              f"Machine: {meta['machine']}. {meta.get('machine_state', '')}", "",
              f"Command: `{meta['command']}`", "",
-             f"mtpx {meta.get('git_commit', '?')}, torch {meta['torch']}, {meta['threads']} threads, device "
+             f"mtpx {meta.get('git_commit', '?')}, torch {meta['torch']}, threads {meta['threads']}, device "
              f"{meta['device']}, dtype {meta['dtype']}; {meta['repeat']} repeat(s), modes interleaved per prompt; "
              f"throughput = total decoded tokens / total decode time per repeat; min and median over repeats.", ""]
     if meta.get("synthetic_rates"):

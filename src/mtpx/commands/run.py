@@ -12,7 +12,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, help="checkpoint directory, .gguf file, or 'demo'")
     p.add_argument("--dtype", default=None, help="bf16 (default), fp16, fp32, int8 or int4 (weight-only, CPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for small models, else all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: 1 or all cores, whichever decodes faster, measured as it runs; "
+                   "env MTPX_THREADS)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

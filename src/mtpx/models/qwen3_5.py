@@ -326,7 +326,6 @@ class GatedDeltaNet(nn.Module):
         return out.reshape(B, self.nv, T, self.dv).transpose(1, 2)
 
     def _prefill(self, qkv, g, beta, w, state: SequenceState | None):
-        T = qkv.shape[0]
         past = state.conv[self.layer_idx] if state is not None else qkv.new_zeros(self.conv_dim, self.kernel - 1)
         seq = torch.cat([past, qkv.t()], dim=1)  # [conv_dim, kernel - 1 + T]
         mixed = F.silu(F.conv1d(seq[None].float(), w[:, None].float(), groups=self.conv_dim)[0]).t().to(qkv.dtype)

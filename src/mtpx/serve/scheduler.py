@@ -28,7 +28,7 @@ from mtpx.llm import LLM, SPEC_ALIASES, _Request
 from mtpx.sampling import SamplingParams
 from mtpx.serve.metrics import Metrics
 from mtpx.speculative.drafters import PREFILL_ROWS, Draft, Drafter, MTPDrafter
-from mtpx.speculative.loop import decode_round, prefill
+from mtpx.speculative.loop import prefill
 from mtpx.speculative.policy import DraftPolicy
 
 log = logging.getLogger("mtpx.serve")
@@ -325,7 +325,7 @@ class Scheduler:
         before = [s.stats.drafted_tokens for s in seqs]
         t0 = time.perf_counter()
         try:
-            news = decode_round(self.llm.model, self.drafter, self.policy, seqs)
+            news = self.llm.decode_round(self.drafter, self.policy, seqs)
         except Exception as e:
             log.error("decode round failed:\n%s", traceback.format_exc())
             for r in batch:

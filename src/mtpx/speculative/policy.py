@@ -155,6 +155,12 @@ class DraftPolicy:
         self.repeat_k, self.repeat_left, self.repeat_batch = k, MEASURE_ROUNDS - 1, batch
         return k
 
+    def restart_timing(self) -> None:
+        """Round costs changed for a reason of their own (the thread count did): later rounds are not compared with
+        earlier ones."""
+        self.recent.clear()
+        self.last_end = None
+
     def skip_gap(self) -> None:
         """Other work ran since the last round (a server's prefill of a new request, a cancellation): the time until
         the next round is not that round's cost. (Counted, it made the first round at each new batch size look

@@ -1,0 +1,85 @@
+"""The CPU thread count of decode rounds, chosen by measuring them (ThreadTuner).
+
+Why: on this project's 2-core machine a step of the demo model runs ~1.4x faster on both cores than on one while
+they are free, and ~3x slower while another process keeps one of them busy: each of the step's parallel regions then
+waits for the descheduled thread (BENCHMARKS.md section X). No fixed count suits both moments, so the tuner measures
+each candidate over a window of rounds, keeps the fastest, measures again now and then (at intervals that double
+while the choice holds), and at once when throughput falls well below what the chosen count measured.
+
+Switching costs nothing in output: every kernel splits its work into blocks computed alike on any thread
+(kernels/rowgemm.cpp), so results are the same bits whatever the count (tests/test_kernels.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+WINDOW_TOKENS = 32  # tokens emitted per measurement window...
+WINDOW_ROUNDS = 4  # ...and at least this many rounds
+FIRST_INTERVAL, MAX_INTERVAL = 8, 256  # windows between measurements of every candidate
+SLOWDOWN = 1.6  # a window this much slower than the chosen count measured starts a new measurement
+
+
+class ThreadTuner:
+    def __init__(self, choices: list[int], set_threads: Callable[[int], None] = torch.set_num_threads):
+        if not choices:
+            raise ValueError("ThreadTuner needs at least one thread count")
+        self.choices = sorted(set(choices))
+        self.set_threads = set_threads
+        self.rates: dict[int, float] = {}  # tokens per second measured for each count, last measurement
+        self.interval = FIRST_INTERVAL
+        self.windows_left = 0
+        self.switches = 0
+        self._pending = list(reversed(self.choices))  # counts still to measure in this measurement, next first
+        self._chosen: int | None = None
+        self._tokens, self._seconds, self._rounds = 0, 0.0, 0
+        self._skip = False
+        self.current: int | None = None  # the count in use
+        self._use(self._pending[0])
+
+    def observe(self, tokens: int, seconds: float) -> bool:
+        """Count a decode round (tokens emitted, wall time). Returns True when it changed the thread count."""
+        if self._skip:  # the first round on a new count pays for waking its threads
+            self._skip = False
+            return False
+        self._tokens += tokens
+        self._seconds += seconds
+        self._rounds += 1
+        if self._tokens < WINDOW_TOKENS or self._rounds < WINDOW_ROUNDS or self._seconds <= 0:
+            return False
+        rate = self._tokens / self._seconds
+        self._tokens, self._seconds, self._rounds = 0, 0.0, 0
+        before = self.current
+        if self._pending:
+            self.rates[self._pending.pop(0)] = rate
+            if self._pending:
+                self._use(self._pending[0])
+            else:
+                self._choose()
+        elif rate * SLOWDOWN < self.rates[self.current]:
+            self._measure()
+        else:
+            self.windows_left -= 1
+            if self.windows_left <= 0:
+                self._measure()
+        return self.current != before
+
+    def _measure(self) -> None:
+        """Measure every count again, the chosen one last (it then keeps running if it stays the best)."""
+        self._pending = [c for c in self.choices if c != self.current] + [self.current]
+        self._use(self._pending[0])
+
+    def _choose(self) -> None:
+        best = max(self.rates, key=self.rates.get)
+        self.interval = min(2 * self.interval, MAX_INTERVAL) if best == self._chosen else FIRST_INTERVAL
+        self._chosen = best
+        self.windows_left = self.interval
+        self._use(best)
+
+    def _use(self, threads: int) -> None:
+        if self.current != threads:
+            self.current = threads
+            self.set_threads(threads)
+            self.switches += 1
+            self._skip = True
