@@ -182,3 +182,19 @@ def test_whole_layer_step_kernels_give_the_module_path_bits(dense_ckpt, dtype, m
     assert torch.equal(stack, modules) and torch.equal(layers, modules)
     assert len(stack_states) == 10
     assert all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in zip(stack_states, layer_states, module_states))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_is_torch_argmax(dtype):
+    """First index of the largest value, NaN counted as the largest, ties and tails (V not a multiple of 16)."""
+    g = torch.Generator().manual_seed(0)
+    for V in (1, 7, 16, 33, 2048, 8193):
+        x = torch.randn(5, V, generator=g).to(dtype)
+        x[1] = 0.0  # all tied: index 0
+        if V > 3:
+            x[2, V // 2] = x[2, V - 1] = 1e4  # a tie between two maxima: the first
+            x[3, V - 2] = float("nan")  # NaN wins, even after larger values
+            x[3, 0] = float("nan") if V > 20 else x[3, 0]
+            x[4] = -torch.inf
+        assert kernels.argmax_rows(x) == x.argmax(-1).tolist(), V

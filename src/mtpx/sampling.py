@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mtpx import kernels
 from mtpx.errors import RequestError
 
 
@@ -101,7 +102,7 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
 def choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     """Pick the next token from one row of logits, as plain decoding does."""
     if params.greedy:
-        return int(logits.argmax().item())
+        return kernels.argmax_rows(logits.reshape(1, -1))[0]
     return sample(target_probs(logits[None], params)[0], gen)
 
 
@@ -122,7 +123,7 @@ def accept(target_logits: torch.Tensor, drafts: list[int], draft_probs: torch.Te
             n += 1
         return n, choose(target_logits[n], params, gen)
     if params.greedy:
-        best = target_logits.argmax(-1).tolist()
+        best = kernels.argmax_rows(target_logits)
         n = 0
         while n < k and drafts[n] == best[n]:
             n += 1

@@ -172,6 +172,14 @@ def mtp_greedy_drafts(hidden: torch.Tensor, tokens: torch.Tensor, embed: torch.T
         cos.contiguous(), sin.contiguous(), cache_k, cache_v, start, k, n_heads, n_kv, head_dim, eps).tolist()
 
 
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """The index of the first largest value of each row of x [R, V] (any float type, any device), as
+    x.argmax(-1).tolist() gives it (a NaN counts as the largest); vectorised on the CPU (step_ops.cpp)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and rowgemm_available():
+        return rowgemm_module().argmax_rows(x.reshape(-1, x.shape[-1]))
+    return x.reshape(-1, x.shape[-1]).argmax(-1).tolist()
+
+
 def gdn_replay(state: torch.Tensor, replay: torch.Tensor, n: int) -> torch.Tensor:
     """The state after the first n positions of the gdn_step call that started from `state` and returned `replay`:
     bit-identical to what that call computed (the same instructions), at the cost of one pass over the state."""

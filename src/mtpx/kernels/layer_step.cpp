@@ -95,10 +95,10 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
                              D, eps);
     pos += T;
     h = rms_norm(x.narrow(0, T - 1, 1).contiguous(), final_norm, eps, true);
-    auto best = matmul(h, head).to(at::kFloat).argmax(-1);
-    if (head_ids.numel() > 0) best = head_ids.index_select(0, best);
-    drafts[j] = best[0];
-    t = best.to(at::kLong);
+    int64_t best = argmax_rows(matmul(h, head))[0];
+    if (head_ids.numel() > 0) best = head_ids[best].item<int64_t>();
+    drafts[j] = best;
+    t = torch::full({1}, best, tokens.options().dtype(at::kLong));
   }
   return drafts;
 }

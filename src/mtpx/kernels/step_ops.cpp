@@ -507,3 +507,61 @@ torch::Tensor gdn_replay(const torch::Tensor& state, const torch::Tensor& replay
   delta_rule(nullptr, k, v, decay, beta, n, nv, dk, dv, state.data_ptr<float>(), out.data_ptr<float>(), nullptr);
   return out;
 }
+
+// The index of the first largest value of each row of x [R, V] (fp32 or bf16), as torch.argmax gives it (a NaN
+// counts as the largest): torch's CPU argmax reads one element at a time, ~22 us for a 8192-entry row here (a
+// verify pass of 4 rows: 80 us, 4 % of the demo's round), this two vector passes over the row, ~1-2 us.
+namespace {
+template <typename T>
+int64_t argmax_row(const T* p, int64_t V) {
+  float top = -INFINITY;
+  int64_t i = 0;
+#ifdef __AVX512F__
+  auto load = [&](int64_t j) {
+    if constexpr (std::is_same_v<T, float>) return _mm512_loadu_ps(p + j);
+    else return widen_bf16(p + j);
+  };
+  __m512 best = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
+  for (; i + 16 <= V; i += 16) {
+    const __m512 v = load(i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    best = _mm512_max_ps(best, v);
+  }
+  top = nan ? NAN : _mm512_reduce_max_ps(best);
+#endif
+  for (int64_t j = i; j < V; ++j) {
+    const float v = static_cast<float>(p[j]);
+    if (std::isnan(v)) top = NAN;
+    else if (!std::isnan(top)) top = std::max(top, v);
+  }
+  // the first element equal to the top (or the first NaN)
+  int64_t j = 0;
+#ifdef __AVX512F__
+  if (!std::isnan(top)) {
+    const __m512 t = _mm512_set1_ps(top);
+    for (; j + 16 <= V; j += 16) {
+      const __mmask16 hit = _mm512_cmp_ps_mask(load(j), t, _CMP_EQ_OQ);
+      if (hit) return j + __builtin_ctz(hit);
+    }
+  }
+#endif
+  for (; j < V; ++j) {
+    const float v = static_cast<float>(p[j]);
+    if (std::isnan(top) ? std::isnan(v) : v == top) return j;
+  }
+  return 0;  // V == 0 is rejected before
+}
+}  // namespace
+
+std::vector<int64_t> argmax_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.device().is_cpu(), "argmax_rows: x must be a CPU tensor [R, V > 0]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "argmax_rows: fp32 or bf16");
+  const auto c = x.contiguous();
+  const int64_t R = c.size(0), V = c.size(1);
+  std::vector<int64_t> out(R);
+  for (int64_t r = 0; r < R; ++r)
+    out[r] = c.scalar_type() == at::kFloat ? argmax_row(c.data_ptr<float>() + r * V, V)
+                                           : argmax_row(c.data_ptr<bf16>() + r * V, V);
+  return out;
+}

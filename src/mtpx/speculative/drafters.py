@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mtpx import kernels
 from mtpx.models.linear import QuantizedWeight, kernel_weight, linear, nbytes, row_invariant, weight_bytes
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import apply_penalties, sample, target_probs
@@ -57,7 +58,7 @@ def _pick(logits: torch.Tensor, seq: "Sequence", p_min: float,
     if seq.params.greedy:
         if p_min > 0 and torch.softmax(logits.float(), -1).max() < p_min:
             return None, None
-        return int(logits.argmax()), None
+        return kernels.argmax_rows(logits.reshape(1, -1))[0], None
     q = target_probs(logits[None], seq.params)[0]
     if p_min > 0 and q.max() < p_min:
         return None, None
@@ -87,7 +88,7 @@ class _StatefulDrafter(Drafter):
 
     def _argmax(self, x: torch.Tensor) -> list[int]:
         """Greedy draft tokens for drafter outputs x [R, H]."""
-        return self._logits(x).float().argmax(-1).tolist()  # fp32: torch's bf16 argmax is ~2x slower here
+        return kernels.argmax_rows(self._logits(x))
 
     def propose(self, seqs, ks):
         drafts = [Draft() for _ in seqs]
