@@ -157,6 +157,16 @@ def test_predictions_and_synth_rates():
     assert llamacpp_synth_rates([0.8, 1.0], 3) == pytest.approx([0.8, 0.8, 0.8])
 
 
+def test_greedy_mtp_predictions_use_the_draft_chain_cost():
+    """Greedy MTP drafts run as one call per round: their predictions use that cost, sampled ones the step's."""
+    costs = {"c_mtp": 0.4, "c_mtp_chain": 0.2, "verify_rel": {3: 1.5}}
+    recs = [{"spec_type": "mtp", "policy": "fixed", "drafts": 10, "k": 3, "temperature": t, "acceptance_rate": 0.8,
+             "mean_acceptance_length": 3.0} for t in (0.0, 0.7)]
+    costmodel.add_predictions(recs, costs)
+    assert [r["cost_c"] for r in recs] == [0.2, 0.4]
+    assert recs[0]["predicted_speedup_refined"] == pytest.approx(3.0 / (1.5 + 3 * 0.2))
+
+
 def test_parse_modes():
     names = [m.name for m in runner.parse_modes(["mtp1", "adaptive", "draft", "ngram4"])]
     assert names == ["none", "mtp1", "adaptive", "draft", "ngram4"]

@@ -2,7 +2,8 @@
 
 - verify cost: a step-mode forward of r = k + 1 rows (plus lm_head) relative to one plain decode step (r = 1);
 - draft cost c: one MTP step (MTP layer + lm_head, one row) relative to one plain step; likewise a draft model
-  step; where greedy drafts run as one kernel call (Qwen35Model.mtp_greedy_drafts), also that call's cost per draft;
+  step; where greedy drafts run as one kernel call (Qwen35Model.mtp_greedy_drafts), also that call's cost per draft,
+  which the predictions for greedy MTP modes use (the engine drafts them that way);
 - the MTP layer's pass over a prompt relative to the main model's prefill of it.
 
 Predictions (REFERENCE §4): with i.i.d. acceptance α and k drafts a round yields E = (1 − α^(k+1)) / (1 − α) tokens
@@ -159,6 +160,8 @@ def add_predictions(records: list[dict], costs: dict) -> None:
     """Predicted speedups beside the measured ones, for fixed-k MTP and draft-model modes (drafting cost known)."""
     for rec in records:
         c = {"mtp": costs.get("c_mtp"), "draft": costs.get("c_draft_model")}.get(rec["spec_type"])
+        if rec["spec_type"] == "mtp" and rec["temperature"] == 0 and costs.get("c_mtp_chain") is not None:
+            c = costs["c_mtp_chain"]  # greedy MTP drafts run as one call per round (Qwen35Model.mtp_greedy_drafts)
         if rec["policy"] != "fixed" or c is None or not rec["drafts"]:
             rec["predicted_speedup"] = rec["predicted_speedup_refined"] = None
             continue
