@@ -53,6 +53,19 @@ def test_tuner_measures_less_often_while_its_choice_holds():
     assert tail.count(1) < 0.05 * len(tail)  # re-measuring one thread costs little time
 
 
+def test_tuner_stops_scheduled_measurements_when_all_cores_win_by_far():
+    """A large model: both cores ~1.8x one. Only contention could change that, and its slowdown is caught at once."""
+    machine = Machine({1: 1.0, 2: 0.55})
+    tuner = ThreadTuner([1, 2], machine.set_threads)
+    machine.run(tuner, 20)
+    assert tuner.preferred == 2 and tuner.interval == threads.MAX_INTERVAL
+    machine.run(tuner, 500)
+    assert machine.history[20:].count(1) == 0
+    machine.seconds = {1: 1.0, 2: 3.0}
+    machine.run(tuner, 20)
+    assert machine.threads == 1 and tuner.interval == threads.FIRST_INTERVAL  # back to the short schedule
+
+
 def test_tuner_needs_a_count():
     with pytest.raises(ValueError):
         ThreadTuner([])

@@ -269,7 +269,7 @@ class LLM:
                                 spec_synth_rates=spec_synth_rates, static=self.static_steps)
         try:
             req = _Request(seq, stops, started)
-            new = prefill(self.model, drafter, seq)
+            new = self.prefill(drafter, seq)
             req.first_token_at = time.perf_counter()
             while True:
                 event = self._advance(req, new)
@@ -281,6 +281,17 @@ class LLM:
             yield StreamEvent(event.text, event.token_ids, self._completion(req, drafter, spec_type))
         finally:  # also when the caller stops iterating
             self.release(seq)
+
+    def prefill(self, drafter: Drafter | None, seq: Sequence) -> list[int]:
+        """loop.prefill, on the thread count the tuner chose (not one it is trying out)."""
+        tuner = self.thread_tuner
+        if tuner is None or tuner.preferred == tuner.current:
+            return prefill(self.model, drafter, seq)
+        torch.set_num_threads(tuner.preferred)
+        try:
+            return prefill(self.model, drafter, seq)
+        finally:
+            torch.set_num_threads(tuner.current)
 
     def decode_round(self, drafter: Drafter | None, policy: DraftPolicy | None,
                      seqs: list[Sequence]) -> list[list[int]]:

@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 import torch
 
-WINDOW_TOKENS = 32  # tokens emitted per measurement window...
-WINDOW_ROUNDS = 4  # ...and at least this many rounds
+WINDOW_ROUNDS = 4  # a measurement window: at least this many rounds, and...
+WINDOW_TOKENS = 32  # ...this many tokens emitted (a small model: ~30 ms)...
+WINDOW_SECONDS = 0.25  # ...or this long (a large one: 32 tokens of a 0.8B model take ~2-3 s)
 FIRST_INTERVAL, MAX_INTERVAL = 8, 256  # windows between measurements of every candidate
 SLOWDOWN = 1.6  # a window this much slower than the chosen count measured starts a new measurement
 
@@ -46,7 +47,8 @@ class ThreadTuner:
         self._tokens += tokens
         self._seconds += seconds
         self._rounds += 1
-        if self._tokens < WINDOW_TOKENS or self._rounds < WINDOW_ROUNDS or self._seconds <= 0:
+        if self._rounds < WINDOW_ROUNDS or (self._tokens < WINDOW_TOKENS and self._seconds < WINDOW_SECONDS) \
+                or self._tokens == 0 or self._seconds <= 0:
             return False
         rate = self._tokens / self._seconds
         self._tokens, self._seconds, self._rounds = 0, 0.0, 0
@@ -70,9 +72,20 @@ class ThreadTuner:
         self._pending = [c for c in self.choices if c != self.current] + [self.current]
         self._use(self._pending[0])
 
+    @property
+    def preferred(self) -> int:
+        """The count last chosen (the most cores before any measurement): for work outside decode rounds, such as
+        a prefill, which should not run on a count being tried out."""
+        return self._chosen if self._chosen is not None else self.choices[-1]
+
     def _choose(self) -> None:
         best = max(self.rates, key=self.rates.get)
         self.interval = min(2 * self.interval, MAX_INTERVAL) if best == self._chosen else FIRST_INTERVAL
+        others = [r for n, r in self.rates.items() if n != best]
+        if best == self.choices[-1] and others and self.rates[best] > SLOWDOWN * max(others):
+            # all cores by a wide margin (a large model): only contention can change that, and the slowdown
+            # it causes starts a measurement at once; scheduled ones would only cost time on the slower counts
+            self.interval = MAX_INTERVAL
         self._chosen = best
         self.windows_left = self.interval
         self._use(best)

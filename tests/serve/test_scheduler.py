@@ -152,7 +152,7 @@ def test_scheduler_survives_an_engine_error(serve_llm, monkeypatch):
     sched = Scheduler(serve_llm, SpecConfig())
     sched.start()
     try:
-        import mtpx.serve.scheduler as mod
+        import mtpx.llm as mod  # the scheduler prefills through LLM.prefill
         original = mod.prefill
 
         def boom(*a, **k):

@@ -28,7 +28,6 @@ from mtpx.llm import LLM, SPEC_ALIASES, _Request
 from mtpx.sampling import SamplingParams
 from mtpx.serve.metrics import Metrics
 from mtpx.speculative.drafters import PREFILL_ROWS, Draft, Drafter, MTPDrafter
-from mtpx.speculative.loop import prefill
 from mtpx.speculative.policy import DraftPolicy
 
 log = logging.getLogger("mtpx.serve")
@@ -306,7 +305,7 @@ class Scheduler:
             seq = self.llm.new_sequence(r.prompt_ids, r.max_tokens, r.params, ignore_eos=r.ignore_eos,
                                         static=self.llm.static_steps)
             r.req = _Request(seq, list(r.stop), r.arrived)
-            new = prefill(self.llm.model, self.drafter, seq)
+            new = self.llm.prefill(self.drafter, seq)
             r.req.first_token_at = time.perf_counter()
             with self.metrics.lock:
                 self.metrics.prompt_tokens += seq.n_prompt
