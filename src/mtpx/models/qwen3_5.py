@@ -646,11 +646,13 @@ class Qwen35Model(nn.Module):
         sequence; None where a layer has no whole-layer kernel (DecoderLayer.step_weights) or the weights are not
         bf16 on a CPU. Rebuilt when a layer's weights change, like step_weights."""
         layers = self.model.layers
-        if not kernels.fused_step_ops(self.model.embed_tokens.weight):
-            return None
-        weights = [layer.step_weights() for layer in layers]
         cached = self.__dict__.get("_stack")
-        if cached is None or any(a is not b for a, b in zip(cached[0], weights)):
+        # what step_weights keys on, checked without rebuilding each layer's weight tuple (a step's worth of time)
+        fused = [layer.mlp.__dict__.get("_fused") for layer in layers]
+        if cached is None or any(a is not b for a, b in zip(cached[0], fused)):
+            if not kernels.fused_step_ops(self.model.embed_tokens.weight):
+                return None
+            weights = [layer.step_weights() for layer in layers]
             stack = None
             if all(w is not None for w in weights):
                 stack = kernels.step_stack(
@@ -658,7 +660,7 @@ class Qwen35Model(nn.Module):
                     [(layer.layer_type, w, layer.mixer_dims()) for layer, w in zip(layers, weights)])
             attention = [layer.self_attn.layer_idx for layer in layers if layer.layer_type == "full_attention"]
             gdn = [layer.linear_attn for layer in layers if layer.layer_type == "linear_attention"]
-            cached = self.__dict__["_stack"] = (weights, (stack, attention, gdn) if stack is not None else None)
+            cached = self.__dict__["_stack"] = (fused, (stack, attention, gdn) if stack is not None else None)
         return cached[1]
 
     def _stack_step(self, stack: tuple, tokens: torch.Tensor, state: SequenceState) -> torch.Tensor:
