@@ -31,11 +31,10 @@ struct Int4 {
 // streams each prefetched further ahead keep more of the bandwidth: 2 columns, 4 KiB ahead took 4 rows from 18 to
 // 21 GB/s and 5 rows from 16.5 to 19.7. int8 rows (twice the weights per byte) want 4 KiB too: one row 11 -> 19 GB/s.
 // (2 threads, 888 MB of weights, scratch benchmarks.)
-// bf16 with 2-6 rows: more columns per block, so each loaded x vector feeds more FMAs (scratch benchmark, demo
-// shapes, 1 thread, weights in L2 / L3: 4 rows 2 -> 4 columns 38.5 -> 31.8 / 285 -> 247 us, 5 rows 2 -> 3 columns
-// 363 -> 302 us from L3, 3 rows 2 -> 3 columns 230 -> 201 us from L3; 7-8 rows run out of registers at 3 columns).
-template <int M, typename W>
-constexpr int kColumns = M == 1 ? 4 : !std::is_same_v<W, at::BFloat16> ? 2 : M <= 4 ? 4 : M <= 6 ? 3 : 2;
+// (3-4 columns for bf16 with 2-6 rows ran 10-20 % faster with the weights in cache, and made verify passes of the
+// 0.8B body, weights from DRAM at 2 threads, 4-12 % slower: more streams, less bandwidth. BENCHMARKS.md X.)
+template <int M>
+constexpr int kColumns = M == 1 ? 4 : 2;
 template <int M, typename W>
 constexpr int64_t kPrefetchBytes = M == 1 && sizeof(W) == 2 ? 1024 : 4096;
 
@@ -216,7 +215,7 @@ void column_block(const float* x, const W* w, int64_t K, int64_t n, float* out, 
 
 template <int M, typename W>
 void rows(const float* x, const W* w, int64_t K, int64_t N, float* out) {
-  constexpr int C = kColumns<M, W>;
+  constexpr int C = kColumns<M>;
   const int64_t blocks = N / C;
   // a block's result does not depend on which thread computes it, so any thread count gives the same bits
   at::parallel_for(0, blocks, 64 / C, [&](int64_t begin, int64_t end) {
