@@ -30,8 +30,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"model: {llm.path} ({sum(p.numel() for p in llm.model.parameters()) / 1e6:.1f}M parameters, "
           f"{llm.dtype}, {llm.device})\n")
     settings = {"none": {}, "mtp": dict(spec_draft_n_max=args.spec_draft_n_max, spec_draft_vocab=args.spec_draft_vocab)}
-    for spec, kw in settings.items():  # warm-up, so no timed run pays first-call costs
-        llm.generate(args.prompt, max_tokens=16, spec_type=spec, **kw)
+    # warm-up: no timed run pays first-call costs, and the thread tuner has made its first choice
+    for spec, kw in settings.items():
+        llm.generate(args.prompt, max_tokens=args.max_tokens, spec_type=spec, **kw)
     results, texts = {}, {}
     for spec, kw in settings.items():
         runs = [llm.generate(args.prompt, max_tokens=args.max_tokens, spec_type=spec, **kw)
