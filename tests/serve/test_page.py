@@ -133,7 +133,7 @@ if __name__ == "__main__":
     live_server.stop()
 
 
-def test_page_stop_button_cancels_the_sequence(live):
+def test_page_stop_button_cancels_the_sequence(live, monkeypatch):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
@@ -141,6 +141,16 @@ def test_page_stop_button_cancels_the_sequence(live):
 
     import httpx
     from playwright.sync_api import expect, sync_playwright
+
+    from mtpx import llm
+    # the tiny model can finish all 400 tokens before the click lands (then Stop is disabled): slow every decode
+    # round by 5 ms (the random tiny model rejects most drafts: ~1 token a round, so ~2 s for 400 tokens)
+    decode_round = llm.decode_round
+
+    def slow_round(*args, **kwargs):
+        time.sleep(0.005)
+        return decode_round(*args, **kwargs)
+    monkeypatch.setattr(llm, "decode_round", slow_round)
     before = httpx.get(live.url + "/health").json()["requests_cancelled"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
