@@ -66,6 +66,22 @@ def test_tuner_stops_scheduled_measurements_when_all_cores_win_by_far():
     assert machine.threads == 1 and tuner.interval == threads.FIRST_INTERVAL  # back to the short schedule
 
 
+def test_a_change_of_work_is_not_taken_for_a_slowdown():
+    """Plain decoding after MTP emits fewer tokens a second on any count. Named as a new context, its rate becomes
+    the reference; unnamed, it looks like a slowdown and both counts are measured again."""
+    for name_it in (True, False):
+        machine = Machine({1: 1.0, 2: 0.7})
+        tuner = ThreadTuner([1, 2], machine.set_threads)
+        for _ in range(12):  # the first measurement: 2 threads chosen, next scheduled one 8 windows away
+            tuner.observe(8, machine.seconds[machine.threads], "mtp")
+        assert machine.threads == 2 and tuner.windows_left == threads.FIRST_INTERVAL
+        switches = tuner.switches
+        for _ in range(20):  # 2 tokens a round in the same time: 4x fewer tokens a second on either count
+            tuner.observe(2, machine.seconds[machine.threads], "plain" if name_it else "mtp")
+        assert machine.threads == 2
+        assert (tuner.switches == switches) == name_it
+
+
 def test_tuner_needs_a_count():
     with pytest.raises(ValueError):
         ThreadTuner([])

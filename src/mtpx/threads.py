@@ -36,11 +36,19 @@ class ThreadTuner:
         self._chosen: int | None = None
         self._tokens, self._seconds, self._rounds = 0, 0.0, 0
         self._skip = False
+        self._context: object = None
+        self._rebase = False
         self.current: int | None = None  # the count in use
         self._use(self._pending[0])
 
-    def observe(self, tokens: int, seconds: float) -> bool:
-        """Count a decode round (tokens emitted, wall time). Returns True when it changed the thread count."""
+    def observe(self, tokens: int, seconds: float, context: object = None) -> bool:
+        """Count a decode round (tokens emitted, wall time). `context` describes the work (LLM: the drafter and the
+        batch size): when it changes, tokens per second change with it, so the next window becomes the chosen
+        count's new reference instead of being compared with the old one (alternating plain and MTP requests
+        would otherwise look like a slowdown every time). Returns True when it changed the thread count."""
+        if context != self._context:  # a new window, all of it in the new context
+            self._context, self._rebase = context, True
+            self._tokens, self._seconds, self._rounds = 0, 0.0, 0
         if self._skip:  # the first round on a new count pays for waking its threads
             self._skip = False
             return False
@@ -52,13 +60,15 @@ class ThreadTuner:
             return False
         rate = self._tokens / self._seconds
         self._tokens, self._seconds, self._rounds = 0, 0.0, 0
-        before = self.current
+        before, rebase, self._rebase = self.current, self._rebase, False
         if self._pending:
             self.rates[self._pending.pop(0)] = rate
             if self._pending:
                 self._use(self._pending[0])
             else:
                 self._choose()
+        elif rebase:
+            self.rates[self.current] = rate
         elif rate * SLOWDOWN < self.rates[self.current]:
             self._measure()
         else:
