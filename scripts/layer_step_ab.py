@@ -4,7 +4,8 @@ BENCHMARKS.md section W:
     .venv/bin/python scripts/layer_step_ab.py demo --threads 1 --calls 100
     .venv/bin/python scripts/layer_step_ab.py build/q08b --threads 2 --calls 4
 "Module path" turns the layer kernels off (DecoderLayer.step_weights returns None), so each layer runs its module
-code with the same fused op kernels; both paths give the same bits (tests/test_kernels.py).
+code with the same fused op kernels; both paths give the same bits (tests/test_kernels.py). The whole-stack call
+(section X) is off in both: scripts/stack_step_ab.py measures it.
 """
 import argparse
 import statistics
@@ -13,7 +14,7 @@ import time
 import torch
 
 from mtpx.llm import LLM
-from mtpx.models.qwen3_5 import DecoderLayer
+from mtpx.models.qwen3_5 import DecoderLayer, Qwen35Model
 
 
 def main() -> None:
@@ -25,6 +26,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     args = p.parse_args()
     llm = LLM(args.model, threads=args.threads)
+    Qwen35Model._step_stack = lambda self: None
     m = llm.model
     state, mtp_state = m.new_state(args.context + 16), m.new_mtp_state(args.context + 16)
     layer_path = DecoderLayer.step_weights

@@ -647,7 +647,7 @@ class Qwen35Model(nn.Module):
         bf16 on a CPU. Rebuilt when a layer's weights change, like step_weights."""
         layers = self.model.layers
         cached = self.__dict__.get("_stack")
-        # what step_weights keys on, checked without rebuilding each layer's weight tuple (a step's worth of time)
+        # what step_weights keys on, checked here without six step_weights calls a step
         fused = [layer.mlp.__dict__.get("_fused") for layer in layers]
         if cached is None or any(a is not b for a, b in zip(cached[0], fused)):
             if not kernels.fused_step_ops(self.model.embed_tokens.weight):
