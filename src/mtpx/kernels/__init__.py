@@ -9,7 +9,8 @@ The small ops of a step forward, fused (step_ops.cpp): `rms_norm`, `silu_mul`, `
 cache write, per-position attention, output gate) and `gdn_step` (conv, gates, delta rule, gated norm; with
 `gdn_replay` to rebuild the state after any of its positions on rollback). A step of a small model is otherwise a
 few hundred PyTorch ops of a few microseconds' overhead each. `attention_layer_step` / `gdn_layer_step`
-(layer_step.cpp) chain those kernels through a whole decoder layer in one call.
+(layer_step.cpp) chain those kernels through a whole decoder layer in one call, and `step_stack` through a whole
+stack. `argmax_rows`: torch.argmax of each row, vectorised (greedy tokens and verify).
 Set MTPX_ROWGEMM=0 to use PyTorch ops instead.
 """
 from __future__ import annotations
