@@ -198,3 +198,21 @@ def test_argmax_rows_is_torch_argmax(dtype):
             x[3, 0] = float("nan") if V > 20 else x[3, 0]
             x[4] = -torch.inf
         assert kernels.argmax_rows(x) == x.argmax(-1).tolist(), V
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for(tmp_path):
+    """A build killed mid-compile leaves PyTorch's lock file: later processes must not wait for it forever."""
+    import os
+    import threading
+    import time
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    kernels.clear_stale_build_lock(tmp_path, stale_s=60)
+    assert not lock.exists()
+    lock.touch()  # a build in progress: waited for until its process removes the lock
+    threading.Timer(0.3, lock.unlink).start()
+    t0 = time.time()
+    kernels.clear_stale_build_lock(tmp_path, stale_s=60, poll_s=0.05)
+    assert not lock.exists() and time.time() - t0 >= 0.25

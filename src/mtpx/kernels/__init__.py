@@ -53,6 +53,33 @@ def _extension_name() -> str:
     return "mtpx_rowgemm_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
 
 
+STALE_BUILD_S = 600  # a locked build directory in which nothing has changed for this long is an interrupted build
+
+
+def clear_stale_build_lock(build_dir: Path, stale_s: float = STALE_BUILD_S, poll_s: float = 1.0) -> None:
+    """PyTorch's extension build leaves its lock file behind when the building process is killed (say, Ctrl-C
+    during the first compile), and every later process then waits for it forever, silently. Wait while another
+    build shows progress (a file in the directory changed within stale_s); remove a lock that shows none."""
+    import sys
+    import time
+    lock, told = build_dir / "lock", False
+    while lock.exists():
+        try:
+            newest = max(p.stat().st_mtime for p in build_dir.iterdir())
+        except (OSError, ValueError):  # a file went away between listing and stat: the build is moving
+            time.sleep(poll_s)
+            continue
+        if time.time() - newest > stale_s:
+            print(f"mtpx: removing the lock of an interrupted kernel build ({lock})", file=sys.stderr, flush=True)
+            lock.unlink(missing_ok=True)
+            return
+        if not told:
+            print("mtpx: waiting for another process to finish compiling the CPU kernels", file=sys.stderr,
+                  flush=True)
+            told = True
+        time.sleep(poll_s)
+
+
 def rowgemm_module():
     """The compiled extension, or None where it cannot be built (no compiler) or MTPX_ROWGEMM=0."""
     global _module, _tried
@@ -73,7 +100,9 @@ def rowgemm_module():
         sources = [str(Path(__file__).with_name(f))
                    for f in ("rowgemm.cpp", "step_ops.cpp", "layer_step.cpp", "bindings.cpp")]
         name = _extension_name()
-        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
+        build_dir = Path(_get_build_directory(name, False))
+        clear_stale_build_lock(build_dir)
+        if not (build_dir / f"{name}.so").exists():
             print("mtpx: compiling the CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
         _module = load(name=name, sources=sources, verbose=False,
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
