@@ -231,3 +231,12 @@ def test_gen_checkpoint(tmp_path):
     assert llm.model.lm_head.weight.dtype == torch.bfloat16
     out = llm.generate("hello", max_tokens=4, spec_type="mtp", spec_synth_rates=[0.5], ignore_eos=True)
     assert out.stats["generated_tokens"] == 4
+
+
+def test_cost_table_shows_the_mtp_prompt_pass_without_the_draft_chain():
+    """The chain is timed only where the CPU kernels run (not on CUDA): the other MTP rows must not depend on it."""
+    from mtpx.bench.report import cost_table
+    costs = {"context_tokens": 16, "plain_step_s": 0.01, "verify_rel": {0: 1.0, 1: 1.1}, "mtp_step_s": 0.002,
+             "c_mtp": 0.2, "mtp_prefill_rel": 1.1, "prefill_tokens_per_s": 1000.0}
+    table = cost_table(costs)
+    assert "MTP pass over the prompt / main prefill | 1.100" in table and "draft chain" not in table

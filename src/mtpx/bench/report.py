@@ -73,10 +73,10 @@ def cost_table(costs: dict) -> str:
     if "c_mtp" in costs:
         lines.append(f"| MTP draft step (MTP layer + lm_head, 1 row) | {1000 * costs['mtp_step_s']:.2f} ms, "
                      f"c = {costs['c_mtp']:.3f} |")
+        lines.append(f"| MTP pass over the prompt / main prefill | {costs['mtp_prefill_rel']:.3f} |")
     if "c_mtp_chain" in costs:
         lines.append(f"| MTP greedy draft chain (3 drafts, full lm_head, one call), per draft | "
                      f"{1000 * costs['mtp_chain_draft_s']:.2f} ms, c = {costs['c_mtp_chain']:.3f} |")
-        lines.append(f"| MTP pass over the prompt / main prefill | {costs['mtp_prefill_rel']:.3f} |")
     if "c_draft_model" in costs:
         lines.append(f"| draft-model step (1 row + lm_head) | {1000 * costs['draft_model_step_s']:.2f} ms, "
                      f"c = {costs['c_draft_model']:.3f} |")
