@@ -298,9 +298,9 @@ class LLM:
         """loop.decode_round, timed for the thread tuner: the tokens each sequence emitted."""
         started = time.perf_counter()
         emitted = decode_round(self.model, drafter, policy, seqs)
-        context = (type(drafter).__name__, len(seqs))
-        if self.thread_tuner is not None and self.thread_tuner.observe(sum(map(len, emitted)),
-                                                                        time.perf_counter() - started, context):
+        tuner = self.thread_tuner
+        if tuner is not None and tuner.observe(sum(map(len, emitted)), time.perf_counter() - started,
+                                               (type(drafter).__name__, len(seqs))):
             if policy is not None:  # round times measured on another thread count are no reference
                 policy.restart_timing()
         return emitted

@@ -159,7 +159,7 @@ class DraftPolicy:
         """Round costs changed for a reason of their own (the thread count did): later rounds are not compared with
         earlier ones."""
         self.recent.clear()
-        self.last_end = None
+        self.skip_gap()
 
     def skip_gap(self) -> None:
         """Other work ran since the last round (a server's prefill of a new request, a cancellation): the time until
