@@ -10,6 +10,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 # tests/test_threads.py covers the tuner that chooses it otherwise)
 torch.set_num_threads(1)
 os.environ["MTPX_THREADS"] = "1"
+# without a GPU, the CUDA path's Triton kernels run in Triton's interpreter (read when triton is imported); static
+# passes use them only where a test sets MTPX_TRITON_GDN=interpret
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from checkpoints import make_checkpoint  # noqa: E402
 

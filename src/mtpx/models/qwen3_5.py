@@ -22,6 +22,7 @@ from torch import nn
 
 from mtpx import kernels
 from mtpx.config import ModelConfig
+from mtpx.kernels import gdn_triton
 from mtpx.models.graphs import WIDTH, StaticState, is_static, step_op
 from mtpx.models.linear import Linear, linear, project, project_joined, row_invariant, step_rows, step_weight
 from mtpx.state import SequenceState
@@ -354,12 +355,17 @@ class GatedDeltaNet(nn.Module):
 
     def _static_step(self, qkv, g, beta, w, state: StaticState, T: int) -> torch.Tensor:
         """A static pass (models/graphs.py): all WIDTH rows through the conv and head split (fixed shapes), the T
-        real ones through the recurrence; the states after each position go to the snapshot buffers, the current
-        ones are updated in place. Returns [WIDTH, nv, dv], zero past T."""
+        real ones through the recurrence (one Triton kernel on CUDA, else token by token); the states after each
+        position go to the snapshot buffers, the current ones are updated in place. Returns [WIDTH, nv, dv], zero
+        past T."""
         i, K = self.layer_idx, self.kernel
         seq = torch.cat([state.conv[i], qkv.t()], dim=1)  # [conv_dim, K - 1 + WIDTH]
         q, k, v = self._heads(causal_conv_step(seq, w, qkv.shape[0]))
         state.snap_conv[i][:T + 1].copy_(seq.unfold(1, K - 1, 1)[:, :T + 1].transpose(0, 1))  # window after t tokens
+        if gdn_triton.available(qkv.device):  # the whole recurrence in one kernel
+            out = gdn_triton.gated_delta_recurrence(q, k, v, g, beta, state.recurrent[i], state.snap_recurrent[i], T)
+            state.conv[i].copy_(state.snap_conv[i][T])
+            return out
         rec = state.recurrent[i]
         state.snap_recurrent[i][0].copy_(rec)
         outs = []

@@ -13,6 +13,7 @@ import torch
 
 from mtpx import kernels
 from mtpx.models.linear import QuantizedWeight, kernel_weight, linear, nbytes, row_invariant, weight_bytes
+from mtpx.models.graphs import StaticState
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import apply_penalties, sample, target_probs
 from mtpx.state import SequenceState
@@ -172,9 +173,9 @@ class DraftHead:
         logits[..., self.ids] = kept
         return logits
 
-    def argmax(self, x: torch.Tensor) -> list[int]:
-        """Greedy draft tokens (full-vocabulary ids) for x [R, H], without forming the full logits."""
-        return self.ids[self._kept(x).float().argmax(-1)].tolist()
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Greedy draft tokens (full-vocabulary ids, on x's device) for x [R, H], without forming the full logits."""
+        return self.ids[self._kept(x).float().argmax(-1)]
 
     def _kept(self, x: torch.Tensor) -> torch.Tensor:
         with row_invariant(True):
@@ -231,12 +232,29 @@ class MTPDrafter(_StatefulDrafter):
         d = seq.draft
         start = d.state.length
         d.state.mark()
-        head = (kernel_weight(self.head.weight), self.head.ids) if self.head is not None else (None, None)
-        drafts = self.model.mtp_greedy_drafts(hidden, torch.tensor(tokens, device=hidden.device), d.state, k, *head)
+        if isinstance(d.state, StaticState):
+            drafts = self._static_chain(hidden, torch.tensor([tokens], device=hidden.device), d.state, k)
+        else:
+            head = (kernel_weight(self.head.weight), self.head.ids) if self.head is not None else (None, None)
+            drafts = self.model.mtp_greedy_drafts(hidden, torch.tensor(tokens, device=hidden.device), d.state, k,
+                                                  *head)
         if drafts is not None:
             d.committed = start + len(tokens)
             d.clear_pending()
         return drafts
+
+    def _static_chain(self, hidden: torch.Tensor, tokens: torch.Tensor, state: StaticState, k: int) -> list[int]:
+        """The same passes as the step-by-step loop (catch-up, then one position per draft), each draft's argmax
+        left on the device as the next pass's input: on a GPU the passes (CUDA graphs) queue up behind one another
+        and the host waits once, for all k drafts, instead of once per draft."""
+        x = self._forward(hidden[None], tokens, [state], "step")[:, -1]
+        drafts = []
+        for j in range(k):
+            tok = self.head.argmax(x) if self.head is not None else self._logits(x).argmax(-1)
+            drafts.append(tok)
+            if j + 1 < k:
+                x = self._forward(x[:, None], tok[:, None], [state], "step")[:, 0]
+        return torch.cat(drafts).tolist()
 
     def _forward(self, x_prev, tokens, states, mode):
         return self.model.mtp_forward(x_prev, tokens, states, mode)
@@ -245,7 +263,7 @@ class MTPDrafter(_StatefulDrafter):
         return self.head(x) if self.head is not None else self.model.logits(x, step=True)
 
     def _argmax(self, x):
-        return self.head.argmax(x) if self.head is not None else super()._argmax(x)
+        return self.head.argmax(x).tolist() if self.head is not None else super()._argmax(x)
 
     def on_accept(self, seqs, hidden, emitted, drafts):
         for seq, h, e in zip(seqs, hidden, emitted):
