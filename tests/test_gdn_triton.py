@@ -8,7 +8,8 @@ from mtpx.kernels import gdn_triton
 from mtpx.models.qwen3_5 import recurrent_gated_delta_step
 
 triton = pytest.importorskip("triton")
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="compiled Triton")),
+           pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 @pytest.fixture(params=DEVICES)

@@ -12,10 +12,11 @@ from mtpx.models.graphs import WIDTH, StaticState
 
 
 try:
-    import triton  # noqa: F401
+    import triton
+    interpreted = triton.knobs.runtime.interpret
 except ImportError:
-    triton = None
-DEVICES = ["cpu", pytest.param("cpu-triton", marks=pytest.mark.skipif(triton is None, reason="no triton")),
+    interpreted = False
+DEVICES = ["cpu", pytest.param("cpu-triton", marks=pytest.mark.skipif(not interpreted, reason="no Triton interpreter")),
            pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
