@@ -3,13 +3,16 @@
 # (kernels/gdn_triton.py) against the token loop it replaced (MTPX_TRITON_GDN=0), alternated in the same call:
 # step pass times, exactness (scripts/cuda_check.py) and `mtpx bench` on the demo model and a random-weight
 # Qwen3.5-0.8B body. Results go to OUT as they come, so a call stopped at its limit still returns them.
-# Usage: scripts/cuda_session_triton.sh OUT [TOKENIZER_DIR]   (a tokenizer for the 0.8B body saves training one)
+# Usage: [SECTIONS="tests steps check bench"] scripts/cuda_session_triton.sh OUT [TOKENIZER_DIR]
+# (a tokenizer for the 0.8B body saves training one)
 set -uo pipefail
 OUT=${1:?output directory}
 TOK=${2:-}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 py=python3
-bench() { $py -m mtpx.cli bench --device cuda --temperature 0 --no-memory --no-costs --no-plots --no-roofline "$@"; }
+bench=($py -m mtpx.cli bench --device cuda --temperature 0 --no-memory --no-costs --no-plots --no-roofline)
+SECTIONS=${SECTIONS:-tests steps check bench}  # a subset reruns part of it
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 step() { echo "== $(date +%T) $*"; }
 {
   step env
@@ -17,10 +20,13 @@ step() { echo "== $(date +%T) $*"; }
   $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   ($py -m mtpx.cli bench gen-checkpoint --shape qwen3.5-0.8b --out /tmp/q08b ${TOK:+--tokenizer-from $TOK} \
     > /tmp/gen.log 2>&1; echo "gen-checkpoint rc=$?" >> /tmp/gen.log) &
-  step "CUDA tests"
-  timeout 150 $py -m pytest -q -x -p no:cacheprovider tests/test_gdn_triton.py tests/models/test_graphs.py -k cuda
-  echo "tests rc=$?"
-  for model in demo /tmp/q08b; do
+  if want tests; then
+    step "CUDA tests"
+    timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_gdn_triton.py tests/models/test_graphs.py -k cuda \
+      2>&1 | grep -v DEBUG | tail -25
+    echo "tests rc=$?"
+  fi
+  want steps && for model in demo /tmp/q08b; do
     [ "$model" = /tmp/q08b ] && { wait; cat /tmp/gen.log | tail -2; }
     for gdn in 1 0; do
       step "step times $model MTPX_TRITON_GDN=$gdn"
@@ -30,17 +36,19 @@ step() { echo "== $(date +%T) $*"; }
         "$OUT/steps-$(basename $model)-gdn$gdn.json"
     done
   done
-  step "exactness, demo, Triton kernel"
-  timeout 120 $py scripts/cuda_check.py --prompts 2 --max-tokens 96 --no-eager > "$OUT/check-demo.json"
-  echo "cuda_check rc=$?"; $py -c "import json; d=json.load(open('$OUT/check-demo.json')); print(d['lossless'])"
-  for gdn in 1 0; do
+  if want check; then
+    step "exactness, demo, Triton kernel"
+    timeout 120 $py scripts/cuda_check.py --prompts 2 --max-tokens 96 --no-eager > "$OUT/check-demo.json"
+    echo "cuda_check rc=$?"; $py -c "import json; d=json.load(open('$OUT/check-demo.json')); print(d['lossless'])"
+  fi
+  want bench && for gdn in 1 0; do
     step "bench demo MTPX_TRITON_GDN=$gdn"
-    MTPX_TRITON_GDN=$gdn timeout 100 bench --model demo --workloads code --modes none,mtp3,mtp4 --max-prompts 4 \
+    MTPX_TRITON_GDN=$gdn timeout 100 "${bench[@]}" --model demo --workloads code --modes none,mtp3,mtp4 --max-prompts 4 \
       --repeat 1 --out /tmp/b-demo-$gdn 2>&1 | grep -E "^\| code" | head -8
   done
-  for gdn in 1 0; do
+  want bench && wait && for gdn in 1 0; do
     step "bench 0.8B MTPX_TRITON_GDN=$gdn"
-    MTPX_TRITON_GDN=$gdn timeout 100 bench --model /tmp/q08b --workloads code --modes none,mtp3 \
+    MTPX_TRITON_GDN=$gdn timeout 100 "${bench[@]}" --model /tmp/q08b --workloads code --modes none,mtp3 \
       --spec-synth-rates 0.8 --max-prompts 2 --repeat 1 --out /tmp/b-q08b-$gdn 2>&1 | grep -E "^\| code" | head -8
   done
   step done

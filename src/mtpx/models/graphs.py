@@ -63,6 +63,9 @@ def step_op(fn: Callable) -> Callable:
                 and os.environ.get("MTPX_COMPILE_STEP_OPS", "1") != "0"):
             return fn(*args)
         if compiled is None:
+            # one specialisation per shape: a model's norms alone come in several (hidden, heads, MTP), and a
+            # process may hold several models; PyTorch's default limit of 8 per function fails hard at the ninth
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
             compiled = torch.compile(fn, dynamic=False, fullgraph=True)
         return compiled(*args)
     return run
