@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# One device call (BENCHMARKS.md, section "CUDA-2"): the CUDA tests, then the Triton recurrence kernel
-# (kernels/gdn_triton.py) against the token loop it replaced (MTPX_TRITON_GDN=0), alternated in the same call:
-# step pass times, exactness (scripts/cuda_check.py) and `mtpx bench` on the demo model and a random-weight
-# Qwen3.5-0.8B body. Results go to OUT as they come, so a call stopped at its limit still returns them.
-# Usage: [SECTIONS="tests steps check bench"] scripts/cuda_session_triton.sh OUT [TOKENIZER_DIR]
+# One device call (BENCHMARKS.md, section "CUDA-2"): the CUDA tests, then a change against the path it replaced,
+# alternated in the same call (AB: an environment variable whose value 0 turns the change off; first call
+# MTPX_TRITON_GDN, the Triton recurrence kernel; second MTPX_PACK, fused projections): step pass times, exactness
+# (scripts/cuda_check.py) and `mtpx bench` on the demo model and a random-weight Qwen3.5-0.8B body ("full": every
+# MTP depth with the change on, and the bandwidth roof). Results go to OUT as they come, so a call stopped at its
+# limit still returns them.
+# Usage: [AB=MTPX_PACK] [SECTIONS="tests steps check bench full"] scripts/cuda_session_triton.sh OUT [TOKENIZER_DIR]
 # (a tokenizer for the 0.8B body saves training one)
 set -uo pipefail
 OUT=${1:?output directory}
 TOK=${2:-}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 py=python3
-bench=($py -m mtpx.cli bench --device cuda --temperature 0 --no-memory --no-costs --no-plots --no-roofline)
-SECTIONS=${SECTIONS:-tests steps check bench}  # a subset reruns part of it
+bench_roof=($py -m mtpx.cli bench --device cuda --temperature 0 --no-memory --no-costs --no-plots)
+bench=("${bench_roof[@]}" --no-roofline)
+SECTIONS=${SECTIONS:-tests steps check bench}
+AB=${AB:-MTPX_TRITON_GDN}  # a subset reruns part of it
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 step() { echo "== $(date +%T) $*"; }
 {
@@ -29,8 +33,8 @@ step() { echo "== $(date +%T) $*"; }
   want steps && for model in demo /tmp/q08b; do
     [ "$model" = /tmp/q08b ] && { wait; cat /tmp/gen.log | tail -2; }
     for gdn in 1 0; do
-      step "step times $model MTPX_TRITON_GDN=$gdn"
-      MTPX_TRITON_GDN=$gdn timeout 90 $py scripts/cuda_check.py --model $model --steps-only 2>/dev/null \
+      step "step times $model $AB=$gdn"
+      env $AB=$gdn timeout 90 $py scripts/cuda_check.py --model $model --steps-only 2>/dev/null \
         > "$OUT/steps-$(basename $model)-gdn$gdn.json"
       $py -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['paths'], d['step_times'])" \
         "$OUT/steps-$(basename $model)-gdn$gdn.json"
@@ -42,15 +46,24 @@ step() { echo "== $(date +%T) $*"; }
     echo "cuda_check rc=$?"; $py -c "import json; d=json.load(open('$OUT/check-demo.json')); print(d['lossless'])"
   fi
   want bench && for gdn in 1 0; do
-    step "bench demo MTPX_TRITON_GDN=$gdn"
-    MTPX_TRITON_GDN=$gdn timeout 100 "${bench[@]}" --model demo --workloads code --modes none,mtp3,mtp4 --max-prompts 4 \
+    step "bench demo $AB=$gdn"
+    env $AB=$gdn timeout 100 "${bench[@]}" --model demo --workloads code --modes none,mtp3,mtp4 --max-prompts 4 \
       --repeat 1 --out /tmp/b-demo-$gdn 2>&1 | grep -E "^\| code" | head -8
   done
   want bench && wait && for gdn in 1 0; do
-    step "bench 0.8B MTPX_TRITON_GDN=$gdn"
-    MTPX_TRITON_GDN=$gdn timeout 100 "${bench[@]}" --model /tmp/q08b --workloads code --modes none,mtp3 \
+    step "bench 0.8B $AB=$gdn"
+    env $AB=$gdn timeout 100 "${bench[@]}" --model /tmp/q08b --workloads code --modes none,mtp3 \
       --spec-synth-rates 0.8 --max-prompts 2 --repeat 1 --out /tmp/b-q08b-$gdn 2>&1 | grep -E "^\| code" | head -8
   done
+  if want full; then
+    wait
+    step "bench demo, code and chat"
+    timeout 100 "${bench[@]}" --model demo --workloads code,chat --modes none,mtp3,mtp4 --max-prompts 4 --repeat 1 \
+      --out /tmp/b-demo-full 2>&1 | grep -E "^\| (code|chat)" | head -8
+    step "bench 0.8B, k = 1..4, roof"
+    timeout 150 "${bench_roof[@]}" --model /tmp/q08b --workloads code --modes none,mtp1,mtp2,mtp3,mtp4 \
+      --spec-synth-rates 0.8 --max-prompts 3 --repeat 1 --out /tmp/b-q08b-full 2>&1 | grep -E "^\| code|roof" | head -12
+  fi
   step done
 } 2>&1 | tee "$OUT/log.txt"
 tar -C /tmp -czf "$OUT/reports.tar.gz" $(cd /tmp && ls -d b-* 2>/dev/null)

@@ -14,7 +14,7 @@ from mtpx import kernels
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
 from mtpx.models.graphs import WIDTH, StatePool, StaticState
-from mtpx.models.linear import QUANTIZATIONS, STEP_ROWS, pack_for_cpu, quantize
+from mtpx.models.linear import QUANTIZATIONS, STEP_ROWS, fuse_projections, pack_for_cpu, quantize
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import SamplingParams
 from mtpx.speculative.drafters import DraftHead, Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
@@ -216,8 +216,11 @@ class LLM:
         return self._draft_models[name]
 
     def _prepare(self, model: Qwen35Model) -> Qwen35Model:
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and os.environ.get("MTPX_PACK", "1") != "0":
-            pack_for_cpu(model)
+        if os.environ.get("MTPX_PACK", "1") != "0":
+            if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+                pack_for_cpu(model)
+            elif self.device.type == "cuda":  # fewer, wider matmuls: fewer kernels in a step pass
+                fuse_projections(model)
         if self.quantization:
             quantize(model, self.quantization)
         return model

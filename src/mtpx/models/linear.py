@@ -247,15 +247,11 @@ def project_joined(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) ->
     return linear(x, weight, packed)
 
 
-def pack_for_cpu(model: nn.Module) -> None:
-    """Inference on CPU in bf16: fuse projections that share an input into one weight (the members' parameters
-    become views of it, so no memory is added). Without the rowgemm kernel, also prepack every weight for oneDNN
-    (~1.5x the weight bandwidth of F.linear on AVX512_BF16 machines; the parameters stay for state_dict users)."""
-    oneDNN = not kernels.rowgemm_available()
-
-    def pack(w: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), STEP_ROWS)
-    fused_members, fused_weights = set(), []
+def fuse_projections(model: nn.Module) -> list[torch.Tensor]:
+    """Fuse the projections of each module that read the same input (its FUSED_PROJECTIONS) into one weight, the
+    members' parameters becoming views of it: one matmul instead of several, no memory added. Returns the fused
+    weights."""
+    fused_weights = []
     for module in model.modules():
         groups = getattr(module, "FUSED_PROJECTIONS", None)
         if groups:
@@ -267,11 +263,25 @@ def pack_for_cpu(model: nn.Module) -> None:
                 rows = m.weight.shape[0]
                 m.weight.data = weight[offset:offset + rows]
                 offset += rows
-            module.__dict__["_fused"] = (weight, pack(weight) if oneDNN else None, [m.weight.shape[0] for m in members])
-            fused_members.update(id(m) for m in members)
-    if oneDNN:
+            module.__dict__["_fused"] = (weight, None, [m.weight.shape[0] for m in members])
+    return fused_weights
+
+
+def pack_for_cpu(model: nn.Module) -> None:
+    """Inference on CPU in bf16: fuse_projections. Without the rowgemm kernel, also prepack every weight for oneDNN
+    (~1.5x the weight bandwidth of F.linear on AVX512_BF16 machines; the parameters stay for state_dict users)."""
+    fused_weights = fuse_projections(model)
+    if not kernels.rowgemm_available():
+        def pack(w: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), STEP_ROWS)
+        members = set()
         for module in model.modules():
-            if isinstance(module, Linear) and id(module) not in fused_members:
+            if "_fused" in module.__dict__:
+                weight, _, sizes = module.__dict__["_fused"]
+                module.__dict__["_fused"] = (weight, pack(weight), sizes)
+                members.update(id(getattr(module, n)) for n in module.FUSED_PROJECTIONS)
+        for module in model.modules():
+            if isinstance(module, Linear) and id(module) not in members:
                 module.packed = pack(module.weight)
     # the loader's tensors are views of the memory-mapped checkpoint: while any of them lives, the file's pages
     # that fusing copied stay resident too (RSS ~1.7x the weights on the 0.8B body); own copies let it go
