@@ -10,3 +10,32 @@ def test_tune_cpu_process_flushes_subnormals_only():
     # 1e-40 is below the smallest normal fp32 (1.2e-38): zero once flushing is on; 1e-37 is normal and stays
     assert torch.count_nonzero(tiny * 1e-10) == 0
     assert torch.count_nonzero(tiny * 1e-7) == tiny.numel()
+
+
+def test_unset_sampling_values_come_from_the_models_generation_config(dense_ckpt, tmp_path):
+    """As vLLM does: a generation config's temperature / top_k / ... fill what a call leaves unset."""
+    import json
+    import shutil
+
+    import mtpx
+    from mtpx.serve.app import Body, Server
+    path = tmp_path / "m"
+    shutil.copytree(dense_ckpt, path)
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.9, "top_k": 5}))
+    llm = mtpx.LLM(path)
+    assert llm.sampling_defaults == {"temperature": 0.9, "top_k": 5}
+    prompt = [5, 6, 7]
+    sampled = llm.generate(prompt, max_tokens=12, seed=3, ignore_eos=True).token_ids
+    assert sampled == llm.generate(prompt, max_tokens=12, seed=3, ignore_eos=True, temperature=0.9,
+                                   top_k=5).token_ids
+    greedy = llm.generate(prompt, max_tokens=12, ignore_eos=True, temperature=0).token_ids
+    assert sampled != greedy
+    plain = mtpx.LLM(path, generation_config=False)
+    assert plain.sampling_defaults == {}
+    assert plain.generate(prompt, max_tokens=12, seed=3, ignore_eos=True).token_ids == greedy
+    assert llm.sampling_params(top_k=0).top_k == 0  # an explicit value wins, 0 included
+    # the API: a request that leaves temperature out gets the model's, not OpenAI's 1.0
+    server = Server(llm)
+    params = server.sampling(Body({"max_tokens": 4}), 3, chat=False)["params"]
+    assert (params.temperature, params.top_k, params.top_p) == (0.9, 5, 1.0)
+    assert server.sampling(Body({"temperature": 0.2}), 3, chat=False)["params"].temperature == 0.2

@@ -117,9 +117,11 @@ class _Request:
 
 class LLM:
     def __init__(self, model: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None,
-                 threads: int | None = None, static_steps: bool | None = None):
+                 threads: int | None = None, static_steps: bool | None = None, generation_config: bool = True):
         """static_steps: run single-sequence step passes at fixed addresses and shapes (models/graphs.py), replayed
-        as CUDA graphs on a GPU; default: on CUDA for dense models (MoE routing picks experts on the host)."""
+        as CUDA graphs on a GPU; default: on CUDA for dense models (MoE routing picks experts on the host).
+        generation_config: sampling values a request leaves unset come from the model's recommended ones
+        (generation_config.json, GGUF general.sampling.*), as in vLLM; False: mtpx's defaults (greedy)."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.quantization = dtype if isinstance(dtype, str) and dtype in QUANTIZED else None
@@ -131,6 +133,7 @@ class LLM:
             raise ModelLoadError(f"{self.path} has no tokenizer.json")
         self.config = ckpt.config
         self.tokenizer = ckpt.tokenizer
+        self.sampling_defaults: dict = dict(ckpt.sampling_defaults) if generation_config else {}
         self.model: Qwen35Model = self._prepare(build_model(ckpt, self.dtype, self.device))
         self.thread_tuner: ThreadTuner | None = None
         if self.device.type == "cpu":
@@ -239,6 +242,10 @@ class LLM:
                         gen=None if params.greedy and spec_synth_rates is None else params.generator(),
                         synthetic_rates=spec_synth_rates)
 
+    def sampling_params(self, **given) -> SamplingParams:
+        """SamplingParams of the given values; those None come from the model's sampling_defaults."""
+        return SamplingParams(**{**self.sampling_defaults, **{k: v for k, v in given.items() if v is not None}})
+
     def generate(self, prompt: str | list[int], **kwargs) -> Completion:
         event = None
         for event in self.stream(prompt, **kwargs):
@@ -246,18 +253,21 @@ class LLM:
         return event.completion
 
     @torch.inference_mode()
-    def stream(self, prompt: str | list[int], *, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None, stop: list[str] | str | None = None,
-               presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+    def stream(self, prompt: str | list[int], *, max_tokens: int = 128, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+               seed: int | None = None, stop: list[str] | str | None = None, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0, repetition_penalty: float | None = None,
                spec_type: str = "none", spec_draft_n_max: int = 3, spec_draft_n_min: int = 0,
                spec_draft_p_min: float = 0.0, spec_draft_policy: str = "adaptive",
                spec_draft_model: str | None = None, spec_ngram_min: int = 1, spec_ngram_max: int = 4,
                spec_draft_vocab: int = 0,
                spec_synth_rates: list[float] | None = None, ignore_eos: bool = False) -> Iterator[StreamEvent]:
-        """Generate, yielding text as it becomes final; the last event carries the Completion."""
+        """Generate, yielding text as it becomes final; the last event carries the Completion. Sampling values left
+        None come from sampling_defaults, else SamplingParams' (greedy)."""
         started = time.perf_counter()
-        params = SamplingParams(temperature, top_k, top_p, min_p, seed, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty)
+        params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                      repetition_penalty=repetition_penalty)
         if spec_draft_policy not in ("adaptive", "fixed"):
             raise RequestError(f"spec_draft_policy must be 'adaptive' or 'fixed', got {spec_draft_policy!r}")
         drafter = self.make_drafter(spec_type, spec_draft_p_min=spec_draft_p_min, spec_draft_model=spec_draft_model,

@@ -128,3 +128,15 @@ def test_eos_ids_merged_from_generation_config(copy):
     p = copy()
     (p / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     assert load_checkpoint(p).config.eos_token_id[:2] == [2, 0]
+
+
+def test_sampling_defaults_from_generation_config(copy, caplog):
+    p = copy()
+    (p / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "min_p": 2,
+         "max_new_tokens": 64, "eos_token_id": 2}))
+    assert load_checkpoint(p).sampling_defaults == {"temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                                                    "repetition_penalty": 1.05}
+    assert "ignoring the sampling default min_p = 2" in caplog.text  # out of range: named, not applied
+    (p / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7, "top_k": -1}))
+    assert load_checkpoint(p).sampling_defaults == {"temperature": 0.0}  # greedy, as transformers reads it

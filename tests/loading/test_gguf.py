@@ -49,9 +49,9 @@ def forward_both(model, ids):
         return model.logits(h), model.logits(model.mtp_forward(h[:, :-1], ids[:, 1:]))
 
 
-def rewrite_gguf(src, dst, *, arch=None, drop=(), values=None, tensors=None):
-    """Copy a GGUF, optionally changing general.architecture, dropping keys, changing values {key: value} and
-    replacing tensors {name: (data, type)}."""
+def rewrite_gguf(src, dst, *, arch=None, drop=(), values=None, tensors=None, add=None):
+    """Copy a GGUF, optionally changing general.architecture, dropping keys, changing values {key: value},
+    replacing tensors {name: (data, type)} and adding keys {key: (value, GGUFValueType)}."""
     r = GGUFReader(str(src))
     w = GGUFWriter(str(dst), arch or r.fields["general.architecture"].contents())
     for key, f in r.fields.items():
@@ -60,6 +60,8 @@ def rewrite_gguf(src, dst, *, arch=None, drop=(), values=None, tensors=None):
         vtype = f.types[0]
         w.add_key_value(key, (values or {}).get(key, f.contents()), vtype,
                         f.types[-1] if vtype == GGUFValueType.ARRAY else None)
+    for key, (value, vtype) in (add or {}).items():
+        w.add_key_value(key, value, vtype)
     for t in r.tensors:
         data, qtype = (tensors or {}).get(t.name, (np.asarray(t.data), t.tensor_type))
         w.add_tensor(t.name, data, raw_dtype=qtype)
@@ -314,3 +316,14 @@ def test_one_dim_shared_expert_gate(ckpt_factory, gguf_of, tmp_path):
     ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(4))
     for a, b in zip(forward_both(ref, ids), forward_both(got, ids)):
         assert torch.equal(a, b)
+
+
+def test_sampling_defaults_from_metadata(gguf_of, tmp_path):
+    """llama.cpp's general.sampling.* keys are the model's recommended sampling, like generation_config.json."""
+    f32 = GGUFValueType.FLOAT32
+    dst = rewrite_gguf(gguf_of("bf16"), tmp_path / "sampling.gguf",
+                       add={"general.sampling.temp": (0.6, f32), "general.sampling.top_k": (20, GGUFValueType.INT32),
+                            "general.sampling.top_p": (0.95, f32), "general.sampling.penalty_repeat": (1.5, f32)})
+    assert load_checkpoint(dst).sampling_defaults == pytest.approx(
+        {"temperature": 0.6, "top_k": 20, "top_p": 0.95, "repetition_penalty": 1.5})
+    assert load_checkpoint(gguf_of("bf16")).sampling_defaults == {}

@@ -184,7 +184,8 @@ def run(args: argparse.Namespace) -> dict:
     modes = runner.parse_modes(args.modes, args.adaptive_n_max)
     log(f"bench: loading {args.model}")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None,
-              static_steps=False if args.no_cuda_graphs else None)
+              static_steps=False if args.no_cuda_graphs else None,
+              generation_config=False)  # every mode under the bench's sampling settings, not the model's
     draft_model = args.spec_draft_model
     if draft_model is None and str(args.model) == "demo" and any(m.spec_type == "draft" for m in modes):
         draft_model = "demo-draft"

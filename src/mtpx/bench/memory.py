@@ -62,7 +62,8 @@ def measure(args: argparse.Namespace) -> dict:
     gc.collect()
     base_rss = rss_bytes()
     base_cuda = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None,
+              generation_config=False)  # measured under the bench's own sampling settings
     cuda = llm.device.type == "cuda"
     base = base_cuda if cuda else base_rss
     if mode.spec_type != "mtp" and llm.model.mtp is not None:

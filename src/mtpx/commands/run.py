@@ -15,6 +15,20 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 or all cores, whichever decodes faster, measured as it runs; "
                    "env MTPX_THREADS)")
+    p.add_argument("--no-generation-config", action="store_true",
+                   help="ignore the sampling defaults of the model's generation config (generation_config.json, "
+                   "GGUF general.sampling.*): unset values are greedy decoding's")
+
+
+def load_model(args: argparse.Namespace) -> LLM:
+    """The LLM that the model arguments name; says on stderr which sampling defaults its generation config sets."""
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None,
+              generation_config=not args.no_generation_config)
+    if llm.sampling_defaults:
+        values = ", ".join(f"{k}={v}" for k, v in llm.sampling_defaults.items())
+        print(f"mtpx: the model's generation config sets {values} (flags and request fields override them; "
+              "--no-generation-config ignores them)", file=sys.stderr)
+    return llm
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,13 +39,15 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     """How each token is chosen: shared by `mtpx run` and `mtpx chat`."""
-    p.add_argument("--temperature", "--temp", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
+    model = " (default: the model's generation config, else {})"
+    p.add_argument("--temperature", "--temp", type=float, default=None, help="0 = greedy" + model.format(0))
+    p.add_argument("--top-k", type=int, default=None, help="0 = off" + model.format(0))
+    p.add_argument("--top-p", type=float, default=None, help=model.format(1).strip()[1:-1])
+    p.add_argument("--min-p", type=float, default=None, help=model.format(0).strip()[1:-1])
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repetition_penalty", type=float, default=1.0,
-                   help="divide positive / multiply negative logits of tokens already in prompt or output (1 = off)")
+    p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repetition_penalty", type=float, default=None,
+                   help="divide positive / multiply negative logits of tokens already in prompt or output (1 = off)"
+                   + model.format(1))
     p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract from tokens already generated")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="subtract this times the number of times a token was generated")
@@ -91,7 +107,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    llm = load_model(args)
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     kwargs = {**sampling_kwargs(args), **spec_kwargs(args)}

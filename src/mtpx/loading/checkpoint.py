@@ -5,6 +5,7 @@ tensor, the expected and the found shape. Only safetensors / GGUF are read; pick
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,12 @@ import torch
 from safetensors import safe_open
 
 from mtpx.config import ModelConfig, read_json
-from mtpx.errors import ModelLoadError
+from mtpx.errors import ModelLoadError, RequestError
 from mtpx.models.qwen3_5 import Qwen35Model
+from mtpx.sampling import SamplingParams
 from mtpx.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 IGNORED_PREFIXES = ("model.visual.", "visual.")  # vision tower of the multimodal (nested) checkpoints: text-only engine
 
@@ -30,6 +34,31 @@ class Checkpoint:
     tokenizer: Tokenizer | None
     path: Path
     extra: dict = field(default_factory=dict)
+    # the sampling its authors recommend (generation_config.json, GGUF general.sampling.*): SamplingParams fields
+    sampling_defaults: dict = field(default_factory=dict)
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # the ones vLLM takes too
+
+
+def sampling_defaults(raw: dict, source: str) -> dict:
+    """The SamplingParams fields a generation config sets. `do_sample: false` means greedy (as in transformers);
+    top_k -1 means off. A value SamplingParams rejects is left out, with a warning that names it."""
+    found = {k: raw[k] for k in SAMPLING_KEYS
+             if isinstance(raw.get(k), (int, float)) and not isinstance(raw.get(k), bool)}
+    if raw.get("do_sample") is False:
+        found = {"temperature": 0.0, **{k: v for k, v in found.items() if k == "repetition_penalty"}}
+    if "top_k" in found:
+        found["top_k"] = max(int(found["top_k"]), 0)
+    valid = {}
+    for key, value in found.items():
+        try:
+            SamplingParams(**{key: value})
+        except RequestError as e:
+            log.warning("%s: ignoring the sampling default %s = %r: %s", source, key, value, e)
+            continue
+        valid[key] = value
+    return valid
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -72,11 +101,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ModelLoadError(f"{path} has no config.json")
     raw = read_json(path / "config.json")
     cfg = ModelConfig.from_hf_dict(raw)
+    defaults = {}
     if (path / "generation_config.json").exists():
-        eos = read_json(path / "generation_config.json").get("eos_token_id")
+        generation = read_json(path / "generation_config.json")
+        eos = generation.get("eos_token_id")
         if eos is not None:
             eos = [eos] if isinstance(eos, int) else list(eos)
             cfg.eos_token_id = list(dict.fromkeys(eos + cfg.eos_token_id))
+        defaults = sampling_defaults(generation, "generation_config.json")
     tensors: dict[str, Callable[[], torch.Tensor]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for file in _safetensors_files(path):
@@ -95,7 +127,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ModelLoadError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                              f"{cfg.vocab_size}: tokenizer and weights do not belong together")
-    return Checkpoint(cfg, tensors, shapes, tokenizer, path)
+    return Checkpoint(cfg, tensors, shapes, tokenizer, path, sampling_defaults=defaults)
 
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -28,7 +28,7 @@ import torch
 
 from mtpx.config import ModelConfig
 from mtpx.errors import ModelLoadError
-from mtpx.loading.checkpoint import Checkpoint
+from mtpx.loading.checkpoint import Checkpoint, sampling_defaults
 from mtpx.tokenizer import Tokenizer
 
 ARCHS = {"qwen35": False, "qwen35moe": True}  # GGUF architecture -> is MoE
@@ -92,6 +92,9 @@ MTP_NAMES: dict[str, str] = {
 MTP_OPTIONAL_SHARED = {"nextn.embed_tokens.weight": "token_embd.weight",
                        "nextn.shared_head_head.weight": "output.weight"}
 
+# llama.cpp's sampling metadata (general.sampling.*) -> SamplingParams fields
+GGUF_SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                 "penalty_repeat": "repetition_penalty"}
 NATIVE_TYPES = ("F32", "F16", "BF16")
 DEQUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 SUPPORTED_TYPES = NATIVE_TYPES + DEQUANT_TYPES
@@ -438,4 +441,6 @@ def load_gguf_checkpoint(path: Path) -> Checkpoint:
         raise ModelLoadError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                              f"{cfg.vocab_size}")
     extra = {"format": "gguf", "gguf_arch": arch, "tensor_types": dict(counts)}
-    return Checkpoint(cfg, tensors, shapes, tokenizer, path, extra)
+    sampling = {name: _field(reader, f"general.sampling.{key}") for key, name in GGUF_SAMPLING.items()}
+    defaults = sampling_defaults({k: v for k, v in sampling.items() if v is not None}, path.name)
+    return Checkpoint(cfg, tensors, shapes, tokenizer, path, extra, defaults)

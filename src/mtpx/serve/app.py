@@ -136,12 +136,13 @@ class Server:
         body.unsupported("suffix", lambda v: v == "")
         body.get("user", "string")
         body.get("stream_options", "object")
-        temperature = float(body.get("temperature", "number", 1.0))
-        top_p = float(body.get("top_p", "number", 1.0))
-        top_k = body.get("top_k", "integer", 0)
-        min_p = float(body.get("min_p", "number", 0.0))
+        model = self.llm.sampling_defaults  # the model's generation config, as vLLM applies it
+        temperature = float(body.get("temperature", "number", model.get("temperature", 1.0)))  # OpenAI's default 1
+        top_p = float(body.get("top_p", "number", model.get("top_p", 1.0)))
+        top_k = body.get("top_k", "integer", model.get("top_k", 0))
+        min_p = float(body.get("min_p", "number", model.get("min_p", 0.0)))
         seed = body.get("seed", "integer")
-        penalties = {name: float(body.get(name, "number", default))
+        penalties = {name: float(body.get(name, "number", model.get(name, default)))
                      for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
                                            ("repetition_penalty", 1.0))}
         if seed is not None and not -2 ** 63 <= seed < 2 ** 64:
@@ -500,7 +501,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None)
+    from mtpx.commands.run import load_model
+    llm = load_model(args)
     name = args.served_model_name or ("demo" if args.model == "demo" else None)
     server = Server(llm, model_name=name, spec=spec_config(args), api_key=args.api_key,
                     max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,

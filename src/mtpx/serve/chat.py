@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from mtpx.commands.run import (add_decoding_arguments, add_model_arguments, add_spec_arguments, decoding_kwargs,
-                               spec_kwargs, stats_line)
+                               load_model, spec_kwargs, stats_line)
 from mtpx.errors import RequestError
 from mtpx.llm import LLM
 
@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    llm = load_model(args)
     kwargs = dict(max_tokens=args.max_tokens, **decoding_kwargs(args), **spec_kwargs(args))
     llm.make_drafter(args.spec_type, spec_draft_p_min=args.spec_draft_p_min,  # fail early on bad settings
                      spec_draft_model=args.spec_draft_model, spec_ngram_min=args.spec_ngram_min,

@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model_path(args.model)
     recipe = args.recipe or path / "corpus_recipe.json"
     files = held_out_files(recipe)
-    llm = LLM(args.model)
+    llm = LLM(args.model, generation_config=False)  # greedy, as the acceptance figures state
     if args.compare_dtype:
-        r = quantization_error(llm, LLM(args.model, dtype=args.compare_dtype), files)
+        r = quantization_error(llm, LLM(args.model, dtype=args.compare_dtype, generation_config=False), files)
         print(f"{args.compare_dtype} vs bf16 on {r['tokens']} held-out tokens: loss {r['loss_quantized']:.4f} vs "
               f"{r['loss_reference']:.4f}, greedy agreement {r['greedy_agreement']:.1%}")
         return 0
