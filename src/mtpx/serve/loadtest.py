@@ -193,7 +193,7 @@ class ServerProcess:
         self.port = free_port()
         cmd = [sys.executable, "-m", "mtpx.cli", "serve", "--model", model, "--port", str(self.port),
                "--spec-type", spec_type, "--max-num-seqs", str(max_num_seqs), "--log-level", "warning",
-               *(extra or [])]
+               "--no-generation-config", *(extra or [])]  # requests carry the load's own sampling
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + startup_timeout
         while True:
