@@ -143,6 +143,12 @@ def describe_state(before: dict, after: dict) -> str:
     return text
 
 
+def dtype_name(llm) -> str:
+    """bfloat16, or for quantized weights e.g. "int8 weights, bfloat16 activations"."""
+    name = str(llm.dtype).removeprefix("torch.")
+    return f"{llm.quantization} weights, {name} activations" if llm.quantization else name
+
+
 def git_commit() -> str:
     root = Path(__file__).resolve().parents[3]
     try:
@@ -241,7 +247,7 @@ def run(args: argparse.Namespace) -> dict:
         else " ".join(shlex.quote(a) for a in sys.argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(), "torch": torch.__version__, "threads": _threads(llm),
-        "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
+        "device": str(llm.device), "dtype": dtype_name(llm),
         "repeat": args.repeat, "temperatures": cfg.temperatures, "ignore_eos": cfg.ignore_eos,
         "synthetic": synth is not None, "synthetic_rates": synth, "draft_model": draft_model,
         "modes": runner.mode_dicts(modes),
