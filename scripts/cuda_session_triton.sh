@@ -14,8 +14,8 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 py=python3
 bench_roof=($py -m mtpx.cli bench --device cuda --temperature 0 --no-memory --no-costs --no-plots)
 bench=("${bench_roof[@]}" --no-roofline)
-SECTIONS=${SECTIONS:-tests steps check bench}
-AB=${AB:-MTPX_TRITON_GDN}  # a subset reruns part of it
+SECTIONS=${SECTIONS:-tests steps check bench}  # a subset reruns part of it
+AB=${AB:-MTPX_TRITON_GDN}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 step() { echo "== $(date +%T) $*"; }
 {
@@ -32,12 +32,11 @@ step() { echo "== $(date +%T) $*"; }
   fi
   want steps && for model in demo /tmp/q08b; do
     [ "$model" = /tmp/q08b ] && { wait; cat /tmp/gen.log | tail -2; }
-    for gdn in 1 0; do
-      step "step times $model $AB=$gdn"
-      env $AB=$gdn timeout 90 $py scripts/cuda_check.py --model $model --steps-only 2>/dev/null \
-        > "$OUT/steps-$(basename $model)-gdn$gdn.json"
-      $py -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['paths'], d['step_times'])" \
-        "$OUT/steps-$(basename $model)-gdn$gdn.json"
+    for on in 1 0; do
+      step "step times $model $AB=$on"
+      json="$OUT/steps-$(basename $model)-$AB$on.json"
+      env $AB=$on timeout 90 $py scripts/cuda_check.py --model $model --steps-only 2>/dev/null > "$json"
+      $py -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['paths'], d['step_times'])" "$json"
     done
   done
   if want check; then
@@ -45,15 +44,15 @@ step() { echo "== $(date +%T) $*"; }
     timeout 120 $py scripts/cuda_check.py --prompts 2 --max-tokens 96 --no-eager > "$OUT/check-demo.json"
     echo "cuda_check rc=$?"; $py -c "import json; d=json.load(open('$OUT/check-demo.json')); print(d['lossless'])"
   fi
-  want bench && for gdn in 1 0; do
-    step "bench demo $AB=$gdn"
-    env $AB=$gdn timeout 100 "${bench[@]}" --model demo --workloads code --modes none,mtp3,mtp4 --max-prompts 4 \
-      --repeat 1 --out /tmp/b-demo-$gdn 2>&1 | grep -E "^\| code" | head -8
+  want bench && for on in 1 0; do
+    step "bench demo $AB=$on"
+    env $AB=$on timeout 100 "${bench[@]}" --model demo --workloads code --modes none,mtp3,mtp4 --max-prompts 4 \
+      --repeat 1 --out /tmp/b-demo-$on 2>&1 | grep -E "^\| code" | head -8
   done
-  want bench && wait && for gdn in 1 0; do
-    step "bench 0.8B $AB=$gdn"
-    env $AB=$gdn timeout 100 "${bench[@]}" --model /tmp/q08b --workloads code --modes none,mtp3 \
-      --spec-synth-rates 0.8 --max-prompts 2 --repeat 1 --out /tmp/b-q08b-$gdn 2>&1 | grep -E "^\| code" | head -8
+  want bench && wait && for on in 1 0; do
+    step "bench 0.8B $AB=$on"
+    env $AB=$on timeout 100 "${bench[@]}" --model /tmp/q08b --workloads code --modes none,mtp3 \
+      --spec-synth-rates 0.8 --max-prompts 2 --repeat 1 --out /tmp/b-q08b-$on 2>&1 | grep -E "^\| code" | head -8
   done
   if want full; then
     wait

@@ -13,17 +13,23 @@ from mtpx.models.graphs import WIDTH, StaticState
 
 try:
     import triton
-    interpreted = triton.knobs.runtime.interpret
+    HAS_INTERPRETER = triton.knobs.runtime.interpret
 except ImportError:
-    interpreted = False
-DEVICES = ["cpu", pytest.param("cpu-triton", marks=pytest.mark.skipif(not interpreted, reason="no Triton interpreter")),
+    HAS_INTERPRETER = False
+DEVICES = ["cpu",
+           pytest.param("cpu-triton", marks=pytest.mark.skipif(not HAS_INTERPRETER, reason="no Triton interpreter")),
            pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+def _interpreted(request) -> bool:
+    """Whether this test runs the "cpu-triton" variant."""
+    callspec = getattr(request.node, "callspec", None)
+    return callspec is not None and "cpu-triton" in callspec.params.values()
 
 
 @pytest.fixture(autouse=True)
 def _triton_interpreter(request, monkeypatch):
-    callspec = getattr(request.node, "callspec", None)
-    if callspec and "cpu-triton" in callspec.params.values():
+    if _interpreted(request):
         monkeypatch.setenv("MTPX_TRITON_GDN", "interpret")
 
 
@@ -90,7 +96,7 @@ def test_static_rows_do_not_depend_on_the_pass_width(bf16):
 
 def test_speculation_on_static_passes_is_token_identical_to_plain_decoding(bf16, request):
     g = torch.Generator().manual_seed(2)
-    interpreted = "cpu-triton" in request.node.callspec.params.values()  # ~30 ms a kernel call: fewer cases
+    interpreted = _interpreted(request)  # ~30 ms a kernel call: fewer cases
     for n in (17,) if interpreted else (3, 17, 40):
         prompt = torch.randint(0, 300, (n,), generator=g).tolist()
         ref = bf16.generate(prompt, max_tokens=24, ignore_eos=True).token_ids

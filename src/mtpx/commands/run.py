@@ -39,15 +39,16 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     """How each token is chosen: shared by `mtpx run` and `mtpx chat`."""
-    model = " (default: the model's generation config, else {})"
-    p.add_argument("--temperature", "--temp", type=float, default=None, help="0 = greedy" + model.format(0))
-    p.add_argument("--top-k", type=int, default=None, help="0 = off" + model.format(0))
-    p.add_argument("--top-p", type=float, default=None, help=model.format(1).strip()[1:-1])
-    p.add_argument("--min-p", type=float, default=None, help=model.format(0).strip()[1:-1])
+    def default(value: float) -> str:
+        return f"default: the model's generation config, else {value}"
+    p.add_argument("--temperature", "--temp", type=float, default=None, help=f"0 = greedy ({default(0)})")
+    p.add_argument("--top-k", type=int, default=None, help=f"0 = off ({default(0)})")
+    p.add_argument("--top-p", type=float, default=None, help=default(1))
+    p.add_argument("--min-p", type=float, default=None, help=default(0))
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repetition_penalty", type=float, default=None,
-                   help="divide positive / multiply negative logits of tokens already in prompt or output (1 = off)"
-                   + model.format(1))
+                   help="divide positive / multiply negative logits of tokens already in prompt or output (1 = off; "
+                   f"{default(1)})")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract from tokens already generated")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="subtract this times the number of times a token was generated")

@@ -71,18 +71,18 @@ def gated_delta_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     q, k: [W, H, dk] (normalized, q scaled); v: [W, H, dv]; g (log decay), beta: [W, H]; all fp32.
     state [H, dk, dv] (fp32) becomes the state after T positions; snapshots [>= T + 1, H, dk, dv] receive the state
     before the pass and after each position. Returns the outputs [W, H, dv], zero past T."""
-    W, H, dk = k.shape
-    dv = v.shape[-1]
+    import triton
     if state.dtype != torch.float32 or snapshots.dtype != torch.float32:
         raise TypeError("the gated delta recurrence keeps its state in fp32")
-    q, k, v, g, beta = (t.float().contiguous() for t in (q, k, v, g, beta))
-    out = torch.empty(W, H, dv, dtype=torch.float32, device=q.device)
-    import triton
-    BK = triton.next_power_of_2(dk)
-    BV = min(triton.next_power_of_2(dv), 16)
     if q.device.type != "cuda" and not triton.knobs.runtime.interpret:
         raise RuntimeError("the Triton kernel runs off CUDA only in Triton's interpreter: set TRITON_INTERPRET=1 "
                            "before triton is imported")
+    W, H, dk = k.shape
+    dv = v.shape[-1]
+    q, k, v, g, beta = (t.float().contiguous() for t in (q, k, v, g, beta))
+    out = torch.empty(W, H, dv, dtype=torch.float32, device=q.device)
+    BK = triton.next_power_of_2(dk)
+    BV = min(triton.next_power_of_2(dv), 16)
     grid = (H, triton.cdiv(dv, BV))
     _kernel()[grid](q, k, v, g, beta, state, snapshots, out, T, W, H, dk, dv, BK, BV)
     return out
