@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,12 @@ from mtpx.models.linear import Linear, linear, project, project_joined, row_inva
 from mtpx.state import SequenceState
 
 GDN_CHUNK = 64
+
+
+def initialised(weight: torch.Tensor, init: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`init(weight)`, except on the meta device (a model built to load weights into): there random and log ops
+    import torch._dynamo, and with it triton where installed: ~1 s of every model load on this machine."""
+    return weight if weight.device.type == "meta" else init(weight)
 
 
 class RMSNorm(nn.Module):
@@ -281,7 +288,7 @@ class GatedDeltaNet(nn.Module):
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False,
                                 padding=self.kernel - 1)
         self.dt_bias = nn.Parameter(torch.ones(self.nv))
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.nv).uniform_(0.01, 16)))
+        self.A_log = nn.Parameter(initialised(torch.empty(self.nv), lambda w: w.uniform_(0.01, 16).log_()))
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, h)
 
@@ -441,8 +448,8 @@ class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h).normal_(0, 0.02))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i).normal_(0, 0.02))
+        self.gate_up_proj = nn.Parameter(initialised(torch.empty(e, 2 * i, h), lambda w: w.normal_(0, 0.02)))
+        self.down_proj = nn.Parameter(initialised(torch.empty(e, h, i), lambda w: w.normal_(0, 0.02)))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -613,7 +620,8 @@ class Qwen35Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        embed = initialised(torch.empty(cfg.vocab_size, cfg.hidden_size), nn.init.normal_)  # nn.Embedding's init
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=embed)
         self.model.layers = nn.ModuleList(DecoderLayer(cfg, t, i) for i, t in enumerate(cfg.layer_types))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
