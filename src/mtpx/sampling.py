@@ -67,12 +67,26 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, tokens: list[i
     extra = torch.zeros(rows, vocab, device=logits.device)  # row j: counts of drafts[:j]
     for j, d in enumerate(drafts[:rows - 1]):
         extra[j + 1:, d] += 1
-    generated = torch.tensor(tokens[n_prompt:], dtype=torch.long, device=logits.device)
-    counts = torch.bincount(generated, minlength=vocab)[:vocab].float() + extra
+    counts, seen = penalty_history(tokens, n_prompt, vocab, logits.device)
+    return penalize(logits, params, counts + extra, seen | (extra > 0))
+
+
+def penalty_history(tokens: list[int], n_prompt: int, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the penalties of the next token depend on: how often each id was generated (float [V]; frequency and
+    presence penalties count generated tokens only, as vLLM's do) and whether it was seen at all (bool [V]: generated
+    or in the prompt; the repetition penalty's set)."""
+    generated = torch.tensor(tokens[n_prompt:], dtype=torch.long, device=device)
+    counts = torch.bincount(generated, minlength=vocab)[:vocab].float()
+    seen = counts > 0
+    seen[torch.tensor(tokens[:n_prompt], dtype=torch.long, device=device)] = True
+    return counts, seen
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Logits (float32) after the repetition penalty (a seen id's positive logit divided by it, a negative one
+    multiplied), then frequency and presence. kernels/layer_step.cpp's draft chain computes the same."""
     out = logits.float().clone()
     if params.repetition_penalty != 1:
-        seen = counts > 0
-        seen[:, torch.tensor(tokens[:n_prompt], dtype=torch.long, device=logits.device)] = True
         r = params.repetition_penalty
         out = torch.where(seen, torch.where(out > 0, out / r, out * r), out)
     return out - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()

@@ -193,13 +193,19 @@ def mtp_greedy_drafts(hidden: torch.Tensor, tokens: torch.Tensor, embed: torch.T
                       norm_hidden: torch.Tensor, fc: list[torch.Tensor], layer_weights: tuple,
                       final_norm: torch.Tensor, head: list[torch.Tensor], head_ids: torch.Tensor | None,
                       cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int,
-                      k: int, n_heads: int, n_kv: int, head_dim: int, eps: float) -> list[int]:
+                      k: int, n_heads: int, n_kv: int, head_dim: int, eps: float,
+                      penalty: tuple | None = None) -> list[int]:
     """k greedy drafts of a one-layer MTP module in one call (layer_step.cpp), from the pending pairs (hidden [n, H],
-    tokens [n]); writes the MTP KV cache at start .. start + n + k - 2."""
+    tokens [n]); writes the MTP KV cache at start .. start + n + k - 2. `penalty`: (counts [V], seen [V], repetition,
+    frequency, presence), sampling.penalty_history's tensors and the SamplingParams values: drafts by the argmax
+    of penalised logits, each draft counting for the next."""
     ids = head_ids if head_ids is not None else torch.empty(0, dtype=torch.long)
+    counts, seen, repetition, frequency, presence = penalty or (torch.empty(0), torch.empty(0, dtype=torch.bool),
+                                                                1.0, 0.0, 0.0)
     return rowgemm_module().mtp_greedy_drafts(
         hidden.contiguous(), tokens, embed, norm_embedding, norm_hidden, fc, *layer_weights, final_norm, head, ids,
-        cos.contiguous(), sin.contiguous(), cache_k, cache_v, start, k, n_heads, n_kv, head_dim, eps).tolist()
+        cos.contiguous(), sin.contiguous(), cache_k, cache_v, start, k, n_heads, n_kv, head_dim, eps,
+        counts, seen, repetition, frequency, presence).tolist()
 
 
 def argmax_rows(x: torch.Tensor) -> list[int]:

@@ -53,7 +53,8 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
                                 const std::vector<torch::Tensor>& head, const torch::Tensor& head_ids,
                                 const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor cache_k,
                                 torch::Tensor cache_v, int64_t start, int64_t k, int64_t nh, int64_t nkv, int64_t D,
-                                double eps);
+                                double eps, const torch::Tensor& penalty_counts, const torch::Tensor& penalty_seen,
+                                double repetition, double frequency, double presence);
 
 // A decoder stack (embedding, layers, final norm) for whole-stack step calls of one sequence: the layers' weights
 // are handed over once (add_attention / add_gdn, in layer order), so a step passes only its tokens and caches

@@ -78,12 +78,23 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
                                 const std::vector<torch::Tensor>& head, const torch::Tensor& head_ids,
                                 const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor cache_k,
                                 torch::Tensor cache_v, int64_t start, int64_t k, int64_t nh, int64_t nkv, int64_t D,
-                                double eps) {
+                                double eps, const torch::Tensor& penalty_counts, const torch::Tensor& penalty_seen,
+                                double repetition, double frequency, double presence) {
   const int64_t n = tokens.size(0);
   TORCH_CHECK(n >= 1 && k >= 1 && hidden.dim() == 2 && hidden.size(0) == n,
               "mtp_greedy_drafts: hidden [n, H], tokens [n], k >= 1");
   TORCH_CHECK(cos.size(0) >= n + k - 1, "mtp_greedy_drafts: cos, sin need n + k - 1 rows");
   auto drafts = torch::empty({k}, tokens.options().dtype(at::kLong));
+  // penalties (sampling.py's apply_penalties, the same formula): each draft follows the earlier ones, so a draft
+  // counts as generated for the next; copies, the caller's tensors stay as they were
+  const bool penalized = penalty_counts.numel() > 0;
+  torch::Tensor counts, seen;
+  if (penalized) {
+    TORCH_CHECK(penalty_counts.dim() == 1 && penalty_seen.sizes() == penalty_counts.sizes(),
+                "mtp_greedy_drafts: penalty counts and seen are [V]");
+    counts = penalty_counts.to(at::kFloat).clone();
+    seen = penalty_seen.to(at::kBool).clone();
+  }
   torch::Tensor h = hidden, t = tokens;
   int64_t pos = 0;  // rows of cos / sin used so far
   for (int64_t j = 0; j < k; ++j) {
@@ -95,8 +106,23 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
                              D, eps);
     pos += T;
     h = rms_norm(x.narrow(0, T - 1, 1).contiguous(), final_norm, eps, true);
-    int64_t best = argmax_rows(matmul(h, head))[0];
+    auto logits = matmul(h, head);
+    int64_t best;
+    if (penalized) {
+      auto l = logits[0].to(at::kFloat);
+      auto c = head_ids.numel() > 0 ? counts.index_select(0, head_ids) : counts;
+      auto s = head_ids.numel() > 0 ? seen.index_select(0, head_ids) : seen;
+      if (repetition != 1.0) l = at::where(s, at::where(l > 0, l / repetition, l * repetition), l);
+      l = l - frequency * c - presence * (c > 0).to(at::kFloat);
+      best = argmax_rows(l.unsqueeze(0))[0];
+    } else {
+      best = argmax_rows(logits)[0];
+    }
     if (head_ids.numel() > 0) best = head_ids[best].item<int64_t>();
+    if (penalized) {
+      counts[best] += 1;
+      seen[best] = true;
+    }
     drafts[j] = best;
     t = torch::full({1}, best, tokens.options().dtype(at::kLong));
   }

@@ -702,13 +702,13 @@ class Qwen35Model(nn.Module):
             return self.lm_head(hidden)
 
     def mtp_greedy_drafts(self, hidden: torch.Tensor, tokens: torch.Tensor, state: SequenceState, k: int,
-                          head: list[torch.Tensor] | None = None,
-                          head_ids: torch.Tensor | None = None) -> list[int] | None:
+                          head: list[torch.Tensor] | None = None, head_ids: torch.Tensor | None = None,
+                          penalty: tuple | None = None) -> list[int] | None:
         """k greedy drafts of the MTP layer for one sequence in one kernel call (kernels/layer_step.cpp), from its n
         pending pairs (hidden [n, H], tokens [n]); advances the MTP state by n + k - 1. `head`: the draft head's
-        weight as kernel_weight gives it (default lm_head), `head_ids`: the token ids of its rows. None where the
-        kernel cannot run this (not bf16 on CPU, more than one MTP layer, a weight it cannot read): the caller then
-        drafts step by step, with the same result."""
+        weight as kernel_weight gives it (default lm_head), `head_ids`: the token ids of its rows, `penalty`: drafts
+        by penalised logits (kernels.mtp_greedy_drafts). None where the kernel cannot run this (not bf16 on CPU, more
+        than one MTP layer, a weight it cannot read): the caller then drafts step by step, with the same result."""
         mtp = self.mtp
         if len(mtp.layers) != 1 or not kernels.fused_step_ops(hidden) or isinstance(state, StaticState):
             return None
@@ -724,7 +724,7 @@ class Qwen35Model(nn.Module):
         drafts = kernels.mtp_greedy_drafts(
             hidden, tokens, self.model.embed_tokens.weight, mtp.pre_fc_norm_embedding.weight,
             mtp.pre_fc_norm_hidden.weight, fc, weights, mtp.norm.weight, head, head_ids, cos[0], sin[0],
-            *state.kv[a.layer_idx], state.length, k, a.n_heads, a.n_kv, a.head_dim, self.cfg.rms_norm_eps)
+            *state.kv[a.layer_idx], state.length, k, a.n_heads, a.n_kv, a.head_dim, self.cfg.rms_norm_eps, penalty)
         state.length += n + k - 1
         return drafts
 

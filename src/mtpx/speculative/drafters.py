@@ -15,7 +15,7 @@ from mtpx import kernels
 from mtpx.models.linear import QuantizedWeight, kernel_weight, linear, nbytes, row_invariant, weight_bytes
 from mtpx.models.graphs import StaticState
 from mtpx.models.qwen3_5 import Qwen35Model
-from mtpx.sampling import apply_penalties, sample, target_probs
+from mtpx.sampling import apply_penalties, penalty_history, sample, target_probs
 from mtpx.state import SequenceState
 
 if TYPE_CHECKING:
@@ -83,9 +83,10 @@ class _StatefulDrafter(Drafter):
     @abstractmethod
     def _logits(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    def _drafts_by_argmax(self, seq: "Sequence") -> bool:
-        """Greedy, unpenalised, no p_min: a draft is the argmax, and the full logits are never needed."""
-        return self.p_min == 0 and seq.params.greedy and not seq.params.penalized
+    def _drafts_by_argmax(self, seq: "Sequence", penalties: bool = False) -> bool:
+        """Greedy, no p_min and unpenalised (or `penalties`: the caller applies them): a draft is the argmax, and the
+        full logits are never needed."""
+        return self.p_min == 0 and seq.params.greedy and (penalties or not seq.params.penalized)
 
     def _argmax(self, x: torch.Tensor) -> list[int]:
         """Greedy draft tokens for drafter outputs x [R, H]."""
@@ -227,17 +228,24 @@ class MTPDrafter(_StatefulDrafter):
 
     def _greedy_chain(self, seq: "Sequence", k: int) -> list[int] | None:
         hidden, tokens = self._pending(seq)
-        if not self._drafts_by_argmax(seq) or hidden is None or len(tokens) > PREFILL_ROWS:
+        if not self._drafts_by_argmax(seq, penalties=True) or hidden is None or len(tokens) > PREFILL_ROWS:
             return None
         d = seq.draft
         start = d.state.length
         d.state.mark()
         if isinstance(d.state, StaticState):
+            if seq.params.penalized:
+                return None
             drafts = self._static_chain(hidden, torch.tensor([tokens], device=hidden.device), d.state, k)
         else:
             head = (kernel_weight(self.head.weight), self.head.ids) if self.head is not None else (None, None)
+            penalty = None
+            if seq.params.penalized:
+                p = seq.params
+                penalty = (*penalty_history(seq.tokens, seq.n_prompt, self.model.cfg.vocab_size, hidden.device),
+                           p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
             drafts = self.model.mtp_greedy_drafts(hidden, torch.tensor(tokens, device=hidden.device), d.state, k,
-                                                  *head)
+                                                  *head, penalty)
         if drafts is not None:
             d.committed = start + len(tokens)
             d.clear_pending()
