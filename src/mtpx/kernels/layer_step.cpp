@@ -7,6 +7,7 @@
 // between them is gone.
 //
 // A weight is given as the tensors of its format: {w} bf16, {q, scale} int8, {codes, scale_offset} int4.
+#include <limits>
 #include "kernels.h"
 
 namespace {
@@ -92,8 +93,9 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
   if (penalized) {
     TORCH_CHECK(penalty_counts.dim() == 1 && penalty_seen.sizes() == penalty_counts.sizes(),
                 "mtp_greedy_drafts: penalty counts and seen are [V]");
-    counts = penalty_counts.to(at::kFloat).clone();
-    seen = penalty_seen.to(at::kBool).clone();
+    TORCH_CHECK(head_ids.numel() == 0 || head_ids.scalar_type() == at::kLong, "mtp_greedy_drafts: head_ids int64");
+    counts = penalty_counts.to(at::kFloat).contiguous().clone();
+    seen = penalty_seen.to(at::kBool).contiguous().clone();
   }
   torch::Tensor h = hidden, t = tokens;
   int64_t pos = 0;  // rows of cos / sin used so far
@@ -108,20 +110,29 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
     h = rms_norm(x.narrow(0, T - 1, 1).contiguous(), final_norm, eps, true);
     auto logits = matmul(h, head);
     int64_t best;
-    if (penalized) {
-      auto l = logits[0].to(at::kFloat);
-      auto c = head_ids.numel() > 0 ? counts.index_select(0, head_ids) : counts;
-      auto s = head_ids.numel() > 0 ? seen.index_select(0, head_ids) : seen;
-      if (repetition != 1.0) l = at::where(s, at::where(l > 0, l / repetition, l * repetition), l);
-      l = l - frequency * c - presence * (c > 0).to(at::kFloat);
-      best = argmax_rows(l.unsqueeze(0))[0];
+    if (penalized) {  // one pass: penalise each row's logit by its id's history, keep the first largest
+      const auto l = logits[0].to(at::kFloat).contiguous();
+      const float* lp = l.data_ptr<float>();
+      const int64_t* ids = head_ids.numel() > 0 ? head_ids.data_ptr<int64_t>() : nullptr;
+      float* cp = counts.data_ptr<float>();
+      bool* sp = seen.data_ptr<bool>();
+      const float r = static_cast<float>(repetition), f = static_cast<float>(frequency),
+                  p = static_cast<float>(presence);
+      float top = -std::numeric_limits<float>::infinity();
+      int64_t row = 0;
+      for (int64_t i = 0; i < l.size(0); ++i) {
+        const int64_t id = ids ? ids[i] : i;
+        float v = lp[i];
+        if (sp[id]) v = v > 0 ? v / r : v * r;
+        v -= f * cp[id] + (cp[id] > 0 ? p : 0.0f);
+        if (v > top) top = v, row = i;
+      }
+      best = ids ? ids[row] : row;
+      cp[best] += 1;
+      sp[best] = true;
     } else {
       best = argmax_rows(logits)[0];
-    }
-    if (head_ids.numel() > 0) best = head_ids[best].item<int64_t>();
-    if (penalized) {
-      counts[best] += 1;
-      seen[best] = true;
+      if (head_ids.numel() > 0) best = head_ids[best].item<int64_t>();
     }
     drafts[j] = best;
     t = torch::full({1}, best, tokens.options().dtype(at::kLong));
