@@ -39,3 +39,23 @@ def test_unset_sampling_values_come_from_the_models_generation_config(dense_ckpt
     params = server.sampling(Body({"max_tokens": 4}), 3, chat=False)["params"]
     assert (params.temperature, params.top_k, params.top_p) == (0.9, 5, 1.0)
     assert server.sampling(Body({"temperature": 0.2}), 3, chat=False)["params"].temperature == 0.2
+
+
+def test_the_draft_policy_carries_over_between_requests_with_the_same_settings(dense_ckpt):
+    """Like the server's shared policy: what the adaptive policy measured in one request (acceptance per position,
+    round costs) is where the next one with the same drafter and settings starts; other settings get their own."""
+    import mtpx
+    llm = mtpx.LLM(dense_ckpt)
+    prompt = [5, 6, 7, 8]
+    plain = llm.generate(prompt, max_tokens=24, ignore_eos=True).token_ids
+    first = llm.generate(prompt, max_tokens=24, ignore_eos=True, spec_type="mtp")
+    assert first.token_ids == plain and len(llm._policies) == 1
+    policy = next(iter(llm._policies.values()))
+    rounds, tried = policy.rounds, sum(policy.tried)
+    assert rounds > 0
+    second = llm.generate(prompt, max_tokens=24, ignore_eos=True, spec_type="mtp")
+    assert second.token_ids == plain
+    assert list(llm._policies.values()) == [policy] and policy.rounds > rounds and sum(policy.tried) >= tried
+    llm.generate(prompt, max_tokens=8, ignore_eos=True, spec_type="mtp", spec_draft_n_max=2)
+    llm.generate(prompt, max_tokens=8, ignore_eos=True, spec_type="mtp", repetition_penalty=1.2)
+    assert len(llm._policies) == 3

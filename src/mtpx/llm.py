@@ -150,6 +150,7 @@ class LLM:
         gc.freeze()
         self._draft_models: dict[str, Qwen35Model] = {}
         self._draft_heads: dict[int, DraftHead] = {}
+        self._policies: dict[tuple, DraftPolicy] = {}
         self.static_steps = (self.device.type == "cuda" and not self.config.is_moe) if static_steps is None \
             else static_steps
         self._states = StatePool(self.model.new_static_state)
@@ -273,10 +274,20 @@ class LLM:
         drafter = self.make_drafter(spec_type, spec_draft_p_min=spec_draft_p_min, spec_draft_model=spec_draft_model,
                                     spec_ngram_min=spec_ngram_min, spec_ngram_max=spec_ngram_max,
                                     spec_draft_vocab=spec_draft_vocab)
-        policy = DraftPolicy(spec_draft_n_max, spec_draft_n_min, spec_draft_policy == "adaptive",
-                             self.step_row_block) if drafter else None
+        policy = None
         if drafter:
             self.check_draft_n_max(spec_draft_n_max)
+            # what it measured (acceptance per position, the cost of rounds with k drafts) carries over to the next
+            # request with the same drafter and settings, as in the server, instead of being measured again each
+            # time: a short request would otherwise spend much of itself exploring
+            key = (spec_type, spec_draft_model, spec_draft_vocab, spec_draft_p_min, spec_ngram_min, spec_ngram_max,
+                   spec_draft_n_max, spec_draft_n_min, spec_draft_policy, params.greedy, params.temperature,
+                   params.penalized, tuple(spec_synth_rates or ()))
+            policy = self._policies.get(key)
+            if policy is None:
+                policy = self._policies[key] = DraftPolicy(spec_draft_n_max, spec_draft_n_min,
+                                                           spec_draft_policy == "adaptive", self.step_row_block)
+            policy.skip_gap()  # the time since the last request's last round is not a round's cost
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         seq = self.new_sequence(self.encode_prompt(prompt), max_tokens, params, ignore_eos=ignore_eos,
                                 spec_synth_rates=spec_synth_rates, static=self.static_steps)
