@@ -1,7 +1,8 @@
 """Greedy decoding with penalties on the demo model: plain decoding against MTP drafting with the one-call draft chain
 applying the penalties (kernels/layer_step.cpp, "new") and with the step-by-step drafting loop it replaced there
 ("old": the chain used to be skipped when a request had penalties), alternated in one process; outputs checked
-identical to plain decoding. BENCHMARKS.md section R.
+identical to plain decoding. BENCHMARKS.md section R. Every request starts with a fresh draft policy, as requests
+did when this was measured (one policy carried across both paths would mix their costs).
     .venv/bin/python scripts/penalty_chain_ab.py
 """
 import statistics, sys
@@ -14,6 +15,7 @@ def old_chain(self, seq, k):
     return None if seq.params.penalized else new_chain(self, seq, k)
 def run(path, spec, rp, **kw):
     drafters.MTPDrafter._greedy_chain = new_chain if path == "new" else old_chain
+    llm._policies.clear()
     out = llm.generate(PROMPT, max_tokens=400, spec_type=spec, repetition_penalty=rp, ignore_eos=True, **kw)
     return out
 for rp in (1.1, 1.3):
