@@ -55,7 +55,7 @@ def test_the_draft_policy_carries_over_between_requests_with_the_same_settings(d
     assert rounds > 0
     second = llm.generate(prompt, max_tokens=24, ignore_eos=True, spec_type="mtp")
     assert second.token_ids == plain
-    assert list(llm._policies.values()) == [policy] and policy.rounds > rounds and sum(policy.tried) >= tried
+    assert list(llm._policies.values()) == [policy] and policy.rounds > rounds and sum(policy.tried) >= tried / 2
     llm.generate(prompt, max_tokens=8, ignore_eos=True, spec_type="mtp", spec_draft_n_max=2)
     llm.generate(prompt, max_tokens=8, ignore_eos=True, spec_type="mtp", repetition_penalty=1.2)
     assert len(llm._policies) == 3

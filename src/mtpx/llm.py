@@ -287,7 +287,7 @@ class LLM:
             if policy is None:
                 policy = self._policies[key] = DraftPolicy(spec_draft_n_max, spec_draft_n_min,
                                                            spec_draft_policy == "adaptive", self.step_row_block)
-            policy.skip_gap()  # the time since the last request's last round is not a round's cost
+            policy.new_request()
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         seq = self.new_sequence(self.encode_prompt(prompt), max_tokens, params, ignore_eos=ignore_eos,
                                 spec_synth_rates=spec_synth_rates, static=self.static_steps)

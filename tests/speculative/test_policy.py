@@ -80,3 +80,14 @@ def test_time_spent_on_other_work_between_rounds_is_not_a_rounds_cost():
     policy.skip_gap()  # e.g. a prefill of 100 ms ran here
     policy.observe(1, [0], [0], 0.0, 0.01, started=0.13, ended=0.14)
     assert abs(policy.recent[-1][2] - 0.01) < 1e-9
+
+
+def test_a_new_request_keeps_the_acceptance_at_half_weight_and_restarts_the_exploration_backoff():
+    policy = DraftPolicy(3, 0, True)
+    simulate(policy, 1, lambda k, run: 1.0 + 2.0 * k, rounds=600)  # drafting never pays: the backoff grows
+    assert policy.explore[1][1] > 16 and policy.tried[0] > 0
+    tried, accepted = list(policy.tried), list(policy.accepted)
+    policy.new_request()
+    assert policy.explore[1][1:] == [16, 0]
+    assert policy.tried == [t / 2 for t in tried] and policy.accepted == [a / 2 for a in accepted]
+    assert policy.last_end is None

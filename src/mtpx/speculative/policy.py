@@ -155,6 +155,17 @@ class DraftPolicy:
         self.repeat_k, self.repeat_left, self.repeat_batch = k, MEASURE_ROUNDS - 1, batch
         return k
 
+    def new_request(self) -> None:
+        """A new request starts with what this policy measured for earlier ones (mtpx.LLM keeps one per setting),
+        but its text may draft differently: the acceptance counts weigh half as much, so its own rounds soon
+        dominate, and the exploration backoff starts again from EXPLORE_EVERY, so a decision made on earlier text
+        is re-checked within 16 rounds rather than up to 256."""
+        self.tried = [t / 2 for t in self.tried]
+        self.accepted = [a / 2 for a in self.accepted]
+        for entry in self.explore.values():
+            entry[1], entry[2] = EXPLORE_EVERY, 0
+        self.skip_gap()  # the time since the last request's last round is not a round's cost
+
     def restart_timing(self) -> None:
         """Round costs changed for a reason of their own (the thread count did): later rounds are not compared with
         earlier ones."""
