@@ -31,6 +31,21 @@ def test_tuner_measures_each_count_then_keeps_the_fastest():
     assert machine.history[-10:] == [2] * 10
 
 
+def test_the_reported_measurement_keeps_one_context_when_the_work_changes():
+    """After a change of context (plain rounds, then MTP rounds) the count in use is rebased in `rates`; `measured`
+    still holds the last complete measurement, both counts on the same work."""
+    machine = Machine({1: 1.0, 2: 0.7})
+    tuner = ThreadTuner([1, 2], machine.set_threads)
+    machine.run(tuner, 40)
+    complete = dict(tuner.measured)
+    assert set(complete) == {1, 2} and complete[2] > complete[1]
+    machine.seconds = {1: 0.5, 2: 0.35}  # MTP rounds: twice the tokens per second on either count
+    for _ in range(8):
+        tuner.observe(8, machine.seconds[machine.threads], context="mtp")
+    assert tuner.rates[2] > 2 * tuner.rates[1]  # rebased 2, stale 1: not a comparison
+    assert tuner.measured == complete
+
+
 def test_tuner_moves_to_one_thread_when_the_other_core_gets_busy_and_back_when_it_frees():
     machine = Machine({1: 1.0, 2: 0.7})
     tuner = ThreadTuner([1, 2], machine.set_threads)

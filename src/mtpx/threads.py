@@ -28,7 +28,11 @@ class ThreadTuner:
             raise ValueError("ThreadTuner needs at least one thread count")
         self.choices = sorted(set(choices))
         self.set_threads = set_threads
-        self.rates: dict[int, float] = {}  # tokens per second measured for each count, last measurement
+        # tokens per second for each count: the last value seen, which a change of context (plain vs MTP rounds)
+        # rebases for the count in use only, so entries can describe different work; `measured`: the last complete
+        # measurement, its counts measured one after another (what a report should show)
+        self.rates: dict[int, float] = {}
+        self.measured: dict[int, float] = {}
         self.interval = FIRST_INTERVAL
         self.windows_left = 0
         self.switches = 0
@@ -89,6 +93,7 @@ class ThreadTuner:
         return self._chosen if self._chosen is not None else self.choices[-1]
 
     def _choose(self) -> None:
+        self.measured = dict(self.rates)
         best = max(self.rates, key=self.rates.get)
         self.interval = min(2 * self.interval, MAX_INTERVAL) if best == self._chosen else FIRST_INTERVAL
         others = [r for n, r in self.rates.items() if n != best]

@@ -264,8 +264,8 @@ def _threads(llm) -> int | str:
     tuner = llm.thread_tuner
     if tuner is None:
         return torch.get_num_threads()
-    rates = ", ".join(f"{n}: {r:.0f} tok/s" for n, r in sorted(tuner.rates.items()))
-    return f"tuned ({rates} in its last measurement; {tuner.current} at the end)"
+    rates = ", ".join(f"{n}: {r:.0f} tok/s" for n, r in sorted(tuner.measured.items()))
+    return f"tuned ({rates or 'not measured yet'} in its last complete measurement; {tuner.current} at the end)"
 
 
 def _memory(args, modes, prompt, max_tokens, synth, draft_model) -> dict:
