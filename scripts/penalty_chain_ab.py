@@ -5,7 +5,7 @@ identical to plain decoding. BENCHMARKS.md section R. Every request starts with 
 did when this was measured (one policy carried across both paths would mix their costs).
     .venv/bin/python scripts/penalty_chain_ab.py
 """
-import statistics, sys
+import statistics
 from mtpx.llm import LLM
 from mtpx.commands.demo import PROMPT
 from mtpx.speculative import drafters

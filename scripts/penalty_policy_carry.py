@@ -3,7 +3,6 @@ policy carried over between them, as mtpx.LLM does) against plain decoding, each
 BENCHMARKS.md section R.
     .venv/bin/python scripts/penalty_policy_carry.py
 """
-import statistics
 from mtpx.llm import LLM
 from mtpx.commands.demo import PROMPT
 llm = LLM("demo")

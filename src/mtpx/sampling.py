@@ -65,15 +65,13 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, tokens: list[i
         return logits
     rows, vocab = logits.shape
     device = logits.device
-    history = torch.tensor(tokens, dtype=torch.long, device=device)
+    history_counts, history_seen = penalty_history(tokens, n_prompt, vocab, device)
     drafted = torch.tensor(list(drafts[:rows - 1]), dtype=torch.long, device=device)
     # only the ids of the history and the drafts change: penalise those columns and copy the rest (fewer, smaller
-    # ops than over the whole vocabulary: 145 -> 108 us for one row, 302 -> 145 us for three, 400 tokens of history)
-    ids = torch.unique(torch.cat([history, drafted]))
-    in_history = torch.zeros(vocab, dtype=torch.bool, device=device)
-    in_history[history] = True
-    counts = torch.bincount(history[n_prompt:], minlength=vocab)[ids].float().expand(rows, -1)
-    seen = in_history[ids].expand(rows, -1)
+    # ops than over the whole vocabulary: 293 -> 170 us for three rows, 400 tokens of history)
+    ids = torch.unique(torch.cat([history_seen.nonzero().flatten(), drafted]))
+    counts = history_counts[ids].expand(rows, -1)
+    seen = history_seen[ids].expand(rows, -1)
     if len(drafted):  # row j also counts drafts[:j]
         after = (torch.arange(rows, device=device)[:, None] > torch.arange(len(drafted), device=device)[None, :])
         extra = torch.zeros(rows, len(ids), device=device).index_add_(1, torch.searchsorted(ids, drafted),
@@ -88,10 +86,10 @@ def penalty_history(tokens: list[int], n_prompt: int, vocab: int, device) -> tup
     """What the penalties of the next token depend on: how often each id was generated (float [V]; frequency and
     presence penalties count generated tokens only, as vLLM's do) and whether it was seen at all (bool [V]: generated
     or in the prompt; the repetition penalty's set)."""
-    generated = torch.tensor(tokens[n_prompt:], dtype=torch.long, device=device)
-    counts = torch.bincount(generated, minlength=vocab)[:vocab].float()
-    seen = counts > 0
-    seen[torch.tensor(tokens[:n_prompt], dtype=torch.long, device=device)] = True
+    history = torch.tensor(tokens, dtype=torch.long, device=device)
+    counts = torch.bincount(history[n_prompt:], minlength=vocab)[:vocab].float()
+    seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+    seen[history] = True
     return counts, seen
 
 
