@@ -4,9 +4,10 @@ import torch
 
 from mtpx import kernels
 from mtpx.models import linear as linear_module
-from mtpx.models.linear import Int8Weight, linear, row_invariant
+from mtpx.models.linear import Int8Weight, TileWeight, linear, row_invariant
 
 needs_kernel = pytest.mark.skipif(not kernels.rowgemm_available(), reason="rowgemm kernel could not be built here")
+needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX tiles on this CPU / in this build")
 
 
 @needs_kernel
@@ -44,6 +45,62 @@ def test_rowgemm_rejects_bad_shapes():
         kernels.rowgemm(torch.randn(9, 32).bfloat16(), w)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         kernels.rowgemm(torch.randn(2, 24).bfloat16(), torch.randn(16, 24).bfloat16())
+
+
+@needs_amx
+@pytest.mark.parametrize("n,k", [(64, 64), (37, 64), (776, 256), (1024, 3584), (8192, 256)])
+def test_tile_rows_do_not_depend_on_row_count(n, k):
+    """AMX tiles (TileWeight): every row alone gives the bits it gets among 2..40 rows (several x tiles, a partial
+    last one), n need not be a multiple of 16; the result is a correct matmul."""
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(40, k, generator=g).bfloat16()
+    tiles = TileWeight(w)
+    alone = torch.cat([tiles.matmul(x[i:i + 1], True) for i in range(40)])
+    assert alone.shape == (40, n) and alone.dtype == torch.bfloat16
+    for m in (2, 5, 8, 16, 17, 33, 40):
+        assert torch.equal(tiles.matmul(x[:m], True), alone[:m])
+    ref = x.double() @ w.double().t()
+    assert ((alone.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-3 * k ** 0.5).all()
+
+
+@needs_amx
+def test_tiles_of_a_long_prefill_and_any_thread_count_give_the_same_bits():
+    """A prefill runs over the weights in chunks of x rows (K = 4096: 128 rows a chunk); threads split the columns."""
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(3000, 4096, generator=g).bfloat16(), torch.randn(300, 4096, generator=g).bfloat16()
+    tiles = TileWeight(w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tiles.matmul(x, False)
+        torch.set_num_threads(2)
+        assert torch.equal(tiles.matmul(x, False), one)
+    finally:
+        torch.set_num_threads(threads)
+    for i in (0, 127, 128, 255, 256, 299):
+        assert torch.equal(tiles.matmul(x[i:i + 1], True), one[i:i + 1])
+
+
+def test_tile_weight_layout_round_trips():
+    w = torch.randn(40, 96).bfloat16()
+    tiles = TileWeight(w)
+    assert tiles.tiles.shape == (3, 3, 16, 32) and tiles.shape == (40, 96)
+    assert torch.equal(tiles.unpacked(), w)
+    # one tile holds, for 16 columns, the pairs of 32 consecutive elements of K
+    assert torch.equal(tiles.tiles[1, 2, 5, 2 * 3:2 * 3 + 2], w[16 + 3, 64 + 10:64 + 12])
+    ids = torch.tensor([0, 5, 39, 17])
+    part = tiles.rows(ids)
+    assert isinstance(part, TileWeight) and torch.equal(part.unpacked(), w[ids])
+
+
+@needs_kernel
+def test_rowgemm_tiles_rejects_bad_shapes():
+    tiles = TileWeight(torch.randn(32, 64).bfloat16())
+    with pytest.raises(RuntimeError, match="K = 32"):
+        kernels.rowgemm_tiles(torch.randn(2, 32).bfloat16(), tiles.tiles, 32)
+    with pytest.raises(RuntimeError, match="n does not match"):
+        kernels.rowgemm_tiles(torch.randn(2, 64).bfloat16(), tiles.tiles, 40)
 
 
 def test_padded_onednn_path_is_row_invariant_too(monkeypatch):
@@ -146,15 +203,22 @@ def test_gdn_replay_rebuilds_the_states_of_a_verify_pass_bit_for_bit(dv):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("dtype", ["bf16", "bf16-vector", "int8", "int4"])
 def test_whole_layer_step_kernels_give_the_module_path_bits(dense_ckpt, dtype, monkeypatch):
     """kernels.attention_layer_step / gdn_layer_step chain the kernels the module path calls, and the whole-stack
     call (kernels.step_stack) chains those: the same logits and caches bit for bit on all three paths, for the main
-    stack and the MTP layer, across decode, verify and rollback."""
+    stack and the MTP layer, across decode, verify and rollback. bf16 runs as AMX tiles where the CPU has them;
+    bf16-vector on the vector kernel."""
+    import mtpx.llm
     from mtpx.llm import LLM
+    from mtpx.models.linear import quantized_weights
     from mtpx.models.qwen3_5 import DecoderLayer, Qwen35Model
-    llm = LLM(dense_ckpt, dtype=dtype)
+    if dtype == "bf16-vector":
+        monkeypatch.setattr(mtpx.llm, "to_tiles", lambda model: 0)
+    llm = LLM(dense_ckpt, dtype=dtype.removesuffix("-vector"))
     model = llm.model
+    tiled = sum(isinstance(w, TileWeight) for w in quantized_weights(model))
+    assert (tiled > 0) == (dtype == "bf16" and kernels.amx_available())
     assert all(layer.step_weights() is not None for layer in [*model.model.layers, *model.mtp.layers])
     x = torch.randint(0, 300, (1, 31), generator=torch.Generator().manual_seed(9))
 

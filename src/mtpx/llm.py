@@ -14,7 +14,7 @@ from mtpx import kernels
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
 from mtpx.models.graphs import WIDTH, StatePool, StaticState
-from mtpx.models.linear import QUANTIZATIONS, STEP_ROWS, fuse_projections, pack_for_cpu, quantize
+from mtpx.models.linear import QUANTIZATIONS, STEP_ROWS, fuse_projections, pack_for_cpu, quantize, to_tiles
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import SamplingParams
 from mtpx.speculative.drafters import DraftHead, Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
@@ -227,6 +227,8 @@ class LLM:
                 fuse_projections(model)
         if self.quantization:
             quantize(model, self.quantization)
+        elif self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            to_tiles(model)  # where the CPU has AMX: verify rows cost about one (models/linear.py TileWeight)
         return model
 
     def new_sequence(self, ids: list[int], max_tokens: int, params: SamplingParams, *, ignore_eos: bool = False,

@@ -72,3 +72,45 @@ def test_int4_quantizes_what_fits_and_keeps_int8_for_the_rest(dense_ckpt):
     assert {type(w) for w in weights} == {Int4Weight, Int8Weight}  # Gated DeltaNet's out_proj has K = 48: int8
     assert all(isinstance(w, Int8Weight) == (not Int4Weight.fits(w.shape)) for w in weights)
     assert llm.generate([5, 6, 7], max_tokens=8).token_ids
+
+
+def test_tiles_replace_the_bf16_weights_that_fit_and_compute_what_they_did(dense_ckpt, monkeypatch):
+    """On a CPU with AMX, LLM(dtype=bf16) moves every weight with K % 32 == 0 to tile order and releases the bf16
+    copy; the tied head is tiled too while small (the embedding keeps its copy). Logits match the vector kernel's
+    to bf16 rounding, and greedy text is the same."""
+    import mtpx
+    import mtpx.llm
+    from mtpx import kernels
+    from mtpx.models.linear import TileWeight, quantized_weights
+    if not kernels.amx_available():
+        pytest.skip("no AMX tiles here")
+    llm = mtpx.LLM(dense_ckpt)
+    model = llm.model
+    tiles = quantized_weights(model)
+    assert tiles and all(isinstance(w, TileWeight) and w.shape[1] % 32 == 0 for w in tiles)
+    assert all(m.weight.numel() == 0 for m in model.modules()
+               if isinstance(m, linear_module.Linear) and m.quantized is not None and m is not model.lm_head)
+    monkeypatch.setattr(mtpx.llm, "to_tiles", lambda m: 0)
+    vector = mtpx.LLM(dense_ckpt)
+    assert not quantized_weights(vector.model)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.inference_mode():
+        a = model.logits(model(ids, [model.new_state(16)], "prefill"))
+        b = vector.model.logits(vector.model(ids, [vector.model.new_state(16)], "prefill"))
+    torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05 * b.float().abs().max().item())
+    assert llm.generate([5, 6, 7], max_tokens=12).token_ids == vector.generate([5, 6, 7], max_tokens=12).token_ids
+
+
+def test_a_tied_head_is_tiled_only_while_small(tmp_path, monkeypatch):
+    import mtpx
+    from mtpx import kernels
+    from mtpx.models.linear import TileWeight
+    from checkpoints import make_checkpoint
+    if not kernels.amx_available():
+        pytest.skip("no AMX tiles here")
+    make_checkpoint(tmp_path / "tied", tied=True)
+    model = mtpx.LLM(tmp_path / "tied").model
+    assert isinstance(model.lm_head.quantized, TileWeight)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.numel()
+    monkeypatch.setattr(linear_module, "TILED_TIED_HEAD_BYTES", 0)
+    assert mtpx.LLM(tmp_path / "tied").model.lm_head.quantized is None

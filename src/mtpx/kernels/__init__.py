@@ -124,6 +124,18 @@ def rowgemm_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     return rowgemm_module().rowgemm_int8(x, q, scale)
 
 
+def amx_available() -> bool:
+    """Whether bf16 weights can run as AMX tiles here (rowgemm_tiles): the CPU has AMX_BF16, the kernels were built
+    for it, the OS grants the process tile state, and MTPX_AMX is not 0."""
+    return rowgemm_available() and rowgemm_module().amx_available()
+
+
+def rowgemm_tiles(x: torch.Tensor, tiles: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] (any M) @ w.T on AMX, the bf16 weight w [n, K] packed as tiles [ceil(n / 16), K / 32, 16, 32]
+    (models/linear.py TileWeight). Row-invariant like rowgemm; bf16 result."""
+    return rowgemm_module().rowgemm_tiles(x, tiles, n)
+
+
 def rowgemm_int4(x: torch.Tensor, codes: torch.Tensor, scale_offset: torch.Tensor) -> torch.Tensor:
     """x [M <= 8, K] @ w.T for int4 weights: codes [N, K / 2] (two a byte, even element low), fp32 scale and offset
     [N, K / 32, 2] (w = code * scale + offset). Row-invariant like rowgemm."""

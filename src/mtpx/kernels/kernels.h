@@ -18,6 +18,8 @@ inline __m512 widen_bf16(const at::BFloat16* p) {
 torch::Tensor rowgemm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor rowgemm_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
 torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale_offset);
+bool amx_available();
+torch::Tensor rowgemm_tiles(const torch::Tensor& x, const torch::Tensor& tiles, int64_t n);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool offset);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_norm, const torch::Tensor& k_norm,

@@ -6,14 +6,17 @@
 // silu_mul, the residual adds) in the same order on the same shapes, so they return the same bits; only the Python
 // between them is gone.
 //
-// A weight is given as the tensors of its format: {w} bf16, {q, scale} int8, {codes, scale_offset} int4.
+// A weight is given as the tensors of its format: {w} bf16, {q, scale} int8, {codes, scale_offset} int4, {tiles, n}
+// bf16 in AMX tile order.
 #include <limits>
 #include "kernels.h"
 
 namespace {
 
-// x [T, K] @ w.T on the row-invariant kernel of w's format, in blocks of at most 8 rows (as linear.py's _in_blocks)
+// x [T, K] @ w.T on the row-invariant kernel of w's format, in blocks of at most 8 rows (as linear.py's _in_blocks;
+// AMX tiles take any number)
 torch::Tensor matmul(const torch::Tensor& x, const std::vector<torch::Tensor>& w) {
+  if (w.size() == 2 && w[0].dim() == 4) return rowgemm_tiles(x, w[0], w[1].item<int64_t>());
   auto block = [&](const torch::Tensor& rows) {
     if (w.size() == 1) return rowgemm(rows, w[0]);
     TORCH_CHECK(w.size() == 2, "layer step: a weight is {w}, {q, scale} or {codes, scale_offset}");

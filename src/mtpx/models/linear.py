@@ -143,6 +143,45 @@ class Int4Weight(QuantizedWeight):
         return self.dequantize(index).to(torch.bfloat16)
 
 
+class TileWeight(QuantizedWeight):
+    """A bf16 weight [N, K] stored for the CPU's AMX tile unit (kernels.rowgemm_tiles): [ceil(N / 16), K / 32, 16,
+    32], per 16 output columns and 32 of K the pairs (w[n, k], w[n, k + 1]) of the 16 columns in 16 rows, columns
+    past N zero. Every matmul, step or prefill, any row count, runs on the tile unit, where a few rows cost about
+    one (kernels/rowgemm.cpp). The same values as the bf16 weight in another layout; no other copy is kept."""
+    TILE, TILE_K = 16, 32
+
+    @classmethod
+    def fits(cls, shape: torch.Size) -> bool:
+        return len(shape) == 2 and shape[1] % cls.TILE_K == 0
+
+    def __init__(self, weight: torch.Tensor):
+        w = weight.detach()
+        n, k = w.shape
+        blocks = -(-n // self.TILE)
+        if blocks * self.TILE != n:
+            w = torch.cat([w, w.new_zeros(blocks * self.TILE - n, k)])
+        # [blocks, 16 columns, K / 32, 16 pairs, 2] -> [blocks, K / 32, 16 pairs, 16 columns, 2]
+        self.tiles = (w.reshape(blocks, self.TILE, k // self.TILE_K, self.TILE_K // 2, 2).permute(0, 2, 3, 1, 4)
+                      .reshape(blocks, k // self.TILE_K, self.TILE_K // 2, 2 * self.TILE).contiguous())
+        self.n = torch.tensor(n)  # a tensor, so that tensors() carries it to the whole-layer kernels
+        self.shape = torch.Size((n, k))
+
+    def unpacked(self, index=slice(None)) -> torch.Tensor:
+        """The bf16 weight's rows `index` in the ordinary [rows, K] layout."""
+        blocks, kb = self.tiles.shape[:2]
+        w = self.tiles.reshape(blocks, kb, self.TILE_K // 2, self.TILE, 2).permute(0, 3, 1, 2, 4)
+        return w.reshape(blocks * self.TILE, kb * self.TILE_K)[:self.shape[0]][index].contiguous()
+
+    def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
+        return kernels.rowgemm_tiles(rows, self.tiles, self.shape[0])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.tiles, self.n]
+
+    def rows(self, index: torch.Tensor) -> "TileWeight":
+        return TileWeight(self.unpacked(index))
+
+
 def _in_blocks(rows: torch.Tensor, fn) -> torch.Tensor:
     """fn over blocks of at most kernels.MAX_ROWS rows: each row's result is independent of its block."""
     blocks = rows.split(kernels.MAX_ROWS)
@@ -305,24 +344,58 @@ def quantize(model: nn.Module, kind: str) -> dict[str, int]:
                            "(a C++ compiler is required); use dtype bf16")
     counts = {"int8": 0, "int4": 0}
 
-    def convert(weight: torch.Tensor) -> QuantizedWeight:
+    def convert(weight: torch.Tensor, tied: bool) -> QuantizedWeight:
         fmt = "int4" if kind == "int4" and Int4Weight.fits(weight.shape) else "int8"
         counts[fmt] += 1
         return Int4Weight(weight) if fmt == "int4" else Int8Weight(weight)
+    _replace_weights(model, convert)
+    return counts
+
+
+# A tied lm_head keeps the embedding's bf16 copy (the embedding reads it), so its tiles would be a second copy of
+# the whole head: made only up to this size (the demo's 4 MiB head, not the 0.8B's 485 MiB one).
+TILED_TIED_HEAD_BYTES = 64 << 20
+
+
+def to_tiles(model: nn.Module) -> int:
+    """bf16 weights of every Linear and fused projection whose K is a multiple of 32 to AMX tile order (TileWeight),
+    where kernels.amx_available(); the bf16 copies are released. Returns how many weights were converted."""
+    if not kernels.amx_available():
+        return 0
+    count = 0
+
+    def convert(weight: torch.Tensor, tied: bool) -> QuantizedWeight | None:
+        nonlocal count
+        if (weight.dtype != torch.bfloat16 or not TileWeight.fits(weight.shape)
+                or (tied and nbytes(weight) > TILED_TIED_HEAD_BYTES)):
+            return None
+        count += 1
+        return TileWeight(weight)
+    _replace_weights(model, convert)
+    return count
+
+
+def _replace_weights(model: nn.Module, convert) -> None:
+    """Every fused projection and Linear weight (not yet replaced) by convert(weight, tied), which may return None to
+    keep it (tied: lm_head sharing the embedding's weight); the bf16 copies of replaced weights are released, except a weight the embedding shares."""
     shared = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for module in model.modules():
         fused = module.__dict__.get("_fused")
-        if fused is not None:
+        if fused is not None and isinstance(fused[0], torch.Tensor):
             weight, _, sizes = fused
-            module.__dict__["_fused"] = (convert(weight), None, sizes)
-            for n in module.FUSED_PROJECTIONS:
-                getattr(module, n).weight.data = torch.empty(0, dtype=weight.dtype)
+            new = convert(weight, False)
+            if new is not None:
+                module.__dict__["_fused"] = (new, None, sizes)
+                for n in module.FUSED_PROJECTIONS:
+                    getattr(module, n).weight.data = torch.empty(0, dtype=weight.dtype)
     for module in model.modules():
-        if isinstance(module, Linear) and module.weight.numel():
-            module.quantized, module.packed = convert(module.weight), None
-            if id(module.weight) not in shared:
-                module.weight.data = torch.empty(0, dtype=module.weight.dtype)
-    return counts
+        if isinstance(module, Linear) and module.weight.numel() and module.quantized is None:
+            tied = id(module.weight) in shared
+            new = convert(module.weight, tied)
+            if new is not None:
+                module.quantized, module.packed = new, None
+                if not tied:
+                    module.weight.data = torch.empty(0, dtype=module.weight.dtype)
 
 
 def weight_tensors(module: nn.Module, skip: set[int] = frozenset()) -> list[torch.Tensor]:
