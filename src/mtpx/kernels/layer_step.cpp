@@ -89,6 +89,8 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
               "mtp_greedy_drafts: hidden [n, H], tokens [n], k >= 1");
   TORCH_CHECK(cos.size(0) >= n + k - 1, "mtp_greedy_drafts: cos, sin need n + k - 1 rows");
   auto drafts = torch::empty({k}, tokens.options().dtype(at::kLong));
+  TORCH_CHECK(head_ids.numel() == 0 || (head_ids.scalar_type() == at::kLong && head_ids.is_contiguous()),
+              "mtp_greedy_drafts: head_ids must be contiguous int64");
   // penalties (sampling.py's apply_penalties, the same formula): each draft follows the earlier ones, so a draft
   // counts as generated for the next; copies, the caller's tensors stay as they were
   const bool penalized = penalty_counts.numel() > 0;
@@ -96,7 +98,6 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
   if (penalized) {
     TORCH_CHECK(penalty_counts.dim() == 1 && penalty_seen.sizes() == penalty_counts.sizes(),
                 "mtp_greedy_drafts: penalty counts and seen are [V]");
-    TORCH_CHECK(head_ids.numel() == 0 || head_ids.scalar_type() == at::kLong, "mtp_greedy_drafts: head_ids int64");
     counts = penalty_counts.to(at::kFloat).contiguous().clone();
     seen = penalty_seen.to(at::kBool).contiguous().clone();
   }
@@ -135,9 +136,9 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
       sp[best] = true;
     } else {
       best = argmax_rows(logits)[0];
-      if (head_ids.numel() > 0) best = head_ids[best].item<int64_t>();
+      if (head_ids.numel() > 0) best = head_ids.data_ptr<int64_t>()[best];
     }
-    drafts[j] = best;
+    drafts.data_ptr<int64_t>()[j] = best;
     t = torch::full({1}, best, tokens.options().dtype(at::kLong));
   }
   return drafts;
