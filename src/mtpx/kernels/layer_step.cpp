@@ -101,11 +101,16 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
     counts = penalty_counts.to(at::kFloat).contiguous().clone();
     seen = penalty_seen.to(at::kBool).contiguous().clone();
   }
-  torch::Tensor h = hidden, t = tokens;
-  int64_t pos = 0;  // rows of cos / sin used so far
+  TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous(), "mtp_greedy_drafts: embed must be a contiguous [V, H]");
+  torch::Tensor h = hidden;
+  int64_t pos = 0, previous = -1;  // rows of cos / sin used so far; the last draft's id
   for (int64_t j = 0; j < k; ++j) {
-    const int64_t T = t.size(0);
-    auto x = matmul(torch::cat({rms_norm(at::embedding(embed, t), norm_embedding, eps, true),
+    const int64_t T = j == 0 ? n : 1;
+    // the tokens' embeddings: the pending tokens, then the previous draft's row of the table (a view, no copy)
+    const auto e = j == 0 ? at::embedding(embed, tokens)
+                          : torch::from_blob(static_cast<char*>(embed.data_ptr()) + previous * embed.stride(0) *
+                                                 embed.element_size(), {1, embed.size(1)}, embed.options());
+    auto x = matmul(torch::cat({rms_norm(e, norm_embedding, eps, true),
                                 rms_norm(h.contiguous(), norm_hidden, eps, true)}, -1), fc);
     x = attention_layer_step(x, input_norm, qkv, q_norm, k_norm, o, post_norm, gate_up, down,
                              cos.narrow(0, pos, T), sin.narrow(0, pos, T), cache_k, cache_v, start + pos, nh, nkv,
@@ -139,7 +144,7 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
       if (head_ids.numel() > 0) best = head_ids.data_ptr<int64_t>()[best];
     }
     drafts.data_ptr<int64_t>()[j] = best;
-    t = torch::full({1}, best, tokens.options().dtype(at::kLong));
+    previous = best;
   }
   return drafts;
 }

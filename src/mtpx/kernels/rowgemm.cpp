@@ -422,7 +422,7 @@ torch::Tensor rowgemm_tiles(const torch::Tensor& x, const torch::Tensor& tiles, 
   const int64_t M = x.size(0), K = x.size(1), blocks = tiles.size(0);
   auto out = torch::empty({M, n}, x.options().dtype(at::kBFloat16));
   if (M == 0) return out;
-  const auto xb = x.to(at::kBFloat16).contiguous();
+  const auto xb = x.scalar_type() == at::kBFloat16 && x.is_contiguous() ? x : x.to(at::kBFloat16).contiguous();
   const at::BFloat16* xp = xb.data_ptr<at::BFloat16>();
   const at::BFloat16* wp = tiles.data_ptr<at::BFloat16>();
   at::BFloat16* ob = out.data_ptr<at::BFloat16>();
