@@ -13,29 +13,41 @@ needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX tiles
 @needs_kernel
 @pytest.mark.parametrize("n,k", [(64, 64), (37, 48), (1024, 3584), (4096, 1024), (8192, 256)])
 def test_rowgemm_rows_do_not_depend_on_row_count(n, k):
+    check_rows_alone_and_together(lambda w: (lambda x: kernels.rowgemm(x, w)), n, k, 8, range(2, 9))
+
+
+def check_rows_alone_and_together(make_matmul, n: int, k: int, rows: int, counts) -> torch.Tensor:
+    """Every row alone gives the bits it gets among the first m rows (m in counts), and the result is x @ w.T to
+    fp32 accumulation and one bf16 rounding. make_matmul(w) -> matmul(x)."""
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g).bfloat16()
-    x = torch.randn(8, k, generator=g).bfloat16()
-    alone = torch.cat([kernels.rowgemm(x[i:i + 1], w) for i in range(8)])
-    for m in range(2, 9):
-        assert torch.equal(kernels.rowgemm(x[:m], w), alone[:m])
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    matmul = make_matmul(w)
+    alone = torch.cat([matmul(x[i:i + 1]) for i in range(rows)])
+    for m in counts:
+        assert torch.equal(matmul(x[:m]), alone[:m])
     ref = x.double() @ w.double().t()
-    # fp32 accumulation, one bf16 rounding of the result
     assert ((alone.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-3 * k ** 0.5).all()
+    return alone
 
 
 @needs_kernel
 def test_rowgemm_thread_count_does_not_change_bits():
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(3000, 512, generator=g).bfloat16(), torch.randn(5, 512, generator=g).bfloat16()
+    same_bits_on_one_and_two_threads(lambda: kernels.rowgemm(x, w))
+
+
+def same_bits_on_one_and_two_threads(matmul) -> torch.Tensor:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = kernels.rowgemm(x, w)
+        one = matmul()
         torch.set_num_threads(2)
-        assert torch.equal(kernels.rowgemm(x, w), one)
+        assert torch.equal(matmul(), one)
     finally:
         torch.set_num_threads(threads)
+    return one
 
 
 @needs_kernel
@@ -52,16 +64,9 @@ def test_rowgemm_rejects_bad_shapes():
 def test_tile_rows_do_not_depend_on_row_count(n, k):
     """AMX tiles (TileWeight): every row alone gives the bits it gets among 2..40 rows (several x tiles, a partial
     last one), n need not be a multiple of 16; the result is a correct matmul."""
-    g = torch.Generator().manual_seed(n + k)
-    w = torch.randn(n, k, generator=g).bfloat16()
-    x = torch.randn(40, k, generator=g).bfloat16()
-    tiles = TileWeight(w)
-    alone = torch.cat([tiles.matmul(x[i:i + 1], True) for i in range(40)])
+    alone = check_rows_alone_and_together(lambda w: (lambda x, t=TileWeight(w): t.matmul(x, True)), n, k, 40,
+                                          (2, 5, 8, 16, 17, 33, 40))
     assert alone.shape == (40, n) and alone.dtype == torch.bfloat16
-    for m in (2, 5, 8, 16, 17, 33, 40):
-        assert torch.equal(tiles.matmul(x[:m], True), alone[:m])
-    ref = x.double() @ w.double().t()
-    assert ((alone.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-3 * k ** 0.5).all()
 
 
 @needs_amx
@@ -70,14 +75,7 @@ def test_tiles_of_a_long_prefill_and_any_thread_count_give_the_same_bits():
     g = torch.Generator().manual_seed(5)
     w, x = torch.randn(3000, 4096, generator=g).bfloat16(), torch.randn(300, 4096, generator=g).bfloat16()
     tiles = TileWeight(w)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = tiles.matmul(x, False)
-        torch.set_num_threads(2)
-        assert torch.equal(tiles.matmul(x, False), one)
-    finally:
-        torch.set_num_threads(threads)
+    one = same_bits_on_one_and_two_threads(lambda: tiles.matmul(x, False))
     for i in (0, 127, 128, 255, 256, 299):
         assert torch.equal(tiles.matmul(x[i:i + 1], True), one[i:i + 1])
 
