@@ -16,7 +16,8 @@ namespace {
 // x [T, K] @ w.T on the row-invariant kernel of w's format, in blocks of at most 8 rows (as linear.py's _in_blocks;
 // AMX tiles take any number)
 torch::Tensor matmul(const torch::Tensor& x, const std::vector<torch::Tensor>& w) {
-  if (w.size() == 2 && w[0].dim() == 4) return rowgemm_tiles(x, w[0], *w[1].data_ptr<int64_t>());  // n: a CPU int64 scalar
+  if (w.size() == 2 && w[0].dim() == 4)  // {tiles, n}: n a CPU int64 scalar, read without a dispatch
+    return rowgemm_tiles(x, w[0], *w[1].data_ptr<int64_t>());
   auto block = [&](const torch::Tensor& rows) {
     if (w.size() == 1) return rowgemm(rows, w[0]);
     TORCH_CHECK(w.size() == 2, "layer step: a weight is {w}, {q, scale} or {codes, scale_offset}");

@@ -416,8 +416,10 @@ torch::Tensor rowgemm_tiles(const torch::Tensor& x, const torch::Tensor& tiles, 
   TORCH_CHECK(tiles.dim() == 4 && tiles.size(2) == kTileK / 2 && tiles.size(3) == 2 * kTile &&
               tiles.scalar_type() == at::kBFloat16 && tiles.is_contiguous() && tiles.device().is_cpu(),
               "rowgemm_tiles: tiles must be contiguous bf16 [N / 16, K / 32, 16, 32] on the CPU");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == tiles.size(1) * kTileK, "rowgemm_tiles: x [M, K] with K = 32 * tiles.size(1)");
-  TORCH_CHECK(n > (tiles.size(0) - 1) * kTile && n <= tiles.size(0) * kTile, "rowgemm_tiles: n does not match the tiles");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == tiles.size(1) * kTileK,
+              "rowgemm_tiles: x [M, K] with K = 32 * tiles.size(1)");
+  TORCH_CHECK(n > (tiles.size(0) - 1) * kTile && n <= tiles.size(0) * kTile,
+              "rowgemm_tiles: n does not match the tiles");
   TORCH_CHECK(amx_available(), "rowgemm_tiles: AMX is not available in this process");
   const int64_t M = x.size(0), K = x.size(1), blocks = tiles.size(0);
   auto out = torch::empty({M, n}, x.options().dtype(at::kBFloat16));

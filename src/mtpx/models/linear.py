@@ -42,7 +42,8 @@ def step_rows() -> bool:
 
 
 class QuantizedWeight:
-    """A weight-only quantized weight [N, K] (bf16 activations): `matmul` computes rows @ w.T, row-invariantly in step
+    """A weight [N, K] in a kernel's own format (weight-only int8 / int4, or bf16 in AMX tile order; bf16
+    activations): `matmul` computes rows @ w.T, row-invariantly in step
     mode; `tensors()` are what a forward reads; `rows(index)` gives the weight of some output rows (a reduced draft
     head)."""
     shape: torch.Size
@@ -377,7 +378,8 @@ def to_tiles(model: nn.Module) -> int:
 
 def _replace_weights(model: nn.Module, convert) -> None:
     """Every fused projection and Linear weight (not yet replaced) by convert(weight, tied), which may return None to
-    keep it (tied: lm_head sharing the embedding's weight); the bf16 copies of replaced weights are released, except a weight the embedding shares."""
+    keep it (tied: lm_head sharing the embedding's weight). The bf16 copies of replaced weights are released, except
+    one the embedding shares."""
     shared = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for module in model.modules():
         fused = module.__dict__.get("_fused")
