@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mtpx.errors import RequestError
-from mtpx.sampling import SamplingParams, apply_penalties
+from mtpx.sampling import PenaltyHistory, SamplingParams, apply_penalties, penalty_history
 
 
 def reference_row(logits, params, history, n_prompt):
@@ -26,6 +26,24 @@ def test_rows_follow_the_history_plus_earlier_drafts():
     got = apply_penalties(logits, params, tokens, n_prompt, drafts)
     for j in range(4):
         torch.testing.assert_close(got[j], reference_row(logits[j], params, tokens + drafts[:j], n_prompt))
+
+
+def test_a_kept_history_counts_what_a_rebuilt_one_does():
+    """PenaltyHistory, updated with each round's new tokens (the prompt first, then generated ones one or several at
+    a time), gives penalty_history's tensors at every step, and apply_penalties the same logits with either."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 30, (60,), generator=g).tolist()
+    n_prompt, history = 7, PenaltyHistory()
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.3)
+    logits = torch.randn(3, 30, generator=g)
+    for end in (7, 8, 9, 13, 14, 30, 31, 60):
+        counts, seen = history.of(tokens[:end], n_prompt, 30, "cpu")
+        ref_counts, ref_seen = penalty_history(tokens[:end], n_prompt, 30, "cpu")
+        assert torch.equal(counts, ref_counts) and torch.equal(seen, ref_seen)
+        assert torch.equal(apply_penalties(logits, params, tokens[:end], n_prompt, [4, 5], history),
+                           apply_penalties(logits, params, tokens[:end], n_prompt, [4, 5]))
+    counts, _ = history.of(tokens[:5], 2, 30, "cpu")  # another, shorter sequence: counted afresh
+    assert torch.equal(counts, penalty_history(tokens[:5], 2, 30, "cpu")[0])
 
 
 def test_defaults_change_nothing_and_bad_values_are_named():

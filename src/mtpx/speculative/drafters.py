@@ -15,7 +15,7 @@ from mtpx import kernels
 from mtpx.models.linear import QuantizedWeight, kernel_weight, linear, nbytes, row_invariant, weight_bytes
 from mtpx.models.graphs import StaticState
 from mtpx.models.qwen3_5 import Qwen35Model
-from mtpx.sampling import apply_penalties, penalty_history, sample, target_probs
+from mtpx.sampling import apply_penalties, sample, target_probs
 from mtpx.state import SequenceState
 
 if TYPE_CHECKING:
@@ -242,7 +242,7 @@ class MTPDrafter(_StatefulDrafter):
             penalty = None
             if seq.params.penalized:
                 p = seq.params
-                penalty = (*penalty_history(seq.tokens, seq.n_prompt, self.model.cfg.vocab_size, hidden.device),
+                penalty = (*seq.penalties.of(seq.tokens, seq.n_prompt, self.model.cfg.vocab_size, hidden.device),
                            p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
             drafts = self.model.mtp_greedy_drafts(hidden, torch.tensor(tokens, device=hidden.device), d.state, k,
                                                   *head, penalty)

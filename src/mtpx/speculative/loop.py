@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mtpx.models.qwen3_5 import Qwen35Model
-from mtpx.sampling import SamplingParams, accept, apply_penalties, choose
+from mtpx.sampling import PenaltyHistory, SamplingParams, accept, apply_penalties, choose
 from mtpx.speculative.drafters import Draft, Drafter
 from mtpx.speculative.policy import DraftPolicy
 from mtpx.state import SequenceState
@@ -69,6 +69,7 @@ class Sequence:
     draft: object = None  # the drafter's per-sequence state
     finish_reason: str | None = None
     stats: SpecStats = field(default_factory=SpecStats)
+    penalties: PenaltyHistory = field(default_factory=PenaltyHistory)  # used only when params.penalized
 
     @property
     def generated(self) -> list[int]:
@@ -99,7 +100,8 @@ def prefill(model: Qwen35Model, drafter: Drafter | None, seq: Sequence) -> list[
     prompt = torch.tensor([seq.tokens[:seq.n_prompt]], device=seq.state.device)
     hidden = model(prompt, [seq.state], "prefill")
     logits = model.logits(hidden[0, -1]).float()
-    first = choose(apply_penalties(logits[None], seq.params, seq.tokens, seq.n_prompt)[0], seq.params, seq.gen)
+    first = choose(apply_penalties(logits[None], seq.params, seq.tokens, seq.n_prompt, history=seq.penalties)[0],
+                   seq.params, seq.gen)
     emitted = seq.append([first])
     t1 = time.perf_counter()
     seq.stats.prefill_s += t1 - t0
@@ -130,7 +132,7 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
     emitted, accepted_hidden, n_accepted, accepted_tokens = [], [], [], []
     for b, (s, d) in enumerate(zip(seqs, drafts)):
         start = s.state.length - width
-        target = apply_penalties(logits[b, :len(rows[b])], s.params, s.tokens, s.n_prompt, d.tokens)
+        target = apply_penalties(logits[b, :len(rows[b])], s.params, s.tokens, s.n_prompt, d.tokens, s.penalties)
         n, tok = accept(target, d.tokens, d.probs, s.params, s.gen, s.synthetic_rates)
         s.state.rollback(start + 1 + n)
         s.stats.record(len(d.tokens), n)
