@@ -46,6 +46,25 @@ def test_a_kept_history_counts_what_a_rebuilt_one_does():
     assert torch.equal(counts, penalty_history(tokens[:5], 2, 30, "cpu")[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.7),
+                                       dict(repetition_penalty=1.0, frequency_penalty=-0.5),
+                                       dict(repetition_penalty=0.8)])
+def test_the_one_pass_kernel_gives_the_pytorch_path_bits(dtype, penalties, monkeypatch):
+    """kernels.penalize_rows (CPU) and the PyTorch ops it replaces: the same bits, drafts repeating ids included."""
+    from mtpx import kernels
+    if not kernels.rowgemm_available():
+        pytest.skip("no CPU kernels here")
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(5, 300, generator=g) * 4).to(dtype)
+    tokens = torch.randint(0, 300, (80,), generator=g).tolist()
+    params = SamplingParams(**penalties)
+    drafts = [7, 7, tokens[-1], 299]
+    fused = apply_penalties(logits, params, tokens, 20, drafts)
+    monkeypatch.setattr(kernels, "penalize_rows", lambda *args: None)
+    assert torch.equal(fused, apply_penalties(logits, params, tokens, 20, drafts))
+
+
 def test_defaults_change_nothing_and_bad_values_are_named():
     assert not SamplingParams().penalized
     logits = torch.randn(2, 10)

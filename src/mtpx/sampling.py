@@ -69,6 +69,10 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, tokens: list[i
     history_counts, history_seen = (history.of(tokens, n_prompt, vocab, device) if history is not None
                                     else penalty_history(tokens, n_prompt, vocab, device))
     drafted = torch.tensor(list(drafts[:rows - 1]), dtype=torch.long, device=device)
+    fused = kernels.penalize_rows(logits, history_counts, history_seen, drafted, params.repetition_penalty,
+                                  params.frequency_penalty, params.presence_penalty)
+    if fused is not None:
+        return fused
     # only the ids of the history and the drafts change: penalise those columns and copy the rest (fewer, smaller
     # ops than over the whole vocabulary: 293 -> 170 us for three rows, 400 tokens of history)
     ids = torch.unique(torch.cat([history_seen.nonzero().flatten(), drafted]))

@@ -228,6 +228,16 @@ def argmax_rows(x: torch.Tensor) -> list[int]:
     return x.reshape(-1, x.shape[-1]).argmax(-1).tolist()
 
 
+def penalize_rows(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor, drafts: torch.Tensor,
+                  repetition: float, frequency: float, presence: float) -> torch.Tensor | None:
+    """sampling.apply_penalties' result (fp32 [R, V]) in one pass over the CPU logits [R, V], row j penalised for
+    the history (counts, seen: sampling.penalty_history's tensors) plus drafts[:j]; None where it cannot run
+    (not on the CPU, no kernels), for the PyTorch path."""
+    if logits.device.type != "cpu" or not rowgemm_available():
+        return None
+    return rowgemm_module().penalize_rows(logits, counts, seen, drafts, repetition, frequency, presence)
+
+
 def gdn_replay(state: torch.Tensor, replay: torch.Tensor, n: int) -> torch.Tensor:
     """The state after the first n positions of the gdn_step call that started from `state` and returned `replay`:
     bit-identical to what that call computed (the same instructions), at the cost of one pass over the state."""
