@@ -92,11 +92,7 @@ def penalty_history(tokens: list[int], n_prompt: int, vocab: int, device) -> tup
     """What the penalties of the next token depend on: how often each id was generated (float [V]; frequency and
     presence penalties count generated tokens only, as vLLM's do) and whether it was seen at all (bool [V]: generated
     or in the prompt; the repetition penalty's set)."""
-    history = torch.tensor(tokens, dtype=torch.long, device=device)
-    counts = torch.bincount(history[n_prompt:], minlength=vocab)[:vocab].float()
-    seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-    seen[history] = True
-    return counts, seen
+    return PenaltyHistory().of(tokens, n_prompt, vocab, device)
 
 
 class PenaltyHistory:
@@ -126,7 +122,7 @@ class PenaltyHistory:
 
 def penalize(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """Logits (float32) after the repetition penalty (a seen id's positive logit divided by it, a negative one
-    multiplied), then frequency and presence. kernels/layer_step.cpp's draft chain computes the same."""
+    multiplied), then frequency and presence. The CPU kernels compute the same (kernels.h penalized_logit)."""
     out = logits.float().clone()
     if params.repetition_penalty != 1:
         r = params.repetition_penalty

@@ -15,6 +15,15 @@ inline __m512 widen_bf16(const at::BFloat16* p) {
 }
 #endif
 
+// A logit after the repetition, frequency and presence penalties (sampling.penalize's formula, in its operation
+// order): seen ids (prompt or generated) divided / multiplied by r, then - f * count - p * (count > 0). One place
+// for the draft chain (layer_step.cpp) and the verify rows (penalize_rows, step_ops.cpp).
+inline float penalized_logit(float v, float count, bool seen, float r, float f, float p) {
+  if (seen && r != 1.0f) v = v > 0 ? v / r : v * r;
+  v = v - f * count;
+  return v - p * (count > 0 ? 1.0f : 0.0f);
+}
+
 torch::Tensor rowgemm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor rowgemm_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
 torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale_offset);

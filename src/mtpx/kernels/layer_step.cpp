@@ -132,9 +132,7 @@ torch::Tensor mtp_greedy_drafts(const torch::Tensor& hidden, const torch::Tensor
       int64_t row = 0;
       for (int64_t i = 0; i < l.size(0); ++i) {
         const int64_t id = ids ? ids[i] : i;
-        float v = lp[i];
-        if (sp[id]) v = v > 0 ? v / r : v * r;
-        v -= f * cp[id] + (cp[id] > 0 ? p : 0.0f);
+        const float v = penalized_logit(lp[i], cp[id], sp[id], r, f, p);
         if (v > top) top = v, row = i;
       }
       best = ids ? ids[row] : row;

@@ -587,27 +587,22 @@ torch::Tensor penalize_rows(const torch::Tensor& logits, const torch::Tensor& co
   const bool* sp = seen.data_ptr<bool>();
   const int64_t* dp = drafts.data_ptr<int64_t>();
   const float r = static_cast<float>(repetition), f = static_cast<float>(frequency), p = static_cast<float>(presence);
-  auto penalize = [&](float v, float c) {  // an id that was seen
-    if (r != 1.0f) v = v > 0 ? v / r : v * r;
-    v = v - f * c;
-    return v - p * (c > 0 ? 1.0f : 0.0f);
-  };
+  for (int64_t i = 0; i + 1 < R; ++i)
+    TORCH_CHECK(dp[i] >= 0 && dp[i] < V, "penalize_rows: draft id ", dp[i], " out of range");
   for (int64_t j = 0; j < R; ++j) {
     float* row = op + j * V;
-    for (int64_t i = 0; i < j; ++i)  // drafts[:j], first: from the unpenalised logits
-      TORCH_CHECK(dp[i] >= 0 && dp[i] < V, "penalize_rows: draft id ", dp[i], " out of range");
-    std::vector<std::pair<int64_t, float>> drafted;  // (id, logit before any penalty)
+    std::vector<std::pair<int64_t, float>> drafted;  // the ids of drafts[:j], with their logits before any penalty
     for (int64_t i = 0; i < j; ++i) {
       bool known = false;
       for (const auto& d : drafted) known = known || d.first == dp[i];
       if (!known) drafted.emplace_back(dp[i], row[dp[i]]);
     }
     for (int64_t id = 0; id < V; ++id)
-      if (sp[id]) row[id] = penalize(row[id], cp[id]);
-    for (const auto& [id, v] : drafted) {
+      if (sp[id]) row[id] = penalized_logit(row[id], cp[id], true, r, f, p);
+    for (const auto& [id, v] : drafted) {  // seen now, and counted once more per occurrence in drafts[:j]
       float extra = 0.0f;
       for (int64_t i = 0; i < j; ++i) extra += dp[i] == id ? 1.0f : 0.0f;
-      row[id] = penalize(v, cp[id] + extra);
+      row[id] = penalized_logit(v, cp[id] + extra, true, r, f, p);
     }
   }
   return out;
