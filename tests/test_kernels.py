@@ -278,3 +278,25 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for(tmp_path):
     t0 = time.time()
     kernels.clear_stale_build_lock(tmp_path, stale_s=60, poll_s=0.05)
     assert not lock.exists() and time.time() - t0 >= 0.25
+
+
+FLUSH_AFTER_THE_WORKERS_STARTED = """
+import sys, torch
+torch.set_num_threads(2)
+x = torch.full((1 << 22,), 1e-38)
+x * 0.5  # an op big enough to start the intra-op worker threads
+from mtpx.llm import tune_cpu_process
+tune_cpu_process()
+print(int(((x * 0.5) != 0).sum()))
+"""
+
+
+@needs_kernel
+def test_subnormals_are_flushed_on_worker_threads_started_before_the_setting():
+    # 1e-38 / 2 is subnormal: every element must come out 0, also those the workers computed (the flag is per thread)
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", FLUSH_AFTER_THE_WORKERS_STARTED], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "0"

@@ -84,7 +84,7 @@ def tune_cpu_process() -> None:
     # Gated DeltaNet's decays (e^(G_i - G_j) in a chunk, the state times e^g per token) underflow into subnormal
     # floats, on which x86 arithmetic is many times slower; flushing them to zero only changes values below 1.2e-38
     # (measured on the demo model: 1500-token prefill 330-370 -> 255-270 ms, a training step -13 %)
-    torch.set_flush_denormal(True)
+    kernels.flush_denormals()
 
 
 @dataclass

@@ -124,6 +124,14 @@ def rowgemm_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     return rowgemm_module().rowgemm_int8(x, q, scale)
 
 
+def flush_denormals() -> None:
+    """Flush subnormal floats to zero on this thread (torch.set_flush_denormal) and, where the kernels are built, on
+    every intra-op worker: the flag is per thread, and workers started before it was set would keep subnormals."""
+    torch.set_flush_denormal(True)
+    if rowgemm_available():
+        rowgemm_module().flush_denormals()
+
+
 def amx_available() -> bool:
     """Whether bf16 weights can run as AMX tiles here (rowgemm_tiles): the CPU has AMX_BF16, the kernels were built
     for it, the OS grants the process tile state, and MTPX_AMX is not 0."""

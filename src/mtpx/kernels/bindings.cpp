@@ -23,5 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &StackStep::run, "the whole stack over a step's positions of one sequence", release());
   m.def("argmax_rows", &argmax_rows, "index of the first largest value of each row, as torch.argmax", release());
   m.def("penalize_rows", &penalize_rows, "repetition, frequency and presence penalties of verify rows", release());
+  m.def("flush_denormals", &flush_denormals, "flush subnormal floats to zero on every intra-op worker thread");
   m.def("gdn_replay", &gdn_replay, "Gated DeltaNet state after the first n positions of a gdn_step call", release());
 }

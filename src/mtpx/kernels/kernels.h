@@ -39,6 +39,7 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
                                     const torch::Tensor& dt_bias, const torch::Tensor& norm_weight,
                                     const torch::Tensor& state, int64_t nk, int64_t dk, int64_t dv, double eps);
 std::vector<int64_t> argmax_rows(const torch::Tensor& x);
+int64_t flush_denormals();
 torch::Tensor penalize_rows(const torch::Tensor& logits, const torch::Tensor& counts, const torch::Tensor& seen,
                             const torch::Tensor& drafts, double repetition, double frequency, double presence);
 torch::Tensor gdn_replay(const torch::Tensor& state, const torch::Tensor& replay, int64_t n);
