@@ -6,6 +6,7 @@ import sys
 
 from mtpx.commands.run import stats_line
 from mtpx.llm import LLM
+from mtpx.models.linear import parameter_count
 
 PROMPT = '''import os
 
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     llm = LLM(args.model)
-    print(f"model: {llm.path} ({sum(p.numel() for p in llm.model.parameters()) / 1e6:.1f}M parameters, "
+    print(f"model: {llm.path} ({parameter_count(llm.model) / 1e6:.1f}M parameters, "
           f"{llm.dtype}, {llm.device})\n")
     settings = {"none": {}, "mtp": dict(spec_draft_n_max=args.spec_draft_n_max, spec_draft_vocab=args.spec_draft_vocab)}
     # warm-up: no timed run pays first-call costs, and the thread tuner has made its first choice
