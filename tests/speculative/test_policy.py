@@ -85,9 +85,19 @@ def test_time_spent_on_other_work_between_rounds_is_not_a_rounds_cost():
 def test_a_new_request_keeps_the_acceptance_at_half_weight_and_restarts_the_exploration_backoff():
     policy = DraftPolicy(3, 0, True)
     simulate(policy, 1, lambda k, run: 1.0 + 2.0 * k, rounds=600)  # drafting never pays: the backoff grows
-    assert policy.explore[1][1] > 16 and policy.tried[0] > 0
+    assert policy.explore[1][0] == 0 and policy.explore[1][1] > 16 and policy.tried[0] > 0
     tried, accepted = list(policy.tried), list(policy.accepted)
     policy.new_request()
-    assert policy.explore[1][1:] == [16, 0]
+    assert policy.explore[1][1:] == [16, 0]  # the new text's acceptance is tried soon
     assert policy.tried == [t / 2 for t in tried] and policy.accepted == [a / 2 for a in accepted]
     assert policy.last_end is None
+
+
+def test_a_new_request_keeps_the_backoff_where_drafting_won():
+    # its drafting rounds measure the new text's acceptance anyway; plain rounds would only re-measure the cost
+    policy = DraftPolicy(3, 0, True)
+    simulate(policy, 1, lambda k, run: 1.0 + 0.1 * k, rounds=600)
+    entry = list(policy.explore[1])
+    assert entry[0] == 3 and entry[1] > 16
+    policy.new_request()
+    assert policy.explore[1] == entry
