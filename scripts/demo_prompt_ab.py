@@ -5,8 +5,9 @@ section U): a warm-up call each, then four alternated rounds; median decode tok/
 """
 import statistics
 
-from mtpx.llm import LLM
 from mtpx.commands.demo import PROMPT
+from mtpx.llm import LLM
+
 llm = LLM("demo")
 MTP = dict(spec_type="mtp", spec_draft_vocab=2048)
 modes = {"none": dict(spec_type="none"),

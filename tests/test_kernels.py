@@ -283,7 +283,7 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for(tmp_path):
 
 
 FLUSH_AFTER_THE_WORKERS_STARTED = """
-import sys, torch
+import torch
 torch.set_num_threads(2)
 x = torch.full((1 << 22,), 1e-38)
 x * 0.5  # an op big enough to start the intra-op worker threads
