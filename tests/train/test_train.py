@@ -14,9 +14,10 @@ from mtpx.train.cli import PRESETS
 from mtpx.train.corpus import DOC_SEPARATOR
 from mtpx.train.mtp_cli import distill, teacher_forced_acceptance, write_with_mtp
 from mtpx.train.trainer import (TrainConfig, fresh_mtp, mixed_precision, new_model, save_checkpoint, tokenize_file,
-                                 train, train_tokenizer)
+                                 train, train_tokenizer, training_device)
 
-TC = TrainConfig(steps=30, seq_len=64, batch_size=8, lr=3e-3, warmup=5, val_every=0, save_every=0, seed=0)
+TC = TrainConfig(steps=30, seq_len=64, batch_size=8, lr=3e-3, warmup=5, val_every=0, save_every=0, seed=0,
+                 compile="off")
 
 
 def synthetic_corpus(n_docs: int, seed: int) -> str:
@@ -62,6 +63,43 @@ def test_bf16_training_reduces_loss_too(setup, tmp_path):
     d, tok, cfg, data, _ = setup
     history = train(new_model(cfg, 1, 0), data, None, replace(TC, precision="bf16"), tmp_path, log=lambda m: None)
     assert sum(history[-5:]) / 5 < 0.7 * sum(history[:5]) / 5
+
+
+def test_compiled_training_follows_eager_training(setup, tmp_path):
+    d, tok, cfg, data, _ = setup
+    tc = replace(TC, steps=12)
+    eager = train(new_model(cfg, 1, 0), data, None, tc, tmp_path / "eager", log=lambda m: None)
+    model = new_model(cfg, 1, 0)
+    compiled = train(model, data, None, replace(tc, compile="on"), tmp_path / "compiled", log=lambda m: None)
+    # fused kernels round differently, so the runs drift apart slowly, but they train the same model
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-4)
+    assert compiled == pytest.approx(eager, rel=2e-2)
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)  # eager again after training
+    with pytest.raises(MtpxError, match="compile must be one of"):
+        train(new_model(cfg, 1, 0), data, None, replace(tc, compile="yes"), tmp_path / "bad", log=lambda m: None)
+
+
+def test_an_unusable_training_device_is_a_clear_error():
+    with pytest.raises(MtpxError, match="not a device name"):
+        training_device("gpu0")
+    with pytest.raises(MtpxError, match="training runs on cpu or cuda"):
+        training_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(MtpxError, match="sees no CUDA GPU"):
+            training_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_reduces_loss_and_resumes_identically(setup, tmp_path):
+    d, tok, cfg, data, _ = setup
+    tc = replace(TC, steps=12, save_every=6, device="cuda")
+    history = train(new_model(cfg, 1, 0), data, None, replace(tc, steps=30), tmp_path / "long", log=lambda m: None)
+    assert sum(history[-5:]) / 5 < 0.7 * sum(history[:5]) / 5
+    straight = train(new_model(cfg, 1, 0), data, None, tc, tmp_path / "a", log=lambda m: None)
+    train(new_model(cfg, 1, 0), data, None, replace(tc, steps=6), tmp_path / "b", log=lambda m: None)
+    resumed = train(new_model(cfg, 1, 99), data, None, tc, tmp_path / "b", resume=True, log=lambda m: None)
+    # GPU kernels may pick different reduction orders between processes, not within one: same process, same result
+    assert resumed == pytest.approx(straight[6:], rel=1e-4)
 
 
 def test_saved_checkpoint_reloads_with_same_logits(setup, tmp_path):
@@ -137,7 +175,7 @@ def test_train_mtp_cli_refuses_unclear_requests(setup, tmp_path):
     with pytest.raises(MtpxError, match="exclude"):
         mtp_cli.main(parser.parse_args(base + ["--replace", "--refine"]))
     args = parser.parse_args(base + ["--refine", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
-                                     "--chain", "2", "--val", str(d / "val.txt")])
+                                     "--chain", "2", "--val", str(d / "val.txt"), "--compile", "off"])
     assert mtp_cli.main(args) == 0
     assert build_model(load_checkpoint(tmp_path / "o"), torch.float32).mtp is not None
 
@@ -152,7 +190,7 @@ def test_mtpx_train_cli_writes_a_standard_checkpoint(setup, tmp_path):
     out = tmp_path / "run"
     args = parser.parse_args(["--corpus", str(d), "--out", str(out), "--preset", "tiny", "--vocab-size", "300",
                               "--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "32",
-                              "--val-every", "3", "--save-every", "3", "--val-batches", "1"])
+                              "--val-every", "3", "--save-every", "3", "--val-batches", "1", "--compile", "off"])
     assert cli.main(args) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["mtp_num_hidden_layers"] == 1 and config["model_type"] == "qwen3_5_text"

@@ -195,9 +195,12 @@ def uses_rowgemm(weight: torch.Tensor) -> bool:
 
 
 def _widens(rows: torch.Tensor, weight) -> bool:
-    widen = _widen_prefill if _widen_prefill is not None else not kernels.native_bf16()
-    return (widen and rows.shape[0] >= WIDEN_ROWS and isinstance(weight, torch.Tensor)
-            and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not torch.is_grad_enabled())
+    # cheap checks first: a training step (fp32 weights, gradients on) never reads the CPU flags, which
+    # torch.compile could not trace
+    if not (isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and not torch.is_grad_enabled() and rows.shape[0] >= WIDEN_ROWS):
+        return False
+    return _widen_prefill if _widen_prefill is not None else not kernels.native_bf16()
 
 
 def _widened_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

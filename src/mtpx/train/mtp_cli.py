@@ -24,7 +24,8 @@ from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.train.cli import corpus_file, invocation
 from mtpx.train.evaluate import teacher_forced_acceptance as tf_acceptance
 from mtpx.train.head_loss import linear_cross_entropy
-from mtpx.train.trainer import PRECISIONS, batch_at, fresh_mtp, mixed_precision, mtp_chain, tokenize_file
+from mtpx.train.trainer import (COMPILE, PRECISIONS, batch_at, compiled_for_training, fresh_mtp, mixed_precision,
+                                 mtp_chain, tokenize_file)
 
 
 class TrainMTPError(MtpxError):
@@ -48,7 +49,7 @@ def teacher_forced_acceptance(model: Qwen35Model, data: torch.Tensor, batches: i
 
 def distill(model: Qwen35Model, data: torch.Tensor, steps: int, batch: int, seq_len: int, lr: float, seed: int,
             time_budget_s: float | None = None, log=print, chain: int = 1, objective: str = "kl",
-            precision: str = "auto") -> list[float]:
+            precision: str = "auto", compile: str = "off") -> list[float]:
     """Train only model.mtp to reproduce the frozen base model's own predictions.
 
     Draft step j (1..chain) at position i sees (h_i, t_{i+1}) for j = 1, or its own previous output with t_{i+j}, and
@@ -62,36 +63,37 @@ def distill(model: Qwen35Model, data: torch.Tensor, steps: int, batch: int, seq_
     params = list(model.mtp.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     history, start = [], time.perf_counter()
-    bar = tqdm(range(steps), desc="train-mtp", dynamic_ncols=True)
-    for step in bar:
-        # linear decay to 10% over the run; with a time budget, over whichever of steps / time runs out first
-        progress = step / steps
-        if time_budget_s:
-            progress = max(progress, (time.perf_counter() - start) / time_budget_s)
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * max(0.0, 1 - progress))
-        x = batch_at(data, step, seed, batch, seq_len)
-        with torch.no_grad(), mixed_precision(precision):
-            hidden = model(x).float()  # the base's prediction of t_{p+1} at every p is lm_head(hidden[:, p])
-            if objective == "argmax":
-                target = model.logits(hidden).argmax(-1)
-        with mixed_precision(precision):
-            drafts = mtp_chain(model, hidden, x, chain)
-            rows = lambda t: t.reshape(-1, *t.shape[2:])
-            terms = [linear_cross_entropy(rows(d), model.lm_head.weight,
-                                          rows((hidden if objective == "kl" else target)[:, j:j + d.shape[1]]))
-                     for j, d in enumerate(drafts, start=1)]
-        loss = sum(terms) / len(terms)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        history.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if time_budget_s and time.perf_counter() - start > time_budget_s:
-            log(f"time budget reached after {step + 1} steps")
-            break
-    model.requires_grad_(False)
+    with compiled_for_training(model, compile, torch.device("cpu")):
+        bar = tqdm(range(steps), desc="train-mtp", dynamic_ncols=True)
+        for step in bar:
+            # linear decay to 10% over the run; with a time budget, over whichever of steps / time runs out first
+            progress = step / steps
+            if time_budget_s:
+                progress = max(progress, (time.perf_counter() - start) / time_budget_s)
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * max(0.0, 1 - progress))
+            x = batch_at(data, step, seed, batch, seq_len)
+            with torch.no_grad(), mixed_precision(precision):
+                hidden = model(x).float()  # the base's prediction of t_{p+1} at every p is lm_head(hidden[:, p])
+                if objective == "argmax":
+                    target = model.logits(hidden).argmax(-1)
+            with mixed_precision(precision):
+                drafts = mtp_chain(model, hidden, x, chain)
+                rows = lambda t: t.reshape(-1, *t.shape[2:])
+                terms = [linear_cross_entropy(rows(d), model.lm_head.weight,
+                                              rows((hidden if objective == "kl" else target)[:, j:j + d.shape[1]]))
+                         for j, d in enumerate(drafts, start=1)]
+            loss = sum(terms) / len(terms)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            history.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if time_budget_s and time.perf_counter() - start > time_budget_s:
+                log(f"time budget reached after {step + 1} steps")
+                break
+        model.requires_grad_(False)
     return history
 
 
@@ -105,6 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", default="auto", choices=COMPILE,
+                   help="torch.compile the layers and loss blocks (auto: on CPU; ~20-60 s of compiling first)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="matmul precision; auto: bf16 where the CPU has bf16 dot products, else fp32")
     p.add_argument("--time-budget-min", type=float, default=None)
@@ -148,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     history = distill(model, train_data, args.steps, args.batch_size, args.seq_len, args.lr, args.seed, budget,
                       log=lambda m: print(m, file=sys.stderr), chain=args.chain, objective=args.objective,
-                      precision=args.precision)
+                      precision=args.precision, compile=args.compile)
     seconds = time.perf_counter() - t0
     after = tf_acceptance(model, val_data, k=k)
     print(f"held-out teacher-forced acceptance after:  {fmt(after)}  ({len(history)} steps, {seconds / 60:.1f} min)",
