@@ -26,13 +26,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-draft-vocab", type=int, default=2048,
                    help="MTP drafts over the first N token ids (verification still uses all; 0 = the full head)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per mode; the median is reported")
+    # greedy decoding of a model this small falls into loops (BENCHMARKS.md section V); Ollama's default
+    # repeat_penalty of 1.1 breaks most of them, and penalties keep speculative output identical to plain decoding
+    p.add_argument("--repetition-penalty", type=float, default=1.1,
+                   help="greedy decoding with this repetition penalty (1 = plain greedy)")
 
 
 def main(args: argparse.Namespace) -> int:
     llm = LLM(args.model)
+    penalty = dict(repetition_penalty=args.repetition_penalty) if args.repetition_penalty != 1.0 else {}
     print(f"model: {llm.path} ({parameter_count(llm.model) / 1e6:.1f}M parameters, "
-          f"{llm.dtype}, {llm.device})\n")
-    settings = {"none": {}, "mtp": dict(spec_draft_n_max=args.spec_draft_n_max, spec_draft_vocab=args.spec_draft_vocab)}
+          f"{llm.dtype}, {llm.device}); greedy"
+          + (f", repetition penalty {args.repetition_penalty}" if penalty else "") + "\n")
+    settings = {"none": dict(penalty), "mtp": dict(penalty, spec_draft_n_max=args.spec_draft_n_max,
+                                                   spec_draft_vocab=args.spec_draft_vocab)}
     # warm-up: no timed run pays first-call costs, and the thread tuner has made its first choice
     for spec, kw in settings.items():
         llm.generate(args.prompt, max_tokens=args.max_tokens, spec_type=spec, **kw)
