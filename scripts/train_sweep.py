@@ -58,15 +58,15 @@ def greedy(model, tokenizer, prompt: str, max_tokens: int, device: str) -> list[
 def one(name: str, spec: dict, a: argparse.Namespace) -> None:
     from mtpx.tokenizer import Tokenizer
     from mtpx.train import cli as train_cli
-    from mtpx.train.trainer import TrainConfig  # noqa: F401  (fields become the flags below)
     import mtpx.train.trainer as trainer
 
     train_cli.PRESETS[name] = dict(train_cli.PRESETS["demo"], **spec.get("preset", {}))
     p = argparse.ArgumentParser()
     train_cli.add_arguments(p)
     out = a.out / name
-    args = p.parse_args(["--corpus", str(a.corpus), "--out", str(out), "--preset", name, "--tokenizer", str(a.tokenizer),
-                         "--device", a.device, "--save-every", "0", *spec.get("args", [])])
+    args = p.parse_args(["--corpus", str(a.corpus), "--out", str(out), "--preset", name,
+                         "--tokenizer", str(a.tokenizer), "--device", a.device, "--save-every", "0",
+                         *spec.get("args", [])])
     models = []
     real_train = trainer.train
 
@@ -104,7 +104,8 @@ def main() -> int:
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--only", help="run this one run in this process (what the parent starts)")
-    p.add_argument("--write-prompts", type=Path, help="write held-out code prompts (this interpreter's stdlib) and exit")
+    p.add_argument("--write-prompts", type=Path,
+                   help="write held-out code prompts (this interpreter's stdlib) and exit")
     a = p.parse_args()
     if a.write_prompts:
         from mtpx.train.evaluate import held_out_files, heldout_prompts

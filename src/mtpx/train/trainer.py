@@ -55,25 +55,24 @@ class TrainConfig:
     # ~20-60 s of compiling (cached across runs); "auto": on CPU only, where it was measured
     compile: str = field(default="auto", metadata={"choices": COMPILE})
 
+
 def mixed_precision(precision: str, device: str = "cpu") -> torch.autocast:
     """The autocast context a training step on `device` runs its matmuls under."""
     if precision not in PRECISIONS:
         raise MtpxError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    from mtpx import kernels
     kind = torch.device(device).type
-    if kind == "cuda":
-        bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-    else:
-        from mtpx import kernels
-        bf16 = precision == "bf16" or (precision == "auto" and kernels.native_bf16())
-    return torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16)
+    native = torch.cuda.is_bf16_supported() if kind == "cuda" else kernels.native_bf16()
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16" or (precision == "auto" and native))
 
 
 @contextlib.contextmanager
 def compiled_for_training(model: Qwen35Model, setting: str, device: torch.device):
     """Within this context each decoder layer (main stack and MTP) and the loss blocks run compiled, as `setting`
-    (TrainConfig.compile) says. Layers rather than the whole model: the model's forward holds the inference paths' dispatch, and one graph
-    per layer compiled in 37 s against 150 s (two compilations) for the same step time. On leaving, the layers run
-    eagerly again, so the inference paths (other shapes, other modes) never meet the training graphs."""
+    (TrainConfig.compile) says. Layers rather than the whole model: the model's forward holds the inference paths'
+    dispatch, and one graph per layer compiled in 37 s against 150 s (two compilations) for the same step time. On
+    leaving, the layers run eagerly again, so the inference paths (other shapes, other modes) never meet the training
+    graphs."""
     if setting not in COMPILE:
         raise MtpxError(f"compile must be one of {', '.join(COMPILE)}, got {setting!r}")
     enabled = setting == "on" or (setting == "auto" and device.type == "cpu")
