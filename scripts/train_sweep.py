@@ -26,17 +26,6 @@ from pathlib import Path
 import torch
 
 
-def repetition(ids: list[int], text: str) -> dict:
-    grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    seen, repeated = set(), 0
-    for ln in lines:
-        repeated += ln in seen
-        seen.add(ln)
-    return {"rep4": 1 - len(set(grams)) / len(grams) if grams else 0.0,
-            "repeated_lines": repeated / len(lines) if lines else 0.0}
-
-
 @torch.no_grad()
 def greedy(model, tokenizer, prompt: str, max_tokens: int, device: str) -> list[int]:
     """Plain greedy decoding by full recomputation (no cache: the model as trained, nothing else in the way)."""
@@ -59,6 +48,7 @@ def one(name: str, spec: dict, a: argparse.Namespace) -> None:
     from mtpx.tokenizer import Tokenizer
     from mtpx.train import cli as train_cli
     import mtpx.train.trainer as trainer
+    from mtpx.train.evaluate import repetition
 
     train_cli.PRESETS[name] = dict(train_cli.PRESETS["demo"], **spec.get("preset", {}))
     p = argparse.ArgumentParser()

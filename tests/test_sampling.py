@@ -1,9 +1,12 @@
-"""Logits processing: repetition, presence and frequency penalties."""
+"""Logits processing: repetition, presence, frequency and DRY penalties."""
+import math
+import random
+
 import pytest
 import torch
 
 from mtpx.errors import RequestError
-from mtpx.sampling import PenaltyHistory, SamplingParams, apply_penalties, penalty_history
+from mtpx.sampling import PenaltyHistory, SamplingParams, apply_penalties, dry_penalties, penalty_history
 
 
 def reference_row(logits, params, history, n_prompt):
@@ -73,3 +76,73 @@ def test_defaults_change_nothing_and_bad_values_are_named():
                      (dict(repetition_penalty=0), "repetition_penalty")):
         with pytest.raises(RequestError, match=name):
             SamplingParams(**kw)
+
+
+def dry_reference(context: list[int], params: SamplingParams) -> dict[int, float]:
+    """DRY by its definition: token t loses multiplier · base^(n - allowed) for the longest n such that the
+    context's last n tokens (no breaker among them) followed by t occur earlier in the window."""
+    window = context if params.dry_penalty_last_n < 0 else context[-params.dry_penalty_last_n:]
+    breakers, longest = params.dry_breaker_ids, {}
+    for n in range(1, len(window)):
+        suffix = window[-n:]
+        if any(t in breakers for t in suffix):
+            break
+        for start in range(len(window) - n):
+            following = window[start + n]
+            if window[start:start + n] == suffix and following not in breakers:
+                longest[following] = max(n, longest.get(following, 0))
+    return {t: params.dry_multiplier * params.dry_base ** (n - params.dry_allowed_length)
+            for t, n in longest.items() if n >= params.dry_allowed_length}
+
+
+def test_dry_penalises_the_token_that_would_continue_a_run():
+    params = SamplingParams(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2)
+    # "1 2 3" ran before and was followed by 4: a run of 3, so 4 loses 0.8 · 1.75^(3 - 2)
+    assert dry_penalties([1, 2, 3, 4, 1, 2, 3], params) == pytest.approx({4: 0.8 * 1.75})
+    assert dry_penalties([1, 2, 3, 4, 5, 2, 3], params) == pytest.approx({4: 0.8})  # "2 3": the allowed length
+    assert dry_penalties([1, 2, 3, 4, 5, 6, 3], params) == {}
+    with_breaker = SamplingParams(dry_multiplier=0.8, dry_breaker_ids=frozenset({1}))
+    assert dry_penalties([1, 2, 3, 4, 1, 2, 3], with_breaker) == pytest.approx({4: 0.8})  # the run stops at 1
+    assert dry_penalties([1, 2, 3, 1, 2, 3], with_breaker) == {}  # what followed (1) is a breaker
+    assert dry_penalties([5, 2, 3, 1, 5, 2, 3, 1], with_breaker) == {}  # the last token is a breaker
+    recent = SamplingParams(dry_multiplier=0.8, dry_penalty_last_n=4)
+    assert dry_penalties([1, 2, 3, 4, 1, 2, 3], recent) == {}  # the earlier run is outside the last 4 tokens
+    # a long loop: penalties grow with the run, capped so that they stay finite in float32
+    loop = dry_penalties([7, 8] * 500, params)
+    assert set(loop) == {7} and math.isfinite(loop[7]) and loop[7] > 1e9
+
+
+def test_dry_follows_its_definition_on_random_contexts():
+    g = random.Random(0)
+    for trial in range(300):
+        context = [g.randrange(5) for _ in range(g.randrange(2, 40))]
+        params = SamplingParams(dry_multiplier=g.choice([0.5, 0.8]), dry_base=g.choice([1.5, 1.75]),
+                                dry_allowed_length=g.choice([1, 2, 3]), dry_penalty_last_n=g.choice([-1, 10, 25]),
+                                dry_breaker_ids=frozenset(g.sample(range(5), g.choice([0, 0, 1]))))
+        assert dry_penalties(context, params) == pytest.approx(dry_reference(context, params)), (trial, context)
+
+
+def test_dry_rows_follow_the_history_plus_earlier_drafts_with_the_other_penalties():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 12, generator=g)
+    tokens, n_prompt, drafts = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], 2, [3, 4, 1]
+    params = SamplingParams(dry_multiplier=0.8, repetition_penalty=1.2, presence_penalty=0.3)
+    counting_only = SamplingParams(repetition_penalty=1.2, presence_penalty=0.3)
+    got = apply_penalties(logits, params, tokens, n_prompt, drafts)
+    for j in range(4):
+        expected = apply_penalties(logits[j:j + 1], counting_only, tokens + drafts[:j], n_prompt)[0].clone()
+        for t, amount in dry_reference(tokens + drafts[:j], params).items():
+            expected[t] -= amount
+        torch.testing.assert_close(got[j], expected)
+    assert dry_reference(tokens + drafts, params)  # the rows were penalised
+
+
+@pytest.mark.parametrize("kw,name", [(dict(dry_multiplier=-0.5), "dry_multiplier"), (dict(dry_base=0.9), "dry_base"),
+                                     (dict(dry_allowed_length=0), "dry_allowed_length"),
+                                     (dict(dry_penalty_last_n=-2), "dry_penalty_last_n"),
+                                     (dict(dry_sequence_breakers="\n"), "dry_sequence_breakers"),
+                                     (dict(dry_sequence_breakers=["\n", ""]), "dry_sequence_breakers")])
+def test_bad_dry_values_are_named(kw, name):
+    with pytest.raises(RequestError, match=name):
+        SamplingParams(**kw)
+    assert not SamplingParams(dry_multiplier=0.8, dry_penalty_last_n=0).penalized  # searching no tokens: off

@@ -46,3 +46,13 @@ def test_incremental_text_equals_a_full_decode_at_every_step():
             assert detok.decode(stream[:n]) == full
         assert detok.decode(stream[:n // 2]) == tok.decode(stream[:n // 2])  # not an extension: starts over
     assert seen_partial  # the random tails did cut characters in the middle
+
+
+def test_ids_containing_finds_the_tokens_that_hold_a_breaker(dense_ckpt):
+    tok = load_checkpoint(dense_ckpt).tokenizer
+    found = tok.ids_containing(("\n", ":"))
+    expected = {i for i in range(tok.vocab_size) if "\n" in tok.decode([i]) or ":" in tok.decode([i])}
+    assert found == expected and found  # the test tokenizer has such tokens
+    assert tok.ids_containing(()) == frozenset()
+    for i in tok.encode("def f():\n"):
+        assert (i in found) == any(s in tok.decode([i]) for s in ("\n", ":"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -238,12 +239,23 @@ class LLM:
         if len(ids) + 1 > self.max_context:
             raise RequestError(f"prompt has {len(ids)} tokens; the model's context is {self.max_context}")
         max_tokens = min(int(max_tokens), self.max_context - len(ids))
+        if params.dry:
+            params = dataclasses.replace(params, dry_breaker_ids=self.breaker_ids(params.dry_sequence_breakers))
         max_len = min(len(ids) + max_tokens + reserve, self.max_context + reserve)
         state = self._states.acquire("main", max_len) if static else self.model.new_state(max_len)
         return Sequence(tokens=list(ids), n_prompt=len(ids), max_new=max_tokens, params=params,
                         eos=set() if ignore_eos else self.eos, state=state, max_len=max_len,
                         gen=None if params.greedy and spec_synth_rates is None else params.generator(),
                         synthetic_rates=spec_synth_rates)
+
+    def breaker_ids(self, breakers: tuple[str, ...]) -> frozenset[int]:
+        """The token ids that hold one of DRY's sequence breakers."""
+        if not breakers:
+            return frozenset()
+        if self.tokenizer is None:
+            raise RequestError("dry_sequence_breakers need the model's tokenizer, and this checkpoint has none; "
+                               "pass an empty list")
+        return self.tokenizer.ids_containing(breakers)
 
     def sampling_params(self, **given) -> SamplingParams:
         """SamplingParams of the given values; those None come from the model's sampling_defaults."""
@@ -260,6 +272,9 @@ class LLM:
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                seed: int | None = None, stop: list[str] | str | None = None, presence_penalty: float = 0.0,
                frequency_penalty: float = 0.0, repetition_penalty: float | None = None,
+               dry_multiplier: float | None = None, dry_base: float | None = None,
+               dry_allowed_length: int | None = None, dry_penalty_last_n: int | None = None,
+               dry_sequence_breakers: list[str] | None = None,
                spec_type: str = "none", spec_draft_n_max: int = 3, spec_draft_n_min: int = 0,
                spec_draft_p_min: float = 0.0, spec_draft_policy: str = "adaptive",
                spec_draft_model: str | None = None, spec_ngram_min: int = 1, spec_ngram_max: int = 4,
@@ -270,7 +285,10 @@ class LLM:
         started = time.perf_counter()
         params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                      repetition_penalty=repetition_penalty)
+                                      repetition_penalty=repetition_penalty, dry_multiplier=dry_multiplier,
+                                      dry_base=dry_base, dry_allowed_length=dry_allowed_length,
+                                      dry_penalty_last_n=dry_penalty_last_n,
+                                      dry_sequence_breakers=dry_sequence_breakers)
         if spec_draft_policy not in ("adaptive", "fixed"):
             raise RequestError(f"spec_draft_policy must be 'adaptive' or 'fixed', got {spec_draft_policy!r}")
         drafter = self.make_drafter(spec_type, spec_draft_p_min=spec_draft_p_min, spec_draft_model=spec_draft_model,

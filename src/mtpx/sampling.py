@@ -5,12 +5,16 @@ top-k, top-p, min-p), so speculative sampling is distributed exactly like plain 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from mtpx import kernels
 from mtpx.errors import RequestError
+
+
+DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's default dry_sequence_breakers
+DRY_MAX_EXPONENT = 40  # 1.75^40 = 5e9 already rules a token out; longer runs count as this long (finite in fp32)
 
 
 @dataclass
@@ -26,6 +30,15 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # DRY ("don't repeat yourself", llama.cpp's --dry-*): a token that would continue a run of tokens already seen in
+    # the context (prompt and output) loses multiplier · base^(run - allowed_length) from its logit once the run is
+    # allowed_length long; runs stop at sequence breakers, so a loop is penalised, a shared name or line start barely
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1  # the last n tokens of the context are searched; -1: all of them, 0: none
+    dry_sequence_breakers: tuple[str, ...] = DRY_BREAKERS
+    dry_breaker_ids: frozenset[int] = field(default=frozenset(), repr=False)  # the tokens containing a breaker
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -41,10 +54,32 @@ class SamplingParams:
                 raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not 0 < self.repetition_penalty <= 10:
             raise RequestError(f"repetition_penalty must be in (0, 10] (1 disables it), got {self.repetition_penalty}")
+        if not self.dry_multiplier >= 0:
+            raise RequestError(f"dry_multiplier must be >= 0 (0 disables DRY), got {self.dry_multiplier}")
+        if not self.dry_base >= 1:
+            raise RequestError(f"dry_base must be >= 1, got {self.dry_base}")
+        if self.dry_allowed_length < 1:
+            raise RequestError(f"dry_allowed_length must be >= 1, got {self.dry_allowed_length}")
+        if self.dry_penalty_last_n < -1:
+            raise RequestError(f"dry_penalty_last_n must be >= -1 (-1: the whole context), got {self.dry_penalty_last_n}")
+        if isinstance(self.dry_sequence_breakers, str) or not all(
+                isinstance(b, str) and b for b in self.dry_sequence_breakers):
+            raise RequestError("dry_sequence_breakers must be a list of non-empty strings, got "
+                               f"{self.dry_sequence_breakers!r}")
+        self.dry_sequence_breakers = tuple(self.dry_sequence_breakers)
 
     @property
     def penalized(self) -> bool:
+        return self.counts_tokens or self.dry
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Repetition, frequency or presence penalty: they depend on which tokens the context holds."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def dry(self) -> bool:
+        return self.dry_multiplier > 0 and self.dry_penalty_last_n != 0
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +99,22 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, tokens: list[i
     PenaltyHistory, kept up to date instead of rebuilt. Without penalties: logits."""
     if not params.penalized:
         return logits
+    out = (_count_penalties(logits, params, tokens, n_prompt, drafts, history) if params.counts_tokens
+           else logits.float().clone())
+    if params.dry:
+        rows, cols, amounts = [], [], []
+        for j in range(out.shape[0]):
+            for token, amount in dry_penalties(tokens + list(drafts[:j]), params).items():
+                rows.append(j), cols.append(token), amounts.append(-amount)
+        if rows:
+            index = (torch.tensor(rows, device=out.device), torch.tensor(cols, device=out.device))
+            out.index_put_(index, torch.tensor(amounts, device=out.device), accumulate=True)
+    return out
+
+
+def _count_penalties(logits: torch.Tensor, params: SamplingParams, tokens: list[int], n_prompt: int,
+                     drafts: list[int], history: "PenaltyHistory | None") -> torch.Tensor:
+    """The repetition, frequency and presence penalties of apply_penalties (a new fp32 tensor)."""
     rows, vocab = logits.shape
     device = logits.device
     history_counts, history_seen = (history.of(tokens, n_prompt, vocab, device) if history is not None
@@ -86,6 +137,33 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, tokens: list[i
     out = logits.float().clone()
     out[:, ids] = penalize(out[:, ids], params, counts, seen)
     return out
+
+
+def dry_penalties(context: list[int], params: SamplingParams) -> dict[int, float]:
+    """DRY: what each token id loses from its logit as the token after `context`. For every earlier occurrence of
+    the context's last token, the run is how many tokens before it match the context's end (no sequence breaker
+    inside), and the token that followed it is penalised by multiplier · base^(run - allowed_length) when the run
+    is at least allowed_length long; the longest run per token counts."""
+    last_n = params.dry_penalty_last_n
+    window = context if last_n < 0 else context[max(len(context) - last_n, 0):]
+    breakers = params.dry_breaker_ids
+    if len(window) < 2 or window[-1] in breakers:
+        return {}
+    longest_counted = params.dry_allowed_length + DRY_MAX_EXPONENT  # bounds the work in a long loop
+    end, last = len(window) - 1, window[-1]
+    runs: dict[int, int] = {}
+    for i in [i for i, t in enumerate(window[:-1]) if t == last]:
+        following = window[i + 1]
+        if following in breakers:
+            continue
+        run = 1
+        while run <= i and run < longest_counted and window[i - run] == window[end - run] \
+                and window[i - run] not in breakers:
+            run += 1
+        runs[following] = max(run, runs.get(following, 0))
+    allowed = params.dry_allowed_length
+    return {t: params.dry_multiplier * params.dry_base ** min(run - allowed, DRY_MAX_EXPONENT)
+            for t, run in runs.items() if run >= allowed}
 
 
 def penalty_history(tokens: list[int], n_prompt: int, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,6 +60,8 @@ class Tokenizer:
         self._tok = tok
         self.chat_template = chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
+        self._texts: list[str] | None = None  # each id's text, for ids_containing
+        self._containing: dict[tuple[str, ...], frozenset[int]] = {}
 
     @classmethod
     def from_dir(cls, path: Path) -> "Tokenizer":
@@ -87,6 +89,16 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def ids_containing(self, strings: tuple[str, ...]) -> frozenset[int]:
+        """The token ids whose text contains any of `strings` (DRY's sequence breakers)."""
+        strings = tuple(strings)
+        if strings not in self._containing:
+            if self._texts is None:
+                self._texts = self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+            self._containing[strings] = frozenset(i for i, text in enumerate(self._texts)
+                                                  if any(s in text for s in strings))
+        return self._containing[strings]
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

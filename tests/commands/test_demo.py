@@ -9,4 +9,5 @@ def test_demo_prints_both_runs_and_reports_identical_output(capsys):
     assert "output identical to plain decoding" in out and "acceptance" in out
     # weights packed for the CPU kernels (AMX tiles, int8) still count as their N x K parameters
     assert "(8.2M parameters" in out
-    assert "greedy, repetition penalty 1.1" in out  # the default: plain greedy text of a model this small loops
+    # the defaults: plain greedy text of a model this small loops
+    assert "greedy, repetition penalty 1.1, DRY multiplier 0.8" in out

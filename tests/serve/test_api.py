@@ -103,6 +103,16 @@ def test_penalties_reach_the_model_and_match_plain_decoding(live, serve_llm):
     assert r.choices[0].text == ref.text  # served with MTP speculation: identical to plain decoding
 
 
+def test_dry_reaches_the_model_and_matches_plain_decoding(live, serve_llm):
+    dry = dict(dry_multiplier=1.5, dry_base=2.0, dry_allowed_length=1, dry_sequence_breakers=[])
+    prompt = "1 2 3 1 2 3 1 2 3"  # the tiny model loops on it
+    ref = serve_llm.generate(prompt, max_tokens=MAX_TOKENS, temperature=0.0, spec_type="none", **dry)
+    assert ref.token_ids != reference(serve_llm, prompt).token_ids  # DRY breaks the loop
+    r = live.client().completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                         extra_body=dry)
+    assert r.choices[0].text == ref.text
+
+
 def test_sampling_with_seed_is_reproducible(live):
     client = live.client()
     kw = dict(model="tiny", prompt="Hello, how are", max_tokens=10, temperature=0.9, top_p=0.9, seed=1234,
@@ -217,6 +227,9 @@ BAD = [
     ("presence penalty out of range", "chat", {**CHAT, "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("frequency penalty wrong type", "chat", {**CHAT, "frequency_penalty": "lots"}, 400, "frequency_penalty"),
     ("repetition penalty zero", "completion", {**COMP, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("dry multiplier negative", "completion", {**COMP, "dry_multiplier": -1}, 400, "dry_multiplier"),
+    ("dry breakers not strings", "chat", {**CHAT, "dry_sequence_breakers": ["\n", 3]}, 400, "dry_sequence_breakers"),
+    ("dry allowed length a fraction", "chat", {**CHAT, "dry_allowed_length": 1.5}, 400, "dry_allowed_length"),
 ]
 
 

@@ -119,8 +119,10 @@ def test_stop_string_mid_draft_cuts_like_plain_decoding(llm):
             assert (spec.token_ids, spec.text, spec.finish_reason) == (plain.token_ids, plain.text, "stop")
 
 
-def test_penalties_keep_speculation_lossless(llm):
-    penalties = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3)
+@pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3),
+                                       dict(repetition_penalty=1.1, dry_multiplier=0.8, dry_allowed_length=1)],
+                         ids=["counting", "with-dry"])
+def test_penalties_keep_speculation_lossless(llm, penalties):
     changed = 0
     for i, prompt in enumerate(prompts(8, seed=11)):
         ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, **penalties).token_ids

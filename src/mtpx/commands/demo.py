@@ -26,18 +26,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-draft-vocab", type=int, default=2048,
                    help="MTP drafts over the first N token ids (verification still uses all; 0 = the full head)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per mode; the median is reported")
-    # greedy decoding of a model this small falls into loops (BENCHMARKS.md section V); Ollama's default
-    # repeat_penalty of 1.1 breaks most of them, and penalties keep speculative output identical to plain decoding
+    # greedy decoding of a model this small falls into loops (BENCHMARKS.md section V). Ollama's default
+    # repeat_penalty of 1.1 delays them; with llama.cpp's suggested DRY multiplier of 0.8 as well, continuations of
+    # held-out code repeat themselves about as often as the code itself (BENCHMARKS.md section W). Penalties keep
+    # speculative output identical to plain decoding.
     p.add_argument("--repetition-penalty", type=float, default=1.1,
-                   help="greedy decoding with this repetition penalty (1 = plain greedy)")
+                   help="greedy decoding with this repetition penalty (1 = off)")
+    p.add_argument("--dry-multiplier", type=float, default=0.8,
+                   help="and this DRY penalty on tokens that would continue a run already in the text (0 = off)")
 
 
 def main(args: argparse.Namespace) -> int:
     llm = LLM(args.model)
     penalty = dict(repetition_penalty=args.repetition_penalty) if args.repetition_penalty != 1.0 else {}
+    if args.dry_multiplier:
+        penalty["dry_multiplier"] = args.dry_multiplier
     print(f"model: {llm.path} ({parameter_count(llm.model) / 1e6:.1f}M parameters, "
           f"{llm.dtype}, {llm.device}); greedy"
-          + (f", repetition penalty {args.repetition_penalty}" if penalty else "") + "\n")
+          + (f", repetition penalty {args.repetition_penalty}" if args.repetition_penalty != 1.0 else "")
+          + (f", DRY multiplier {args.dry_multiplier}" if args.dry_multiplier else "") + "\n")
     settings = {"none": dict(penalty), "mtp": dict(penalty, spec_draft_n_max=args.spec_draft_n_max,
                                                    spec_draft_vocab=args.spec_draft_vocab)}
     # warm-up: no timed run pays first-call costs, and the thread tuner has made its first choice

@@ -52,12 +52,34 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract from tokens already generated")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="subtract this times the number of times a token was generated")
+    p.add_argument("--dry-multiplier", type=float, default=None,
+                   help="DRY: penalise tokens that would continue a run already in the context (0 = off, the "
+                   "default; 0.8 is llama.cpp's suggestion)")
+    p.add_argument("--dry-base", type=float, default=None, help="DRY: growth of the penalty per token of run (1.75)")
+    p.add_argument("--dry-allowed-length", type=int, default=None,
+                   help="DRY: runs this long are free; longer ones are penalised (2)")
+    p.add_argument("--dry-penalty-last-n", type=int, default=None,
+                   help="DRY: search the last n tokens (-1 = the whole context, the default; 0 = off)")
+    p.add_argument("--dry-sequence-breaker", dest="dry_sequence_breakers", action="append", default=None,
+                   help="DRY: runs stop at tokens containing this string (repeatable; replaces the defaults "
+                   "'\\n' ':' '\"' '*'; 'none' for no breakers)")
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
                 repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                frequency_penalty=args.frequency_penalty)
+                frequency_penalty=args.frequency_penalty, dry_multiplier=args.dry_multiplier, dry_base=args.dry_base,
+                dry_allowed_length=args.dry_allowed_length, dry_penalty_last_n=args.dry_penalty_last_n,
+                dry_sequence_breakers=sequence_breakers(args.dry_sequence_breakers))
+
+
+def sequence_breakers(given: list[str] | None) -> list[str] | None:
+    """--dry-sequence-breaker values as strings: escapes like '\\n' read as the characters, 'none' as no breakers."""
+    if given is None:
+        return None
+    if given == ["none"]:
+        return []
+    return [b.encode("latin-1", "backslashreplace").decode("unicode_escape") for b in given]
 
 
 def add_spec_arguments(p: argparse.ArgumentParser) -> None:

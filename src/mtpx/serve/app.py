@@ -32,6 +32,8 @@ from mtpx.serve.scheduler import Delta, GenRequest, Scheduler, SpecConfig
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("mtpx.serve")
 MAX_STOP = 16
+DRY_FIELDS = (("dry_multiplier", "number"), ("dry_base", "number"), ("dry_allowed_length", "integer"),
+              ("dry_penalty_last_n", "integer"), ("dry_sequence_breakers", "array"))
 
 
 class ApiError(Exception):
@@ -145,6 +147,8 @@ class Server:
         penalties = {name: float(body.get(name, "number", model.get(name, default)))
                      for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
                                            ("repetition_penalty", 1.0))}
+        dry = {name: body.get(name, kind) for name, kind in DRY_FIELDS}  # llama.cpp server's names
+        dry = {name: value for name, value in dry.items() if value is not None}
         if seed is not None and not -2 ** 63 <= seed < 2 ** 64:
             raise ApiError(400, f"'seed' must fit in 64 bits, got {seed}", "seed", "invalid_value")
         if top_k == -1:  # vLLM's spelling of "disabled"
@@ -153,10 +157,11 @@ class Server:
             raise ApiError(400, f"'temperature' must be in [0, 2] (up to 100 accepted), got {temperature}",
                            "temperature", "invalid_value")
         try:
-            params = SamplingParams(temperature, top_k, top_p, min_p, seed, **penalties)
+            params = SamplingParams(temperature, top_k, top_p, min_p, seed, **penalties, **dry)
         except RequestError as e:
             param = str(e).split(" ", 1)[0]
-            raise ApiError(400, str(e), param if param in ("top_k", "top_p", "min_p", *penalties) else None,
+            known = ("top_k", "top_p", "min_p", *penalties, *(name for name, _ in DRY_FIELDS))
+            raise ApiError(400, str(e), param if param in known else None,
                            "invalid_value") from None
         stop = body.get("stop", ("string", "array"))
         if isinstance(stop, str):

@@ -228,19 +228,21 @@ class MTPDrafter(_StatefulDrafter):
 
     def _greedy_chain(self, seq: "Sequence", k: int) -> list[int] | None:
         hidden, tokens = self._pending(seq)
+        # the chain's kernel applies the counting penalties but not DRY, which changes few drafts: drafting with DRY
+        # step by step raised the demo's mean acceptance length on held-out code by 0.01-0.02 at 25-30 % less speed
         if not self._drafts_by_argmax(seq, penalties=True) or hidden is None or len(tokens) > PREFILL_ROWS:
             return None
         d = seq.draft
         start = d.state.length
         d.state.mark()
         if isinstance(d.state, StaticState):
-            if seq.params.penalized:
+            if seq.params.counts_tokens:
                 return None
             drafts = self._static_chain(hidden, torch.tensor([tokens], device=hidden.device), d.state, k)
         else:
             head = (kernel_weight(self.head.weight), self.head.ids) if self.head is not None else (None, None)
             penalty = None
-            if seq.params.penalized:
+            if seq.params.counts_tokens:
                 p = seq.params
                 penalty = (*seq.penalties.of(seq.tokens, seq.n_prompt, self.model.cfg.vocab_size, hidden.device),
                            p.repetition_penalty, p.frequency_penalty, p.presence_penalty)

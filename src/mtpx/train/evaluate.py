@@ -109,30 +109,44 @@ def heldout_prompts(files: list[Path], kind: str, n: int, seed: int = 0) -> list
     return out
 
 
+def repetition(ids: list[int], text: str) -> dict:
+    """How much a continuation repeats itself: the share of its token 4-grams seen before in it, and of its
+    non-blank lines that repeat an earlier line."""
+    grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    seen, repeated = set(), 0
+    for ln in lines:
+        repeated += ln in seen
+        seen.add(ln)
+    return {"rep4": 1 - len(set(grams)) / len(grams) if grams else 0.0,
+            "repeated_lines": repeated / len(lines) if lines else 0.0}
+
+
 def speculative_acceptance(llm, prompts: list[str], k: int, max_tokens: int, spec_type: str = "mtp",
-                           draft_model: str | None = None) -> dict:
-    """Greedy speculative decoding of every prompt with a fixed k; pooled acceptance statistics."""
+                           draft_model: str | None = None, decoding: dict | None = None) -> dict:
+    """Greedy speculative decoding of every prompt with a fixed k (and the given penalties, `decoding`); pooled
+    acceptance statistics and the continuations' mean repetition."""
     drafts = drafted = accepted = 0
-    by_pos_acc, by_pos_n = [0] * k, [0] * k
+    first_accepted = 0.0
     gen = 0
+    reps = []
     for p in prompts:
         c = llm.generate(p, max_tokens=max_tokens, temperature=0.0, spec_type=spec_type, spec_draft_n_max=k,
-                         spec_draft_n_min=k, spec_draft_policy="fixed", spec_draft_model=draft_model)
+                         spec_draft_n_min=k, spec_draft_policy="fixed", spec_draft_model=draft_model,
+                         **(decoding or {}))
         s = c.stats
         drafts += s["drafts"]
         drafted += s["drafted_tokens"]
         accepted += s["accepted_tokens"]
         gen += s["generated_tokens"]
-        for j, rate in enumerate(s["acceptance_by_position"][:k]):
-            # acceptance_by_position is accepted / drafted at that position; recover counts
-            n_j = s["drafts"] if j == 0 else None
-            if n_j is not None:
-                by_pos_acc[j] += rate * n_j
-                by_pos_n[j] += n_j
+        if s["acceptance_by_position"]:  # accepted / drafted at each position; every draft has a first position
+            first_accepted += s["acceptance_by_position"][0] * s["drafts"]
+        reps.append(repetition(c.token_ids, c.text))
     return {"k": k, "prompts": len(prompts), "generated_tokens": gen, "drafts": drafts, "drafted_tokens": drafted,
             "accepted_tokens": accepted, "acceptance_rate": accepted / drafted if drafted else 0.0,
             "mean_acceptance_length": 1 + accepted / drafts if drafts else 1.0,
-            "first_position_acceptance": by_pos_acc[0] / by_pos_n[0] if by_pos_n[0] else 0.0}
+            "first_position_acceptance": first_accepted / drafts if drafts else 0.0,
+            **{m: sum(r[m] for r in reps) / len(reps) if reps else 0.0 for m in ("rep4", "repeated_lines")}}
 
 
 @torch.inference_mode()
@@ -168,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--samples", type=int, default=0, help="also print this many greedy code continuations")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="greedy with this repetition penalty")
+    p.add_argument("--dry-multiplier", type=float, default=0.0, help="greedy with this DRY penalty (0 = off)")
     p.add_argument("--compare-dtype", default=None,
                    help="instead: held-out loss and greedy agreement of the model in this dtype (e.g. int8, int4) vs bf16")
     args = p.parse_args(argv)
@@ -182,22 +198,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.compare_dtype} vs bf16 on {r['tokens']} held-out tokens: loss {r['loss_quantized']:.4f} vs "
               f"{r['loss_reference']:.4f}, greedy agreement {r['greedy_agreement']:.1%}")
         return 0
+    decoding = dict(repetition_penalty=args.repetition_penalty, dry_multiplier=args.dry_multiplier)
     results = []
     for kind in args.kinds:
         prompts = heldout_prompts(files, kind, args.n)
         for k in args.k:
-            r = speculative_acceptance(llm, prompts, k, args.max_tokens, args.spec_type, args.draft_model)
+            r = speculative_acceptance(llm, prompts, k, args.max_tokens, args.spec_type, args.draft_model, decoding)
             r["kind"] = kind
             results.append(r)
             print(f"{kind:5s} k={k}: acceptance {r['acceptance_rate']:.1%}, first draft {r['first_position_acceptance']:.1%}, "
                   f"mean acceptance length {r['mean_acceptance_length']:.2f} ({r['prompts']} prompts, "
-                  f"{r['generated_tokens']} tokens)", flush=True)
+                  f"{r['generated_tokens']} tokens; repeated 4-grams {r['rep4']:.3f}, lines "
+                  f"{r['repeated_lines']:.3f})", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     for prompt in heldout_prompts(files, "code", args.samples, seed=1):
-        plain = llm.generate(prompt, max_tokens=args.max_tokens)
+        plain = llm.generate(prompt, max_tokens=args.max_tokens, **decoding)
         spec = llm.generate(prompt, max_tokens=args.max_tokens, spec_type=args.spec_type, spec_draft_n_max=3,
-                            spec_draft_policy="fixed", spec_draft_model=args.draft_model)
+                            spec_draft_policy="fixed", spec_draft_model=args.draft_model, **decoding)
         same = "identical" if spec.token_ids == plain.token_ids else "DIFFERENT"
         print(f"\n--- prompt\n{prompt}--- greedy continuation ({same} with MTP k=3; "
               f"{plain.stats['decode_tokens_per_s']:.0f} tok/s plain, {spec.stats['decode_tokens_per_s']:.0f} tok/s MTP, "
