@@ -61,7 +61,8 @@ class SamplingParams:
         if self.dry_allowed_length < 1:
             raise RequestError(f"dry_allowed_length must be >= 1, got {self.dry_allowed_length}")
         if self.dry_penalty_last_n < -1:
-            raise RequestError(f"dry_penalty_last_n must be >= -1 (-1: the whole context), got {self.dry_penalty_last_n}")
+            raise RequestError(f"dry_penalty_last_n must be >= -1 (-1: the whole context), "
+                               f"got {self.dry_penalty_last_n}")
         if isinstance(self.dry_sequence_breakers, str) or not all(
                 isinstance(b, str) and b for b in self.dry_sequence_breakers):
             raise RequestError("dry_sequence_breakers must be a list of non-empty strings, got "

@@ -49,6 +49,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="none, mtpK (K drafts), adaptive (MTP, adaptive k up to --adaptive-n-max), draft[K], ngram[K]")
     p.add_argument("--temperature", "--temperatures", type=_floats, default=[0.0, 0.7])
     p.add_argument("--repeat", type=int, default=3, help="repeats of the whole set (min / median over repeats)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="every generation with this repetition penalty (1 = off); mtpx runs only")
+    p.add_argument("--dry-multiplier", type=float, default=0.0,
+                   help="every generation with this DRY penalty (llama.cpp's defaults otherwise; 0 = off); mtpx runs "
+                   "only")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--prompts", default=None, help="your own prompt set: a JSON list of strings")
     p.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts of each workload")
@@ -179,12 +184,16 @@ def run(args: argparse.Namespace) -> dict:
 
     from mtpx.bench import aggregate, costmodel, prompts, roofline, runner
     from mtpx.llm import LLM
+    from mtpx.sampling import SamplingParams
     if not args.model:
         raise RequestError("--model is required")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.repeat < 1:
         raise RequestError("--repeat must be >= 1")
+    if args.peers and (args.repetition_penalty != 1 or args.dry_multiplier):
+        raise RequestError("--peers runs without penalties (the peers count repetitions differently): drop "
+                           "--repetition-penalty / --dry-multiplier, or --peers")
     state_before = machine_state()
     workloads = prompts.load_workloads(args.workloads, args.prompts, args.max_prompts, args.max_tokens)
     modes = runner.parse_modes(args.modes, args.adaptive_n_max)
@@ -209,8 +218,12 @@ def run(args: argparse.Namespace) -> dict:
     if dropped:
         log(f"bench: skipping modes {dropped} (no MTP layer / no --spec-draft-model)")
     synth = args.spec_synth_rates
+    penalties = dict(repetition_penalty=args.repetition_penalty) if args.repetition_penalty != 1 else {}
+    if args.dry_multiplier:
+        penalties["dry_multiplier"] = args.dry_multiplier
+    SamplingParams(**penalties)  # a bad value fails here, by name, not in the first generation
     cfg = runner.BenchConfig(modes, workloads, list(args.temperature), args.repeat, synth, draft_model, args.seed,
-                             not args.respect_eos, not args.no_warmup)
+                             not args.respect_eos, not args.no_warmup, penalties)
     log(f"bench: {len(modes)} modes × {len(workloads)} workloads × {len(cfg.temperatures)} temperatures × "
         f"{args.repeat} repeats" + (f" — {('SYNTHETIC acceptance ' + str(synth))}" if synth else ""))
     rows = runner.run_bench(llm, cfg, log)
@@ -248,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(), "torch": torch.__version__, "threads": _threads(llm),
         "device": str(llm.device), "dtype": dtype_name(llm),
-        "repeat": args.repeat, "temperatures": cfg.temperatures, "ignore_eos": cfg.ignore_eos,
+        "repeat": args.repeat, "temperatures": cfg.temperatures, "penalties": penalties, "ignore_eos": cfg.ignore_eos,
         "synthetic": synth is not None, "synthetic_rates": synth, "draft_model": draft_model,
         "modes": runner.mode_dicts(modes),
         "workloads": {w.name: {"prompts": len(w.prompts), "max_tokens": w.max_tokens, "chat": w.chat,

@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             r = speculative_acceptance(llm, prompts, k, args.max_tokens, args.spec_type, args.draft_model, decoding)
             r["kind"] = kind
             results.append(r)
-            print(f"{kind:5s} k={k}: acceptance {r['acceptance_rate']:.1%}, first draft {r['first_position_acceptance']:.1%}, "
+            print(f"{kind:5s} k={k}: acceptance {r['acceptance_rate']:.1%}, "
+                  f"first draft {r['first_position_acceptance']:.1%}, "
                   f"mean acceptance length {r['mean_acceptance_length']:.2f} ({r['prompts']} prompts, "
                   f"{r['generated_tokens']} tokens; repeated 4-grams {r['rep4']:.3f}, lines "
                   f"{r['repeated_lines']:.3f})", flush=True)
