@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mtpx.errors import RequestError
-from mtpx.sampling import PenaltyHistory, SamplingParams, apply_penalties, dry_penalties, penalty_history
+from mtpx.sampling import (PenaltyHistory, SamplingParams, TokenOccurrences, apply_penalties, dry_penalties,
+                           penalty_history)
 
 
 def reference_row(logits, params, history, n_prompt):
@@ -119,7 +120,11 @@ def test_dry_follows_its_definition_on_random_contexts():
         params = SamplingParams(dry_multiplier=g.choice([0.5, 0.8]), dry_base=g.choice([1.5, 1.75]),
                                 dry_allowed_length=g.choice([1, 2, 3]), dry_penalty_last_n=g.choice([-1, 10, 25]),
                                 dry_breaker_ids=frozenset(g.sample(range(5), g.choice([0, 0, 1]))))
-        assert dry_penalties(context, params) == pytest.approx(dry_reference(context, params)), (trial, context)
+        expected = dry_reference(context, params)
+        assert dry_penalties(context, params) == pytest.approx(expected), (trial, context)
+        # with an index of a prefix (a sequence's tokens, the rest being drafts): the same
+        indexed = TokenOccurrences().of(context[:g.randrange(len(context) + 1)])
+        assert dry_penalties(context, params, indexed) == pytest.approx(expected), (trial, context)
 
 
 def test_dry_rows_follow_the_history_plus_earlier_drafts_with_the_other_penalties():
@@ -135,6 +140,13 @@ def test_dry_rows_follow_the_history_plus_earlier_drafts_with_the_other_penaltie
             expected[t] -= amount
         torch.testing.assert_close(got[j], expected)
     assert dry_reference(tokens + drafts, params)  # the rows were penalised
+
+    history = PenaltyHistory()  # the sequence's kept history (and DRY's index) gives the same rows
+    for end in (4, 5, 9, 10):
+        assert torch.equal(apply_penalties(logits, params, tokens[:end], n_prompt, drafts, history),
+                           apply_penalties(logits, params, tokens[:end], n_prompt, drafts))
+    assert torch.equal(apply_penalties(logits, params, [2, 3, 2], 1, drafts, history),  # another, shorter one
+                       apply_penalties(logits, params, [2, 3, 2], 1, drafts))
 
 
 @pytest.mark.parametrize("kw,name", [(dict(dry_multiplier=-0.5), "dry_multiplier"), (dict(dry_base=0.9), "dry_base"),
