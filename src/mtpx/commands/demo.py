@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs per mode; the median is reported")
     # greedy decoding of a model this small falls into loops (BENCHMARKS.md section V). Ollama's default
     # repeat_penalty of 1.1 delays them; with llama.cpp's suggested DRY multiplier of 0.8 as well, continuations of
-    # held-out code repeat themselves about as often as the code itself (BENCHMARKS.md section W). Penalties keep
+    # held-out code repeat themselves about as often as the code itself (BENCHMARKS.md section Y). Penalties keep
     # speculative output identical to plain decoding.
     p.add_argument("--repetition-penalty", type=float, default=1.1,
                    help="greedy decoding with this repetition penalty (1 = off)")
