@@ -1,10 +1,10 @@
 """The public Python API: `LLM(model).generate(prompt, ...) -> Completion`, `LLM.stream(...)`, `LLM.logits(ids)`."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
