@@ -158,3 +158,23 @@ def test_bad_dry_values_are_named(kw, name):
     with pytest.raises(RequestError, match=name):
         SamplingParams(**kw)
     assert not SamplingParams(dry_multiplier=0.8, dry_penalty_last_n=0).penalized  # searching no tokens: off
+
+
+def test_sample_draws_each_id_with_its_probability():
+    """The inverse-cumulative sampler against known probabilities: ids at block edges, most ids of probability 0
+    (never drawn), weights not normalised."""
+    from collections import Counter
+
+    from scipy.stats import chisquare
+
+    from mtpx.sampling import SAMPLE_BLOCK, sample
+    g = torch.Generator().manual_seed(0)
+    ids = [0, 7, SAMPLE_BLOCK - 1, SAMPLE_BLOCK, SAMPLE_BLOCK + 1, 2 * SAMPLE_BLOCK - 1, 5000]
+    weights = torch.tensor([0.05, 0.2, 0.1, 0.15, 0.3, 0.12, 0.08])
+    probs = torch.zeros(5001)
+    probs[ids] = weights * 3
+    n = 20000
+    counts = Counter(sample(probs, g) for _ in range(n))
+    assert set(counts) <= set(ids)
+    assert chisquare([counts[i] for i in ids], (weights / weights.sum() * n).tolist()).pvalue > 1e-3
+    assert sample(torch.tensor([0.0, 0.0, 1.0]), g) == 2 and sample(torch.tensor([1.0, 0.0, 0.0]), g) == 0

@@ -292,8 +292,27 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs / probs.sum(-1, keepdim=True)
 
 
+SAMPLE_BLOCK = 2048  # ids per block of the two-level inverse cumulative sum in `sample`
+
+
 def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())  # the generator is a CPU one
+    """One token drawn from probs [V] (any scale): a uniform draw located in the cumulative sum, first among blocks
+    of SAMPLE_BLOCK ids, then within the block, in float64 (exact enough for a 248k-id cumulative, and no id of
+    probability 0 can hold the draw: its interval is empty). On the CPU torch.multinomial took 170 us for 8k ids and
+    5 ms for Qwen3.5's 248k (it draws a random number per id); this one draw, one pass and two short sums."""
+    p = probs.cpu().float()  # the generator is a CPU one
+    pad = -len(p) % SAMPLE_BLOCK
+    blocks = torch.nn.functional.pad(p, (0, pad)).view(-1, SAMPLE_BLOCK).sum(1, dtype=torch.float64).cumsum(0)
+    u = torch.rand((1,), generator=gen, dtype=torch.float64) * blocks[-1]
+    b = min(int(torch.searchsorted(blocks, u, right=True)), len(blocks) - 1)
+    while b > 0 and blocks[b] <= blocks[b - 1]:  # u rounded up to the total: the last block that has mass
+        b -= 1
+    start = b * SAMPLE_BLOCK
+    inner = p[start:start + SAMPLE_BLOCK].double().cumsum(0)
+    i = min(int(torch.searchsorted(inner, u - (blocks[b - 1] if b else 0.0), right=True)), len(inner) - 1)
+    while p[start + i] <= 0:  # rounding between the two sums put u past the block's last id with mass
+        i -= 1
+    return start + i
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
