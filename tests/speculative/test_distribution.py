@@ -66,14 +66,19 @@ def assert_same_distribution(a: Counter, b: Counter):
     assert p > 0.01, f"speculative and plain sampling differ (chi-square p = {p:.2e})"
 
 
-@pytest.mark.parametrize("params_kw", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9),
-                                       dict(temperature=1.0, repetition_penalty=1.5, presence_penalty=0.6,
-                                            frequency_penalty=0.4)],
-                         ids=["T1", "T0.7-top_p0.9", "T1-penalties"])
-def test_mtp_rejection_sampling_preserves_joint_distribution(peaked, params_kw):
+@pytest.mark.parametrize("params_kw,sampled_drafts", [
+    (dict(temperature=1.0), False),
+    (dict(temperature=0.7, top_p=0.9), True),
+    (dict(temperature=1.0, repetition_penalty=1.5, presence_penalty=0.6, frequency_penalty=0.4), False)],
+    ids=["T1-argmax-drafts", "T0.7-top_p0.9-sampled-drafts", "T1-penalties-argmax-drafts"])
+def test_mtp_rejection_sampling_preserves_joint_distribution(peaked, params_kw, sampled_drafts):
+    """MTP drafts its argmax when sampling (verified as deterministic drafts); drafts sampled from q, as the draft
+    model's are, go through speculative sampling's rule instead: both exact."""
     prompt = [5, 17, 42, 99, 7]
+    drafter = MTPDrafter(peaked.model)
+    drafter.sampled_drafts = sampled_drafts
     plain = joint_counts(peaked, prompt, params_kw, None, 0, seed=1)
-    spec = joint_counts(peaked, prompt, params_kw, MTPDrafter(peaked.model), 2, seed=2)
+    spec = joint_counts(peaked, prompt, params_kw, drafter, 2, seed=2)
     assert_same_distribution(plain, spec)
 
 

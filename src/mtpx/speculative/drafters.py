@@ -50,13 +50,13 @@ class Drafter(ABC):
         return 0
 
 
-def _pick(logits: torch.Tensor, seq: "Sequence", p_min: float,
-          drafted: list[int]) -> tuple[int | None, torch.Tensor | None]:
+def _pick(logits: torch.Tensor, seq: "Sequence", p_min: float, drafted: list[int],
+          argmax: bool) -> tuple[int | None, torch.Tensor | None]:
     """Choose a draft token from draft logits [V] that follow the sequence and its drafts so far: argmax when
-    greedy, else sample from q (processed like the target, penalties included). None when the draft's top
-    probability is below p_min."""
+    greedy or `argmax`, else sample from q (processed like the target, penalties included). None when the draft's
+    top probability is below p_min."""
     logits = apply_penalties(logits[None], seq.params, seq.tokens + drafted, seq.n_prompt)[0]
-    if seq.params.greedy:
+    if seq.params.greedy or argmax:
         if p_min > 0 and torch.softmax(logits.float(), -1).max() < p_min:
             return None, None
         return kernels.argmax_rows(logits.reshape(1, -1))[0], None
@@ -83,10 +83,15 @@ class _StatefulDrafter(Drafter):
     @abstractmethod
     def _logits(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    # when sampling: draw each draft from the drafter's distribution q and verify by speculative sampling (True), or
+    # draft its argmax and verify it as a deterministic draft, accepted with the target's probability of it (False)
+    sampled_drafts = True
+
     def _drafts_by_argmax(self, seq: "Sequence", penalties: bool = False) -> bool:
-        """Greedy, no p_min and unpenalised (or `penalties`: the caller applies them): a draft is the argmax, and the
-        full logits are never needed."""
-        return self.p_min == 0 and seq.params.greedy and (penalties or not seq.params.penalized)
+        """Argmax drafts, no p_min and unpenalised (or `penalties`: the caller applies them): a draft is the argmax,
+        and the full logits are never needed."""
+        return (self.p_min == 0 and (seq.params.greedy or not self.sampled_drafts)
+                and (penalties or not seq.params.penalized))
 
     def _argmax(self, x: torch.Tensor) -> list[int]:
         """Greedy draft tokens for drafter outputs x [R, H]."""
@@ -127,7 +132,8 @@ class _StatefulDrafter(Drafter):
             next_live = []
             for row, i in enumerate(live):
                 b = active[i]
-                tok, q = picks[row] if plain_argmax else _pick(logits[row], seqs[b], self.p_min, drafts[b].tokens)
+                tok, q = picks[row] if plain_argmax else _pick(logits[row], seqs[b], self.p_min, drafts[b].tokens,
+                                                                         not self.sampled_drafts)
                 if tok is None:
                     continue
                 drafts[b].tokens.append(tok)
@@ -189,8 +195,11 @@ class DraftHead:
 class MTPDrafter(_StatefulDrafter):
     """Drafts with the model's MTP layer: step 1 takes (main hidden state, accepted token); steps 2..k feed the
     layer its own output. Its KV cache holds pairs (h_i, t_{i+1}) of the accepted sequence. With a DraftHead, its
-    logits come from a reduced vocabulary."""
+    logits come from a reduced vocabulary. When sampling it drafts its argmax too (as vLLM's MTP and EAGLE proposers
+    do): the argmax chain runs in one call, and on the demo at T = 0.7 that was faster than drafting from q despite
+    the lower acceptance (BENCHMARKS.md section Y.4)."""
     name = "mtp"
+    sampled_drafts = False
 
     def __init__(self, model: Qwen35Model, p_min: float = 0.0, head: DraftHead | None = None):
         super().__init__(p_min)
