@@ -7,7 +7,7 @@ import torch
 
 from mtpx.errors import RequestError
 from mtpx.sampling import (PenaltyHistory, SamplingParams, TokenOccurrences, apply_penalties, dry_penalties,
-                           penalty_history)
+                           penalty_history, target_probs)
 
 
 def reference_row(logits, params, history, n_prompt):
@@ -178,3 +178,36 @@ def test_sample_draws_each_id_with_its_probability():
     assert set(counts) <= set(ids)
     assert chisquare([counts[i] for i in ids], (weights / weights.sum() * n).tolist()).pvalue > 1e-3
     assert sample(torch.tensor([0.0, 0.0, 1.0]), g) == 2 and sample(torch.tensor([1.0, 0.0, 0.0]), g) == 0
+
+
+def reference_target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """target_probs written the plain way: mask, softmax, a full sort for top-p."""
+    logits = logits.float() / max(params.temperature, 1e-5)
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
+        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("vocab", [7, 300, 5000])
+def test_target_probs_follow_the_plain_definition(vocab):
+    """The candidates-only paths (top-k first, then top-p among the largest ids) keep the same ids with the same
+    probabilities as a full sort, ties at the k-th value included."""
+    g = torch.Generator().manual_seed(vocab)
+    for trial in range(60):
+        logits = torch.randn(3, vocab, generator=g) * float(torch.empty(()).uniform_(0.2, 8, generator=g))
+        params = SamplingParams(temperature=[0.3, 0.7, 1.0, 1.5][trial % 4], top_k=[0, 1, 5, 40, 400][trial % 5],
+                                top_p=[1.0, 0.5, 0.9, 0.99][trial % 4 if trial % 3 else 0], min_p=[0, 0.05][trial % 2])
+        if trial % 6 == 0:  # ties at the k-th value (and no top-p, where the order among tied ids is arbitrary)
+            logits = logits.round()
+            params = SamplingParams(temperature=1.0, top_k=3, min_p=[0, 0.05][trial % 4 == 0])
+        got, want = target_probs(logits, params), reference_target_probs(logits, params)
+        assert torch.equal(got > 0, want > 0), trial
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
