@@ -376,18 +376,20 @@ def accept(target_logits: torch.Tensor, drafts: list[int], draft_probs: torch.Te
         while n < k and drafts[n] == best[n]:
             n += 1
         return n, best[n]
-    p = target_probs(target_logits, params)
+    # row by row, as plain decoding processes its one row: rows after a rejection are never processed
+    def p(i: int) -> torch.Tensor:
+        return target_probs(target_logits[i:i + 1], params)[0]
     for i, d in enumerate(drafts):
+        p_i = p(i)
         q_d = 1.0 if draft_probs is None else float(draft_probs[i, d])
-        p_d = float(p[i, d])
-        if q_d > 0 and torch.rand((), generator=gen).item() < min(1.0, p_d / q_d):
+        if q_d > 0 and torch.rand((), generator=gen).item() < min(1.0, float(p_i[d]) / q_d):
             continue
         if draft_probs is None:
-            residual = p[i].clone()
+            residual = p_i.clone()
             residual[d] = 0.0
         else:
-            residual = (p[i] - draft_probs[i]).clamp_min(0.0)
+            residual = (p_i - draft_probs[i]).clamp_min(0.0)
         if residual.sum() <= 0:  # p == q (up to rounding): any sample from p is exact
-            residual = p[i]
+            residual = p_i
         return i, sample(residual / residual.sum(), gen)
-    return k, sample(p[k], gen)
+    return k, sample(p(k), gen)
