@@ -122,23 +122,25 @@ def test_report_rerenders(tmp_path, dense_ckpt, prompt_file):
     assert (out / "results.md").exists() and (out / "tokens_per_s.png").exists()
 
 
-def test_bench_applies_the_given_penalties_to_every_generation(tmp_path, dense_ckpt, prompt_file, capsys):
+def test_bench_applies_the_given_sampling_settings_to_every_generation(tmp_path, dense_ckpt, prompt_file, capsys):
     out = tmp_path / "out"
-    result = _run(out, dense_ckpt, "--prompts", str(prompt_file), "--modes", "none,mtp2", "--temperature", "0",
-                  "--no-memory", "--no-costs", "--no-plots", "--max-prompts", "1", "--repetition-penalty", "1.1",
-                  "--dry-multiplier", "0.8")
-    assert result["meta"]["penalties"] == {"repetition_penalty": 1.1, "dry_multiplier": 0.8}
+    result = _run(out, dense_ckpt, "--prompts", str(prompt_file), "--modes", "none,mtp2", "--temperature", "0.7",
+                  "--no-memory", "--no-costs", "--no-plots", "--max-prompts", "1", "--top-k", "20", "--top-p", "0.8",
+                  "--repetition-penalty", "1.1", "--dry-multiplier", "0.8")
+    settings = {"top_k": 20, "top_p": 0.8, "repetition_penalty": 1.1, "dry_multiplier": 0.8}
+    assert result["meta"]["sampling"] == settings
     md = (out / "results.md").read_text()
-    assert "Penalties in every generation: repetition_penalty 1.1, dry_multiplier 0.8." in md
-    cfg = runner.BenchConfig(runner.parse_modes(["mtp2"], 4), [], [0.0], penalties=result["meta"]["penalties"])
-    kw = runner.generation_kwargs(cfg.modes[0], cfg, 0.0, 10, 0)
-    assert kw["repetition_penalty"] == 1.1 and kw["dry_multiplier"] == 0.8
+    assert ("Sampling settings in every generation: top_k 20, top_p 0.8, repetition_penalty 1.1, dry_multiplier 0.8."
+            in md)
+    cfg = runner.BenchConfig(runner.parse_modes(["mtp2"], 4), [], [0.7], sampling=settings)
+    kw = runner.generation_kwargs(cfg.modes[0], cfg, 0.7, 10, 0)
+    assert {k: kw[k] for k in settings} == settings and kw["temperature"] == 0.7
     capsys.readouterr()
     assert cli_main(["bench", "--model", str(dense_ckpt), "--dry-multiplier", "-1", "--out", str(out)]) != 0
     assert "dry_multiplier must be >= 0" in capsys.readouterr().err
-    assert cli_main(["bench", "--model", str(dense_ckpt), "--repetition-penalty", "1.1", "--peers", "hf",
-                     "--out", str(out)]) != 0
-    assert "--peers runs without penalties" in capsys.readouterr().err
+    assert cli_main(["bench", "--model", str(dense_ckpt), "--top-p", "0.9", "--peers", "hf", "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "--peers runs with temperature only" in err and "drop --top-p, or --peers" in err
 
 
 def test_aggregate_from_known_times():

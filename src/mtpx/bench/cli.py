@@ -49,11 +49,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="none, mtpK (K drafts), adaptive (MTP, adaptive k up to --adaptive-n-max), draft[K], ngram[K]")
     p.add_argument("--temperature", "--temperatures", type=_floats, default=[0.0, 0.7])
     p.add_argument("--repeat", type=int, default=3, help="repeats of the whole set (min / median over repeats)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="every generation with this repetition penalty (1 = off); mtpx runs only")
+    # sampling settings for every generation (at T > 0 for top-k/p, min-p); mtpx runs only
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     p.add_argument("--dry-multiplier", type=float, default=0.0,
-                   help="every generation with this DRY penalty (llama.cpp's defaults otherwise; 0 = off); mtpx runs "
-                   "only")
+                   help="DRY, with llama.cpp's defaults otherwise; 0 = off")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--prompts", default=None, help="your own prompt set: a JSON list of strings")
     p.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts of each workload")
@@ -191,9 +193,14 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     if args.repeat < 1:
         raise RequestError("--repeat must be >= 1")
-    if args.peers and (args.repetition_penalty != 1 or args.dry_multiplier):
-        raise RequestError("--peers runs without penalties (the peers count repetitions differently): drop "
-                           "--repetition-penalty / --dry-multiplier, or --peers")
+    sampling = {name: value for name, value, off in (
+        ("top_k", args.top_k, 0), ("top_p", args.top_p, 1.0), ("min_p", args.min_p, 0.0),
+        ("repetition_penalty", args.repetition_penalty, 1.0), ("dry_multiplier", args.dry_multiplier, 0.0))
+        if value != off}
+    SamplingParams(**sampling)  # a bad value fails here, by name, not in the first generation
+    if args.peers and sampling:
+        raise RequestError("--peers runs with temperature only (the peers apply other settings their own way): drop "
+                           f"{', '.join('--' + k.replace('_', '-') for k in sampling)}, or --peers")
     state_before = machine_state()
     workloads = prompts.load_workloads(args.workloads, args.prompts, args.max_prompts, args.max_tokens)
     modes = runner.parse_modes(args.modes, args.adaptive_n_max)
@@ -218,12 +225,8 @@ def run(args: argparse.Namespace) -> dict:
     if dropped:
         log(f"bench: skipping modes {dropped} (no MTP layer / no --spec-draft-model)")
     synth = args.spec_synth_rates
-    penalties = dict(repetition_penalty=args.repetition_penalty) if args.repetition_penalty != 1 else {}
-    if args.dry_multiplier:
-        penalties["dry_multiplier"] = args.dry_multiplier
-    SamplingParams(**penalties)  # a bad value fails here, by name, not in the first generation
     cfg = runner.BenchConfig(modes, workloads, list(args.temperature), args.repeat, synth, draft_model, args.seed,
-                             not args.respect_eos, not args.no_warmup, penalties)
+                             not args.respect_eos, not args.no_warmup, sampling)
     log(f"bench: {len(modes)} modes × {len(workloads)} workloads × {len(cfg.temperatures)} temperatures × "
         f"{args.repeat} repeats" + (f" — {('SYNTHETIC acceptance ' + str(synth))}" if synth else ""))
     rows = runner.run_bench(llm, cfg, log)
@@ -261,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(), "torch": torch.__version__, "threads": _threads(llm),
         "device": str(llm.device), "dtype": dtype_name(llm),
-        "repeat": args.repeat, "temperatures": cfg.temperatures, "penalties": penalties, "ignore_eos": cfg.ignore_eos,
+        "repeat": args.repeat, "temperatures": cfg.temperatures, "sampling": sampling, "ignore_eos": cfg.ignore_eos,
         "synthetic": synth is not None, "synthetic_rates": synth, "draft_model": draft_model,
         "modes": runner.mode_dicts(modes),
         "workloads": {w.name: {"prompts": len(w.prompts), "max_tokens": w.max_tokens, "chat": w.chat,

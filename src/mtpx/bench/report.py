@@ -146,8 +146,9 @@ def write_markdown(result: dict, out: Path) -> Path:
              f"mtpx {meta.get('git_commit', '?')}, torch {meta['torch']}, threads {meta['threads']}, device "
              f"{meta['device']}, dtype {meta['dtype']}; {meta['repeat']} repeat(s), modes interleaved per prompt; "
              f"throughput = total decoded tokens / total decode time per repeat; min and median over repeats.", ""]
-    if meta.get("penalties"):
-        parts += ["Penalties in every generation: " + ", ".join(f"{k} {v}" for k, v in meta["penalties"].items())
+    settings = meta.get("sampling") or meta.get("penalties")  # "penalties": this session's first reports
+    if settings:
+        parts += ["Sampling settings in every generation: " + ", ".join(f"{k} {v}" for k, v in settings.items())
                   + ".", ""]
     if meta.get("synthetic_rates"):
         parts += [f"**{synthetic_label(meta['synthetic_rates'])}**: drafted tokens are accepted by coin flips "

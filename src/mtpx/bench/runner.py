@@ -162,12 +162,12 @@ class BenchConfig:
     seed: int = 0
     ignore_eos: bool = True
     warmup: bool = True
-    penalties: dict = field(default_factory=dict)  # SamplingParams penalties for every generation
+    sampling: dict = field(default_factory=dict)  # SamplingParams settings besides temperature, for every generation
 
 
 def generation_kwargs(mode: Mode, cfg: BenchConfig, temperature: float, max_tokens: int, seed: int) -> dict:
     kw = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=cfg.ignore_eos,
-              spec_type=mode.spec_type, **cfg.penalties)
+              spec_type=mode.spec_type, **cfg.sampling)
     if mode.speculative:
         kw.update(spec_draft_n_max=mode.k, spec_draft_policy=mode.policy, spec_synth_rates=cfg.synth_rates)
         if mode.draft_vocab:
