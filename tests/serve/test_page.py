@@ -18,8 +18,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 def drive_page(url: str, messages: list[str], screenshot: Path | None = None, timeout_ms: int = 60_000,
-               max_tokens: int | None = None) -> list[str]:
-    """Open the chat page, send each message, wait for each streamed reply; returns the replies' texts."""
+               max_tokens: int | None = None, settings: dict[str, str] | None = None,
+               sent: list[dict] | None = None) -> list[str]:
+    """Open the chat page, fill the `settings` fields (id -> value), send each message, wait for each streamed
+    reply; returns the replies' texts. `sent` collects the JSON bodies the page posted."""
     from playwright.sync_api import expect, sync_playwright
     replies = []
     with sync_playwright() as p:
@@ -28,10 +30,15 @@ def drive_page(url: str, messages: list[str], screenshot: Path | None = None, ti
             page = browser.new_page(viewport={"width": 1100, "height": 720})
             external = []
             page.on("request", lambda req: external.append(req.url) if not req.url.startswith(url) else None)
+            if sent is not None:
+                page.on("request", lambda req: sent.append(req.post_data_json)
+                        if req.url.endswith("/v1/chat/completions") else None)
             page.goto(url + "/")
             expect(page.locator("#model")).not_to_have_text("…", timeout=timeout_ms)
             if max_tokens:
                 page.fill("#max_tokens", str(max_tokens))
+            for field, value in (settings or {}).items():
+                page.fill("#" + field, value)
             for i, text in enumerate(messages):
                 page.fill("#input", text)
                 page.press("#input", "Enter")
@@ -72,6 +79,18 @@ def test_page_streams_a_reply(live, tmp_path):
     assert shot.stat().st_size > 10_000
     # both turns went through the streaming chat endpoint, the second one with the history
     assert httpx.get(live.url + "/health").json()["requests_finished"] >= before + 2
+
+
+def test_page_sends_the_sampling_settings_it_shows(live):
+    """Top-p, repetition penalty and DRY reach the API as its fields; fields left empty are left out."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    sent: list[dict] = []
+    replies = drive_page(live.url, ["Hello there"], max_tokens=12, sent=sent,
+                         settings={"repetition_penalty": "1.1", "dry_multiplier": "0.8"})
+    assert replies[0].strip() and len(sent) == 1
+    assert sent[0]["repetition_penalty"] == 1.1 and sent[0]["dry_multiplier"] == 0.8 and "top_p" not in sent[0]
 
 
 def test_page_streams_tokens_incrementally(live):
