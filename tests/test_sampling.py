@@ -178,6 +178,9 @@ def test_sample_draws_each_id_with_its_probability():
     assert set(counts) <= set(ids)
     assert chisquare([counts[i] for i in ids], (weights / weights.sum() * n).tolist()).pvalue > 1e-3
     assert sample(torch.tensor([0.0, 0.0, 1.0]), g) == 2 and sample(torch.tensor([1.0, 0.0, 0.0]), g) == 0
+    column = torch.zeros(2 * SAMPLE_BLOCK, 2)
+    column[SAMPLE_BLOCK + 3, 1] = 1.0
+    assert sample(column[:, 1], g) == SAMPLE_BLOCK + 3  # a strided view
 
 
 def reference_target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -334,7 +334,7 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
     5 ms for Qwen3.5's 248k (it draws a random number per id); this one draw, one pass and two short sums."""
     p = probs.cpu().float()  # the generator is a CPU one
     pad = -len(p) % SAMPLE_BLOCK
-    blocks = torch.nn.functional.pad(p, (0, pad)).view(-1, SAMPLE_BLOCK).sum(1, dtype=torch.float64).cumsum(0)
+    blocks = torch.nn.functional.pad(p, (0, pad)).reshape(-1, SAMPLE_BLOCK).sum(1, dtype=torch.float64).cumsum(0)
     u = torch.rand((1,), generator=gen, dtype=torch.float64) * blocks[-1]
     b = min(int(torch.searchsorted(blocks, u, right=True)), len(blocks) - 1)
     while b > 0 and blocks[b] <= blocks[b - 1]:  # u rounded up to the total: the last block that has mass
