@@ -299,7 +299,7 @@ def _after_top_k(top: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """target_probs for the top-k logits [N, k] alone, sorted largest first: softmax, top-p, min-p, normalised."""
     probs = torch.softmax(top, dim=-1)
     if params.top_p < 1.0:
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= params.top_p, 0.0)
+        probs = probs * _within_top_p(probs, params.top_p)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs[..., :1], 0.0)
     return probs / probs.sum(-1, keepdim=True)
@@ -316,12 +316,16 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     k = min(TOP_P_FIRST, vocab)
     while True:
         top, order = probs.topk(k, dim=-1)  # sorted, largest first
-        total = top.cumsum(-1)
-        if k == vocab or bool((total[..., -1] >= top_p).all()):
+        if k == vocab or bool((top.cumsum(-1)[..., -1] >= top_p).all()):
             break
         k = min(8 * k, vocab)
-    keep = (total - top) < top_p  # the mass strictly before each candidate
-    return probs * torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, keep)
+    return probs * torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, _within_top_p(top, top_p))
+
+
+def _within_top_p(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """For probabilities sorted largest first: which belong to the smallest prefix reaching top_p, i.e. have less
+    than top_p of the mass strictly before them (the top-p rule, for both of target_probs' paths)."""
+    return sorted_probs.cumsum(-1) - sorted_probs < top_p
 
 
 SAMPLE_BLOCK = 2048  # ids per block of the two-level inverse cumulative sum in `sample`
