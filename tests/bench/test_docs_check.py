@@ -1,0 +1,72 @@
+"""The docs' figures against the committed bench reports (`python -m mtpx.bench.docs_check`): the real BENCHMARKS.md
+and model card pass, and a table that disagrees with its report, cites none, or hides its command fails."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mtpx.bench import docs_check
+
+ROOT = Path(__file__).resolve().parents[2]
+MACHINE = "2 × Intel(R) Xeon(R) Processor (avx512_bf16, amx_bf16, avx512f, avx2), 24 GiB RAM"
+COMMAND = ("mtpx bench --model demo --workloads code,chat --modes none,mtp3v2048,mtp4v2048,mtp6v2048,adaptive "
+           "--adaptive-n-max 6 --temperature 0 --max-prompts 6 --repeat 3 --no-memory --no-roofline --no-plots "
+           "--no-costs --out docs/bench/demo-v5-s11/greedy")
+TABLE = """| workload | mode | decode tok/s | × plain | acceptance | mean acc. len |
+|---|---|---|---|---|---|
+| code | none | 1004 | 1.00 | – | – |
+| code | mtp6v2048 | 1986 | **{speedup}** | 57.5 % | 4.42 |
+"""
+
+
+def _doc(tmp_path: Path, speedup: str = "1.98", command: str = COMMAND, report: bool = True) -> Path:
+    path = tmp_path / "doc.md"
+    path.write_text(f"# t\n\nMachine: `{MACHINE}`.\n\n```sh\n{command}\n```\n\n"
+                    + ("Report: `docs/bench/demo-v5-s11/greedy/results.json`\n\n" if report else "")
+                    + TABLE.format(speedup=speedup))
+    return path
+
+
+def test_the_committed_docs_match_their_reports():
+    for name, strict in docs_check.DEFAULT_FILES:
+        res = docs_check.check_file(ROOT, ROOT / name, strict)
+        assert res.errors == [], "\n".join(res.errors)
+    assert docs_check.check_file(ROOT, ROOT / "BENCHMARKS.md", True).tables >= 6
+    assert docs_check.main(["--root", str(ROOT)]) == 0
+
+
+def test_a_right_table_passes(tmp_path):
+    res = docs_check.check_file(ROOT, _doc(tmp_path), strict=True)
+    assert res.errors == [] and res.tables == 1 and res.cells == 8
+
+
+def test_a_wrong_figure_fails_and_write_fixes_it(tmp_path):
+    path = _doc(tmp_path, speedup="2.05")
+    res = docs_check.check_file(ROOT, path, strict=True)
+    assert len(res.errors) == 1
+    assert "× plain" in res.errors[0] and "doc says 2.05" in res.errors[0] and "1.98" in res.errors[0]
+    assert docs_check.main([str(path), "--root", str(ROOT)]) == 1
+    docs_check.check_file(ROOT, path, strict=True, write=True)
+    assert "**1.98**" in path.read_text()
+    assert docs_check.check_file(ROOT, path, strict=True).errors == []
+
+
+def test_too_few_decimals_fail(tmp_path):
+    res = docs_check.check_file(ROOT, _doc(tmp_path, speedup="2"), strict=True)
+    assert any("decimals" in e for e in res.errors)
+
+
+def test_a_table_without_a_report_fails_in_strict_files(tmp_path):
+    path = _doc(tmp_path, report=False)
+    assert any("cites no report" in e for e in docs_check.check_file(ROOT, path, strict=True).errors)
+    assert docs_check.check_file(ROOT, path, strict=False).errors == []
+
+
+def test_the_reports_command_must_be_shown(tmp_path):
+    res = docs_check.check_file(ROOT, _doc(tmp_path, command=COMMAND.replace("--repeat 3", "--repeat 5")), strict=True)
+    assert any("command" in e for e in res.errors)
+
+
+def test_an_unknown_column_fails(tmp_path):
+    path = _doc(tmp_path)
+    path.write_text(path.read_text().replace("× plain", "speedup"))
+    assert any("unknown column" in e for e in docs_check.check_file(ROOT, path, strict=True).errors)
