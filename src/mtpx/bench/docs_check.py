@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         status = "FAILED" if res.errors else "ok"
         if a.write and res.fixes:
             status += f", {len(res.fixes)} row(s) rewritten"
-        print(f"{path.name}: {res.tables} tables, {res.cells} figures checked: {status}")
+        name = path.relative_to(root) if path.is_relative_to(root) else path
+        print(f"{name}: {res.tables} tables, {res.cells} figures checked: {status}")
         failed |= bool(res.errors)
     return 1 if failed else 0
 
