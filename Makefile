@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(BIN)/mtpx demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -rs --durations=15
 
 bench: $(VENV)/.installed
 	$(BIN)/mtpx bench --model demo --out bench-results

@@ -18,6 +18,21 @@ if not torch.cuda.is_available():
 from checkpoints import make_checkpoint  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """Where the kernels are required (CI: kernels.kernels_required()), a failed build fails the run here, with the
+    compiler's output, instead of letting every test that needs them skip."""
+    from mtpx import kernels
+    if not kernels.kernels_required():
+        return
+    if os.environ.get("MTPX_ROWGEMM") == "0":
+        pytest.exit("the CPU kernels are required here (MTPX_REQUIRE_KERNELS=1, or CI set), and MTPX_ROWGEMM=0 turns "
+                    "them off: unset one of the two", returncode=1)
+    try:
+        kernels.rowgemm_module()
+    except kernels.KernelBuildError as e:
+        pytest.exit(str(e), returncode=1)
+
+
 @pytest.fixture(scope="session")
 def ckpt_factory(tmp_path_factory):
     """Build each tiny checkpoint variant once per test session."""

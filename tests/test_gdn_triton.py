@@ -1,5 +1,9 @@
 """The gated delta rule as one Triton kernel (kernels/gdn_triton.py) against the token-by-token PyTorch step, run in
 Triton's interpreter on the CPU (tests/conftest.py turns it on where there is no GPU) and compiled on a GPU."""
+import os
+import platform
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +11,14 @@ import torch.nn.functional as F
 from mtpx.kernels import gdn_triton
 from mtpx.models.qwen3_5 import recurrent_gated_delta_step
 
-triton = pytest.importorskip("triton")
+try:
+    import triton
+except ImportError:
+    # a test dependency on Linux x86-64 (pyproject.toml): missing there in CI is a broken install, not a skip
+    in_ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
+    if in_ci and sys.platform == "linux" and platform.machine() == "x86_64":
+        raise
+    pytest.skip("triton is not installed", allow_module_level=True)
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="compiled Triton")),
            pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 

@@ -8,8 +8,11 @@ from mtpx import kernels
 from mtpx.models import linear as linear_module
 from mtpx.models.linear import Int8Weight, TileWeight, linear, row_invariant
 
+from isa import amx_code_built, amx_skip_reason
+
+# where kernels.kernels_required() (CI), tests/conftest.py fails the run instead of letting these skip
 needs_kernel = pytest.mark.skipif(not kernels.rowgemm_available(), reason="rowgemm kernel could not be built here")
-needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX tiles on this CPU / in this build")
+needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason=amx_skip_reason() or "AMX is available")
 
 
 @needs_kernel
@@ -95,7 +98,10 @@ def test_tile_weight_layout_round_trips():
 
 
 @needs_kernel
+@pytest.mark.skipif(not amx_code_built(), reason="no AMX: the kernels were built for a CPU without AMX_BF16, whose "
+                    "rowgemm_tiles stub rejects every call before checking shapes")
 def test_rowgemm_tiles_rejects_bad_shapes():
+    """Checked before AMX's use, so also where MTPX_AMX=0 or the OS refuses tile state, but only in an AMX build."""
     tiles = TileWeight(torch.randn(32, 64).bfloat16())
     with pytest.raises(RuntimeError, match="K = 32"):
         kernels.rowgemm_tiles(torch.randn(2, 32).bfloat16(), tiles.tiles, 32)
@@ -303,3 +309,46 @@ def test_subnormals_are_flushed_on_worker_threads_started_before_the_setting():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "0"
+
+
+BUILD = """
+from mtpx import kernels
+print("available", kernels.rowgemm_available())
+"""
+
+
+def _broken_build_env(tmp_path, **env) -> dict:
+    """A build that fails in the compiler (an -march it does not know), in a build directory of its own."""
+    import os
+    base = {k: v for k, v in os.environ.items() if k not in ("CI", "MTPX_REQUIRE_KERNELS", "MTPX_ROWGEMM")}
+    return {**base, "MTPX_KERNEL_MARCH": "no-such-cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), **env}
+
+
+def test_a_failed_build_raises_in_ci_and_falls_back_with_a_warning_elsewhere(tmp_path):
+    import subprocess
+    import sys
+
+    def run(**env):
+        return subprocess.run([sys.executable, "-c", BUILD], capture_output=True, text=True, timeout=300,
+                              env=_broken_build_env(tmp_path, **env))
+    for env in (dict(CI="true"), dict(MTPX_REQUIRE_KERNELS="1")):
+        out = run(**env)
+        assert out.returncode != 0, (env, out.stdout)
+        assert "KernelBuildError" in out.stderr and "no-such-cpu" in out.stderr, out.stderr  # the compiler's message
+    for env in (dict(), dict(CI="true", MTPX_REQUIRE_KERNELS="0")):
+        out = run(**env)
+        assert out.returncode == 0 and "available False" in out.stdout, (env, out.stderr)
+        assert "could not build the CPU kernels" in out.stderr
+
+
+def test_a_failed_build_fails_the_test_run_in_ci_instead_of_skipping(tmp_path):
+    """tests/conftest.py: the kernel tests' skip conditions do not hide a broken build where kernels are required."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    test = f"{Path(__file__).resolve()}::test_tile_weight_layout_round_trips"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], capture_output=True,
+                         text=True, timeout=300, env=_broken_build_env(tmp_path, CI="true"),
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode != 0 and "failed to build" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert "passed" not in out.stdout

@@ -67,10 +67,23 @@ def _skip_reason() -> str | None:
     return None
 
 
-def test_page_streams_a_reply(live, tmp_path):
+def browser_required() -> bool:
+    """MTPX_REQUIRE_BROWSER=1 (0: never), or, where that is unset, the CI variable that CI services set."""
+    value = os.environ.get("MTPX_REQUIRE_BROWSER", os.environ.get("CI", ""))
+    return value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def need_browser() -> None:
+    """Skip where playwright or chromium is missing; fail instead where the browser is required (CI)."""
     reason = _skip_reason()
+    if reason and browser_required():
+        pytest.fail(f"{reason}; the browser is required here (MTPX_REQUIRE_BROWSER=1, or CI set)", pytrace=False)
     if reason:
         pytest.skip(reason)
+
+
+def test_page_streams_a_reply(live, tmp_path):
+    need_browser()
     import httpx
     before = httpx.get(live.url + "/health").json()["requests_finished"]
     shot = tmp_path / "chat-page.png"
@@ -83,9 +96,7 @@ def test_page_streams_a_reply(live, tmp_path):
 
 def test_page_sends_the_sampling_settings_it_shows(live):
     """Top-p, repetition penalty and DRY reach the API as its fields; fields left empty are left out."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
+    need_browser()
     sent: list[dict] = []
     replies = drive_page(live.url, ["Hello there"], max_tokens=12, sent=sent,
                          settings={"repetition_penalty": "1.1", "dry_multiplier": "0.8"})
@@ -95,9 +106,7 @@ def test_page_sends_the_sampling_settings_it_shows(live):
 
 def test_page_streams_tokens_incrementally(live):
     """The reply text grows while the request is running (it is not delivered in one piece at the end)."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
+    need_browser()
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -127,6 +136,21 @@ def test_page_streams_tokens_incrementally(live):
     assert len(distinct) >= 3, f"reply did not stream incrementally: lengths seen {distinct}"
 
 
+def test_a_missing_browser_fails_where_it_is_required_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setitem(globals(), "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.delenv("MTPX_REQUIRE_BROWSER", raising=False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="chromium not found"):
+        need_browser()
+    monkeypatch.setenv("MTPX_REQUIRE_BROWSER", "0")
+    with pytest.raises(pytest.skip.Exception):
+        need_browser()
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv("MTPX_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception):
+        need_browser()
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -153,9 +177,7 @@ if __name__ == "__main__":
 
 
 def test_page_stop_button_cancels_the_sequence(live, monkeypatch):
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
+    need_browser()
     import time
 
     import httpx

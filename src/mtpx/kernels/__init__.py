@@ -12,6 +12,11 @@ few hundred PyTorch ops of a few microseconds' overhead each. `attention_layer_s
 (layer_step.cpp) chain those kernels through a whole decoder layer in one call, and `step_stack` through a whole
 stack. `argmax_rows`: torch.argmax of each row, vectorised (greedy tokens and verify).
 Set MTPX_ROWGEMM=0 to use PyTorch ops instead.
+
+Where the kernels cannot be built, mtpx warns and runs on PyTorch ops. CI must not: with MTPX_REQUIRE_KERNELS=1 (or,
+when that is unset, with CI set, as CI services do) a failed build raises with the compiler's output.
+MTPX_KERNEL_MARCH (for tests): build for that -march instead of the machine's own (e.g. haswell, an AVX2-only CPU),
+under its own build name.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 8
 _module = None
 _tried = False
+_build_error: str | None = None
 
 
 @functools.cache
@@ -44,13 +50,34 @@ def native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def _march() -> str:
+    return os.environ.get("MTPX_KERNEL_MARCH") or "native"
+
+
 def _extension_name() -> str:
     """Built with -march=native: name the build after the CPU, so a cache shared by different machines never loads
-    code for instructions this one lacks."""
+    code for instructions this one lacks (and after the -march, where MTPX_KERNEL_MARCH sets another)."""
     import hashlib
     import platform
     cpu = platform.machine() + " ".join(sorted(cpu_flags()))
+    if _march() != "native":
+        cpu += " march=" + _march()
     return "mtpx_rowgemm_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def kernels_required() -> bool:
+    """Whether a failed kernel build is an error rather than a fallback: MTPX_REQUIRE_KERNELS=1 (0: never), or, where
+    that is unset, the CI variable that CI services set."""
+    explicit = os.environ.get("MTPX_REQUIRE_KERNELS")
+    return _truthy(explicit) if explicit is not None else _truthy(os.environ.get("CI", ""))
+
+
+class KernelBuildError(RuntimeError):
+    """The CPU kernels did not build where they are required (kernels_required())."""
 
 
 STALE_BUILD_S = 600  # a locked build directory in which nothing has changed for this long is an interrupted build
@@ -81,35 +108,49 @@ def clear_stale_build_lock(build_dir: Path, stale_s: float = STALE_BUILD_S, poll
 
 
 def rowgemm_module():
-    """The compiled extension, or None where it cannot be built (no compiler) or MTPX_ROWGEMM=0."""
-    global _module, _tried
-    if _tried:
-        return _module
-    _tried = True
-    if os.environ.get("MTPX_ROWGEMM", "1") == "0":
-        return None
-    try:
-        import sys
-
-        from torch.utils.cpp_extension import _get_build_directory, load
-        try:  # the ninja that pip installed with mtpx, also when the virtual environment is not activated
-            import ninja
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-        sources = [str(Path(__file__).with_name(f))
-                   for f in ("rowgemm.cpp", "step_ops.cpp", "layer_step.cpp", "bindings.cpp")]
-        name = _extension_name()
-        build_dir = Path(_get_build_directory(name, False))
-        clear_stale_build_lock(build_dir)
-        if not (build_dir / f"{name}.so").exists():
-            print("mtpx: compiling the CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
-        _module = load(name=name, sources=sources, verbose=False,
-                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path
-        log.warning("mtpx: could not build the CPU kernels (%s); steps use PyTorch ops (oneDNN for matmuls)", e)
-        _module = None
+    """The compiled extension, or None where it cannot be built (no compiler) or MTPX_ROWGEMM=0. Where
+    kernels_required(), a failed build raises KernelBuildError (on this call and every later one) instead."""
+    global _module, _tried, _build_error
+    if not _tried:
+        _tried = True
+        if os.environ.get("MTPX_ROWGEMM", "1") != "0":
+            try:
+                _module = _build()
+            except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path (or fail, in CI)
+                _build_error = f"{type(e).__name__}: {e}"
+                if not kernels_required():
+                    log.warning("mtpx: could not build the CPU kernels (%s); steps use PyTorch ops (oneDNN for "
+                                "matmuls)", e)
+    if _build_error is not None and kernels_required():
+        raise KernelBuildError("mtpx: the CPU kernels failed to build, and they are required here "
+                               "(MTPX_REQUIRE_KERNELS=1, or CI set; MTPX_REQUIRE_KERNELS=0 allows the PyTorch "
+                               f"fallback):\n{_build_error}")
     return _module
+
+
+def build_error() -> str | None:
+    """Why the kernels did not build (the compiler's output), or None where they built or were not tried."""
+    return _build_error
+
+
+def _build():
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory, load
+    try:  # the ninja that pip installed with mtpx, also when the virtual environment is not activated
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    sources = [str(Path(__file__).with_name(f))
+               for f in ("rowgemm.cpp", "step_ops.cpp", "layer_step.cpp", "bindings.cpp")]
+    name = _extension_name()
+    build_dir = Path(_get_build_directory(name, False))
+    clear_stale_build_lock(build_dir)
+    if not (build_dir / f"{name}.so").exists():
+        print("mtpx: compiling the CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
+    return load(name=name, sources=sources, verbose=False,
+                extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
 
 def rowgemm_available() -> bool:
