@@ -49,13 +49,13 @@ def test_the_draft_policy_carries_over_between_requests_with_the_same_settings(d
     prompt = [5, 6, 7, 8]
     plain = llm.generate(prompt, max_tokens=24, ignore_eos=True).token_ids
     first = llm.generate(prompt, max_tokens=24, ignore_eos=True, spec_type="mtp")
-    assert first.token_ids == plain and len(llm._policies) == 1
-    policy = next(iter(llm._policies.values()))
+    assert first.token_ids == plain and len(llm.engine.policies) == 1
+    policy = next(iter(llm.engine.policies.values()))
     rounds, tried = policy.rounds, sum(policy.tried)
     assert rounds > 0
     second = llm.generate(prompt, max_tokens=24, ignore_eos=True, spec_type="mtp")
     assert second.token_ids == plain
-    assert list(llm._policies.values()) == [policy] and policy.rounds > rounds and sum(policy.tried) >= tried / 2
+    assert list(llm.engine.policies.values()) == [policy] and policy.rounds > rounds and sum(policy.tried) >= tried / 2
     llm.generate(prompt, max_tokens=8, ignore_eos=True, spec_type="mtp", spec_draft_n_max=2)
     llm.generate(prompt, max_tokens=8, ignore_eos=True, spec_type="mtp", repetition_penalty=1.2)
-    assert len(llm._policies) == 3
+    assert len(llm.engine.policies) == 3

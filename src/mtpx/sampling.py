@@ -7,92 +7,15 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from mtpx import kernels
-from mtpx.errors import RequestError
+from mtpx.engine.params import DRY_BREAKERS, SamplingParams  # noqa: F401 (re-exported: mtpx.sampling.SamplingParams)
 
 
-DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's default dry_sequence_breakers
 DRY_MAX_EXPONENT = 40  # 1.75^40 = 5e9 already rules a token out; longer runs count as this long (finite in fp32)
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
-    # penalties on repeated tokens, with vLLM's semantics: presence and frequency (OpenAI's, subtracted from the
-    # logits) count the generated tokens only; repetition (CTRL / HF transformers: divide a positive logit, multiply
-    # a negative one) covers prompt and generated tokens
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    # DRY ("don't repeat yourself", llama.cpp's --dry-*): a token that would continue a run of tokens already seen in
-    # the context (prompt and output) loses multiplier · base^(run - allowed_length) from its logit once the run is
-    # allowed_length long; runs stop at sequence breakers, so a loop is penalised, a shared name or line start barely
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_penalty_last_n: int = -1  # the last n tokens of the context are searched; -1: all of them, 0: none
-    dry_sequence_breakers: tuple[str, ...] = DRY_BREAKERS
-    dry_breaker_ids: frozenset[int] = field(default=frozenset(), repr=False)  # the tokens containing a breaker
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if not 0 < self.repetition_penalty <= 10:
-            raise RequestError(f"repetition_penalty must be in (0, 10] (1 disables it), got {self.repetition_penalty}")
-        if not self.dry_multiplier >= 0:
-            raise RequestError(f"dry_multiplier must be >= 0 (0 disables DRY), got {self.dry_multiplier}")
-        if not self.dry_base >= 1:
-            raise RequestError(f"dry_base must be >= 1, got {self.dry_base}")
-        if self.dry_allowed_length < 1:
-            raise RequestError(f"dry_allowed_length must be >= 1, got {self.dry_allowed_length}")
-        if self.dry_penalty_last_n < -1:
-            raise RequestError(f"dry_penalty_last_n must be >= -1 (-1: the whole context), "
-                               f"got {self.dry_penalty_last_n}")
-        if isinstance(self.dry_sequence_breakers, str) or not all(
-                isinstance(b, str) and b for b in self.dry_sequence_breakers):
-            raise RequestError("dry_sequence_breakers must be a list of non-empty strings, got "
-                               f"{self.dry_sequence_breakers!r}")
-        self.dry_sequence_breakers = tuple(self.dry_sequence_breakers)
-
-    @property
-    def penalized(self) -> bool:
-        return self.counts_tokens or self.dry
-
-    @property
-    def counts_tokens(self) -> bool:
-        """Repetition, frequency or presence penalty: they depend on which tokens the context holds."""
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-
-    @property
-    def dry(self) -> bool:
-        return self.dry_multiplier > 0 and self.dry_penalty_last_n != 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-    def generator(self) -> torch.Generator:
-        g = torch.Generator()
-        g.manual_seed(self.seed if self.seed is not None else torch.seed())
-        return g
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, tokens: list[int], n_prompt: int,

@@ -1,6 +1,6 @@
 """`mtpx run`'s decoding options on the bundled model."""
 from mtpx.cli import main
-from mtpx.commands.run import sequence_breakers
+from mtpx.engine.flags import sequence_breakers
 
 PROMPT = "import os\n\n\ndef read_lines(path):\n"
 

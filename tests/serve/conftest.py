@@ -8,7 +8,7 @@ import pytest
 
 import mtpx
 from mtpx.serve.app import Server
-from mtpx.serve.scheduler import SpecConfig
+from mtpx.engine.params import SpecConfig
 
 API_KEY = "test-key-123"
 

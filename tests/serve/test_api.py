@@ -264,13 +264,13 @@ def test_openai_client_raises_typed_errors(live):
 def test_disconnect_mid_stream_frees_the_sequence_and_server_keeps_serving(live, monkeypatch):
     # the tiny model can now generate all 480 tokens within the client's 1 s timeout below: slow every decode round
     # by 5 ms, so the clients really do leave mid-generation (480 rounds take >= 2.4 s)
-    from mtpx import llm
-    decode_round = llm.decode_round  # what the scheduler's LLM.decode_round runs
+    from mtpx.engine import engine
+    decode_round = engine.decode_round  # what the scheduler's Engine.decode_round runs
 
     def slow_round(*args, **kwargs):
         time.sleep(0.005)
         return decode_round(*args, **kwargs)
-    monkeypatch.setattr(llm, "decode_round", slow_round)
+    monkeypatch.setattr(engine, "decode_round", slow_round)
     health0 = httpx.get(live.url + "/health").json()
     body = {"model": "tiny", "prompt": "def add(a, b):\n", "max_tokens": 480, "temperature": 0, "stream": True,
             "ignore_eos": True}

@@ -159,7 +159,7 @@ if __name__ == "__main__":
     import mtpx
     from conftest import LiveServer
     from mtpx.serve.app import Server
-    from mtpx.serve.scheduler import SpecConfig
+    from mtpx.engine.params import SpecConfig
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True)
@@ -183,15 +183,15 @@ def test_page_stop_button_cancels_the_sequence(live, monkeypatch):
     import httpx
     from playwright.sync_api import expect, sync_playwright
 
-    from mtpx import llm
+    from mtpx.engine import engine
     # the tiny model can finish all 400 tokens before the click lands (then Stop is disabled): slow every decode
     # round by 5 ms (the random tiny model rejects most drafts: ~1 token a round, so ~2 s for 400 tokens)
-    decode_round = llm.decode_round
+    decode_round = engine.decode_round
 
     def slow_round(*args, **kwargs):
         time.sleep(0.005)
         return decode_round(*args, **kwargs)
-    monkeypatch.setattr(llm, "decode_round", slow_round)
+    monkeypatch.setattr(engine, "decode_round", slow_round)
     before = httpx.get(live.url + "/health").json()["requests_cancelled"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

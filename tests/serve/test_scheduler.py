@@ -1,14 +1,15 @@
 """The continuous-batching scheduler without HTTP: staggered arrivals, every drafter, cancellation."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import pytest
 
 import mtpx
-from mtpx.sampling import SamplingParams
-from mtpx.serve.scheduler import GenRequest, Scheduler, SpecConfig
+from mtpx.engine.params import SamplingParams, SpecConfig
+from mtpx.serve.scheduler import GenRequest, Scheduler
 
 
 class Collector:
@@ -85,7 +86,7 @@ def run_staggered(llm, spec):
 def test_staggered_batch_equals_sequential_greedy(serve_llm, draft_path, name):
     spec = SPECS[name]
     if spec.spec_type == "draft":
-        spec = SpecConfig(**{**spec.__dict__, "spec_draft_model": draft_path})
+        spec = dataclasses.replace(spec, spec_draft_model=draft_path)
     run_staggered(serve_llm, spec)
 
 
@@ -95,11 +96,11 @@ def test_static_passes_in_a_batch_equal_sequential_greedy(dense_ckpt, name):
     every static cache back in the pool afterwards."""
     llm = mtpx.LLM(dense_ckpt, static_steps=True)
     run_staggered(llm, SPECS[name])
-    held = [s for states in llm._states.free.values() for s in states]
+    held = [s for states in llm.runner.state_pool(llm.model).free.values() for s in states]
     assert held and all(s.pool is None for s in held)  # every one released, none still marked as handed out
     made = len(held)
     run_staggered(llm, SPECS[name])
-    assert sum(len(v) for v in llm._states.free.values()) == made  # the second run reused them all
+    assert sum(len(v) for v in llm.runner.state_pool(llm.model).free.values()) == made  # the second run reused them all
 
 
 def test_cancel_running_and_waiting(serve_llm):
@@ -152,7 +153,7 @@ def test_scheduler_survives_an_engine_error(serve_llm, monkeypatch):
     sched = Scheduler(serve_llm, SpecConfig())
     sched.start()
     try:
-        import mtpx.llm as mod  # the scheduler prefills through LLM.prefill
+        import mtpx.engine.engine as mod  # the scheduler prefills through Engine.prefill
         original = mod.prefill
 
         def boom(*a, **k):

@@ -43,7 +43,7 @@ def joint_counts(llm, prompt, params_kw, drafter, k, seed):
         seqs = []
         for _ in range(BATCH):
             params = SamplingParams(**params_kw, seed=rng.getrandbits(62))
-            seq = llm.new_sequence(prompt, 3, params, ignore_eos=True)
+            seq = llm.engine.new_sequence(prompt, 3, params, ignore_eos=True)
             prefill(llm.model, drafter, seq)
             seqs.append(seq)
         while any(not s.finished for s in seqs):

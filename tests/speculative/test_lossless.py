@@ -37,13 +37,12 @@ def prompts(n, seed=0):
 
 def run_with(llm, drafter, prompt, k, **kw):
     """Generate with a given drafter object (for drafters the public API does not construct)."""
-    original = llm.make_drafter
-    llm.make_drafter = lambda *a, **k2: drafter
+    llm.engine.drafter = lambda spec, batched=False: drafter
     try:
         return llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="mtp", spec_draft_n_max=k,
                             spec_draft_policy="fixed", **kw)
     finally:
-        llm.make_drafter = original
+        del llm.engine.drafter  # the Engine method again
 
 
 @pytest.fixture(scope="module", params=["dense", "moe"])
@@ -171,7 +170,7 @@ def test_reduced_draft_vocabulary_is_token_identical_and_drafts_only_kept_ids(ck
         pytest.skip("quantized weights need rowgemm")
     llm = mtpx.LLM(ckpt_factory(), dtype=dtype)
     size = 64
-    head = llm._draft_head(size)
+    head = llm.engine.draft_head(size)
     assert head.ids.tolist() == sorted(set(range(size)) | {t for t in llm.eos if t >= size})
     x = torch.randn(3, llm.config.hidden_size).to(torch.bfloat16)
     full = llm.model.logits(x, step=True).float()

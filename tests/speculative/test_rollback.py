@@ -10,7 +10,7 @@ from test_lossless import OracleDrafter, prompts
 
 
 def final_state(llm, prompt, drafter, k, n):
-    seq = llm.new_sequence(prompt, n, SamplingParams(), ignore_eos=True)
+    seq = llm.engine.new_sequence(prompt, n, SamplingParams(), ignore_eos=True)
     prefill(llm.model, drafter, seq)
     policy = DraftPolicy(k, 0, adaptive=False)
     while not seq.finished:

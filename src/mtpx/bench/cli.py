@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mtpx.engine.flags import add_sampling_arguments, add_spec_arguments, sampling_options
 from mtpx.errors import MtpxError, RequestError
 
 DEFAULT_MODES = "none,mtp1,mtp2,mtp3,mtp4,adaptive,draft,ngram"
@@ -49,13 +50,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="none, mtpK (K drafts), adaptive (MTP, adaptive k up to --adaptive-n-max), draft[K], ngram[K]")
     p.add_argument("--temperature", "--temperatures", type=_floats, default=[0.0, 0.7])
     p.add_argument("--repeat", type=int, default=3, help="repeats of the whole set (min / median over repeats)")
-    # sampling settings for every generation (at T > 0 for top-k/p, min-p); mtpx runs only
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    p.add_argument("--dry-multiplier", type=float, default=0.0,
-                   help="DRY, with llama.cpp's defaults otherwise; 0 = off")
+    # sampling settings for every generation (at T > 0 for top-k/p, min-p), the model's generation config ignored;
+    # mtpx runs only
+    add_sampling_arguments(p, exclude=("temperature", "seed"))
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--prompts", default=None, help="your own prompt set: a JSON list of strings")
     p.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts of each workload")
@@ -63,8 +60,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-synth-rates", type=_floats, default=None,
                    help="SYNTHETIC acceptance: accept drafted tokens by coin flips, position i with probability P_i "
                         "given positions < i were accepted (benchmarking only; the output is not the model's)")
-    p.add_argument("--spec-draft-model", default=None, help="draft checkpoint for the draft mode "
-                                                            "(default with --model demo: demo-draft)")
+    add_spec_arguments(p, only=("spec_draft_model",))  # for the draft modes; with --model demo: demo-draft
     p.add_argument("--adaptive-n-max", type=int, default=4)
     p.add_argument("--respect-eos", action="store_true", help="stop at end-of-sequence (default: ignore it, so "
                                                               "every mode generates the same number of tokens)")
@@ -185,18 +181,18 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from mtpx.bench import aggregate, costmodel, prompts, roofline, runner
+    from mtpx.engine.params import SamplingParams
     from mtpx.llm import LLM
-    from mtpx.sampling import SamplingParams
     if not args.model:
         raise RequestError("--model is required")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.repeat < 1:
         raise RequestError("--repeat must be >= 1")
-    sampling = {name: value for name, value, off in (
-        ("top_k", args.top_k, 0), ("top_p", args.top_p, 1.0), ("min_p", args.min_p, 0.0),
-        ("repetition_penalty", args.repetition_penalty, 1.0), ("dry_multiplier", args.dry_multiplier, 0.0))
-        if value != off}
+    off = SamplingParams()
+    sampling = {name: value for name, value in sampling_options(args).items()
+                if value is not None and value != getattr(off, name)
+                and not (name == "dry_sequence_breakers" and tuple(value) == off.dry_sequence_breakers)}
     SamplingParams(**sampling)  # a bad value fails here, by name, not in the first generation
     if args.peers and sampling:
         raise RequestError("--peers runs with temperature only (the peers apply other settings their own way): drop "
@@ -214,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
     dropped = []
     if draft_model and any(m.spec_type == "draft" for m in modes):
         try:
-            llm._draft_model(draft_model)
+            llm.engine.draft_model(draft_model)
         except MtpxError as e:
             log(f"bench: cannot load the draft model {draft_model}: {e}")
             draft_model = None
@@ -231,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{args.repeat} repeats" + (f" — {('SYNTHETIC acceptance ' + str(synth))}" if synth else ""))
     rows = runner.run_bench(llm, cfg, log)
     records = aggregate.aggregate(rows, modes, synth)
-    dm = llm._draft_model(draft_model) if draft_model and any(m.spec_type == "draft" for m in modes) else None
+    dm = llm.engine.draft_model(draft_model) if draft_model and any(m.spec_type == "draft" for m in modes) else None
     costs = None
     if not args.no_costs:
         log("bench: cost model")

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from mtpx.bench.prompts import Workload
+from mtpx.engine.params import SpecConfig
 from mtpx.errors import RequestError
 from mtpx.models.linear import weight_bytes
 from mtpx.models.qwen3_5 import Experts, Qwen35Model
@@ -36,6 +37,16 @@ class Mode:
     @property
     def speculative(self) -> bool:
         return self.spec_type != "none"
+
+    def spec(self, draft_model: str | None = None, synth_rates: list[float] | None = None) -> SpecConfig:
+        """The SpecConfig this mode generates with."""
+        if not self.speculative:
+            return SpecConfig()
+        if self.spec_type == "draft" and not draft_model:
+            raise RequestError(f"mode {self.name!r} needs --spec-draft-model")
+        return SpecConfig(self.spec_type, spec_draft_n_max=self.k, spec_draft_policy=self.policy,
+                          spec_draft_vocab=self.draft_vocab, spec_synth_rates=synth_rates,
+                          spec_draft_model=draft_model if self.spec_type == "draft" else None)
 
 
 def parse_mode(name: str, adaptive_n_max: int = 4) -> Mode:
@@ -114,41 +125,39 @@ class WeightTraffic:
         self.handles = []
 
 
-class _DrafterTimer:
-    """Wraps LLM.make_drafter so that the drafter's pass over the prompt is timed (start() and catch-up passes in
-    prefill mode: the MTP layer over the prompt's (h_i, t_i+1) pairs, or the draft model's prefill)."""
+class DrafterPrefillTimer:
+    """Times the drafter's passes over the prompt: the MTP layer's prefill-mode passes (its catch-up on the prompt's
+    (h_i, t_i+1) pairs) and a draft model's prefill-mode forwards. It wraps those two methods of the models for as
+    long as it is attached; the main model's own forward is not touched."""
 
-    def __init__(self, llm):
-        self.llm = llm
+    def __init__(self, model, draft_models=()):
         self.seconds = 0.0
-        self._orig = llm.make_drafter
-        llm.make_drafter = self._make
+        self.wrapped: list[tuple[object, str]] = []
+        if getattr(model, "mtp", None) is not None:
+            self._wrap(model, "mtp_forward")
+        for m in draft_models:
+            self._wrap(m, "forward")
 
-    def _make(self, *args, **kwargs):
-        drafter = self._orig(*args, **kwargs)
-        if drafter is None:
-            return None
-        start = drafter.start
+    def _wrap(self, model, name: str) -> None:
+        inner = getattr(model, name)
 
-        def timed_start(seq, hidden):
+        def timed(*args, **kwargs):
+            mode = args[3] if name == "mtp_forward" and len(args) > 3 else \
+                args[2] if name == "forward" and len(args) > 2 else kwargs.get("mode")
+            if mode != "prefill":
+                return inner(*args, **kwargs)
             t0 = time.perf_counter()
-            start(seq, hidden)
-            self.seconds += time.perf_counter() - t0
-        drafter.start = timed_start
-        forward = getattr(drafter, "_forward", None)
-        if forward is not None:
-            def timed_forward(x_prev, tokens, states, mode):
-                if mode != "prefill":
-                    return forward(x_prev, tokens, states, mode)
-                t0 = time.perf_counter()
-                out = forward(x_prev, tokens, states, mode)
+            try:
+                return inner(*args, **kwargs)
+            finally:
                 self.seconds += time.perf_counter() - t0
-                return out
-            drafter._forward = timed_forward
-        return drafter
+        setattr(model, name, timed)
+        self.wrapped.append((model, name))
 
     def restore(self) -> None:
-        self.llm.make_drafter = self._orig
+        for model, name in self.wrapped:
+            delattr(model, name)  # the class's method again
+        self.wrapped = []
 
 
 @dataclass
@@ -166,21 +175,13 @@ class BenchConfig:
 
 
 def generation_kwargs(mode: Mode, cfg: BenchConfig, temperature: float, max_tokens: int, seed: int) -> dict:
-    kw = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=cfg.ignore_eos,
-              spec_type=mode.spec_type, **cfg.sampling)
-    if mode.speculative:
-        kw.update(spec_draft_n_max=mode.k, spec_draft_policy=mode.policy, spec_synth_rates=cfg.synth_rates)
-        if mode.draft_vocab:
-            kw["spec_draft_vocab"] = mode.draft_vocab
-        if mode.spec_type == "draft":
-            if not cfg.draft_model:
-                raise RequestError(f"mode {mode.name!r} needs --spec-draft-model")
-            kw["spec_draft_model"] = cfg.draft_model
-    return kw
+    """The keywords of LLM.generate for one generation of `mode`."""
+    return dict(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=cfg.ignore_eos,
+                spec=mode.spec(cfg.draft_model, cfg.synth_rates), **cfg.sampling)
 
 
 def run_one(llm, mode: Mode, prompt: str | list[int], cfg: BenchConfig, temperature: float, max_tokens: int,
-            seed: int, traffic: WeightTraffic | None, timer: _DrafterTimer | None) -> dict:
+            seed: int, traffic: WeightTraffic | None, timer: DrafterPrefillTimer | None) -> dict:
     """One generation; returns a row of measurements."""
     kw = generation_kwargs(mode, cfg, temperature, max_tokens, seed)
     if timer is not None:
@@ -192,14 +193,12 @@ def run_one(llm, mode: Mode, prompt: str | list[int], cfg: BenchConfig, temperat
             bytes_at_first = traffic.bytes  # everything after this is decoding
         completion = event.completion
     s = completion.stats
-    n_gen = s["generated_tokens"]
-    decode_s = s["total_s"] - s["time_to_first_token_s"]
     drafter_prefill_s = timer.seconds if timer is not None else 0.0
     row = {
-        "prompt_tokens": s["prompt_tokens"], "generated_tokens": n_gen,
+        "prompt_tokens": s["prompt_tokens"], "generated_tokens": s["generated_tokens"],
         "prefill_s": s["prefill_s"], "time_to_first_token_s": s["time_to_first_token_s"],
-        "decode_s": decode_s, "decode_tokens": max(n_gen - 1, 0),
-        "decode_tokens_per_s": (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
+        "decode_s": s["decode_s"], "decode_tokens": max(s["generated_tokens"] - 1, 0),
+        "decode_tokens_per_s": s["decode_tokens_per_s"],
         "prefill_tokens_per_s": s["prefill_tokens_per_s"],
         "drafter_prefill_s": drafter_prefill_s,
         "prefill_with_drafter_tokens_per_s": s["prompt_tokens"] / (s["prefill_s"] + drafter_prefill_s)
@@ -217,10 +216,10 @@ def run_one(llm, mode: Mode, prompt: str | list[int], cfg: BenchConfig, temperat
 def run_bench(llm, cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """All generations, interleaved: for each temperature, workload, repeat and prompt, every mode in turn (the
     order of modes rotates from prompt to prompt). Returns one row per generation."""
-    timer = _DrafterTimer(llm)
     draft_models = []
     if any(m.spec_type == "draft" for m in cfg.modes) and cfg.draft_model:
-        draft_models.append(llm._draft_model(cfg.draft_model))
+        draft_models.append(llm.engine.draft_model(cfg.draft_model))
+    timer = DrafterPrefillTimer(llm.model, draft_models)
     traffic = WeightTraffic(llm.model, draft_models)
     rows: list[dict] = []
     try:

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from mtpx.commands.run import stats_line
+from mtpx.engine.flags import add_spec_arguments
 from mtpx.llm import LLM
 from mtpx.models.linear import parameter_count
 
@@ -22,9 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=200)
     # the adaptive policy picks k up to this; on the demo model k <= 6 ran as fast as k <= 3 on the bench's code
     # prompts and faster on its chat prompts and on this prompt (BENCHMARKS.md section U)
-    p.add_argument("--spec-draft-n-max", type=int, default=6, help="most drafts a round (adaptive policy)")
-    p.add_argument("--spec-draft-vocab", type=int, default=2048,
-                   help="MTP drafts over the first N token ids (verification still uses all; 0 = the full head)")
+    add_spec_arguments(p, only=("spec_draft_n_max", "spec_draft_vocab"), spec_draft_n_max=6, spec_draft_vocab=2048)
     p.add_argument("--runs", type=int, default=3, help="timed runs per mode; the median is reported")
     # greedy decoding of a model this small falls into loops (BENCHMARKS.md section V). Ollama's default
     # repeat_penalty of 1.1 delays them; with llama.cpp's suggested DRY multiplier of 0.8 as well, continuations of

@@ -23,17 +23,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mtpx.engine.flags import add_spec_arguments, spec_from_args
+from mtpx.engine.params import FieldError, SpecConfig, json_field, sampling_from_json
 from mtpx.errors import RequestError
 from mtpx.llm import LLM
-from mtpx.sampling import SamplingParams
 from mtpx.serve.metrics import Metrics
-from mtpx.serve.scheduler import Delta, GenRequest, Scheduler, SpecConfig
+from mtpx.serve.scheduler import Delta, GenRequest, Scheduler
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("mtpx.serve")
 MAX_STOP = 16
-DRY_FIELDS = (("dry_multiplier", "number"), ("dry_base", "number"), ("dry_allowed_length", "integer"),
-              ("dry_penalty_last_n", "integer"), ("dry_sequence_breakers", "array"))
 
 
 class ApiError(Exception):
@@ -45,6 +44,11 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.param, self.code, self.type)
 
+    @classmethod
+    def of(cls, e: FieldError) -> "ApiError":
+        """The 400 for a bad setting, naming it."""
+        return cls(400, str(e), e.field, e.code)
+
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    type_: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
@@ -53,12 +57,6 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 # ---- request validation --------------------------------------------------------------------------------------------
-_TYPES = {
-    "number": ((int, float), "a number"), "integer": ((int,), "an integer"), "string": ((str,), "a string"),
-    "boolean": ((bool,), "a boolean"), "array": ((list,), "an array"), "object": ((dict,), "an object"),
-}
-
-
 class Body:
     """Typed access to a JSON request body; every problem becomes a 400 naming the parameter."""
 
@@ -66,18 +64,10 @@ class Body:
         self.data = data
 
     def get(self, name: str, kind: str | tuple[str, ...], default: Any = None) -> Any:
-        value = self.data.get(name)
-        if value is None:
-            return default
-        kinds = (kind,) if isinstance(kind, str) else kind
-        for k in kinds:
-            types, _ = _TYPES[k]
-            if isinstance(value, types) and (k == "boolean" or not isinstance(value, bool)):
-                return value
-            if k == "integer" and isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
-                return int(value)
-        names = " or ".join(_TYPES[k][1] for k in kinds)
-        raise ApiError(400, f"'{name}' must be {names}, got {json.dumps(value)[:80]}", name, "invalid_type")
+        try:
+            return json_field(self.data, name, kind, default)
+        except FieldError as e:
+            raise ApiError.of(e) from None
 
     def unsupported(self, name: str, ok=lambda v: not v, why: str = "") -> None:
         value = self.data.get(name)
@@ -138,31 +128,10 @@ class Server:
         body.unsupported("suffix", lambda v: v == "")
         body.get("user", "string")
         body.get("stream_options", "object")
-        model = self.llm.sampling_defaults  # the model's generation config, as vLLM applies it
-        temperature = float(body.get("temperature", "number", model.get("temperature", 1.0)))  # OpenAI's default 1
-        top_p = float(body.get("top_p", "number", model.get("top_p", 1.0)))
-        top_k = body.get("top_k", "integer", model.get("top_k", 0))
-        min_p = float(body.get("min_p", "number", model.get("min_p", 0.0)))
-        seed = body.get("seed", "integer")
-        penalties = {name: float(body.get(name, "number", model.get(name, default)))
-                     for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                                           ("repetition_penalty", 1.0))}
-        dry = {name: body.get(name, kind) for name, kind in DRY_FIELDS}  # llama.cpp server's names
-        dry = {name: value for name, value in dry.items() if value is not None}
-        if seed is not None and not -2 ** 63 <= seed < 2 ** 64:
-            raise ApiError(400, f"'seed' must fit in 64 bits, got {seed}", "seed", "invalid_value")
-        if top_k == -1:  # vLLM's spelling of "disabled"
-            top_k = 0
-        if not 0 <= temperature <= 100:
-            raise ApiError(400, f"'temperature' must be in [0, 2] (up to 100 accepted), got {temperature}",
-                           "temperature", "invalid_value")
-        try:
-            params = SamplingParams(temperature, top_k, top_p, min_p, seed, **penalties, **dry)
-        except RequestError as e:
-            param = str(e).split(" ", 1)[0]
-            known = ("top_k", "top_p", "min_p", *penalties, *(name for name, _ in DRY_FIELDS))
-            raise ApiError(400, str(e), param if param in known else None,
-                           "invalid_value") from None
+        try:  # unset values: the model's generation config, as vLLM applies it
+            params = sampling_from_json(body.data, self.llm.sampling_defaults)
+        except FieldError as e:
+            raise ApiError.of(e) from None
         stop = body.get("stop", ("string", "array"))
         if isinstance(stop, str):
             stop = [stop]
@@ -257,10 +226,14 @@ class Server:
 
     # ---- responses ---------------------------------------------------------------------------------------------
     def usage(self, stats: dict) -> dict:
-        p, c = stats.get("prompt_tokens", 0), stats.get("completion_tokens", 0)
-        spec = {k: stats[k] for k in ("spec_type", "drafts", "draft_tokens", "accepted_tokens", "acceptance_rate",
+        """OpenAI's usage block, with the speculation stats under `speculative` (two keys in the API's spelling:
+        completion_tokens, draft_tokens)."""
+        p, c = stats.get("prompt_tokens", 0), stats.get("generated_tokens", 0)
+        spec = {k: stats[k] for k in ("spec_type", "drafts", "accepted_tokens", "acceptance_rate",
                                       "mean_acceptance_length", "acceptance_by_position", "decode_tokens_per_s",
                                       "time_to_first_token_s") if k in stats}
+        if "drafted_tokens" in stats:
+            spec["draft_tokens"] = stats["drafted_tokens"]
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "speculative": spec}
 
     async def generate(self, request: Request, chat: bool):
@@ -400,6 +373,8 @@ class Server:
 
         @app.exception_handler(RequestError)
         async def _request_error(request: Request, exc: RequestError):
+            if isinstance(exc, FieldError):
+                return ApiError.of(exc).response()
             return error_response(400, str(exc), None, "invalid_value")
 
         @app.exception_handler(RequestValidationError)
@@ -482,13 +457,8 @@ def create_app(llm: LLM, **kwargs) -> FastAPI:
     return Server(llm, **kwargs).build()
 
 
-def spec_config(args: argparse.Namespace) -> SpecConfig:
-    from mtpx.commands.run import spec_kwargs
-    return SpecConfig(**spec_kwargs(args))
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mtpx.commands.run import add_model_arguments, add_spec_arguments
+    from mtpx.commands.run import add_model_arguments
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
@@ -509,7 +479,7 @@ def main(args: argparse.Namespace) -> int:
     from mtpx.commands.run import load_model
     llm = load_model(args)
     name = args.served_model_name or ("demo" if args.model == "demo" else None)
-    server = Server(llm, model_name=name, spec=spec_config(args), api_key=args.api_key,
+    server = Server(llm, model_name=name, spec=spec_from_args(args), api_key=args.api_key,
                     max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     default_max_tokens=args.default_max_tokens)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtpx.commands.run import (add_decoding_arguments, add_model_arguments, add_spec_arguments, decoding_kwargs,
-                               load_model, spec_kwargs, stats_line)
+from mtpx.commands.run import add_model_arguments, load_model, stats_line
+from mtpx.engine.flags import add_sampling_arguments, add_spec_arguments, sampling_options, spec_from_args
 from mtpx.errors import RequestError
 from mtpx.llm import LLM
 
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", "-n", type=int, default=512, help="most tokens per reply (default 512)")
-    add_decoding_arguments(p)
+    add_sampling_arguments(p)
     p.add_argument("--no-stats", action="store_true", help="do not print the stats line after each reply")
     add_spec_arguments(p)
 
@@ -45,10 +45,9 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     llm = load_model(args)
-    kwargs = dict(max_tokens=args.max_tokens, **decoding_kwargs(args), **spec_kwargs(args))
-    llm.make_drafter(args.spec_type, spec_draft_p_min=args.spec_draft_p_min,  # fail early on bad settings
-                     spec_draft_model=args.spec_draft_model, spec_ngram_min=args.spec_ngram_min,
-                     spec_ngram_max=args.spec_ngram_max, spec_draft_vocab=args.spec_draft_vocab)
+    spec = spec_from_args(args)
+    kwargs = dict(max_tokens=args.max_tokens, spec=spec, **sampling_options(args))
+    llm.engine.drafter(spec)  # fail early on bad settings (and load a draft model now, not at the first reply)
     tty = sys.stdin.isatty()
     print(f"mtpx chat · {llm.path} · speculation {args.spec_type} · {HELP}", file=sys.stderr)
     history: list[dict] = []

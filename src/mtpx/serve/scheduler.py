@@ -9,7 +9,8 @@ Every iteration the worker
      request's `sink` callback, then removes finished sequences.
 
 The drafter and the draft-length policy are shared by the whole server: the policy sees the batch size each round
-and measures acceptance and costs across all requests.
+and measures acceptance and costs across all requests. Everything per sequence (caches, rounds, text, stats) is the
+LLM's engine's (mtpx/engine/); this module only decides what runs when.
 """
 from __future__ import annotations
 
@@ -24,11 +25,10 @@ from typing import Callable
 
 import torch
 
-from mtpx.llm import LLM, SPEC_ALIASES, _Request
-from mtpx.sampling import SamplingParams
+from mtpx.engine.params import SamplingParams, SpecConfig
+from mtpx.engine.request import Request, StreamEvent
+from mtpx.llm import LLM
 from mtpx.serve.metrics import Metrics
-from mtpx.speculative.drafters import PREFILL_ROWS, Draft, Drafter, MTPDrafter
-from mtpx.speculative.policy import DraftPolicy
 
 log = logging.getLogger("mtpx.serve")
 
@@ -38,26 +38,9 @@ class Delta:
     """What one request receives after a scheduler step."""
     text: str
     token_ids: list[int]
-    stats: dict  # running counts: completion_tokens, drafts, accepted ... (see GenRequest.live_stats)
+    stats: dict  # the request's stats so far (engine/stats.py)
     finish_reason: str | None = None  # set on the last delta
     error: str | None = None  # the engine failed this request (last delta)
-
-
-@dataclass
-class SpecConfig:
-    spec_type: str = "none"
-    spec_draft_n_max: int = 3
-    spec_draft_n_min: int = 0
-    spec_draft_p_min: float = 0.0
-    spec_draft_policy: str = "adaptive"
-    spec_draft_model: str | None = None
-    spec_ngram_min: int = 1
-    spec_ngram_max: int = 4
-    spec_draft_vocab: int = 0
-
-    @property
-    def kind(self) -> str:
-        return SPEC_ALIASES.get(self.spec_type, self.spec_type)
 
 
 _ids = itertools.count(1)
@@ -77,109 +60,18 @@ class GenRequest:
     done: bool = False
     admitted_at: float = 0.0
     # engine state, owned by the worker thread
-    req: _Request | None = None
-    _counted: tuple = (0, 0, 0, ())
-
-    def live_stats(self, spec_type: str) -> dict:
-        seq = self.req.seq
-        s = seq.stats
-        n = len(seq.generated)
-        now = time.perf_counter()
-        decode_s = now - self.req.first_token_at
-        return {
-            "prompt_tokens": seq.n_prompt, "completion_tokens": n, "spec_type": spec_type,
-            "drafts": s.drafts, "draft_tokens": s.drafted_tokens, "accepted_tokens": s.accepted_tokens,
-            "acceptance_rate": s.accepted_tokens / s.drafted_tokens if s.drafted_tokens else 0.0,
-            "mean_acceptance_length": 1 + s.accepted_tokens / s.drafts if s.drafts else 1.0,
-            "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            "time_to_first_token_s": self.req.first_token_at - self.arrived,
-        }
-
-
-class GroupedDrafter(Drafter):
-    """Wraps a stateful drafter so a batch never pads one sequence's catch-up pass far beyond its own length.
-
-    The MTP / draft-model drafters first feed each sequence what they have not seen yet (a new prompt, or the tokens
-    accepted since the last draft) in one pass padded to the longest pending length. In a continuously batched
-    server these lengths differ a lot: a just-admitted sequence has its whole prompt pending, one near its end has
-    little room left in its preallocated caches. One padded pass then costs B x prompt rows, or overflows a short
-    sequence's cache (ValueError in check_room), and for a draft model with Gated DeltaNet layers a padded prefill
-    pass cannot be rolled back at all. This wrapper calls the drafter on groups instead:
-      - pending <= PREFILL_ROWS (the steady state): one group, padded in step mode, as long as it fits every cache;
-      - longer pending lists: grouped by equal length (MTP: lengths within 2x, since its attention-only cache can
-        be truncated after a padded prefill pass).
-    Steady state is a single call, exactly as without the wrapper.
-    """
-
-    def __init__(self, inner: Drafter):
-        self.inner = inner
-        self.name = inner.name
-        self.pad_long = isinstance(inner, MTPDrafter)
-
-    def start(self, seq, prompt_hidden):
-        self.inner.start(seq, prompt_hidden)
-
-    def on_accept(self, seqs, hidden, emitted, drafts):
-        self.inner.on_accept(seqs, hidden, emitted, drafts)
-
-    def memory_bytes(self, seq):
-        return self.inner.memory_bytes(seq)
-
-    @staticmethod
-    def _pending(seq) -> int:
-        d = seq.draft
-        return len(getattr(d, "pending_tokens", None) or []) if d is not None else 0
-
-    def groups(self, seqs, ks) -> list[list[int]]:
-        active = [b for b, k in enumerate(ks) if k > 0]
-        pend = {b: self._pending(seqs[b]) for b in active}
-        groups: list[list[int]] = []
-        for b in sorted(active, key=lambda b: -pend[b]):
-            g = groups[-1] if groups else None
-            if g is not None:
-                head = pend[g[0]]
-                state = seqs[b].draft.state
-                fits = state.length + head + ks[b] <= state.max_len
-                close = head <= PREFILL_ROWS or pend[b] == head or (self.pad_long and 2 * pend[b] >= head)
-                if fits and close:
-                    g.append(b)
-                    continue
-            groups.append([b])
-        return groups
-
-    def propose(self, seqs, ks):
-        if not any(k > 0 for k in ks) or any(getattr(s.draft, "state", None) is None for s in seqs):
-            return self.inner.propose(seqs, ks)
-        groups = self.groups(seqs, ks)
-        if len(groups) == 1:
-            return self.inner.propose(seqs, ks)
-        drafts = [Draft() for _ in seqs]
-        for g in groups:
-            for b, d in zip(g, self.inner.propose([seqs[b] for b in g], [ks[b] for b in g])):
-                drafts[b] = d
-        return drafts
+    req: Request | None = None
+    counted: tuple = (0, 0, 0, ())  # speculation counts already added to the metrics
 
 
 class Scheduler:
     def __init__(self, llm: LLM, spec: SpecConfig | None = None, metrics: Metrics | None = None,
                  max_num_seqs: int = 32, prefill_budget: int = 2048):
         self.llm = llm
+        self.engine = llm.engine
         self.spec = spec or SpecConfig()
-        self.drafter = llm.make_drafter(self.spec.spec_type, spec_draft_p_min=self.spec.spec_draft_p_min,
-                                        spec_draft_model=self.spec.spec_draft_model,
-                                        spec_ngram_min=self.spec.spec_ngram_min,
-                                        spec_ngram_max=self.spec.spec_ngram_max,
-                                        spec_draft_vocab=self.spec.spec_draft_vocab)
-        if self.drafter is not None and self.spec.kind in ("mtp", "draft"):
-            self.drafter = GroupedDrafter(self.drafter)
-        if self.spec.spec_draft_policy not in ("adaptive", "fixed"):
-            from mtpx.errors import RequestError
-            raise RequestError(f"spec_draft_policy must be 'adaptive' or 'fixed', got {self.spec.spec_draft_policy!r}")
-        if self.drafter is not None:
-            llm.check_draft_n_max(self.spec.spec_draft_n_max)
-        self.policy = (DraftPolicy(self.spec.spec_draft_n_max, self.spec.spec_draft_n_min,
-                                   self.spec.spec_draft_policy == "adaptive", llm.step_row_block)
-                       if self.drafter else None)
+        self.drafter = self.engine.drafter(self.spec, batched=True)
+        self.policy = self.engine.new_policy(self.spec)
         self.metrics = metrics or Metrics("model")
         self.max_num_seqs = max(1, int(max_num_seqs))
         self.prefill_budget = max(1, int(prefill_budget))
@@ -294,7 +186,7 @@ class Scheduler:
     def _free(self, r: GenRequest) -> None:
         """Drop the request's Sequence: its caches and drafter state are freed (static ones go back to the pool)."""
         if r.req is not None:
-            self.llm.release(r.req.seq)
+            self.engine.release(r.req.seq)
             r.req = None
 
     def _prefill(self, r: GenRequest) -> None:
@@ -302,15 +194,13 @@ class Scheduler:
         with self.metrics.lock:
             self.metrics.queue_time.observe(r.admitted_at - r.arrived)
         try:
-            seq = self.llm.new_sequence(r.prompt_ids, r.max_tokens, r.params, ignore_eos=r.ignore_eos,
-                                        static=self.llm.static_steps)
-            r.req = _Request(seq, list(r.stop), r.arrived)
-            new = self.llm.prefill(self.drafter, seq)
-            r.req.first_token_at = time.perf_counter()
+            r.req = self.engine.open(r.prompt_ids, r.max_tokens, r.params, stop=r.stop, ignore_eos=r.ignore_eos,
+                                     started=r.arrived)
+            event = self.engine.start(r.req, self.drafter)
             with self.metrics.lock:
-                self.metrics.prompt_tokens += seq.n_prompt
+                self.metrics.prompt_tokens += r.req.seq.n_prompt
                 self.metrics.ttft.observe(r.req.first_token_at - r.arrived)
-            self._emit(r, new)
+            self._emit(r, event)
         except Exception as e:  # an engine failure must not take the server down
             log.error("prefill failed:\n%s", traceback.format_exc())
             self._fail(r, f"prefill failed: {e}")
@@ -324,7 +214,7 @@ class Scheduler:
         before = [s.stats.drafted_tokens for s in seqs]
         t0 = time.perf_counter()
         try:
-            news = self.llm.decode_round(self.drafter, self.policy, seqs)
+            news = self.engine.decode_round(self.drafter, self.policy, seqs)
         except Exception as e:
             log.error("decode round failed:\n%s", traceback.format_exc())
             for r in batch:
@@ -339,42 +229,39 @@ class Scheduler:
         for r, new in zip(batch, news):
             if r.cancelled:
                 continue  # dropped at the top of the next iteration
-            self._emit(r, new)
+            self._emit(r, r.req.advance(new))
         still = [r for r in self._running if not r.done]
         if len(still) != len(self._running):
             self._running = still
             self._update_gauges()
 
-    def _emit(self, r: GenRequest, new: list[int]) -> None:
-        """Advance text and stop strings after `new` tokens, account stats, and hand the delta to the client."""
-        ev = self.llm._advance(r.req, new)
+    def _emit(self, r: GenRequest, ev: StreamEvent) -> None:
+        """Account the new tokens' stats and hand the request its delta (text already past stop strings)."""
         seq = r.req.seq
         self._account(r)
         with self.metrics.lock:
             self.metrics.generation_tokens += len(ev.token_ids)
-        spec_type = self.spec.kind
         if seq.finished:
-            completion = self.llm._completion(r.req, self.drafter, self.spec.spec_type)
-            stats = {**r.live_stats(spec_type), **_public_stats(completion.stats)}
+            completion = self.engine.finish(r.req, self.spec, self.drafter)
             r.done = True
             finished_at = time.perf_counter()
             with self.metrics.lock:
                 self.metrics.e2e.observe(finished_at - r.arrived)
                 reason = completion.finish_reason
                 self.metrics.requests_finished[reason] = self.metrics.requests_finished.get(reason, 0) + 1
-            delta = Delta(ev.text, ev.token_ids, stats, finish_reason=completion.finish_reason)
+            delta = Delta(ev.text, ev.token_ids, completion.stats, finish_reason=completion.finish_reason)
             self._free(r)  # free the caches now; the client has everything it needs
         else:
-            delta = Delta(ev.text, ev.token_ids, r.live_stats(spec_type))
+            delta = Delta(ev.text, ev.token_ids, self.engine.stats(r.req, self.spec))
         self._send(r, delta)
 
     def _account(self, r: GenRequest) -> None:
         s = r.req.seq.stats
-        d0, t0, a0, p0 = r._counted
+        d0, t0, a0, p0 = r.counted
         per_pos = [a - (p0[i] if i < len(p0) else 0) for i, a in enumerate(s.accepted_by_position)]
         if s.drafts != d0:
             self.metrics.add_spec(s.drafts - d0, s.drafted_tokens - t0, s.accepted_tokens - a0, per_pos)
-        r._counted = (s.drafts, s.drafted_tokens, s.accepted_tokens, tuple(s.accepted_by_position))
+        r.counted = (s.drafts, s.drafted_tokens, s.accepted_tokens, tuple(s.accepted_by_position))
 
     def _send(self, r: GenRequest, delta: Delta) -> None:
         try:
@@ -405,8 +292,3 @@ class Scheduler:
             self.metrics.running = len(self._running)
             self.metrics.cache_bytes = total
 
-
-def _public_stats(stats: dict) -> dict:
-    keep = ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s", "total_s",
-            "acceptance_by_position", "mean_acceptance_length", "acceptance_rate")
-    return {k: stats[k] for k in keep if k in stats}

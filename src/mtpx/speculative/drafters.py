@@ -7,19 +7,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from mtpx import kernels
+from mtpx.engine.sequence import Sequence
 from mtpx.models.linear import QuantizedWeight, kernel_weight, linear, nbytes, row_invariant, weight_bytes
-from mtpx.models.graphs import StaticState
+from mtpx.runners.static import StaticState
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import apply_penalties, sample, target_probs
 from mtpx.state import SequenceState
-
-if TYPE_CHECKING:
-    from mtpx.speculative.loop import Sequence
 
 PREFILL_ROWS = 8  # catch-up passes longer than this (the prompt) use the parallel prefill path
 MTP_BACKLOG = 16  # after rounds without drafting, the MTP layer catches up on only this many latest positions

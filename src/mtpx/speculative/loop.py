@@ -10,88 +10,14 @@ Plain decoding is the same loop with no drafter (k = 0): verify is then a one-to
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
+from mtpx.engine.sequence import Sequence
 from mtpx.models.qwen3_5 import Qwen35Model
-from mtpx.sampling import PenaltyHistory, SamplingParams, accept, apply_penalties, choose
+from mtpx.sampling import accept, apply_penalties, choose
 from mtpx.speculative.drafters import Draft, Drafter
 from mtpx.speculative.policy import DraftPolicy
-from mtpx.state import SequenceState
-
-
-@dataclass
-class SpecStats:
-    drafts: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-    drafted_by_position: list[int] = field(default_factory=list)
-    accepted_by_position: list[int] = field(default_factory=list)
-    prefill_s: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-
-    def record(self, k: int, n: int) -> None:
-        if k == 0:
-            return
-        self.drafts += 1
-        self.drafted_tokens += k
-        self.accepted_tokens += n
-        while len(self.drafted_by_position) < k:
-            self.drafted_by_position.append(0)
-            self.accepted_by_position.append(0)
-        for i in range(k):
-            self.drafted_by_position[i] += 1
-            self.accepted_by_position[i] += i < n
-
-    def as_dict(self) -> dict:
-        return {
-            "drafts": self.drafts, "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
-            "acceptance_rate": self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0,
-            "acceptance_by_position": [a / d for a, d in zip(self.accepted_by_position, self.drafted_by_position)],
-            "mean_acceptance_length": 1 + self.accepted_tokens / self.drafts if self.drafts else 1.0,
-            "prefill_s": self.prefill_s, "draft_s": self.draft_s, "verify_s": self.verify_s,
-        }
-
-
-@dataclass
-class Sequence:
-    tokens: list[int]  # prompt + generated; the last one has not been fed to the model yet
-    n_prompt: int
-    max_new: int
-    params: SamplingParams
-    eos: set[int]
-    state: SequenceState
-    max_len: int
-    gen: torch.Generator | None = None
-    synthetic_rates: list[float] | None = None
-    draft: object = None  # the drafter's per-sequence state
-    finish_reason: str | None = None
-    stats: SpecStats = field(default_factory=SpecStats)
-    penalties: PenaltyHistory = field(default_factory=PenaltyHistory)  # used only when params.penalized
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[self.n_prompt:]
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def append(self, new: list[int]) -> list[int]:
-        """Append accepted tokens, stopping at eos or max_new; returns what was appended."""
-        out = []
-        for t in new:
-            out.append(t)
-            if t in self.eos:
-                self.finish_reason = "stop"
-                break
-            if len(self.generated) + len(out) >= self.max_new:
-                self.finish_reason = "length"
-                break
-        self.tokens.extend(out)
-        return out
 
 
 def prefill(model: Qwen35Model, drafter: Drafter | None, seq: Sequence) -> list[int]:

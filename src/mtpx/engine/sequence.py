@@ -1,0 +1,76 @@
+"""One sequence being generated: its tokens, sampling settings, caches and speculation counters."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mtpx.engine.params import SamplingParams
+from mtpx.sampling import PenaltyHistory
+from mtpx.state import SequenceState
+
+
+@dataclass
+class SpecStats:
+    """Raw counts and times of one sequence's speculation; engine/stats.py turns them into rates."""
+    drafts: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def record(self, k: int, n: int) -> None:
+        """A round that drafted k tokens and accepted the first n."""
+        if k == 0:
+            return
+        self.drafts += 1
+        self.drafted_tokens += k
+        self.accepted_tokens += n
+        while len(self.drafted_by_position) < k:
+            self.drafted_by_position.append(0)
+            self.accepted_by_position.append(0)
+        for i in range(k):
+            self.drafted_by_position[i] += 1
+            self.accepted_by_position[i] += i < n
+
+
+@dataclass
+class Sequence:
+    tokens: list[int]  # prompt + generated; the last one has not been fed to the model yet
+    n_prompt: int
+    max_new: int
+    params: SamplingParams
+    eos: set[int]
+    state: SequenceState
+    max_len: int
+    gen: torch.Generator | None = None
+    synthetic_rates: list[float] | None = None
+    draft: object = None  # the drafter's per-sequence state
+    finish_reason: str | None = None
+    stats: SpecStats = field(default_factory=SpecStats)
+    penalties: PenaltyHistory = field(default_factory=PenaltyHistory)  # used only when params.penalized
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.n_prompt:]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, new: list[int]) -> list[int]:
+        """Append accepted tokens, stopping at eos or max_new; returns what was appended."""
+        out = []
+        for t in new:
+            out.append(t)
+            if t in self.eos:
+                self.finish_reason = "stop"
+                break
+            if len(self.generated) + len(out) >= self.max_new:
+                self.finish_reason = "length"
+                break
+        self.tokens.extend(out)
+        return out
