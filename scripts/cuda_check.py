@@ -22,7 +22,7 @@ import torch
 
 import mtpx
 from mtpx.bench.prompts import load_workloads
-from mtpx.models.graphs import WIDTH
+from mtpx.runners.static import WIDTH
 
 
 def log(msg: str) -> None:
@@ -34,9 +34,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def compare_paths(model, g: torch.Generator, device: torch.device) -> dict:
+def compare_paths(llm, g: torch.Generator, device: torch.device) -> dict:
+    model = llm.model
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 37), generator=g).to(device)
-    eager, static = model.new_state(128), model.new_static_state("main", 128)
+    eager, static = model.new_state(128), llm.runner.new_static_state(model, "main", 128)
     for s in (eager, static):
         model(prompt, [s], "prefill")
     worst = 0.0
@@ -51,10 +52,11 @@ def compare_paths(model, g: torch.Generator, device: torch.device) -> dict:
     return {"max_relative_difference": worst, "graphs_captured": len(static.graphs)}
 
 
-def step_times(model, device: torch.device, reps: int = 50) -> dict:
+def step_times(llm, device: torch.device, reps: int = 50) -> dict:
     """Median time of one step pass of T positions (decode T = 1, verify T = k + 1), eager and static."""
-    out = {}
-    for name, make in (("eager", lambda: model.new_state(1024)), ("graphs", lambda: model.new_static_state("main", 1024))):
+    model, out = llm.model, {}
+    for name, make in (("eager", lambda: model.new_state(1024)),
+                       ("graphs", lambda: llm.runner.new_static_state(model, "main", 1024))):
         state = make()
         model(torch.zeros(1, 300, dtype=torch.long, device=device), [state], "prefill")
         for T in (1, 2, 4, 5):
@@ -88,9 +90,9 @@ def main() -> int:
               "triton_gdn": os.environ.get("MTPX_TRITON_GDN", "1") != "0"}
     llm = mtpx.LLM(args.model, device=args.device, static_steps=True)
     with torch.inference_mode():
-        result["paths"] = compare_paths(llm.model, torch.Generator().manual_seed(0), device)
+        result["paths"] = compare_paths(llm, torch.Generator().manual_seed(0), device)
         log(f"paths: {result['paths']}")
-        result["step_times"] = step_times(llm.model, device)
+        result["step_times"] = step_times(llm, device)
         log(f"step times: {result['step_times']}")
     if args.steps_only:
         print(json.dumps(result, indent=1))

@@ -138,32 +138,6 @@ def test_rowgemm_int8_rows_do_not_depend_on_row_count_and_match_dequantized():
 
 
 @needs_kernel
-@pytest.mark.parametrize("variant", [dict(), dict(moe=True)], ids=["dense", "moe"])
-def test_fused_step_ops_compute_what_the_pytorch_step_path_computes(ckpt_factory, variant, monkeypatch):
-    """Step forwards of a bf16 model with the fused kernels (norms, attention, Gated DeltaNet, SwiGLU) against the
-    same forwards op by op: the same function, up to bf16 rounding of intermediate results."""
-    from mtpx.loading import build_model, load_checkpoint
-    model = build_model(load_checkpoint(ckpt_factory(**variant)), torch.bfloat16)
-    x = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(5))
-
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
-        state = model.new_state(64)
-        with torch.no_grad():
-            model(x[:, :20], [state], "prefill")
-            logits = [model.logits(model(x[:, t:t + w], [state], "step"), step=True)
-                      for t, w in ((20, 1), (21, 4), (25, 5))]
-        return torch.cat(logits, 1).float()[0], state.recurrent[0]
-
-    fused, fused_state = run()
-    monkeypatch.setattr(kernels, "fused_step_ops", lambda x: False)
-    reference, reference_state = run()
-    scale = reference.abs().max()
-    assert (fused - reference).abs().max() <= 0.03 * scale
-    assert (fused.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8  # a random tiny model has near ties
-    torch.testing.assert_close(fused_state, reference_state, rtol=1e-3, atol=1e-4 * reference_state.abs().max().item())
-
-
-@needs_kernel
 def test_fused_norm_and_swiglu_match_pytorch():
     g = torch.Generator().manual_seed(6)
     x = (torch.randn(7, 96, generator=g) * 3).bfloat16()
@@ -209,52 +183,6 @@ def test_gdn_replay_rebuilds_the_states_of_a_verify_pass_bit_for_bit(dv):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", ["bf16", "bf16-vector", "int8", "int4"])
-def test_whole_layer_step_kernels_give_the_module_path_bits(dense_ckpt, dtype, monkeypatch):
-    """kernels.attention_layer_step / gdn_layer_step chain the kernels the module path calls, and the whole-stack
-    call (kernels.step_stack) chains those: the same logits and caches bit for bit on all three paths, for the main
-    stack and the MTP layer, across decode, verify and rollback. bf16 runs as AMX tiles where the CPU has them;
-    bf16-vector on the vector kernel."""
-    import mtpx.llm
-    from mtpx.llm import LLM
-    from mtpx.models.linear import quantized_weights
-    from mtpx.models.qwen3_5 import DecoderLayer, Qwen35Model
-    if dtype == "bf16-vector":
-        monkeypatch.setattr(mtpx.llm, "to_tiles", lambda model: 0)
-    llm = LLM(dense_ckpt, dtype=dtype.removesuffix("-vector"))
-    model = llm.model
-    tiled = sum(isinstance(w, TileWeight) for w in quantized_weights(model))
-    assert (tiled > 0) == (dtype == "bf16" and kernels.amx_available())
-    assert all(layer.step_weights() is not None for layer in [*model.model.layers, *model.mtp.layers])
-    x = torch.randint(0, 300, (1, 31), generator=torch.Generator().manual_seed(9))
-
-    def run() -> tuple[torch.Tensor, list]:
-        state, mtp_state = model.new_state(64), model.new_mtp_state(64)
-        out = []
-        with torch.inference_mode():
-            hidden = model(x[:, :20], [state], "prefill")
-            model.mtp_forward(hidden[:, :-1], x[:, 1:20], [mtp_state], "prefill")
-            for t, w in ((20, 1), (21, 4), (25, 5)):
-                state.mark()
-                hidden = model(x[:, t:t + w], [state], "step")
-                out.append(model.logits(hidden, step=True))
-                mtp_out = model.mtp_forward(hidden, x[:, t + 1:t + w + 1], [mtp_state], "step")
-                out.append(model.logits(mtp_out, step=True))
-                state.rollback(state.length - 1)  # keep all but the last position: a replayed state is used next
-        return torch.cat(out, 1), [*state.recurrent.values(), *state.conv.values(), *state.kv[2], *mtp_state.kv[0]]
-
-    assert model._step_stack() is not None
-    stack, stack_states = run()
-    monkeypatch.setattr(Qwen35Model, "_step_stack", lambda self: None)
-    layers, layer_states = run()
-    monkeypatch.setattr(DecoderLayer, "step_weights", lambda self: None)
-    modules, module_states = run()
-    assert torch.equal(stack, modules) and torch.equal(layers, modules)
-    assert len(stack_states) == 10
-    assert all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in zip(stack_states, layer_states, module_states))
-
-
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_argmax_rows_is_torch_argmax(dtype):
     """First index of the largest value, NaN counted as the largest, ties and tails (V not a multiple of 16)."""
@@ -293,7 +221,7 @@ import torch
 torch.set_num_threads(2)
 x = torch.full((1 << 22,), 1e-38)
 x * 0.5  # an op big enough to start the intra-op worker threads
-from mtpx.llm import tune_cpu_process
+from mtpx.runners.cpu import tune_cpu_process
 tune_cpu_process()
 print(int(((x * 0.5) != 0).sum()))
 """

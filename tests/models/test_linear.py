@@ -79,7 +79,6 @@ def test_tiles_replace_the_bf16_weights_that_fit_and_compute_what_they_did(dense
     copy; the tied head is tiled too while small (the embedding keeps its copy). Logits match the vector kernel's
     to bf16 rounding, and greedy text is the same."""
     import mtpx
-    import mtpx.llm
     from mtpx import kernels
     from mtpx.models.linear import TileWeight, quantized_weights
     if not kernels.amx_available():
@@ -90,8 +89,8 @@ def test_tiles_replace_the_bf16_weights_that_fit_and_compute_what_they_did(dense
     assert tiles and all(isinstance(w, TileWeight) and w.shape[1] % 32 == 0 for w in tiles)
     assert all(m.weight.numel() == 0 for m in model.modules()
                if isinstance(m, linear_module.Linear) and m.quantized is not None and m is not model.lm_head)
-    monkeypatch.setattr(mtpx.llm, "to_tiles", lambda m: 0)
-    vector = mtpx.LLM(dense_ckpt)
+    from mtpx.runners import RunnerConfig
+    vector = mtpx.LLM(dense_ckpt, runner_config=RunnerConfig.from_env(tiles=False))
     assert not quantized_weights(vector.model)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
     with torch.inference_mode():

@@ -2,7 +2,7 @@
 
 - verify cost: a step-mode forward of r = k + 1 rows (plus lm_head) relative to one plain decode step (r = 1);
 - draft cost c: one MTP step (MTP layer + lm_head, one row) relative to one plain step; likewise a draft model
-  step; where greedy drafts run as one kernel call (Qwen35Model.mtp_greedy_drafts), also that call's cost per draft,
+  step; where greedy drafts run as one kernel call (CausalLM.mtp_greedy_drafts), also that call's cost per draft,
   which the predictions for greedy MTP modes use (the engine drafts them that way);
 - the MTP layer's pass over a prompt relative to the main model's prefill of it.
 
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from mtpx.models.qwen3_5 import Qwen35Model
+from mtpx.models.interface import CausalLM
 
 CHAIN_DRAFTS = 3  # drafts per call when timing the one-call greedy draft chain
 
@@ -36,8 +36,8 @@ def _timed(fn, device) -> float:
 
 
 @torch.inference_mode()
-def measure_costs(model: Qwen35Model, context: int = 128, reps: int = 15, max_rows: int = 5,
-                  draft_model: Qwen35Model | None = None, seed: int = 0) -> dict:
+def measure_costs(model: CausalLM, context: int = 128, reps: int = 15, max_rows: int = 5,
+                  draft_model: CausalLM | None = None, seed: int = 0) -> dict:
     """Median times of step forwards after a `context`-token prefill (interleaved over row counts)."""
     device = model.lm_head.weight.device
     g = torch.Generator().manual_seed(seed)
@@ -161,7 +161,7 @@ def add_predictions(records: list[dict], costs: dict) -> None:
     for rec in records:
         c = {"mtp": costs.get("c_mtp"), "draft": costs.get("c_draft_model")}.get(rec["spec_type"])
         if rec["spec_type"] == "mtp" and rec["temperature"] == 0 and costs.get("c_mtp_chain") is not None:
-            c = costs["c_mtp_chain"]  # greedy MTP drafts run as one call per round (Qwen35Model.mtp_greedy_drafts)
+            c = costs["c_mtp_chain"]  # greedy MTP drafts run as one call per round (CausalLM.mtp_greedy_drafts)
         if rec["policy"] != "fixed" or c is None or not rec["drafts"]:
             rec["predicted_speedup"] = rec["predicted_speedup_refined"] = None
             continue

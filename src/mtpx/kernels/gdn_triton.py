@@ -1,6 +1,6 @@
 """The gated delta rule over a static step pass's positions, as one Triton kernel (CUDA).
 
-A static pass (models/graphs.py) ran the recurrence token by token as PyTorch ops: ~8 kernels per position per
+A static pass (runners/static.py) ran the recurrence token by token as PyTorch ops: ~8 kernels per position per
 Gated DeltaNet layer, so on a GPU a verify pass of 4 positions cost ~1.4x a one-position step (BENCHMARKS, CUDA).
 Here each program keeps one head's state block in registers and walks the positions: decay, read, delta, write,
 output, and the state after every position into the rollback snapshots. The position count is a runtime argument
@@ -12,15 +12,13 @@ in Triton's interpreter on the CPU (TRITON_INTERPRET=1, set by tests/conftest.py
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 
-def available(device: torch.device) -> bool:
-    """Whether static passes on `device` use the kernel: on CUDA unless MTPX_TRITON_GDN=0 (for comparisons); off CUDA
-    only with MTPX_TRITON_GDN=interpret, in Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)."""
-    mode = os.environ.get("MTPX_TRITON_GDN", "1")
+def available(device: torch.device, mode: str = "1") -> bool:
+    """Whether static passes on `device` can use the kernel: on CUDA unless mode is "0"; off CUDA only with mode
+    "interpret", in Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)."""
     if mode == "0" or (device.type != "cuda" and mode != "interpret"):
         return False
     try:

@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 from mtpx.config import ModelConfig, read_json
 from mtpx.errors import ModelLoadError, RequestError
-from mtpx.models.qwen3_5 import Qwen35Model
+from mtpx.models.interface import CausalLM
+from mtpx.models.registry import family
 from mtpx.sampling import SamplingParams
 from mtpx.tokenizer import Tokenizer
 
@@ -164,7 +165,7 @@ def count_mtp_layers(names) -> int:
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu",
-                with_mtp: bool = True) -> Qwen35Model:
+                with_mtp: bool = True) -> CausalLM:
     """Check every tensor against the model's expected names and shapes, then build the model from them."""
     cfg = ckpt.config
     found = count_mtp_layers(ckpt.shapes)
@@ -172,8 +173,9 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
         raise ModelLoadError(f"config says mtp_num_hidden_layers={cfg.mtp_num_hidden_layers} but the weights hold "
                              f"{found} MTP layers")
     n_mtp = found if with_mtp else 0
+    model_class = family(cfg)
     with torch.device("meta"):
-        model = Qwen35Model(cfg, n_mtp)
+        model = model_class(cfg, n_mtp)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")

@@ -264,6 +264,12 @@ def kernel_weight(weight) -> list[torch.Tensor] | None:
     return [weight] if weight is not None and uses_rowgemm(weight) else None
 
 
+def fused_projection(owner: nn.Module) -> tuple | None:
+    """(weight, prepacked weight or None, member sizes) of the projections fuse_projections joined in `owner`, or
+    None. Replaced (a new object) whenever the weights are converted again."""
+    return owner.__dict__.get("_fused")
+
+
 def step_weight(module: nn.Module) -> list[torch.Tensor] | None:
     """kernel_weight of a Linear, or of the fused projection of a module whose projections pack_for_cpu fused."""
     if isinstance(module, Linear):

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mtpx.errors import ModelLoadError, MtpxError
-from mtpx.llm import resolve_model_path, tune_cpu_process
+from mtpx.llm import resolve_model_path
+from mtpx.runners.cpu import tune_cpu_process
 from mtpx.loading import build_model, load_checkpoint
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.train.cli import corpus_file, invocation

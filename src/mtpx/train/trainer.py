@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mtpx.config import ModelConfig
 from mtpx.errors import MtpxError
-from mtpx.llm import tune_cpu_process
+from mtpx.runners.cpu import tune_cpu_process
 from mtpx.models.qwen3_5 import MTP, Qwen35Model
 from mtpx.train.corpus import CHAT_TEMPLATE, DOC_SEPARATOR, SPECIAL_TOKENS
 from mtpx.train.head_loss import compiled_blocks, linear_cross_entropy

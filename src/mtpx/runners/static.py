@@ -12,63 +12,25 @@ Capture needs every tensor a pass reads or writes at a fixed address and every s
   than by the row-invariance of any one kernel.
 One graph is captured per (stack, T) on the second pass of that kind (the first runs eagerly and warms up), into a
 memory pool shared by the state's graphs: outputs are copied out at once, so no graph's memory outlives its replay.
-Off CUDA (or with MTPX_CUDA_GRAPHS=0) the same static code runs eagerly: that is how the CPU tests check it.
+Off CUDA (or with graphs off) the same static code runs eagerly: that is how the CPU tests check it. The passes
+themselves are runners/cuda.py's.
 """
 from __future__ import annotations
 
-import functools
-import os
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
 
 from mtpx.config import ModelConfig
 from mtpx.errors import RequestError
+from mtpx.models.ops import compiling
 from mtpx.state import SequenceState
 
 WIDTH = 8  # rows of every static step pass: verify of up to 7 drafts, the drafters' catch-up of up to 8 positions
-_in_static_pass = False
-
-
-def graphs_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("MTPX_CUDA_GRAPHS", "1") != "0"
 
 
 def is_static(states) -> bool:
     return bool(states) and all(isinstance(s, StaticState) for s in states)
-
-
-@contextmanager
-def static_pass():
-    global _in_static_pass
-    previous, _in_static_pass = _in_static_pass, True
-    try:
-        yield
-    finally:
-        _in_static_pass = previous
-
-
-def step_op(fn: Callable) -> Callable:
-    """A group of small row-wise ops (a norm, the gates) that static passes on CUDA run compiled (torch.compile,
-    fixed shapes): one or two fused kernels instead of ~10, in every graph. A static pass's shapes never change with
-    its width, so each pass width replays the same compiled kernels and rows keep their bits. Elsewhere (prefill,
-    training, the CPU, MTPX_COMPILE_STEP_OPS=0) `fn` runs as it is."""
-    compiled = None
-
-    @functools.wraps(fn)
-    def run(*args):
-        nonlocal compiled
-        if not (_in_static_pass and args[0].device.type == "cuda"
-                and os.environ.get("MTPX_COMPILE_STEP_OPS", "1") != "0"):
-            return fn(*args)
-        if compiled is None:
-            # one specialisation per shape: a model's norms alone come in several (hidden, heads, MTP), and a
-            # process may hold several models; PyTorch's default limit of 8 per function fails hard at the ninth
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-            compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-        return compiled(*args)
-    return run
 
 
 class StaticState(SequenceState):
@@ -92,6 +54,8 @@ class StaticState(SequenceState):
         self.warm: set[tuple] = set()
         self.pool: StatePool | None = None  # the pool it came from, which the sequence's drafter draws from too
         self.pool_key: tuple[str, int] | None = None
+        self.use_graphs = False  # capture and replay CUDA graphs (set by the runner that made it)
+        self.compiler: Callable[[Callable], Callable] | None = None  # compiles the passes' fusible op groups
 
     def reset(self) -> None:
         """Empty the caches for a new sequence, keeping their addresses (and the graphs captured on them)."""
@@ -137,10 +101,10 @@ class StaticState(SequenceState):
         if key in self.graphs:
             graph, out = self.graphs[key]
             graph.replay()
-        elif graphs_enabled(self.device) and key in self.warm:
+        elif self.use_graphs and key in self.warm:
             out = self._capture(key, fn, buffers, T)
         else:
-            with static_pass():
+            with compiling(self.compiler):
                 out = fn(*buffers, T)
             self.warm.add(key)
         self.length += T
@@ -150,7 +114,7 @@ class StaticState(SequenceState):
         if self.graph_pool is None:
             self.graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool), static_pass():  # records only: nothing runs yet
+        with torch.cuda.graph(graph, pool=self.graph_pool), compiling(self.compiler):  # records only: nothing runs yet
             out = fn(*buffers, T)
         self.graphs[key] = (graph, out)
         graph.replay()

@@ -1,4 +1,4 @@
-"""Static step passes (models/graphs.py): the same values as the ordinary step path, rows bit-identical whatever the
+"""The CUDA runner's static step passes (runners/cuda.py, runners/static.py): the same values as the ordinary step path, rows bit-identical whatever the
 pass width, rollback, the state pool, and speculation token-identical to plain decoding. On the CPU the passes run
 eagerly; where a GPU is present the same tests run on it too, with CUDA graphs and compiled small ops
 (scripts/cuda_check.py does the same on the bundled model and bench prompts). The "cpu-triton" variant runs the
@@ -8,7 +8,8 @@ import torch
 
 import mtpx
 from mtpx.errors import RequestError
-from mtpx.models.graphs import WIDTH, StaticState
+from mtpx.runners import RunnerConfig
+from mtpx.runners.static import WIDTH, StaticState
 
 
 try:
@@ -27,26 +28,29 @@ def _interpreted(request) -> bool:
     return callspec is not None and "cpu-triton" in callspec.params.values()
 
 
-@pytest.fixture(autouse=True)
-def _triton_interpreter(request, monkeypatch):
-    if _interpreted(request):
-        monkeypatch.setenv("MTPX_TRITON_GDN", "interpret")
+def _static_llm(ckpt, param: str, **kw) -> mtpx.LLM:
+    """An LLM on the CUDA runner's static passes; "cpu-triton" runs their recurrence in Triton's interpreter."""
+    config = RunnerConfig.from_env(static_steps=True, triton_gdn="interpret" if param == "cpu-triton" else None)
+    llm = mtpx.LLM(ckpt, device=param.removesuffix("-triton"), runner_config=config, **kw)
+    assert llm.runner.name == "cuda" and llm.runner.triton_gdn == (param != "cpu")
+    return llm
 
 
-def _prefilled(model, prompt, static: bool):
-    state = model.new_static_state("main", 96) if static else model.new_state(96)
+def _prefilled(llm, prompt, static: bool):
+    model = llm.model
+    state = llm.runner.new_static_state(model, "main", 96) if static else model.new_state(96)
     hidden = model(torch.tensor([prompt], device=state.device), [state], "prefill")
     return state, hidden
 
 
 @pytest.fixture(scope="module", params=DEVICES)
 def fp32(dense_ckpt, request):
-    return mtpx.LLM(dense_ckpt, dtype="fp32", device=request.param.removesuffix("-triton"), static_steps=True)
+    return _static_llm(dense_ckpt, request.param, dtype="fp32")
 
 
 @pytest.fixture(scope="module", params=DEVICES)
 def bf16(dense_ckpt, request):
-    return mtpx.LLM(dense_ckpt, device=request.param.removesuffix("-triton"), static_steps=True)
+    return _static_llm(dense_ckpt, request.param)
 
 
 def test_static_passes_match_the_step_path(fp32):
@@ -54,11 +58,11 @@ def test_static_passes_match_the_step_path(fp32):
     mode (per-query attention over the cache prefix; the static pass masks the whole cache)."""
     model, g = fp32.model, torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 300, (11,), generator=g).tolist()
-    eager, h_e = _prefilled(model, prompt, static=False)
-    static, h_s = _prefilled(model, prompt, static=True)
+    eager, h_e = _prefilled(fp32, prompt, static=False)
+    static, h_s = _prefilled(fp32, prompt, static=True)
     torch.testing.assert_close(h_s, h_e)
     tol = dict(rtol=1e-5, atol=1e-5) if fp32.device.type == "cpu" else dict(rtol=1e-4, atol=1e-4)  # GPU sums vary
-    mtp_eager, mtp_static = model.new_mtp_state(96), model.new_static_state("mtp", 96)
+    mtp_eager, mtp_static = model.new_mtp_state(96), fp32.runner.new_static_state(model, "mtp", 96)
     for width, keep in [(1, 1), (4, 2), (WIDTH, 5), (3, 3), (2, 1), (5, 1), (1, 1)]:
         tokens = torch.randint(0, 300, (1, width), generator=g).to(fp32.device)
         for s in (eager, static):
@@ -83,7 +87,7 @@ def test_static_rows_do_not_depend_on_the_pass_width(bf16):
     model = bf16.model
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 300, (9,), generator=g).tolist()
-    state, _ = _prefilled(model, prompt, static=True)
+    state, _ = _prefilled(bf16, prompt, static=True)
     tokens = torch.randint(0, 300, (1, 5), generator=g).to(bf16.device)
     start = state.length
     wide = model(tokens, [state], "step")
@@ -108,16 +112,17 @@ def test_speculation_on_static_passes_is_token_identical_to_plain_decoding(bf16,
 
 
 def test_static_states_are_reused_and_released(bf16):
+    pool = bf16.runner.state_pool(bf16.model)
     bf16.generate([5, 6, 7], max_tokens=4, spec_type="mtp")
-    pooled = {key: list(states) for key, states in bf16._states.free.items()}
+    pooled = {key: list(states) for key, states in pool.free.items()}
     assert all(len(s) == 1 for s in pooled.values()) and {k[0] for k in pooled} == {"main", "mtp"}
     bf16.generate([5, 6, 7, 8], max_tokens=4, spec_type="mtp")
-    assert {k: list(v) for k, v in bf16._states.free.items()} == pooled  # the same objects came back
+    assert {k: list(v) for k, v in pool.free.items()} == pooled  # the same objects came back
     stream = bf16.stream([5, 6, 7], max_tokens=50, ignore_eos=True)
     next(stream)
-    assert not bf16._states.free[("main", 256)]  # held by the running request ...
+    assert not pool.free[("main", 256)]  # held by the running request ...
     stream.close()
-    assert bf16._states.free[("main", 256)]  # ... and returned when its caller stops early
+    assert pool.free[("main", 256)]  # ... and returned when its caller stops early
 
 
 def test_static_pass_limits_are_named(bf16):
@@ -126,7 +131,7 @@ def test_static_pass_limits_are_named(bf16):
     from mtpx.serve.scheduler import Scheduler, SpecConfig
     with pytest.raises(RequestError, match="spec_draft_n_max is at most"):
         Scheduler(bf16, SpecConfig(spec_type="mtp", spec_draft_n_max=WIDTH))
-    state = bf16.model.new_static_state("main", 64)
+    state = bf16.runner.new_static_state(bf16.model, "main", 64)
     assert isinstance(state, StaticState)
     with pytest.raises(RequestError, match="wider than"):
         bf16.model(torch.zeros(1, WIDTH + 1, dtype=torch.long, device=bf16.device), [state], "step")

@@ -1,0 +1,23 @@
+"""model_type (config.json, or the GGUF architecture mapped to it by mtpx.config) -> the family's model class."""
+from __future__ import annotations
+
+from torch import nn
+
+from mtpx.config import ModelConfig
+from mtpx.errors import ModelLoadError
+from mtpx.models.qwen3_5 import Qwen35Model
+
+FAMILIES: dict[str, type[nn.Module]] = {
+    "qwen3_5": Qwen35Model,
+    "qwen3_5_text": Qwen35Model,
+    "qwen3_5_moe": Qwen35Model,
+    "qwen3_5_moe_text": Qwen35Model,
+}
+
+
+def family(cfg: ModelConfig) -> type[nn.Module]:
+    """The model class of cfg.model_type."""
+    cls = FAMILIES.get(cfg.model_type)
+    if cls is None:
+        raise ModelLoadError(f"unsupported model_type {cfg.model_type!r}; mtpx supports {sorted(FAMILIES)}")
+    return cls
