@@ -63,9 +63,11 @@ class SamplingParams:
             if not -2 <= getattr(self, name) <= 2:
                 raise FieldError(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not 0 < self.repetition_penalty <= 10:
-            raise FieldError("repetition_penalty", f"repetition_penalty must be in (0, 10] (1 disables it), got {self.repetition_penalty}")
+            raise FieldError("repetition_penalty", "repetition_penalty must be in (0, 10] (1 disables it), got "
+                             f"{self.repetition_penalty}")
         if not self.dry_multiplier >= 0:
-            raise FieldError("dry_multiplier", f"dry_multiplier must be >= 0 (0 disables DRY), got {self.dry_multiplier}")
+            raise FieldError("dry_multiplier",
+                             f"dry_multiplier must be >= 0 (0 disables DRY), got {self.dry_multiplier}")
         if not self.dry_base >= 1:
             raise FieldError("dry_base", f"dry_base must be >= 1, got {self.dry_base}")
         if self.dry_allowed_length < 1:
