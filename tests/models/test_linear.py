@@ -111,5 +111,6 @@ def test_a_tied_head_is_tiled_only_while_small(tmp_path, monkeypatch):
     model = mtpx.LLM(tmp_path / "tied").model
     assert isinstance(model.lm_head.quantized, TileWeight)
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.numel()
-    monkeypatch.setattr(linear_module, "TILED_TIED_HEAD_BYTES", 0)
+    from mtpx.runners import weights
+    monkeypatch.setattr(weights, "TILED_TIED_HEAD_BYTES", 0)
     assert mtpx.LLM(tmp_path / "tied").model.lm_head.quantized is None

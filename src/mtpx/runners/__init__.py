@@ -10,7 +10,7 @@ import torch
 from mtpx import kernels
 from mtpx.config import ModelConfig
 from mtpx.errors import RequestError
-from mtpx.models.linear import QUANTIZATIONS
+from mtpx.runners.weights import QUANTIZATIONS
 from mtpx.runners.base import Runner
 from mtpx.runners.config import RunnerConfig
 

@@ -20,10 +20,10 @@ from torch import nn
 
 from mtpx import kernels
 from mtpx.models import qwen3_5 as q35
-from mtpx.models.linear import fused_projection, pack_for_cpu, project_joined, quantize, step_rows, step_weight, \
-    to_tiles
+from mtpx.models.linear import fused_projection, project_joined, step_rows, step_weight
 from mtpx.runners.base import Overrides, Runner, install
 from mtpx.runners.config import RunnerConfig
+from mtpx.runners.weights import pack_for_cpu, quantize, to_tiles
 from mtpx.state import SequenceState
 from mtpx.threads import ThreadTuner
 

@@ -21,11 +21,12 @@ from torch import nn
 
 from mtpx.kernels import gdn_triton
 from mtpx.models import qwen3_5 as q35
-from mtpx.models.linear import fuse_projections, row_invariant
+from mtpx.models.linear import row_invariant
 from mtpx.runners.base import Overrides, Runner, install
 from mtpx.runners.config import RunnerConfig
 from mtpx.runners.cpu import prepare_weights, tune_cpu_process
 from mtpx.runners.static import WIDTH, StatePool, StaticState, is_static
+from mtpx.runners.weights import fuse_projections
 from mtpx.state import SequenceState
 
 

@@ -1,0 +1,122 @@
+"""Weights in the layouts a runner's kernels read, converted once at load: projections that read the same input fused
+into one matmul, weight-only int8 / int4, bf16 as AMX tiles, oneDNN prepacking."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtpx import kernels
+from mtpx.models.linear import (STEP_ROWS, Int4Weight, Int8Weight, Linear, QuantizedWeight, TileWeight, fused_projection,
+                                nbytes, set_fused_projection)
+
+def fuse_projections(model: nn.Module) -> list[torch.Tensor]:
+    """Fuse the projections of each module that read the same input (its FUSED_PROJECTIONS) into one weight, the
+    members' parameters becoming views of it: one matmul instead of several, no memory added. Returns the fused
+    weights."""
+    fused_weights = []
+    for module in model.modules():
+        groups = getattr(module, "FUSED_PROJECTIONS", None)
+        if groups:
+            members = [getattr(module, n) for n in groups]
+            weight = torch.cat([m.weight.detach() for m in members])
+            fused_weights.append(weight)
+            offset = 0
+            for m in members:
+                rows = m.weight.shape[0]
+                m.weight.data = weight[offset:offset + rows]
+                offset += rows
+            set_fused_projection(module, weight, None, [m.weight.shape[0] for m in members])
+    return fused_weights
+
+
+def pack_for_cpu(model: nn.Module) -> None:
+    """Inference on CPU in bf16: fuse_projections. Without the rowgemm kernel, also prepack every weight for oneDNN
+    (~1.5x the weight bandwidth of F.linear on AVX512_BF16 machines; the parameters stay for state_dict users)."""
+    fused_weights = fuse_projections(model)
+    if not kernels.rowgemm_available():
+        def pack(w: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), STEP_ROWS)
+        members = set()
+        for module in model.modules():
+            if (fused := fused_projection(module)) is not None:
+                weight, _, sizes = fused
+                set_fused_projection(module, weight, pack(weight), sizes)
+                members.update(id(getattr(module, n)) for n in module.FUSED_PROJECTIONS)
+        for module in model.modules():
+            if isinstance(module, Linear) and id(module) not in members:
+                module.packed = pack(module.weight)
+    # the loader's tensors are views of the memory-mapped checkpoint: while any of them lives, the file's pages
+    # that fusing copied stay resident too (RSS ~1.7x the weights on the 0.8B body); own copies let it go
+    owned = {w.untyped_storage().data_ptr() for w in fused_weights}
+    for param in {id(p): p for p in model.parameters()}.values():
+        if param.untyped_storage().data_ptr() not in owned:
+            param.data = param.data.clone()
+
+
+QUANTIZATIONS = ("int8", "int4")
+
+
+def quantize(model: nn.Module, kind: str) -> dict[str, int]:
+    """Weight-only quantization of every Linear and fused projection (MoE experts and the embedding stay bf16):
+    int8 (per output row), or int4 (groups of 32) with int8 for weights whose K is not a multiple of 32. The bf16
+    copies are released, except the embedding's when lm_head shares it. Returns how
+    many weights got each format."""
+    if not kernels.rowgemm_available():
+        from mtpx.errors import RequestError
+        raise RequestError(f"{kind} weights need the rowgemm CPU kernel, which could not be built here "
+                           "(a C++ compiler is required); use dtype bf16")
+    counts = {"int8": 0, "int4": 0}
+
+    def convert(weight: torch.Tensor, tied: bool) -> QuantizedWeight:
+        fmt = "int4" if kind == "int4" and Int4Weight.fits(weight.shape) else "int8"
+        counts[fmt] += 1
+        return Int4Weight(weight) if fmt == "int4" else Int8Weight(weight)
+    _replace_weights(model, convert)
+    return counts
+
+
+# A tied lm_head keeps the embedding's bf16 copy (the embedding reads it), so its tiles would be a second copy of
+# the whole head: made only up to this size (the demo's 4 MiB head, not the 0.8B's 485 MiB one).
+TILED_TIED_HEAD_BYTES = 64 << 20
+
+
+def to_tiles(model: nn.Module) -> int:
+    """bf16 weights of every Linear and fused projection whose K is a multiple of 32 to AMX tile order (TileWeight),
+    where kernels.amx_available(); the bf16 copies are released. Returns how many weights were converted."""
+    if not kernels.amx_available():
+        return 0
+    count = 0
+
+    def convert(weight: torch.Tensor, tied: bool) -> QuantizedWeight | None:
+        nonlocal count
+        if (weight.dtype != torch.bfloat16 or not TileWeight.fits(weight.shape)
+                or (tied and nbytes(weight) > TILED_TIED_HEAD_BYTES)):
+            return None
+        count += 1
+        return TileWeight(weight)
+    _replace_weights(model, convert)
+    return count
+
+
+def _replace_weights(model: nn.Module, convert) -> None:
+    """Every fused projection and Linear weight (not yet replaced) by convert(weight, tied), which may return None to
+    keep it (tied: lm_head sharing the embedding's weight). The bf16 copies of replaced weights are released, except
+    one the embedding shares."""
+    shared = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    for module in model.modules():
+        fused = fused_projection(module)
+        if fused is not None and isinstance(fused[0], torch.Tensor):
+            weight, _, sizes = fused
+            new = convert(weight, False)
+            if new is not None:
+                set_fused_projection(module, new, None, sizes)
+                for n in module.FUSED_PROJECTIONS:
+                    getattr(module, n).weight.data = torch.empty(0, dtype=weight.dtype)
+    for module in model.modules():
+        if isinstance(module, Linear) and module.weight.numel() and module.quantized is None:
+            tied = id(module.weight) in shared
+            new = convert(module.weight, tied)
+            if new is not None:
+                module.quantized, module.packed = new, None
+                if not tied:
+                    module.weight.data = torch.empty(0, dtype=module.weight.dtype)
