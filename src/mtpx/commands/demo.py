@@ -22,12 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", "-p", default=PROMPT)
     p.add_argument("--max-tokens", "-n", type=int, default=200)
     # the adaptive policy picks k up to this; on the demo model k <= 6 ran as fast as k <= 3 on the bench's code
-    # prompts and faster on its chat prompts and on this prompt (BENCHMARKS.md section U)
+    # prompts and faster on its chat prompts and on this prompt
     add_spec_arguments(p, only=("spec_draft_n_max", "spec_draft_vocab"), spec_draft_n_max=6, spec_draft_vocab=2048)
     p.add_argument("--runs", type=int, default=3, help="timed runs per mode; the median is reported")
-    # greedy decoding of a model this small falls into loops (BENCHMARKS.md section V). Ollama's default
+    # greedy decoding of a model this small falls into loops. Ollama's default
     # repeat_penalty of 1.1 delays them; with llama.cpp's suggested DRY multiplier of 0.8 as well, continuations of
-    # held-out code repeat themselves about as often as the code itself (BENCHMARKS.md section Y). Penalties keep
+    # held-out code repeat themselves about as often as the code itself. Penalties keep
     # speculative output identical to plain decoding.
     p.add_argument("--repetition-penalty", type=float, default=1.1,
                    help="greedy decoding with this repetition penalty (1 = off)")
