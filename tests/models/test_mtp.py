@@ -105,12 +105,11 @@ def test_mtp_layer_count_inferred_from_weights(dense_ckpt):
 @pytest.mark.parametrize("dtype,draft_vocab,penalized", [("bf16", 0, False), ("bf16", 100, False), ("int8", 0, False),
                                                          ("int4", 100, False), ("bf16", 0, True), ("int8", 100, True)])
 def test_greedy_draft_chain_in_one_call_equals_step_by_step_drafting(dense_ckpt, dtype, draft_vocab, penalized):
-    """Qwen35Model.mtp_greedy_drafts (one kernel call for k drafts) proposes what the step-by-step drafting loop
+    """The CPU runner's mtp_greedy_drafts (one kernel call for k drafts) proposes what the step-by-step drafting loop
     proposes, penalties included (each draft penalised for the history and the drafts before it), and leaves the MTP
     cache as that loop does."""
     from mtpx import kernels
     from mtpx.llm import LLM
-    from mtpx.models.linear import kernel_weight
     from mtpx.sampling import SamplingParams, apply_penalties, penalty_history
     if not kernels.rowgemm_available():
         pytest.skip("the CPU kernels could not be built here")
@@ -125,7 +124,6 @@ def test_greedy_draft_chain_in_one_call_equals_step_by_step_drafting(dense_ckpt,
     if penalized:
         penalty = (*penalty_history(history, n_prompt, model.cfg.vocab_size, "cpu"), params.repetition_penalty,
                    params.frequency_penalty, params.presence_penalty)
-    head_args = (kernel_weight(head.weight), head.ids) if head is not None else (None, None)
     with torch.inference_mode():
         state = model.new_state(64)
         hidden = model(ids[:, :20], [state], "prefill")[0]
@@ -134,7 +132,7 @@ def test_greedy_draft_chain_in_one_call_equals_step_by_step_drafting(dense_ckpt,
             mtp_a, mtp_b = model.new_mtp_state(64), model.new_mtp_state(64)
             for s in (mtp_a, mtp_b):  # the same history in both caches
                 model.mtp_forward(hidden[None, :12], ids[:, 1:13], [s], "prefill")
-            chain = model.mtp_greedy_drafts(pairs_h, pairs_t, mtp_a, k, *head_args, penalty)
+            chain = model.mtp_greedy_drafts(pairs_h, pairs_t, mtp_a, k, head, penalty)
             assert chain is not None
             x = model.mtp_forward(pairs_h[None], pairs_t[None], [mtp_b], "step")[0, -1:]
             steps = []

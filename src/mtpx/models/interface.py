@@ -34,10 +34,11 @@ class CausalLM(Protocol):
         """The MTP module over pairs (h_i [B, T, H], t_{i+1} [B, T]): hidden whose logits predict t_{i+2}."""
 
     def mtp_greedy_drafts(self, hidden: torch.Tensor, tokens: torch.Tensor, state: SequenceState, k: int,
-                          head: list[torch.Tensor] | None = None, head_ids: torch.Tensor | None = None,
-                          penalty: tuple | None = None) -> list[int] | None:
-        """k greedy MTP drafts of one sequence in one call from its pending pairs, or None where no runner provides
-        such a call (the drafter then loops over mtp_forward and logits, with the same drafts)."""
+                          head=None, penalty: tuple | None = None) -> list[int] | None:
+        """k greedy MTP drafts of one sequence from its n pending pairs (hidden [n, H], tokens [n]), advancing the
+        MTP state, in one call where a runner provides one; None otherwise (the drafter then loops over mtp_forward
+        and logits, with the same drafts). `head`: a reduced draft head (speculative.drafters.DraftHead) or None for
+        lm_head; `penalty`: (counts [V], seen [V], repetition, frequency, presence) to draft by penalised logits."""
 
     def new_state(self, max_len: int, device=None) -> SequenceState:
         """Empty caches of the main stack for a sequence of up to max_len tokens."""

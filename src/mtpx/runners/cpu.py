@@ -20,7 +20,7 @@ from torch import nn
 
 from mtpx import kernels
 from mtpx.models import qwen3_5 as q35
-from mtpx.models.linear import fused_projection, project_joined, step_rows, step_weight
+from mtpx.models.linear import fused_projection, kernel_weight, project_joined, step_rows, step_weight
 from mtpx.runners.base import Overrides, Runner, install
 from mtpx.runners.config import RunnerConfig
 from mtpx.runners.weights import pack_for_cpu, quantize, to_tiles
@@ -183,25 +183,24 @@ def _model_forward(self: q35.Qwen35Model, fallback: Callable, tokens: torch.Tens
 
 
 def _mtp_greedy_drafts(self: q35.Qwen35Model, fallback: Callable, hidden: torch.Tensor, tokens: torch.Tensor, state: SequenceState,
-                       k: int, head: list[torch.Tensor] | None = None, head_ids: torch.Tensor | None = None,
-                       penalty: tuple | None = None) -> list[int] | None:
+                       k: int, head=None, penalty: tuple | None = None) -> list[int] | None:
     """k greedy drafts of a one-layer MTP module in one kernel call (kernels.mtp_greedy_drafts), from its n pending
     pairs (hidden [n, H], tokens [n]); advances the MTP state by n + k - 1. None where the kernel cannot run it."""
     mtp = self.mtp
     if len(mtp.layers) != 1 or hidden.dtype != torch.bfloat16:
-        return fallback(hidden, tokens, state, k, head, head_ids, penalty)
+        return fallback(hidden, tokens, state, k, head, penalty)
     layer = mtp.layers[0]
     weights, fc = layer_weights(layer), step_weight(mtp.fc)
-    head = head if head is not None else step_weight(self.lm_head)
-    if weights is None or fc is None or head is None:
-        return fallback(hidden, tokens, state, k, head, head_ids, penalty)
+    head_weight = kernel_weight(head.weight) if head is not None else step_weight(self.lm_head)
+    if weights is None or fc is None or head_weight is None:
+        return fallback(hidden, tokens, state, k, head, penalty)
     n = tokens.shape[0]
     state.check_room(n + k - 1)
     cos, sin = q35.rotary_tables(self.cfg, [state.length], n + k - 1, hidden.dtype, hidden.device)
     a = layer.mixer
     drafts = kernels.mtp_greedy_drafts(
         hidden, tokens, self.model.embed_tokens.weight, mtp.pre_fc_norm_embedding.weight, mtp.pre_fc_norm_hidden.weight,
-        fc, weights, mtp.norm.weight, head, head_ids, cos[0], sin[0], *state.kv[a.layer_idx], state.length, k,
+        fc, weights, mtp.norm.weight, head_weight, head.ids if head is not None else None, cos[0], sin[0], *state.kv[a.layer_idx], state.length, k,
         a.n_heads, a.n_kv, a.head_dim, self.cfg.rms_norm_eps, penalty)
     state.length += n + k - 1
     return drafts

@@ -177,6 +177,23 @@ def _mtp_forward(runner: CudaRunner, self: q35.MTP, fallback: Callable, cfg, emb
                       for b, s in enumerate(states)])
 
 
+def _mtp_greedy_drafts(self: q35.Qwen35Model, fallback: Callable, hidden: torch.Tensor, tokens: torch.Tensor,
+                       state: SequenceState, k: int, head=None, penalty: tuple | None = None) -> list[int] | None:
+    """The same passes as the drafter's step-by-step loop (catch-up, then one position per draft), each draft's
+    argmax left on the device as the next pass's input: the passes (CUDA graphs) queue up behind one another and the
+    host waits once, for all k drafts, instead of once per draft. Penalised drafts are left to the drafter's loop."""
+    if not isinstance(state, StaticState) or penalty is not None:
+        return fallback(hidden, tokens, state, k, head, penalty)
+    x = self.mtp_forward(hidden[None], tokens[None], [state], "step")[:, -1]
+    drafts = []
+    for j in range(k):
+        token = head.argmax(x) if head is not None else self.logits(x, step=True).argmax(-1)
+        drafts.append(token)
+        if j + 1 < k:
+            x = self.mtp_forward(x[:, None], token[:, None], [state], "step")[:, 0]
+    return torch.cat(drafts).tolist()
+
+
 def compile_fusible(fn: Callable) -> Callable:
     """A fusible op group compiled for static passes: fixed shapes, so each pass width replays the same kernels and
     rows keep their bits."""
@@ -189,4 +206,5 @@ def compile_fusible(fn: Callable) -> Callable:
 OVERRIDES: Overrides = {
     (q35.Attention, "attend"): _attend,
     (q35.GatedDeltaNet, "mix"): _mix,
+    (q35.Qwen35Model, "mtp_greedy_drafts"): _mtp_greedy_drafts,
 }

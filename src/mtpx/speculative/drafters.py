@@ -12,9 +12,8 @@ import torch
 
 from mtpx import kernels
 from mtpx.engine.sequence import Sequence
-from mtpx.models.linear import QuantizedWeight, kernel_weight, linear, nbytes, row_invariant, weight_bytes
-from mtpx.runners.static import StaticState
-from mtpx.models.qwen3_5 import Qwen35Model
+from mtpx.models.linear import QuantizedWeight, linear, nbytes, row_invariant, weight_bytes
+from mtpx.models.interface import CausalLM
 from mtpx.sampling import apply_penalties, sample, target_probs
 from mtpx.state import SequenceState
 
@@ -159,7 +158,7 @@ class DraftHead:
     Outputs stay exact: drafts are only proposals, and verification uses the full head. Logits of the other ids
     are -inf, so greedy and sampled drafts (q) are over the kept ids only, which rejection sampling allows."""
 
-    def __init__(self, model: Qwen35Model, size: int, keep: set[int] = frozenset()):
+    def __init__(self, model: CausalLM, size: int, keep: set[int] = frozenset()):
         vocab = model.cfg.vocab_size
         if size <= 0 or size > vocab:
             from mtpx.errors import RequestError
@@ -198,7 +197,7 @@ class MTPDrafter(_StatefulDrafter):
     name = "mtp"
     sampled_drafts = False
 
-    def __init__(self, model: Qwen35Model, p_min: float = 0.0, head: DraftHead | None = None):
+    def __init__(self, model: CausalLM, p_min: float = 0.0, head: DraftHead | None = None):
         super().__init__(p_min)
         if model.mtp is None:
             from mtpx.errors import RequestError
@@ -241,36 +240,17 @@ class MTPDrafter(_StatefulDrafter):
         d = seq.draft
         start = d.state.length
         d.state.mark()
-        if isinstance(d.state, StaticState):
-            if seq.params.counts_tokens:
-                return None
-            drafts = self._static_chain(hidden, torch.tensor([tokens], device=hidden.device), d.state, k)
-        else:
-            head = (kernel_weight(self.head.weight), self.head.ids) if self.head is not None else (None, None)
-            penalty = None
-            if seq.params.counts_tokens:
-                p = seq.params
-                penalty = (*seq.penalties.of(seq.tokens, seq.n_prompt, self.model.cfg.vocab_size, hidden.device),
-                           p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
-            drafts = self.model.mtp_greedy_drafts(hidden, torch.tensor(tokens, device=hidden.device), d.state, k,
-                                                  *head, penalty)
+        penalty = None
+        if seq.params.counts_tokens:
+            p = seq.params
+            penalty = (*seq.penalties.of(seq.tokens, seq.n_prompt, self.model.cfg.vocab_size, hidden.device),
+                       p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
+        drafts = self.model.mtp_greedy_drafts(hidden, torch.tensor(tokens, device=hidden.device), d.state, k,
+                                              self.head, penalty)
         if drafts is not None:
             d.committed = start + len(tokens)
             d.clear_pending()
         return drafts
-
-    def _static_chain(self, hidden: torch.Tensor, tokens: torch.Tensor, state: StaticState, k: int) -> list[int]:
-        """The same passes as the step-by-step loop (catch-up, then one position per draft), each draft's argmax
-        left on the device as the next pass's input: on a GPU the passes (CUDA graphs) queue up behind one another
-        and the host waits once, for all k drafts, instead of once per draft."""
-        x = self._forward(hidden[None], tokens, [state], "step")[:, -1]
-        drafts = []
-        for j in range(k):
-            tok = self.head.argmax(x) if self.head is not None else self._logits(x).argmax(-1)
-            drafts.append(tok)
-            if j + 1 < k:
-                x = self._forward(x[:, None], tok[:, None], [state], "step")[:, 0]
-        return torch.cat(drafts).tolist()
 
     def _forward(self, x_prev, tokens, states, mode):
         return self.model.mtp_forward(x_prev, tokens, states, mode)
@@ -296,7 +276,7 @@ class DraftModelDrafter(_StatefulDrafter):
     """A separate small model with the same tokenizer, with its own caches kept in step with accepted tokens."""
     name = "draft"
 
-    def __init__(self, draft_model: Qwen35Model, p_min: float = 0.0):
+    def __init__(self, draft_model: CausalLM, p_min: float = 0.0):
         super().__init__(p_min)
         self.model = draft_model
 
