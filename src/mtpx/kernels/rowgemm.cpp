@@ -1,4 +1,5 @@
 // y[M, N] = x[M, K] @ w[N, K]^T for a few rows (M <= 8): bf16 weights, fp32 accumulation, bf16 output.
+// Longer than 400 lines because the bf16, int8, int4 and AMX-tile variants share one blocking and threading scheme.
 //
 // Why: on CPUs without native bf16 dot products (no AVX512_BF16 / AMX) oneDNN's bf16 matmul costs 2-3x more for
 // 2-5 rows than for one, and one row can round differently alone than among others. Here every (row, column) is

@@ -1,4 +1,5 @@
 // The small ops of a step forward (decode / verify / draft: a few positions of one sequence), fused.
+// Longer than 400 lines because every fused op group of a step shares these vector helpers and must round alike.
 //
 // Why: a step of a small model (or the non-matmul part of a large one) is a few hundred tiny PyTorch ops, each
 // costing several microseconds of dispatch and allocation; the work itself is microseconds in all. These kernels do
