@@ -88,7 +88,9 @@ def test_cli_flags_with_llama_cpp_spellings():
     spec = spec_from_args(args)
     assert (spec.kind, spec.spec_draft_n_max, spec.spec_draft_policy) == ("ngram", 6, "fixed")
     assert spec_from_args(parse([])) == SpecConfig()
-    assert "temperature" not in sampling_options(parse([], exclude=("temperature",)))
+    args = parse([], exclude=("temperature",))
+    args.temperature = [0.0, 0.7]  # a command's own flag of that name
+    assert "temperature" not in sampling_options(args, exclude=("temperature",))
 
 
 def test_cli_spec_subset_and_defaults():

@@ -26,6 +26,7 @@ from mtpx.engine.flags import add_sampling_arguments, add_spec_arguments, sampli
 from mtpx.errors import MtpxError, RequestError
 
 DEFAULT_MODES = "none,mtp1,mtp2,mtp3,mtp4,adaptive,draft,ngram"
+OWN_SAMPLING_FLAGS = ("temperature", "seed")  # a list of temperatures; the base seed of every prompt's generations
 
 
 def _csv(value: str) -> list[str]:
@@ -52,7 +53,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=3, help="repeats of the whole set (min / median over repeats)")
     # sampling settings for every generation (at T > 0 for top-k/p, min-p), the model's generation config ignored;
     # mtpx runs only
-    add_sampling_arguments(p, exclude=("temperature", "seed"))
+    add_sampling_arguments(p, exclude=OWN_SAMPLING_FLAGS)
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--prompts", default=None, help="your own prompt set: a JSON list of strings")
     p.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts of each workload")
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.repeat < 1:
         raise RequestError("--repeat must be >= 1")
     off = SamplingParams()
-    sampling = {name: value for name, value in sampling_options(args).items()
+    sampling = {name: value for name, value in sampling_options(args, OWN_SAMPLING_FLAGS).items()
                 if value is not None and value != getattr(off, name)
                 and not (name == "dry_sequence_breakers" and tuple(value) == off.dry_sequence_breakers)}
     SamplingParams(**sampling)  # a bad value fails here, by name, not in the first generation

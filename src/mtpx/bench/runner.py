@@ -126,37 +126,51 @@ class WeightTraffic:
 
 
 class DrafterPrefillTimer:
-    """Times the drafter's passes over the prompt: the MTP layer's prefill-mode passes (its catch-up on the prompt's
-    (h_i, t_i+1) pairs) and a draft model's prefill-mode forwards. It wraps those two methods of the models for as
-    long as it is attached; the main model's own forward is not touched."""
+    """Times the drafter's work on the prompt: its start() (a draft model's prefill, the MTP layer's caches) and
+    its prefill-mode passes (the MTP layer's catch-up on the prompt's (h_i, t_i+1) pairs). While attached it wraps
+    the engine's drafter factory (to time each drafter's start) and those passes' methods of the models; the main
+    model's own forward is not touched. Nested timed calls count once."""
 
-    def __init__(self, model, draft_models=()):
+    def __init__(self, engine, draft_models=()):
         self.seconds = 0.0
+        self.active = False
         self.wrapped: list[tuple[object, str]] = []
+        model = engine.model
         if getattr(model, "mtp", None) is not None:
-            self._wrap(model, "mtp_forward")
+            self._wrap(model, "mtp_forward", lambda args, kwargs: (args[3] if len(args) > 3 else kwargs.get("mode"))
+                       == "prefill")
         for m in draft_models:
-            self._wrap(m, "forward")
+            self._wrap(m, "forward", lambda args, kwargs: (args[2] if len(args) > 2 else kwargs.get("mode"))
+                       == "prefill")
+        make = engine.drafter
 
-    def _wrap(self, model, name: str) -> None:
-        inner = getattr(model, name)
+        def drafter(*args, **kwargs):
+            d = make(*args, **kwargs)
+            if d is not None:
+                self._wrap(d, "start", lambda args, kwargs: True)
+            return d
+        engine.drafter = drafter
+        self.wrapped.append((engine, "drafter"))
+
+    def _wrap(self, obj, name: str, timed_call) -> None:
+        inner = getattr(obj, name)
 
         def timed(*args, **kwargs):
-            mode = args[3] if name == "mtp_forward" and len(args) > 3 else \
-                args[2] if name == "forward" and len(args) > 2 else kwargs.get("mode")
-            if mode != "prefill":
+            if self.active or not timed_call(args, kwargs):
                 return inner(*args, **kwargs)
-            t0 = time.perf_counter()
+            self.active, t0 = True, time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - t0
-        setattr(model, name, timed)
-        self.wrapped.append((model, name))
+                self.active = False
+        setattr(obj, name, timed)
+        if obj is not None and name != "start":
+            self.wrapped.append((obj, name))
 
     def restore(self) -> None:
-        for model, name in self.wrapped:
-            delattr(model, name)  # the class's method again
+        for obj, name in self.wrapped:
+            delattr(obj, name)  # the class's method again
         self.wrapped = []
 
 
@@ -219,7 +233,7 @@ def run_bench(llm, cfg: BenchConfig, log: Callable[[str], None] = print) -> list
     draft_models = []
     if any(m.spec_type == "draft" for m in cfg.modes) and cfg.draft_model:
         draft_models.append(llm.engine.draft_model(cfg.draft_model))
-    timer = DrafterPrefillTimer(llm.model, draft_models)
+    timer = DrafterPrefillTimer(llm.engine, draft_models)
     traffic = WeightTraffic(llm.model, draft_models)
     rows: list[dict] = []
     try:

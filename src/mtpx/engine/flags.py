@@ -43,9 +43,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser, exclude: Collection[str] 
         "'*'; 'none' for no breakers)")
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
-    """The sampling values given on the command line (None: not given), as keywords of LLM.generate."""
-    out = {name: getattr(args, name) for name in SAMPLING_FIELDS if hasattr(args, name)}
+def sampling_options(args: argparse.Namespace, exclude: Collection[str] = ()) -> dict:
+    """The sampling values given on the command line (None: not given), as keywords of LLM.generate; `exclude` as
+    given to add_sampling_arguments."""
+    out = {name: getattr(args, name) for name in SAMPLING_FIELDS if hasattr(args, name) and name not in exclude}
     if "dry_sequence_breakers" in out:
         out["dry_sequence_breakers"] = sequence_breakers(out["dry_sequence_breakers"])
     return out
