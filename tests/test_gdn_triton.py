@@ -68,13 +68,11 @@ def test_positions_keep_their_bits_whatever_the_pass_width(device):
     assert torch.equal(wide_state, state)
 
 
-def test_off_cuda_only_in_the_interpreter(monkeypatch):
-    monkeypatch.delenv("MTPX_TRITON_GDN", raising=False)
+def test_off_cuda_only_in_the_interpreter():
+    # mode: RunnerConfig.triton_gdn (MTPX_TRITON_GDN, read once at load)
     assert not gdn_triton.available(torch.device("cpu"))  # the CPU's static passes keep the token loop
-    monkeypatch.setenv("MTPX_TRITON_GDN", "interpret")
-    assert gdn_triton.available(torch.device("cpu"))
-    monkeypatch.setenv("MTPX_TRITON_GDN", "0")
-    assert not gdn_triton.available(torch.device("cuda"))
+    assert gdn_triton.available(torch.device("cpu"), "interpret")
+    assert not gdn_triton.available(torch.device("cuda"), "0")
     with pytest.raises(TypeError, match="fp32"):
         gdn_triton.gated_delta_recurrence(*_inputs(8, 2, 16, 16, 0, "cpu")[:5], torch.zeros(2, 16, 16).bfloat16(),
                                           torch.zeros(9, 2, 16, 16), 1)
