@@ -91,7 +91,7 @@ def test_eos_mid_draft_stops_exactly_where_plain_decoding_stops(llm):
     for i, prompt in enumerate(prompts(10, seed=3)):
         ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
         eos_tok = ref[7 + i % 9]
-        llm.eos = {eos_tok}
+        llm.engine.eos = {eos_tok}
         try:
             plain = llm.generate(prompt, max_tokens=MAX_TOKENS)
             assert plain.finish_reason == "stop" and plain.token_ids[-1] == eos_tok
@@ -100,7 +100,7 @@ def test_eos_mid_draft_stops_exactly_where_plain_decoding_stops(llm):
                 assert spec.token_ids == plain.token_ids and spec.text == plain.text
                 assert spec.finish_reason == "stop"
         finally:
-            llm.eos = set(llm.config.eos_token_id)
+            llm.engine.eos = set(llm.config.eos_token_id)
 
 
 def test_stop_string_mid_draft_cuts_like_plain_decoding(llm):
