@@ -2,7 +2,7 @@
 
 Why: on this project's 2-core machine a step of the demo model runs ~1.4x faster on both cores than on one while
 they are free, and ~3x slower while another process keeps one of them busy: each of the step's parallel regions then
-waits for the descheduled thread (BENCHMARKS.md section X). No fixed count suits both moments, so the tuner measures
+waits for the descheduled thread. No fixed count suits both moments, so the tuner measures
 each candidate over a window of rounds, keeps the fastest, measures again now and then (at intervals that double
 while the choice holds), and at once when throughput falls well below what the chosen count measured.
 

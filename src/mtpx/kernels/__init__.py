@@ -2,8 +2,8 @@
 
 `rowgemm(x, w)`: x [M <= 8, K] @ w[N, K]^T with bf16 weights, fp32 accumulation. Each output row is computed the
 same way whatever M is (so a verify pass is bit-identical to one-token steps), and the weights are read once for
-all rows (so it costs about what one row costs). Measured here on a CPU without AVX512_BF16, where oneDNN's bf16
-matmul costs ~2.5x more for 5 rows than for 1 (see BENCHMARKS.md). `rowgemm_int8` / `rowgemm_int4`: the same for
+all rows (so it costs about what one row costs; on a CPU without AVX512_BF16, oneDNN's bf16 matmul costs several
+times more for 5 rows than for 1). `rowgemm_int8` / `rowgemm_int4`: the same for
 int8 weights and for int4 weights in groups of 32.
 The small ops of a step forward, fused (step_ops.cpp): `rms_norm`, `silu_mul`, `attention_step` (q/k norm, RoPE,
 cache write, per-position attention, output gate) and `gdn_step` (conv, gates, delta rule, gated norm; with

@@ -1,8 +1,7 @@
 """The gated delta rule over a static step pass's positions, as one Triton kernel (CUDA).
 
-A static pass (runners/static.py) ran the recurrence token by token as PyTorch ops: ~8 kernels per position per
-Gated DeltaNet layer, so on a GPU a verify pass of 4 positions cost ~1.4x a one-position step (BENCHMARKS, CUDA).
-Here each program keeps one head's state block in registers and walks the positions: decay, read, delta, write,
+Token by token as PyTorch ops, the recurrence of a static pass (runners/static.py) is ~8 kernels per position per
+Gated DeltaNet layer, which makes a verify pass cost well over a one-position step on a GPU. Here each program keeps one head's state block in registers and walks the positions: decay, read, delta, write,
 output, and the state after every position into the rollback snapshots. The position count is a runtime argument
 that Triton does not specialise on, so every pass width runs the same machine code and a position's bits never
 depend on how many positions its pass holds (the invariant that keeps greedy speculation exact).

@@ -192,8 +192,7 @@ class MTPDrafter(_StatefulDrafter):
     """Drafts with the model's MTP layer: step 1 takes (main hidden state, accepted token); steps 2..k feed the
     layer its own output. Its KV cache holds pairs (h_i, t_{i+1}) of the accepted sequence. With a DraftHead, its
     logits come from a reduced vocabulary. When sampling it drafts its argmax too (as vLLM's MTP and EAGLE proposers
-    do): the argmax chain runs in one call, and on the demo at T = 0.7 that was faster than drafting from q despite
-    the lower acceptance (BENCHMARKS.md section Y.4)."""
+    do): the argmax chain runs in one call, which pays for its lower acceptance than drafting from q."""
     name = "mtp"
     sampled_drafts = False
 

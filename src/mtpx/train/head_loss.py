@@ -2,8 +2,8 @@
 
 A training batch of 16 × 256 tokens and an 8k vocabulary makes 134 MB fp32 logits, and the plain path allocates
 several such tensors per loss (logits, log-softmax, their gradients). On CPU each is a fresh mmap whose pages fault
-in on first touch; with torch's slow CPU log-softmax they took about a quarter of a demo-model training step
-(3.1-3.6 s -> 2.35-2.53 s without them). Here the rows go through lm_head in blocks; since the loss is the last op,
+in on first touch; with torch's slow CPU log-softmax they took about a quarter of a demo-model training step.
+Here the rows go through lm_head in blocks; since the loss is the last op,
 each block's gradient (softmax − target distribution) is formed right away and folded into the gradients of the
 hidden states and of the head weight, so only those survive to backward.
 """

@@ -51,8 +51,8 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     stop_after: int = 0  # stop (and save the training state) after this many steps; 0 = run to `steps`
     device: str = "cpu"  # "cuda" (or "cuda:N") trains on a GPU, under bf16 autocast unless --precision fp32
-    # torch.compile the decoder layers and the loss blocks: a demo-model step on 2 CPU cores 1.32 -> 0.86 s, after
-    # ~20-60 s of compiling (cached across runs); "auto": on CPU only, where it was measured
+    # torch.compile the decoder layers and the loss blocks: fewer, fused kernels per step, after ~20-60 s of compiling
+    # (cached across runs); "auto": on CPU only, where it has been shown to pay
     compile: str = field(default="auto", metadata={"choices": COMPILE})
 
 
