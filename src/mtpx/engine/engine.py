@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mtpx.engine.constraints import GrammarCompiler, GrammarSpec
 from mtpx.engine.grouped import GroupedDrafter
 from mtpx.engine.params import SamplingParams, SpecConfig, sampling_params
 from mtpx.engine.request import Completion, Request, StreamEvent
@@ -56,6 +57,7 @@ class Engine:
         self.draft_models: dict[str, Any] = {}
         self.draft_heads: dict[int, DraftHead] = {}
         self.policies: dict[tuple, DraftPolicy] = {}  # one per drafter setting and kind of sampling (see policy())
+        self.grammars = GrammarCompiler(tokenizer, vocab_size, self.eos) if tokenizer is not None else None
 
     # ---- settings ------------------------------------------------------------------------------------------------
     def sampling_params(self, **given: Any) -> SamplingParams:
@@ -71,6 +73,15 @@ class Engine:
         if bad:
             raise RequestError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return ids
+
+    def check_grammar(self, grammar: GrammarSpec | None) -> None:
+        """Compile `grammar` now (cached), so that a bad one is a FieldError naming its field before the request is
+        queued."""
+        if grammar is None:
+            return
+        if self.grammars is None:
+            raise RequestError("structured outputs need the model's tokenizer, and this checkpoint has none")
+        self.grammars.compile(grammar)
 
     def breaker_ids(self, breakers: tuple[str, ...]) -> frozenset[int]:
         """The token ids that hold one of DRY's sequence breakers."""
@@ -155,9 +166,14 @@ class Engine:
         max_len = min(len(ids) + max_tokens + reserve, self.max_context + reserve)
         state = self.static_state(max_len) if self.static_state is not None else self.model.new_state(max_len)
         synth = list(synth_rates) if synth_rates is not None else None
+        constraint = None
+        if params.grammar is not None:
+            self.check_grammar(params.grammar)
+            constraint = self.grammars.constraint(params.grammar)
         return Sequence(tokens=list(ids), n_prompt=len(ids), max_new=max_tokens, params=params,
                         eos=set() if ignore_eos else self.eos, state=state, max_len=max_len,
-                        gen=None if params.greedy and synth is None else params.generator(), synthetic_rates=synth)
+                        gen=None if params.greedy and synth is None else params.generator(), synthetic_rates=synth,
+                        constraint=constraint)
 
     def open(self, ids: list[int], max_tokens: int, params: SamplingParams, *, stop: list[str] = (),
              ignore_eos: bool = False, spec: SpecConfig | None = None, started: float | None = None) -> Request:
@@ -213,8 +229,9 @@ class Engine:
 
     def finish(self, req: Request, spec: SpecConfig | None = None, drafter: Drafter | None = None) -> Completion:
         """The Completion of a finished request."""
-        return Completion(req.text, list(req.seq.generated), self.stats(req, spec, drafter),
-                          req.seq.finish_reason or "length")
+        seq = req.seq
+        return Completion(req.text, list(seq.generated), self.stats(req, spec, drafter), seq.finish_reason or "length",
+                          seq.logprobs[:len(seq.generated)] if seq.params.logprobs is not None else None)
 
     def stream(self, prompt: str | list[int], params: SamplingParams, spec: SpecConfig, *, max_tokens: int = 128,
                stop: list[str] | str | None = None, ignore_eos: bool = False) -> Iterator[StreamEvent]:
@@ -234,6 +251,6 @@ class Engine:
                     yield event
                 new = self.decode_round(drafter, policy, [req.seq])[0]
                 event = req.advance(new)
-            yield StreamEvent(event.text, event.token_ids, self.finish(req, spec, drafter))
+            yield StreamEvent(event.text, event.token_ids, self.finish(req, spec, drafter), event.logprobs)
         finally:
             self.release(req.seq)

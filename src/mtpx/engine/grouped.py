@@ -22,6 +22,7 @@ class GroupedDrafter(Drafter):
 
     def __init__(self, inner: Drafter) -> None:
         self.inner = inner
+        self.takes_any_drafts = inner.takes_any_drafts
         self.name = inner.name
         self.pad_long = isinstance(inner, MTPDrafter)
 

@@ -17,6 +17,7 @@ import torch
 from mtpx.errors import RequestError
 
 DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's default dry_sequence_breakers
+MAX_LOGPROBS = 20  # most top_logprobs a request may ask for (OpenAI's cap)
 
 
 class FieldError(RequestError):
@@ -49,6 +50,12 @@ class SamplingParams:
     dry_penalty_last_n: int = -1  # the last n tokens of the context are searched; -1: all of them, 0: none
     dry_sequence_breakers: tuple[str, ...] = DRY_BREAKERS
     dry_breaker_ids: frozenset[int] = field(default=frozenset(), repr=False)  # the tokens containing a breaker
+    # what the output must match (engine/constraints.py GrammarSpec: a JSON schema, any JSON object, a regex, EBNF);
+    # its token mask applies to every position a token is chosen at, so speculation stays exact under it
+    grammar: Any = None
+    # log-probabilities of each chosen token (and of the `logprobs` most likely ones) under the processed
+    # distribution (penalties and grammar mask applied, before temperature and truncation); None: not computed
+    logprobs: int | None = None
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -80,6 +87,8 @@ class SamplingParams:
             raise FieldError("dry_sequence_breakers", "dry_sequence_breakers must be a list of non-empty strings, got "
                                f"{self.dry_sequence_breakers!r}")
         self.dry_sequence_breakers = tuple(self.dry_sequence_breakers)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise FieldError("top_logprobs", f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def penalized(self) -> bool:

@@ -13,6 +13,7 @@ class Completion:
     token_ids: list[int]
     stats: dict  # engine/stats.py
     finish_reason: str = "length"
+    logprobs: list | None = None  # per token of token_ids: (logprob, [(id, logprob), ...]) when asked for
 
 
 @dataclass
@@ -20,6 +21,7 @@ class StreamEvent:
     text: str  # new text since the previous event
     token_ids: list[int]  # new tokens since the previous event
     completion: Completion | None = None  # set on the last event
+    logprobs: list | None = None  # of token_ids, when the request asked for them
 
 
 class Request:
@@ -70,5 +72,6 @@ class Request:
         delta = text[self.sent:max(safe, self.sent)]
         self.sent = max(safe, self.sent)
         tokens = seq.generated[self.sent_tokens:]
+        logprobs = seq.logprobs[self.sent_tokens:len(seq.generated)] if seq.params.logprobs is not None else None
         self.sent_tokens = len(seq.generated)
-        return StreamEvent(delta, tokens)
+        return StreamEvent(delta, tokens, logprobs=logprobs)

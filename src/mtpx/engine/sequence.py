@@ -52,6 +52,9 @@ class Sequence:
     finish_reason: str | None = None
     stats: SpecStats = field(default_factory=SpecStats)
     penalties: PenaltyHistory = field(default_factory=PenaltyHistory)  # used only when params.penalized
+    constraint: object = None  # engine/constraints.py Constraint of params.grammar: its state over the output
+    # per generated token, when params.logprobs is set: (logprob, [(id, logprob) of the params.logprobs best])
+    logprobs: list = field(default_factory=list)
 
     @property
     def generated(self) -> list[int]:
@@ -73,4 +76,6 @@ class Sequence:
                 self.finish_reason = "length"
                 break
         self.tokens.extend(out)
+        if self.constraint is not None:
+            self.constraint.extend(out)
         return out

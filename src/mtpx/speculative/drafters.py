@@ -29,6 +29,9 @@ class Draft:
 
 class Drafter(ABC):
     name = "drafter"
+    # on_accept holds whatever tokens were verified, so a grammar may draft forced tokens after this drafter's own
+    # (engine/constraints.py); False for a drafter whose state already consumed its own drafts
+    takes_any_drafts = True
 
     def start(self, seq: "Sequence", prompt_hidden: torch.Tensor) -> None:
         """Called after the main model's prefill with its hidden states [n_prompt, H]."""
@@ -272,6 +275,7 @@ class MTPDrafter(_StatefulDrafter):
 
 
 class DraftModelDrafter(_StatefulDrafter):
+    takes_any_drafts = False
     """A separate small model with the same tokenizer, with its own caches kept in step with accepted tokens."""
     name = "draft"
 

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from mtpx.engine.constraints import mask_logits
 from mtpx.engine.sequence import Sequence
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import accept, apply_penalties, choose
@@ -26,15 +27,33 @@ def prefill(model: Qwen35Model, drafter: Drafter | None, seq: Sequence) -> list[
     prompt = torch.tensor([seq.tokens[:seq.n_prompt]], device=seq.state.device)
     hidden = model(prompt, [seq.state], "prefill")
     logits = model.logits(hidden[0, -1]).float()
-    first = choose(apply_penalties(logits[None], seq.params, seq.tokens, seq.n_prompt, history=seq.penalties)[0],
-                   seq.params, seq.gen)
+    target = apply_penalties(logits[None], seq.params, seq.tokens, seq.n_prompt, history=seq.penalties)
+    if seq.constraint is not None:
+        target = mask_logits(target, seq.constraint.allowed()[None])
+    first = choose(target[0], seq.params, seq.gen)
     emitted = seq.append([first])
+    if seq.params.logprobs is not None:
+        record_logprobs(seq, target, emitted)
     t1 = time.perf_counter()
     seq.stats.prefill_s += t1 - t0
     if drafter is not None and not seq.finished:
         drafter.start(seq, hidden[0])
         seq.stats.draft_s += time.perf_counter() - t1
     return emitted
+
+
+def record_logprobs(seq: Sequence, target: torch.Tensor, tokens: list[int]) -> None:
+    """Log-probabilities of tokens[j] under processed logits row j (penalties and grammar mask applied), and the
+    seq.params.logprobs most likely ids of that row. Each row on its own, as a plain decode step has it: with
+    speculation on or off the same tokens get the same values."""
+    top = seq.params.logprobs
+    for j, t in enumerate(tokens):
+        row = torch.log_softmax(target[j:j + 1].float(), -1)[0]
+        best = []
+        if top:
+            values, ids = row.topk(top)
+            best = list(zip(ids.tolist(), values.tolist()))
+        seq.logprobs.append((float(row[t]), best))
 
 
 def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolicy | None,
@@ -47,6 +66,14 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
         ks = [min(k, s.max_new - len(s.generated) - 1, s.max_len - len(s.tokens) - 1) for s in seqs]
         ks = [max(k, 0) for k in ks]
     drafts = drafter.propose(seqs, ks) if drafter is not None and any(ks) else [Draft() for _ in seqs]
+    masks = [None] * len(seqs)
+    for b, s in enumerate(seqs):  # a grammar: drafts cut at the first forbidden token, a mask for each verify row
+        if s.constraint is not None:
+            d = drafts[b]
+            forced = ks[b] if drafter is not None and drafter.takes_any_drafts and d.probs is None else 0
+            kept, masks[b] = s.constraint.masks(d.tokens, s.eos, forced)
+            if kept != d.tokens:
+                drafts[b] = Draft(kept, d.probs[:len(kept)] if d.probs is not None and kept else None)
     t1 = time.perf_counter()
     rows = [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)]
     width = max(map(len, rows))
@@ -59,11 +86,15 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
     for b, (s, d) in enumerate(zip(seqs, drafts)):
         start = s.state.length - width
         target = apply_penalties(logits[b, :len(rows[b])], s.params, s.tokens, s.n_prompt, d.tokens, s.penalties)
+        if masks[b] is not None:
+            target = mask_logits(target, masks[b])
         n, tok = accept(target, d.tokens, d.probs, s.params, s.gen, s.synthetic_rates)
         s.state.rollback(start + 1 + n)
         s.stats.record(len(d.tokens), n)
         accepted_tokens.append(d.tokens[:n] + [tok])
         emitted.append(s.append(accepted_tokens[-1]))
+        if s.params.logprobs is not None:
+            record_logprobs(s, target, emitted[-1])
         accepted_hidden.append(hidden[b, :n + 1])
         n_accepted.append(n)
     t2 = time.perf_counter()
