@@ -101,3 +101,77 @@ def make_checkpoint(out: Path, moe: bool = False, tied: bool = False, nested: bo
 def hf_model(path: Path, moe: bool = False):
     from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
     return (Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM).from_pretrained(path, dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------- GLM-4.5 (glm4_moe), MTP as an extra decoder layer
+
+def glm_config(tied: bool = False, n_layers: int = 3) -> dict:
+    return dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
+                num_experts_per_tok=2, n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1,
+                first_k_dense_replace=1, use_qk_norm=True, attention_bias=True, routed_scaling_factor=2.5,
+                norm_topk_prob=True, num_nextn_predict_layers=1, max_position_embeddings=512, rms_norm_eps=1e-5,
+                tie_word_embeddings=tied, eos_token_id=2, initializer_range=0.05,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+
+
+def _perturb(model, g: torch.Generator) -> None:
+    """Norms away from 1 and router biases away from 0: their defaults would hide mistakes."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+            elif name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+
+
+def nextn_tensors(layer: dict, h: int, prefix: str, g: torch.Generator) -> dict:
+    """An MTP ("nextn") layer in the GLM-4.5 / DeepSeek-V3 on-disk names: a decoder layer's tensors (`layer`, names
+    after `model.layers.N.`) plus enorm, hnorm, eh_proj, shared_head.norm, under `prefix` (model.layers.{L}.)."""
+    out = {prefix + k: v.clone() for k, v in layer.items()}
+    out[prefix + "eh_proj.weight"] = torch.randn(h, 2 * h, generator=g) * 0.08
+    for n in ("enorm", "hnorm", "shared_head.norm"):
+        out[f"{prefix}{n}.weight"] = 1 + torch.randn(h, generator=g) * 0.2
+    return out
+
+
+def make_glm_checkpoint(out: Path, mtp: bool = True, seed: int = 0, tied: bool = False,
+                        mtp_copies: bool = False) -> Path:
+    """A transformers Glm4MoeForCausalLM (random weights, per-expert tensors as the real checkpoints store them) plus
+    its MTP layer as `model.layers.{L}.*` (transformers drops it); `mtp_copies`: with copies of the embedding and
+    output head under it, as DeepSeek-V3 stores them."""
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    cfg = glm_config(tied)
+    model = Glm4MoeForCausalLM(Glm4MoeConfig(**cfg)).float().eval()
+    _perturb(model, g)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tensors = load_file(out / "model.safetensors")
+    if mtp:
+        L = cfg["num_hidden_layers"]
+        bigger = Glm4MoeForCausalLM(Glm4MoeConfig(**{**cfg, "num_hidden_layers": L + 1})).float()
+        _perturb(bigger, g)
+        bigger.save_pretrained(out / "tmp", safe_serialization=True)
+        layer = {k[len(f"model.layers.{L}."):]: v for k, v in load_file(out / "tmp" / "model.safetensors").items()
+                 if k.startswith(f"model.layers.{L}.")}
+        for f in (out / "tmp").iterdir():
+            f.unlink()
+        (out / "tmp").rmdir()
+        tensors.update(nextn_tensors(layer, cfg["hidden_size"], f"model.layers.{L}.", g))
+        if mtp_copies:
+            tensors[f"model.layers.{L}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+            head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+            tensors[f"model.layers.{L}.shared_head.head.weight"] = head.clone()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    make_tokenizer(out)
+    return out
+
+
+def hf_glm_model(path: Path):
+    from transformers import Glm4MoeForCausalLM
+    return Glm4MoeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -55,3 +55,18 @@ def dense_ckpt(ckpt_factory):
 @pytest.fixture(scope="session")
 def moe_ckpt(ckpt_factory):
     return ckpt_factory(moe=True)
+
+
+@pytest.fixture(scope="session")
+def family_factory(tmp_path_factory):
+    """Tiny checkpoints of the other families (tests/checkpoints.py make_{family}_checkpoint), once per session."""
+    import checkpoints
+    cache: dict = {}
+
+    def get(family: str, **kw) -> Path:
+        key = (family, *sorted(kw.items()))
+        if key not in cache:
+            name = "-".join([family] + [f"{k}{v}" for k, v in sorted(kw.items())])
+            cache[key] = getattr(checkpoints, f"make_{family}_checkpoint")(tmp_path_factory.mktemp("ckpt") / name, **kw)
+        return cache[key]
+    return get

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mtpx.errors import ModelLoadError
 
 DENSE_TYPES = {"qwen3_5_text", "qwen3_5"}
 MOE_TYPES = {"qwen3_5_moe_text", "qwen3_5_moe"}
-SUPPORTED_TYPES = DENSE_TYPES | MOE_TYPES
+ROUTED_TYPES = {"glm4_moe", "deepseek_v3"}  # RoutedMoEConfig: attention + sigmoid-routed MoE, MTP as extra layers
+SUPPORTED_TYPES = DENSE_TYPES | MOE_TYPES | ROUTED_TYPES
 
 
 @dataclass
@@ -54,6 +55,11 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
+    # where the checkpoint stores the MTP layers: under `mtp.layers.N.` (Qwen3.5), or (True) as decoder layers
+    # appended to the main stack, `model.layers.{num_hidden_layers + N}.` (GLM-4.5, DeepSeek-V3)
+    MTP_IN_LAYERS: ClassVar[bool] = False
+    MTP_KEY: ClassVar[str] = "mtp_num_hidden_layers"  # the config.json key of the MTP layer count
+
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         model_type = raw.get("model_type")
@@ -61,6 +67,8 @@ class ModelConfig:
             raise ModelLoadError(
                 f"unsupported model_type {model_type!r}; mtpx supports {sorted(SUPPORTED_TYPES)}"
             )
+        if model_type in ROUTED_TYPES:
+            return RoutedMoEConfig.from_routed_dict(raw)
         nested = model_type in ("qwen3_5", "qwen3_5_moe")
         text = dict(raw.get("text_config") or {}) if nested else dict(raw)
         if nested and not text:
@@ -128,6 +136,118 @@ class ModelConfig:
                 d.pop(k)
         if self.mtp_num_hidden_layers is None:
             d.pop("mtp_num_hidden_layers")
+        return d
+
+
+@dataclass
+class RoutedMoEConfig(ModelConfig):
+    """GLM-4.5 (glm4_moe) and DeepSeek-V3 (deepseek_v3): attention layers only, the first `first_k_dense_replace`
+    with a dense MLP, the rest MoE with shared experts and a sigmoid router (e_score_correction_bias, grouped top-k);
+    MTP ("nextn") layers appended to the main stack. DeepSeek-V3's attention is MLA (kv_lora_rank > 0)."""
+    MTP_IN_LAYERS: ClassVar[bool] = True
+    MTP_KEY: ClassVar[str] = "num_nextn_predict_layers"
+    attention_bias: bool = False
+    use_qk_norm: bool = False
+    first_k_dense_replace: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    n_shared_experts: int = 1
+    # MLA (DeepSeek-V3): q_lora_rank None = a direct q_proj
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    # the MTP layer has an embedding of its own (a checkpoint's copy that differs from the main one); set at load
+    mtp_own_embedding: bool = False
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.qk_rope_head_dim if self.is_mla else int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_routed_dict(cls, raw: dict[str, Any]) -> "RoutedMoEConfig":
+        model_type = raw["model_type"]
+        mla = model_type == "deepseek_v3"
+        kw: dict[str, Any] = {"model_type": model_type, "partial_rotary_factor": 1.0 if mla else 0.5,
+                              "rope_interleave": mla}
+        skip = {"model_type", "eos_token_id", "layer_types", "weight_prefix", "num_experts", "mtp_num_hidden_layers",
+                "shared_expert_intermediate_size", "mtp_own_embedding"}
+        for f in cls.__dataclass_fields__:
+            if f in raw and f not in skip:
+                kw[f] = raw[f]
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "moe_intermediate_size",
+                    "num_experts_per_tok"):
+            if not raw.get(key):
+                raise ModelLoadError(f"config.json ({model_type}) is missing {key!r}")
+        kw["num_experts"] = raw.get("n_routed_experts", raw.get("num_local_experts"))
+        if not kw["num_experts"]:
+            raise ModelLoadError(f"config.json ({model_type}) is missing 'n_routed_experts'")
+        kw.setdefault("first_k_dense_replace", 3 if mla else 1)  # transformers' defaults
+        kw.setdefault("num_key_value_heads", raw["num_attention_heads"])
+        kw.setdefault("intermediate_size", raw["moe_intermediate_size"])
+        kw["shared_expert_intermediate_size"] = raw["moe_intermediate_size"] * kw.get("n_shared_experts", 1)
+        scoring = raw.get("scoring_func", "sigmoid")
+        method = raw.get("topk_method", "noaux_tc")
+        if scoring != "sigmoid" or method != "noaux_tc":
+            raise ModelLoadError(f"unsupported router type: scoring_func={scoring!r}, topk_method={method!r} (mtpx "
+                                 "implements the sigmoid router with e_score_correction_bias, 'noaux_tc')")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ModelLoadError(f"unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
+        if raw.get("moe_layer_freq", 1) != 1:
+            raise ModelLoadError(f"unsupported moe_layer_freq {raw['moe_layer_freq']!r} (only 1)")
+        if mla:
+            kw["head_dim"] = raw.get("qk_nope_head_dim", 0) + raw.get("qk_rope_head_dim", 0)
+            kw["num_key_value_heads"] = raw["num_attention_heads"]
+            for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if not raw.get(key):
+                    raise ModelLoadError(f"config.json ({model_type}) is missing {key!r}")
+        elif "head_dim" not in raw:
+            kw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key in rope:
+                kw[key] = rope[key]
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ModelLoadError(f"unsupported rope_type {rope.get('rope_type', rope.get('type'))!r} (only "
+                                 "'default' RoPE is implemented)")
+        kw["layer_types"] = ["full_attention"] * raw["num_hidden_layers"]
+        n_mtp = raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers"))
+        kw["mtp_num_hidden_layers"] = None if n_mtp is None else int(n_mtp)
+        eos = raw.get("eos_token_id")
+        kw["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
+            raise ModelLoadError(f"n_routed_experts={self.num_experts} must split into n_group={self.n_group} groups "
+                                 f"and 0 < topk_group={self.topk_group} <= n_group")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ModelLoadError("num_experts_per_tok exceeds n_routed_experts")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("weight_prefix", "layer_types", "mtp_own_embedding",
+                                                                 "num_experts", "shared_expert_intermediate_size",
+                                                                 "mtp_num_hidden_layers", "bos_token_id")}
+        d["architectures"] = ["Glm4MoeForCausalLM" if self.model_type == "glm4_moe" else "DeepseekV3ForCausalLM"]
+        d["n_routed_experts"] = self.num_experts
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta,
+                                "partial_rotary_factor": self.partial_rotary_factor}
+        d["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id
+        if self.mtp_num_hidden_layers is not None:
+            d["num_nextn_predict_layers"] = self.mtp_num_hidden_layers
+        if self.bos_token_id is not None:
+            d["bos_token_id"] = self.bos_token_id
         return d
 
 

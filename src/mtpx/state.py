@@ -20,7 +20,7 @@ class SequenceState:
         self.max_len = max_len
         self.device = torch.device(device)
         self.length = 0  # tokens whose entries are valid in every cache
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kv: dict[int, tuple[torch.Tensor, ...]] = {}  # K, V (or a family's own cache tensors)
         self.conv: dict[int, torch.Tensor] = {}  # [conv_dim, kernel-1], model dtype
         self.recurrent: dict[int, torch.Tensor] = {}  # [value_heads, key_dim, value_dim], fp32
         # per-position snapshots since mark(): layer -> [(conv, recurrent) at the mark, after the next token, ...]
@@ -36,6 +36,19 @@ class SequenceState:
                 self.recurrent[i] = torch.zeros(cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                                 cfg.linear_value_head_dim, dtype=torch.float32, device=device)
         self.mark()
+
+    @classmethod
+    def with_caches(cls, kv: dict[int, list[tuple[int, ...]]], max_len: int, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> "SequenceState":
+        """Attention-only caches of any shapes: layer -> the shapes of its cache tensors (each holding max_len
+        positions along some dimension), e.g. K and V, or an MLA latent and its RoPE key. A family whose layers are
+        not Qwen3.5's builds its states with this."""
+        state = cls.__new__(cls)
+        state.max_len, state.device, state.length = max_len, torch.device(device), 0
+        state.conv, state.recurrent, state.snapshots, state.snapshot_start = {}, {}, {}, 0
+        state.kv = {i: tuple(torch.zeros(s, dtype=dtype, device=device) for s in shapes) for i, shapes in kv.items()}
+        state.mark()
+        return state
 
     def check_room(self, n_new: int) -> None:
         if self.length + n_new > self.max_len:

@@ -123,6 +123,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 continue
             shapes[internal] = tuple(handle.get_slice(name).get_shape())
             tensors[internal] = (lambda h=handle, n=name: h.get_tensor(n))
+    if cfg.MTP_IN_LAYERS:
+        rename_nextn_layers(cfg, tensors, shapes)
     _merge_per_expert_weights(tensors, shapes)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
@@ -159,6 +161,53 @@ def _merge_per_expert_weights(tensors: dict, shapes: dict) -> None:
         shapes[base + ".down_proj"] = (len(ids), *d_shape)
 
 
+def rename_nextn_layers(cfg: ModelConfig, tensors: dict, shapes: dict) -> None:
+    """Families that store their MTP layers after the main stack (`model.layers.{L + j}.`, L = num_hidden_layers):
+    those become `mtp.layers.{j}.`, the internal name."""
+    pattern = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+    for name in list(tensors):
+        m = pattern.match(name)
+        if m and int(m[1]) >= cfg.num_hidden_layers:
+            new = f"mtp.layers.{int(m[1]) - cfg.num_hidden_layers}.{m[2]}"
+            tensors[new], shapes[new] = tensors.pop(name), shapes.pop(name)
+
+
+def disk_name(cfg: ModelConfig, name: str) -> str:
+    """An internal tensor name as the checkpoint directory spells it (for error messages)."""
+    m = re.match(r"^mtp\.layers\.(\d+)\.(.*)$", name)
+    if cfg.MTP_IN_LAYERS and m:
+        return f"model.layers.{cfg.num_hidden_layers + int(m[1])}.{m[2]}"
+    return name
+
+
+# an MTP layer's optional copies of the main model's tensors (DeepSeek-V3 stores them; GLM-4.5 may)
+MTP_COPIES = {"mtp.layers.0.embed_tokens.weight": "model.embed_tokens.weight",
+              "mtp.layers.0.shared_head.head.weight": "lm_head.weight"}
+FP32_SUFFIXES = ("e_score_correction_bias",)  # kept in fp32 whatever the run dtype (they only rank experts)
+
+
+def _resolve_mtp_copies(ckpt: Checkpoint) -> None:
+    """Drop an MTP layer's copies of the main embedding / output head where they equal the main model's (the MTP
+    layer then shares them); an embedding of its own is kept (cfg.mtp_own_embedding), an output head of its own is
+    refused (the drafters read MTP logits through the main head)."""
+    cfg = ckpt.config
+    for copy, main in MTP_COPIES.items():
+        if copy not in ckpt.shapes:
+            continue
+        if main == "lm_head.weight" and cfg.tie_word_embeddings:
+            main = "model.embed_tokens.weight"
+        if main not in ckpt.shapes or tuple(ckpt.shapes[copy]) != tuple(ckpt.shapes[main]):
+            raise ModelLoadError(f"tensor {disk_name(cfg, copy)} has shape {list(ckpt.shapes[copy])}, expected "
+                                 f"{list(ckpt.shapes.get(main, ()))} (the shape of {main})")
+        if torch.equal(ckpt.tensors[copy](), ckpt.tensors[main]()):
+            del ckpt.tensors[copy], ckpt.shapes[copy]
+        elif copy.endswith("embed_tokens.weight"):
+            cfg.mtp_own_embedding = True
+        else:
+            raise ModelLoadError(f"tensor {disk_name(cfg, copy)}: an MTP output head that differs from {main} is not "
+                                 "supported (mtpx computes MTP logits with the main output head)")
+
+
 def count_mtp_layers(names) -> int:
     idx = [int(m[1]) for n in names if (m := re.match(r"^mtp\.layers\.(\d+)\.", n))]
     return max(idx) + 1 if idx else 0
@@ -170,9 +219,15 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     cfg = ckpt.config
     found = count_mtp_layers(ckpt.shapes)
     if cfg.mtp_num_hidden_layers is not None and found not in (0, cfg.mtp_num_hidden_layers):
-        raise ModelLoadError(f"config says mtp_num_hidden_layers={cfg.mtp_num_hidden_layers} but the weights hold "
+        raise ModelLoadError(f"config says {cfg.MTP_KEY}={cfg.mtp_num_hidden_layers} but the weights hold "
                              f"{found} MTP layers")
     n_mtp = found if with_mtp else 0
+    if cfg.MTP_IN_LAYERS and n_mtp:
+        _resolve_mtp_copies(ckpt)
+        if found > 1:  # drafting chains the first nextn layer; the others are not loaded
+            log.info("%s: using the first of %d MTP layers", ckpt.path.name, found)
+            for n in [n for n in ckpt.shapes if re.match(r"^mtp\.layers\.[1-9]", n)]:
+                del ckpt.shapes[n], ckpt.tensors[n]
     model_class = family(cfg)
     with torch.device("meta"):
         model = model_class(cfg, n_mtp)
@@ -184,17 +239,18 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
         given.pop("lm_head.weight", None)  # some tied checkpoints still store a copy
     missing = sorted(set(expected) - set(given))
     if missing:
-        listed = ", ".join(f"{n} {list(expected[n])}" for n in missing[:5])
+        listed = ", ".join(f"{disk_name(cfg, n)} {list(expected[n])}" for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ModelLoadError(f"checkpoint {ckpt.path.name} is missing {len(missing)} tensor(s): {listed}{more}")
     unexpected = sorted(set(given) - set(expected))
     if unexpected:
-        listed = ", ".join(f"{n} {list(given[n])}" for n in unexpected[:5])
+        listed = ", ".join(f"{disk_name(cfg, n)} {list(given[n])}" for n in unexpected[:5])
         raise ModelLoadError(f"checkpoint {ckpt.path.name} has {len(unexpected)} unexpected tensor(s): {listed}")
     for n, shape in expected.items():
         if tuple(given[n]) != shape:
-            raise ModelLoadError(f"tensor {n} has shape {list(given[n])}, expected {list(shape)}")
-    state = {n: ckpt.tensors[n]().to(device=device, dtype=dtype) for n in expected}
+            raise ModelLoadError(f"tensor {disk_name(cfg, n)} has shape {list(given[n])}, expected {list(shape)}")
+    state = {n: ckpt.tensors[n]().to(device=device, dtype=torch.float32 if n.endswith(FP32_SUFFIXES) else dtype)
+             for n in expected}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
