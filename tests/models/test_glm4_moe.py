@@ -1,0 +1,126 @@
+"""glm4_moe (GLM-4.5 family): logits against transformers (fp32), its MTP layer from the on-disk nextn names, greedy
+MTP / n-gram speculation token-identical to plain decoding, and the bad inputs of the MTP layer and router."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mtpx
+from checkpoints import hf_glm_model
+from mtpx.errors import ModelLoadError, RequestError
+from mtpx.loading import build_model, load_checkpoint
+
+
+def ids(n, seed=0):
+    return torch.randint(0, 300, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def glm(family_factory):
+    return family_factory("glm")
+
+
+def test_logits_match_transformers_prefill_and_cached_steps(glm):
+    model = build_model(load_checkpoint(glm), torch.float32)
+    assert model.mtp is not None and len(model.mtp.layers) == 1
+    x = ids(48)
+    with torch.no_grad():
+        ref = hf_glm_model(glm)(x).logits[0]
+        assert rel(model.logits(model(x))[0], ref) < 1e-4
+        state = model.new_state(64)
+        outs = [model.logits(model(x[:, :30], [state], "prefill"))[0]]
+        outs.append(model.logits(model(x[:, 30:33], [state], "step"))[0])  # a verify-sized step
+        for t in range(33, 48):
+            outs.append(model.logits(model(x[:, t:t + 1], [state], "step"))[0])
+        assert rel(torch.cat(outs), ref) < 1e-4
+
+
+def test_mtp_layer_follows_the_nextn_formula(glm):
+    """h' = eh_proj([enorm(embed(t)); hnorm(h)]) -> decoder layer -> shared_head.norm, from the on-disk tensors."""
+    model = build_model(load_checkpoint(glm), torch.float32)
+    t = load_file(glm / "model.safetensors")
+    L, eps = model.cfg.num_hidden_layers, model.cfg.rms_norm_eps
+    x = ids(12, seed=4)
+
+    def norm(v, w):
+        return w * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps))
+    with torch.no_grad():
+        h = model(x[:, :-1])
+        e = t["model.embed_tokens.weight"][x[:, 1:]]
+        inp = torch.cat([norm(e, t[f"model.layers.{L}.enorm.weight"]), norm(h, t[f"model.layers.{L}.hnorm.weight"])], -1)
+        inp = inp @ t[f"model.layers.{L}.eh_proj.weight"].T
+        layer = model.mtp.layers[0]
+        from mtpx.models.common import Pass, rotary_tables
+        cos, sin = rotary_tables(model.cfg, [0], inp.shape[1], inp.dtype, inp.device)
+        want = norm(layer(inp, Pass(None, "prefill", cos, sin)), t[f"model.layers.{L}.shared_head.norm.weight"])
+        assert torch.allclose(model.mtp_forward(h, x[:, 1:]), want, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def llm(glm):
+    return mtpx.LLM(glm)
+
+
+def test_greedy_speculation_is_token_identical(llm):
+    mismatches = []
+    for i in range(6):
+        prompt = ids(4 + 5 * i, seed=10 + i)[0].tolist()
+        ref = llm.generate(prompt, max_tokens=16, ignore_eos=True).token_ids
+        for k in (1, 2, 3, 4):
+            for spec in ("mtp", "ngram"):
+                out = llm.generate(prompt, max_tokens=16, spec_type=spec, spec_draft_n_max=k, spec_ngram_min=1,
+                                   spec_draft_policy="fixed", ignore_eos=True)
+                if out.token_ids != ref:
+                    mismatches.append((i, k, spec))
+    assert not mismatches
+
+
+def test_mtp_copies_of_embedding_and_head_are_shared(family_factory):
+    model = build_model(load_checkpoint(family_factory("glm", mtp_copies=True)), torch.float32)
+    assert not hasattr(model.mtp.layers[0], "embed_tokens")
+    assert "mtp.layers.0.shared_head.head.weight" not in dict(model.named_parameters())
+
+
+def test_model_without_mtp_runs_and_refuses_mtp(family_factory):
+    llm = mtpx.LLM(family_factory("glm", mtp=False))
+    assert llm.model.mtp is None
+    assert len(llm.generate([5, 6, 7], max_tokens=4, ignore_eos=True).token_ids) == 4
+    with pytest.raises(RequestError, match="MTP layer"):
+        llm.generate([5, 6, 7], max_tokens=4, spec_type="mtp")
+
+
+def _copy(src, dst, drop=(), config=None, tensors=None):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    t = {k: v for k, v in load_file(src / "model.safetensors").items() if k not in drop}
+    t.update(tensors or {})
+    save_file(t, str(dst / "model.safetensors"))
+    if config:
+        raw = json.loads((src / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**raw, **config}))
+    return dst
+
+
+def test_bad_mtp_layer_and_router_errors_name_the_tensor_or_key(glm, tmp_path):
+    L = 3
+    with pytest.raises(ModelLoadError, match=rf"model\.layers\.{L}\.eh_proj\.weight"):
+        build_model(load_checkpoint(_copy(glm, tmp_path / "a", drop={f"model.layers.{L}.eh_proj.weight"})),
+                    torch.float32)
+    wrong = {f"model.layers.{L}.hnorm.weight": torch.ones(5)}
+    with pytest.raises(ModelLoadError, match=rf"model\.layers\.{L}\.hnorm\.weight has shape \[5\]"):
+        build_model(load_checkpoint(_copy(glm, tmp_path / "b", tensors=wrong)), torch.float32)
+    with pytest.raises(ModelLoadError, match="num_nextn_predict_layers=2"):
+        build_model(load_checkpoint(_copy(glm, tmp_path / "c", config={"num_nextn_predict_layers": 2})),
+                    torch.float32)
+    with pytest.raises(ModelLoadError, match="scoring_func='softmax'"):
+        load_checkpoint(_copy(glm, tmp_path / "d", config={"scoring_func": "softmax"}))
+    head = {f"model.layers.{L}.shared_head.head.weight": torch.zeros(384, 64)}
+    with pytest.raises(ModelLoadError, match=rf"model\.layers\.{L}\.shared_head\.head\.weight"):
+        build_model(load_checkpoint(_copy(glm, tmp_path / "e", tensors=head)), torch.float32)
