@@ -11,6 +11,24 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Qwen3's chat template, shortened (the test models' context is 512 tokens): tools in the system turn, <tool_call>{json}</tool_call> for calls, tool results as
+# <tool_response> in a user turn, think blocks (enable_thinking false closes an empty one in the generation prompt)
+QWEN_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content + '\n\n' }}"
+    "{% endif %}<tools>{% for tool in tools %}\n{{ tool.function | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role in ('user', 'system') %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{%- elif message.role == 'assistant' %}<|im_start|>assistant\n{% if message.reasoning_content %}<think>\n"
+    "{{ message.reasoning_content }}\n</think>\n\n{% endif %}{{ message.content }}"
+    "{% for tc in message.tool_calls or [] %}\n<tool_call>\n{\"name\": \"{{ tc.function.name }}\", \"arguments\": "
+    "{{ tc.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response>"
+    "<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
     "def add(a, b):\n    return a + b\n", "import os\nimport sys\n\nprint(os.getcwd())\n",
@@ -34,7 +52,7 @@ def base_config(moe: bool = False, tied: bool = False, vocab: int = 384, interme
     return cfg
 
 
-def make_tokenizer(out: Path, vocab: int = 320) -> None:
+def make_tokenizer(out: Path, vocab: int = 320, template: str = "plain") -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -44,12 +62,12 @@ def make_tokenizer(out: Path, vocab: int = 320) -> None:
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "bos_token": None,
+        {"chat_template": QWEN_TEMPLATE if template == "qwen" else CHAT_TEMPLATE, "eos_token": "<|im_end|>", "bos_token": None,
          "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 def make_checkpoint(out: Path, moe: bool = False, tied: bool = False, nested: bool = False, mtp: bool = True,
-                    seed: int = 0, per_expert: bool = False, intermediate: int = 96) -> Path:
+                    seed: int = 0, per_expert: bool = False, intermediate: int = 96, template: str = "plain") -> Path:
     """Save a transformers Qwen3.5 model (random weights), add `mtp.*` tensors (transformers drops them), and
     optionally rewrite it into the nested multimodal layout (model_type qwen3_5, weights under model.language_model)."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
@@ -94,7 +112,7 @@ def make_checkpoint(out: Path, moe: bool = False, tied: bool = False, nested: bo
                   "architectures": ["Qwen3_5ForConditionalGeneration"]}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
-    make_tokenizer(out)
+    make_tokenizer(out, template=template)  # "qwen": QWEN_TEMPLATE, with tools and think blocks
     return out
 
 
@@ -138,23 +156,50 @@ def nextn_tensors(layer: dict, h: int, prefix: str, g: torch.Generator) -> dict:
     return out
 
 
+def deepseek_config(tied: bool = False, n_layers: int = 3, q_lora: bool = True, interleave: bool = True) -> dict:
+    return dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
+                num_attention_heads=4, q_lora_rank=48 if q_lora else None, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=12, moe_intermediate_size=32, num_experts_per_tok=2,
+                n_routed_experts=8, n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1,
+                routed_scaling_factor=2.5, norm_topk_prob=True, num_nextn_predict_layers=1,
+                max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=tied, eos_token_id=2,
+                bos_token_id=None, initializer_range=0.05, rope_interleave=interleave,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def _routed_classes(family: str):
+    import transformers
+    name = {"glm": "Glm4Moe", "deepseek": "DeepseekV3"}[family]
+    return getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+
+
 def make_glm_checkpoint(out: Path, mtp: bool = True, seed: int = 0, tied: bool = False,
                         mtp_copies: bool = False) -> Path:
-    """A transformers Glm4MoeForCausalLM (random weights, per-expert tensors as the real checkpoints store them) plus
-    its MTP layer as `model.layers.{L}.*` (transformers drops it); `mtp_copies`: with copies of the embedding and
-    output head under it, as DeepSeek-V3 stores them."""
-    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+    return make_routed_checkpoint(out, glm_config(tied), "glm", mtp, seed, mtp_copies)
+
+
+def make_deepseek_checkpoint(out: Path, mtp: bool = True, seed: int = 0, tied: bool = False,
+                             mtp_copies: bool = True, q_lora: bool = True, interleave: bool = True) -> Path:
+    return make_routed_checkpoint(out, deepseek_config(tied, q_lora=q_lora, interleave=interleave), "deepseek", mtp,
+                                  seed, mtp_copies)
+
+
+def make_routed_checkpoint(out: Path, cfg: dict, family: str, mtp: bool = True, seed: int = 0,
+                           mtp_copies: bool = False) -> Path:
+    """A transformers Glm4MoeForCausalLM / DeepseekV3ForCausalLM (random weights, per-expert tensors as the real
+    checkpoints store them) plus its MTP layer as `model.layers.{L}.*` (transformers drops it); `mtp_copies`: with
+    copies of the embedding and output head under it, as DeepSeek-V3 stores them."""
+    Config, ForCausalLM = _routed_classes(family)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    cfg = glm_config(tied)
-    model = Glm4MoeForCausalLM(Glm4MoeConfig(**cfg)).float().eval()
+    model = ForCausalLM(Config(**cfg)).float().eval()
     _perturb(model, g)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tensors = load_file(out / "model.safetensors")
     if mtp:
         L = cfg["num_hidden_layers"]
-        bigger = Glm4MoeForCausalLM(Glm4MoeConfig(**{**cfg, "num_hidden_layers": L + 1})).float()
+        bigger = ForCausalLM(Config(**{**cfg, "num_hidden_layers": L + 1})).float()
         _perturb(bigger, g)
         bigger.save_pretrained(out / "tmp", safe_serialization=True)
         layer = {k[len(f"model.layers.{L}."):]: v for k, v in load_file(out / "tmp" / "model.safetensors").items()
@@ -172,6 +217,9 @@ def make_glm_checkpoint(out: Path, mtp: bool = True, seed: int = 0, tied: bool =
     return out
 
 
+def hf_routed_model(path: Path, family: str = "glm"):
+    return _routed_classes(family)[1].from_pretrained(path, dtype=torch.float32).eval()
+
+
 def hf_glm_model(path: Path):
-    from transformers import Glm4MoeForCausalLM
-    return Glm4MoeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return hf_routed_model(path, "glm")

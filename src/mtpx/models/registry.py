@@ -5,6 +5,7 @@ from torch import nn
 
 from mtpx.config import ModelConfig
 from mtpx.errors import ModelLoadError
+from mtpx.models.deepseek_v3 import DeepseekV3Model
 from mtpx.models.glm4_moe import Glm4MoeModel
 from mtpx.models.qwen3_5 import Qwen35Model
 
@@ -14,6 +15,7 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "qwen3_5_moe": Qwen35Model,
     "qwen3_5_moe_text": Qwen35Model,
     "glm4_moe": Glm4MoeModel,
+    "deepseek_v3": DeepseekV3Model,
 }
 
 

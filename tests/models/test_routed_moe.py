@@ -1,15 +1,18 @@
-"""glm4_moe (GLM-4.5 family): logits against transformers (fp32), its MTP layer from the on-disk nextn names, greedy
-MTP / n-gram speculation token-identical to plain decoding, and the bad inputs of the MTP layer and router."""
+"""glm4_moe (GLM-4.5 family) and deepseek_v3 (MLA): logits against transformers (fp32), the MTP layer from the on-disk
+nextn names, greedy MTP / n-gram speculation token-identical to plain decoding, the MLA cache, and the bad inputs of
+the MTP layer and router."""
 import json
+import random
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import mtpx
-from checkpoints import hf_glm_model
+from checkpoints import hf_routed_model
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
+from mtpx.speculative.drafters import Draft, Drafter
 
 
 def ids(n, seed=0):
@@ -20,17 +23,22 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+VARIANTS = [("glm", {}), ("deepseek", {}), ("deepseek", {"q_lora": False, "interleave": False})]
+
+
 @pytest.fixture(scope="module")
 def glm(family_factory):
     return family_factory("glm")
 
 
-def test_logits_match_transformers_prefill_and_cached_steps(glm):
-    model = build_model(load_checkpoint(glm), torch.float32)
+@pytest.mark.parametrize("family,kw", VARIANTS, ids=["glm", "deepseek", "deepseek-plain"])
+def test_logits_match_transformers_prefill_and_cached_steps(family_factory, family, kw):
+    path = family_factory(family, **kw)
+    model = build_model(load_checkpoint(path), torch.float32)
     assert model.mtp is not None and len(model.mtp.layers) == 1
     x = ids(48)
     with torch.no_grad():
-        ref = hf_glm_model(glm)(x).logits[0]
+        ref = hf_routed_model(path, family)(x).logits[0]
         assert rel(model.logits(model(x))[0], ref) < 1e-4
         state = model.new_state(64)
         outs = [model.logits(model(x[:, :30], [state], "prefill"))[0]]
@@ -61,9 +69,21 @@ def test_mtp_layer_follows_the_nextn_formula(glm):
         assert torch.allclose(model.mtp_forward(h, x[:, 1:]), want, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def llm(glm):
-    return mtpx.LLM(glm)
+@pytest.fixture(scope="module", params=["glm", "deepseek"])
+def llm(request, family_factory):
+    return mtpx.LLM(family_factory(request.param))
+
+
+class Oracle(Drafter):
+    """The reference continuation with some tokens corrupted: acceptances and rejections at every position."""
+    name = "oracle"
+
+    def __init__(self, reference, seed):
+        self.reference, self.rng = reference, random.Random(seed)
+
+    def propose(self, seqs, ks):
+        return [Draft([t if self.rng.random() > 0.3 else (t + 1) % 300
+                       for t in self.reference[len(s.generated):len(s.generated) + k]]) for s, k in zip(seqs, ks)]
 
 
 def test_greedy_speculation_is_token_identical(llm):
@@ -77,13 +97,31 @@ def test_greedy_speculation_is_token_identical(llm):
                                    spec_draft_policy="fixed", ignore_eos=True)
                 if out.token_ids != ref:
                     mismatches.append((i, k, spec))
+            llm.engine.drafter = lambda spec, batched=False: Oracle(ref, i * 10 + k)
+            try:
+                out = llm.generate(prompt, max_tokens=16, spec_type="mtp", spec_draft_n_max=k,
+                                   spec_draft_policy="fixed", ignore_eos=True)
+            finally:
+                del llm.engine.drafter
+            if out.token_ids != ref:
+                mismatches.append((i, k, "oracle"))
     assert not mismatches
 
 
 def test_mtp_copies_of_embedding_and_head_are_shared(family_factory):
-    model = build_model(load_checkpoint(family_factory("glm", mtp_copies=True)), torch.float32)
+    model = build_model(load_checkpoint(family_factory("deepseek")), torch.float32)  # stored with copies
     assert not hasattr(model.mtp.layers[0], "embed_tokens")
     assert "mtp.layers.0.shared_head.head.weight" not in dict(model.named_parameters())
+
+
+def test_mla_cache_holds_latent_and_rope_key_only(family_factory):
+    model = build_model(load_checkpoint(family_factory("deepseek")), torch.bfloat16)
+    cfg = model.cfg
+    state = model.new_state(100)
+    per_token = state.nbytes() / 100 / cfg.num_hidden_layers
+    assert per_token == 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    full = 2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    assert per_token < full
 
 
 def test_model_without_mtp_runs_and_refuses_mtp(family_factory):
