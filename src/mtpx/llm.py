@@ -54,7 +54,7 @@ class LLM:
         # how passes run here (kernels, static passes, graphs), chosen once: mtpx/runners/
         self.runner = select_runner(self.device, self.dtype, self.quantization, self.config,
                                     runner_config or RunnerConfig.from_env(static_steps=static_steps, threads=threads))
-        self.model: CausalLM = self.runner.prepare(build_model(ckpt, self.dtype, self.device))
+        self.model: CausalLM = self.runner.prepare(build_model(ckpt, self.dtype, self.runner.load_device))
         self.thread_tuner: ThreadTuner | None = self.runner.thread_tuner()
         self.eos = set(self.config.eos_token_id)
         # a decode step allocates hundreds of short-lived tensors, and each of Python's periodic cycle collections
@@ -87,7 +87,7 @@ class LLM:
             raise RequestError(f"draft model {name} does not share the main model's vocabulary "
                                f"({ckpt.tokenizer.vocab_size if ckpt.tokenizer else 'no'} vs "
                                f"{self.tokenizer.vocab_size} tokens)")
-        return self.runner.prepare(build_model(ckpt, self.dtype, self.device, with_mtp=False))
+        return self.runner.prepare(build_model(ckpt, self.dtype, self.runner.load_device, with_mtp=False))
 
     def _draft_head(self, size: int):  # for tests/models/test_mtp.py; the engine owns the draft heads
         return self.engine.draft_head(size)

@@ -135,3 +135,24 @@ def test_static_pass_limits_are_named(bf16):
     assert isinstance(state, StaticState)
     with pytest.raises(RequestError, match="wider than"):
         bf16.model(torch.zeros(1, WIDTH + 1, dtype=torch.long, device=bf16.device), [state], "step")
+
+
+@pytest.mark.skipif(not HAS_INTERPRETER and not torch.cuda.is_available(), reason="needs a GPU or Triton's interpreter")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_weights_stay_quantized_and_speculation_stays_exact(dense_ckpt, dtype):
+    """int8 / int4 on the CUDA runner: codes kept quantized on the device, matmuls on the Triton kernels (here in
+    Triton's interpreter), rows invariant to the pass width, so greedy MTP output equals plain decoding's."""
+    from mtpx.models.linear import quantized_weights
+    from mtpx.runners.weights import GpuInt4Weight, GpuInt8Weight
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    llm = mtpx.LLM(dense_ckpt, dtype=dtype, device=device,
+                   runner_config=RunnerConfig.from_env(static_steps=True, triton_gdn="interpret"))
+    weights = quantized_weights(llm.model)
+    kinds = {type(w) for w in weights}
+    assert weights and kinds <= {GpuInt8Weight, GpuInt4Weight} and (GpuInt4Weight in kinds) == (dtype == "int4")
+    assert all(t.device.type == device for w in weights for t in w.tensors())
+    prompt = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = llm.generate(prompt, max_tokens=12, ignore_eos=True).token_ids
+    out = llm.generate(prompt, max_tokens=12, ignore_eos=True, spec_type="mtp", spec_draft_n_max=3,
+                       spec_draft_policy="fixed")
+    assert out.token_ids == ref

@@ -46,14 +46,10 @@ def select_runner(device: torch.device, dtype: torch.dtype, quantization: str | 
                   config: RunnerConfig | None = None) -> Runner:
     """The runner for this machine, model and request of dtype; `config` defaults to the environment's switches."""
     config = config or RunnerConfig.from_env()
-    if quantization and device.type != "cpu":
-        raise RequestError(f"dtype {quantization!r} runs on the CPU only; use bf16 on {device.type}")
     static = config.static_steps if config.static_steps is not None else (device.type == "cuda" and not cfg.is_moe)
     if device.type == "cuda" or static:
-        if quantization:
-            raise RequestError(f"dtype {quantization!r} has no static step passes; run it without them")
         from mtpx.runners.cuda import CudaRunner
-        return CudaRunner(device, dtype, config, static)
+        return CudaRunner(device, dtype, config, static, quantization)
     from mtpx.runners.cpu import CpuRunner  # the reference code plus the CPU's process settings where not bf16
     return CpuRunner(device, dtype, quantization, config, fused=dtype == torch.bfloat16 and kernels.rowgemm_available())
 

@@ -42,6 +42,11 @@ class Runner:
     def __init__(self, device: torch.device, dtype: torch.dtype, quantization: str | None = None):
         self.device, self.dtype, self.quantization = device, dtype, quantization
 
+    @property
+    def load_device(self) -> torch.device:
+        """Where a checkpoint's tensors are loaded for prepare() (which may convert them and move them on)."""
+        return self.device
+
     def prepare(self, model: nn.Module) -> nn.Module:
         """Make `model` (just loaded, on self.device) run on this runner; returns it."""
         return model

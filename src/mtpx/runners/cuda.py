@@ -7,7 +7,8 @@ state after each position to the snapshot buffers. A position's bits never depen
 holds, by construction. Small fusible op groups are compiled with torch.compile (fixed shapes). Projections that read
 the same input are one matmul. Off CUDA the same passes run eagerly, without graphs: that is how the CPU tests
 check them (on CPU weights, runners/cpu.py's layouts, without its fused kernels). Prefill, MoE models (routing
-picks experts on the host) and batched step passes run the family's reference code.
+picks experts on the host) and batched step passes run the family's reference code. Weight-only int8 / int4 stay
+quantized in GPU memory and run on Triton kernels (kernels/triton_matmul.py), row-invariant like the rest.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtpx.errors import RequestError
 from mtpx.kernels import gdn_triton
 from mtpx.models import qwen3_5 as q35
 from mtpx.models.linear import row_invariant
@@ -26,7 +28,7 @@ from mtpx.runners.base import Overrides, Runner, install
 from mtpx.runners.config import RunnerConfig
 from mtpx.runners.cpu import prepare_weights, tune_cpu_process
 from mtpx.runners.static import WIDTH, StatePool, StaticState, is_static
-from mtpx.runners.weights import fuse_projections
+from mtpx.runners.weights import fuse_projections, quantize
 from mtpx.state import SequenceState
 
 
@@ -96,8 +98,15 @@ class CudaRunner(Runner):
     """Static passes (with CUDA graphs on a GPU) where `static_steps`, else the reference code; fused projections."""
     name = "cuda"
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, config: RunnerConfig, static_steps: bool):
-        super().__init__(device, dtype)
+    def __init__(self, device: torch.device, dtype: torch.dtype, config: RunnerConfig, static_steps: bool,
+                 quantization: str | None = None):
+        super().__init__(device, dtype, quantization)
+        if quantization:
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                raise RequestError(f"dtype {quantization!r} on {device.type} needs Triton (PyTorch's CUDA builds "
+                                   "ship it); install triton or use bf16") from None
         self.config, self.static_steps = config, static_steps
         on_cuda = device.type == "cuda"
         self.graphs = on_cuda and config.cuda_graphs
@@ -108,8 +117,18 @@ class CudaRunner(Runner):
         if not on_cuda:
             tune_cpu_process()
 
+    @property
+    def load_device(self) -> torch.device:
+        # quantized weights are made on the CPU, a tensor at a time, and only their codes go to the GPU
+        return torch.device("cpu") if self.quantization else self.device
+
     def prepare(self, model: nn.Module) -> nn.Module:
-        if self.device.type == "cuda":
+        if self.quantization:  # Triton's int8 / int4 kernels (off CUDA: in its interpreter, for the tests)
+            if self.config.pack:
+                fuse_projections(model)
+            quantize(model, self.quantization, gpu=self.device)
+            model.to(self.device)
+        elif self.device.type == "cuda":
             if self.config.pack:
                 fuse_projections(model)
         else:

@@ -56,12 +56,44 @@ def pack_for_cpu(model: nn.Module) -> None:
 QUANTIZATIONS = ("int8", "int4")
 
 
-def quantize(model: nn.Module, kind: str) -> dict[str, int]:
+class GpuInt8Weight(Int8Weight):
+    """Int8Weight on the GPU: the Triton kernel (kernels/triton_matmul.py) for every row count."""
+
+    @classmethod
+    def of(cls, w: Int8Weight, device: torch.device) -> "GpuInt8Weight":
+        gpu = cls.__new__(cls)
+        gpu.q, gpu.scale, gpu.shape = w.q.to(device), w.scale.to(device), w.shape
+        gpu.scale_bf16 = gpu.scale.to(torch.bfloat16)
+        return gpu
+
+    def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
+        from mtpx.kernels import triton_matmul
+        return triton_matmul.int8_matmul(rows, self.q, self.scale)
+
+    def rows(self, index: torch.Tensor) -> "GpuInt8Weight":
+        return GpuInt8Weight.of(super().rows(index), self.q.device)
+
+
+class GpuInt4Weight(Int4Weight):
+    """Int4Weight on the GPU: the Triton kernel (kernels/triton_matmul.py) for every row count."""
+
+    @classmethod
+    def of(cls, w: Int4Weight, device: torch.device) -> "GpuInt4Weight":
+        gpu = cls.__new__(cls)
+        gpu.codes, gpu.scale_offset, gpu.shape = w.codes.to(device), w.scale_offset.to(device), w.shape
+        return gpu
+
+    def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
+        from mtpx.kernels import triton_matmul
+        return triton_matmul.int4_matmul(rows, self.codes, self.scale_offset)
+
+
+def quantize(model: nn.Module, kind: str, gpu: torch.device | None = None) -> dict[str, int]:
     """Weight-only quantization of every Linear and fused projection (MoE experts and the embedding stay bf16):
     int8 (per output row), or int4 (groups of 32) with int8 for weights whose K is not a multiple of 32. The bf16
-    copies are released, except the embedding's when lm_head shares it. Returns how
-    many weights got each format."""
-    if not kernels.rowgemm_available():
+    copies are released, except the embedding's when lm_head shares it. `gpu`: quantize here (on the CPU) and keep
+    the codes on that device, for the Triton kernels. Returns how many weights got each format."""
+    if gpu is None and not kernels.rowgemm_available():
         from mtpx.errors import RequestError
         raise RequestError(f"{kind} weights need the rowgemm CPU kernel, which could not be built here "
                            "(a C++ compiler is required); use dtype bf16")
@@ -70,7 +102,10 @@ def quantize(model: nn.Module, kind: str) -> dict[str, int]:
     def convert(weight: torch.Tensor, tied: bool) -> QuantizedWeight:
         fmt = "int4" if kind == "int4" and Int4Weight.fits(weight.shape) else "int8"
         counts[fmt] += 1
-        return Int4Weight(weight) if fmt == "int4" else Int8Weight(weight)
+        weight = weight.cpu()
+        if fmt == "int4":
+            return Int4Weight(weight) if gpu is None else GpuInt4Weight.of(Int4Weight(weight), gpu)
+        return Int8Weight(weight) if gpu is None else GpuInt8Weight.of(Int8Weight(weight), gpu)
     _replace_weights(model, convert)
     return counts
 
