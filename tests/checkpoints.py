@@ -156,7 +156,12 @@ def nextn_tensors(layer: dict, h: int, prefix: str, g: torch.Generator) -> dict:
     return out
 
 
-def deepseek_config(tied: bool = False, n_layers: int = 3, q_lora: bool = True, interleave: bool = True) -> dict:
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.7}
+
+
+def deepseek_config(tied: bool = False, n_layers: int = 3, q_lora: bool = True, interleave: bool = True,
+                    yarn: bool = False) -> dict:
     return dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
                 num_attention_heads=4, q_lora_rank=48 if q_lora else None, kv_lora_rank=32, qk_nope_head_dim=16,
                 qk_rope_head_dim=8, v_head_dim=12, moe_intermediate_size=32, num_experts_per_tok=2,
@@ -164,7 +169,7 @@ def deepseek_config(tied: bool = False, n_layers: int = 3, q_lora: bool = True, 
                 routed_scaling_factor=2.5, norm_topk_prob=True, num_nextn_predict_layers=1,
                 max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=tied, eos_token_id=2,
                 bos_token_id=None, initializer_range=0.05, rope_interleave=interleave,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                rope_parameters=dict(YARN) if yarn else {"rope_type": "default", "rope_theta": 10000.0})
 
 
 def _routed_classes(family: str):
@@ -179,9 +184,10 @@ def make_glm_checkpoint(out: Path, mtp: bool = True, seed: int = 0, tied: bool =
 
 
 def make_deepseek_checkpoint(out: Path, mtp: bool = True, seed: int = 0, tied: bool = False,
-                             mtp_copies: bool = True, q_lora: bool = True, interleave: bool = True) -> Path:
-    return make_routed_checkpoint(out, deepseek_config(tied, q_lora=q_lora, interleave=interleave), "deepseek", mtp,
-                                  seed, mtp_copies)
+                             mtp_copies: bool = True, q_lora: bool = True, interleave: bool = True,
+                             yarn: bool = False) -> Path:
+    cfg = deepseek_config(tied, q_lora=q_lora, interleave=interleave, yarn=yarn)
+    return make_routed_checkpoint(out, cfg, "deepseek", mtp, seed, mtp_copies)
 
 
 def make_routed_checkpoint(out: Path, cfg: dict, family: str, mtp: bool = True, seed: int = 0,

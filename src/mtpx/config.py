@@ -161,6 +161,9 @@ class RoutedMoEConfig(ModelConfig):
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False
+    # YaRN RoPE scaling (DeepSeek-V3): factor, original_max_position_embeddings, beta_fast, beta_slow, mscale,
+    # mscale_all_dim, attention_factor, truncate; None = plain RoPE
+    rope_yarn: dict | None = None
     # the MTP layer has an embedding of its own (a checkpoint's copy that differs from the main one); set at load
     mtp_own_embedding: bool = False
 
@@ -215,9 +218,15 @@ class RoutedMoEConfig(ModelConfig):
         for key in ("rope_theta", "partial_rotary_factor"):
             if key in rope:
                 kw[key] = rope[key]
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ModelLoadError(f"unsupported rope_type {rope.get('rope_type', rope.get('type'))!r} (only "
-                                 "'default' RoPE is implemented)")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "yarn":
+            if not rope.get("factor") or not rope.get("original_max_position_embeddings"):
+                raise ModelLoadError("yarn RoPE scaling needs 'factor' and 'original_max_position_embeddings'")
+            kw["rope_yarn"] = {k: rope[k] for k in ("factor", "original_max_position_embeddings", "beta_fast",
+                                                    "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+                                                    "truncate") if rope.get(k) is not None}
+        elif rope_type not in ("default", None):
+            raise ModelLoadError(f"unsupported rope_type {rope_type!r} (mtpx implements 'default' and 'yarn')")
         kw["layer_types"] = ["full_attention"] * raw["num_hidden_layers"]
         n_mtp = raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers"))
         kw["mtp_num_hidden_layers"] = None if n_mtp is None else int(n_mtp)
@@ -237,12 +246,15 @@ class RoutedMoEConfig(ModelConfig):
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("weight_prefix", "layer_types", "mtp_own_embedding",
+                                                                 "rope_yarn",
                                                                  "num_experts", "shared_expert_intermediate_size",
                                                                  "mtp_num_hidden_layers", "bos_token_id")}
         d["architectures"] = ["Glm4MoeForCausalLM" if self.model_type == "glm4_moe" else "DeepseekV3ForCausalLM"]
         d["n_routed_experts"] = self.num_experts
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta,
                                 "partial_rotary_factor": self.partial_rotary_factor}
+        if self.rope_yarn:
+            d["rope_parameters"].update(rope_type="yarn", **self.rope_yarn)
         d["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id
         if self.mtp_num_hidden_layers is not None:
             d["num_nextn_predict_layers"] = self.mtp_num_hidden_layers

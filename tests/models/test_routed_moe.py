@@ -23,7 +23,7 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-VARIANTS = [("glm", {}), ("deepseek", {}), ("deepseek", {"q_lora": False, "interleave": False})]
+VARIANTS = [("glm", {}), ("deepseek", {}), ("deepseek", {"q_lora": False, "interleave": False, "yarn": True})]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def glm(family_factory):
     return family_factory("glm")
 
 
-@pytest.mark.parametrize("family,kw", VARIANTS, ids=["glm", "deepseek", "deepseek-plain"])
+@pytest.mark.parametrize("family,kw", VARIANTS, ids=["glm", "deepseek", "deepseek-plain-yarn"])
 def test_logits_match_transformers_prefill_and_cached_steps(family_factory, family, kw):
     path = family_factory(family, **kw)
     model = build_model(load_checkpoint(path), torch.float32)

@@ -12,7 +12,7 @@ Two forms of the same attention:
   (q_nope · W_UK), attention runs as multi-query attention over the cache itself ([c ; k_rope] keys, c values), and
   W_UV maps the result back. Each position is computed with one-query shapes, so its bits never depend on how many
   positions the pass holds.
-RoPE is interleaved (rope_interleave, DeepSeek's layout) or rotate-half. Reference math only.
+RoPE is interleaved (rope_interleave, DeepSeek's layout) or rotate-half, plain or YaRN-scaled. Reference math only.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from mtpx.config import RoutedMoEConfig
 from mtpx.models.common import Pass, apply_rotary
-from mtpx.models.glm4_moe import Glm4MoeModel, RMSNorm, add_bias
+from mtpx.models.glm4_moe import Glm4MoeModel, RMSNorm, add_bias, yarn_softmax_scale
 from mtpx.models.linear import Linear, linear, project
 from mtpx.models.ops import fusible
 
@@ -58,7 +58,7 @@ class MLAttention(nn.Module):
         self.cache_idx = cache_idx
         self.n_heads, self.rank = cfg.num_attention_heads, cfg.kv_lora_rank
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.scale = (self.nope + self.rope) ** -0.5
+        self.scale = (self.nope + self.rope) ** -0.5 * yarn_softmax_scale(cfg)
         self.interleave = cfg.rope_interleave
         h, q_dim = cfg.hidden_size, self.n_heads * (self.nope + self.rope)
         if cfg.q_lora_rank:

@@ -16,15 +16,17 @@ math only: runners leave these modules alone.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtpx.config import RoutedMoEConfig
-from mtpx.models.common import Pass, apply_rotary, initialised
+from mtpx.models.common import Pass, apply_rotary, initialised, rotary_tables
 from mtpx.models.linear import Linear, linear, project, row_invariant
 from mtpx.models.ops import fusible
-from mtpx.models.qwen3_5 import MLP, Experts, run_stack
+from mtpx.models.qwen3_5 import MLP, Experts
 from mtpx.state import SequenceState
 
 
@@ -45,6 +47,79 @@ def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+_YARN_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def yarn_inv_freq(theta: float, dim: int, yarn: dict) -> tuple[torch.Tensor, float]:
+    """YaRN's inverse frequencies and cos / sin factor (as transformers' _compute_yarn_parameters)."""
+    factor, original = yarn["factor"], yarn["original_max_position_embeddings"]
+    beta_fast, beta_slow = yarn.get("beta_fast") or 32, yarn.get("beta_slow") or 1
+
+    def scale(s: float, m: float = 1.0) -> float:
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+    attention = yarn.get("attention_factor")
+    if attention is None:
+        m, m_all = yarn.get("mscale"), yarn.get("mscale_all_dim")
+        attention = scale(factor, m) / scale(factor, m_all) if m and m_all else scale(factor)
+
+    def correction(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = correction(beta_fast), correction(beta_slow)
+    if yarn.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    pos = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolate = 1 - ramp
+    return (1.0 / (factor * pos)) * (1 - extrapolate) + (1.0 / pos) * extrapolate, float(attention)
+
+
+def yarn_softmax_scale(cfg: RoutedMoEConfig) -> float:
+    """The attention softmax scale's YaRN factor (mscale_all_dim), 1 without YaRN."""
+    yarn = cfg.rope_yarn or {}
+    m_all = yarn.get("mscale_all_dim")
+    if not m_all or yarn["factor"] <= 1:
+        return 1.0
+    return (0.1 * m_all * math.log(yarn["factor"]) + 1.0) ** 2
+
+
+def routed_rotary_tables(cfg: RoutedMoEConfig, starts: list[int], length: int, dtype: torch.dtype, device):
+    """cos, sin [B, length, rotary_dim] of plain RoPE (models/common.rotary_tables) or, with cfg.rope_yarn, YaRN's."""
+    if not cfg.rope_yarn:
+        return rotary_tables(cfg, starts, length, dtype, device)
+    end = max(starts) + length
+    key = (tuple(sorted(cfg.rope_yarn.items())), cfg.rope_theta, cfg.rotary_dim, dtype, str(device))
+    cos, sin = _YARN_TABLES.get(key, (None, None))
+    if cos is None or cos.shape[0] < end:
+        size = max(end, 2 * (cos.shape[0] if cos is not None else 0), 4096)
+        inv_freq, attention = yarn_inv_freq(cfg.rope_theta, cfg.rotary_dim, cfg.rope_yarn)
+        freqs = torch.arange(size, device=device)[:, None].float() * inv_freq.to(device)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = _YARN_TABLES[key] = (emb.cos() * attention).to(dtype), (emb.sin() * attention).to(dtype)
+    pos = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)[None, :]
+    return cos[pos], sin[pos]
+
+
+def run_stack(cfg: RoutedMoEConfig, layers, x: torch.Tensor, states: list[SequenceState] | None,
+              mode: str) -> torch.Tensor:
+    """Run decoder layers over x [B, T, H] with per-sequence caches (or none), advancing the caches by T (as
+    models/qwen3_5.run_stack, with this family's RoPE tables)."""
+    B, T, _ = x.shape
+    for s in states or []:
+        s.check_room(T)
+    starts = [s.length for s in states] if states is not None else [0] * B
+    cos, sin = routed_rotary_tables(cfg, starts, T, x.dtype, x.device)
+    p = Pass(states, mode, cos, sin)
+    with row_invariant(mode == "step"):
+        for layer in layers:
+            x = layer(x, p)
+    for s in states or []:
+        s.length += T
+        if mode != "step":  # prefill keeps no per-position states
+            s.mark()
+    return x
 
 
 def add_bias(layer: Linear) -> None:
