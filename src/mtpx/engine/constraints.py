@@ -86,11 +86,11 @@ class GrammarCompiler:
                 self._build()
             c = self._compiler
             try:
-                if spec.kind == "json_object":
-                    out = c.compile_builtin_json_grammar()
-                elif spec.kind == "json_schema":
-                    # compact JSON (no free whitespace): a model cannot wander in whitespace forever
-                    out = c.compile_json_schema(spec.source, any_whitespace=False, strict_mode=True)
+                if spec.kind in ("json_object", "json_schema"):
+                    # compact JSON (no free whitespace): a model cannot wander in whitespace forever; json_object
+                    # is any object, as OpenAI's response_format means it
+                    out = c.compile_json_schema(spec.source if spec.kind == "json_schema" else '{"type": "object"}',
+                                                any_whitespace=False, strict_mode=True)
                 elif spec.kind == "regex":
                     out = c.compile_regex(spec.source)
                 else:
