@@ -12,6 +12,7 @@ from mtpx.engine.params import SamplingParams, SpecConfig, sampling_params, spec
 from mtpx.engine.request import Completion, StreamEvent
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
+from mtpx.loading.checkpoint import count_mtp_layers
 from mtpx.models.interface import CausalLM
 from mtpx.runners import RunnerConfig, resolve_device, resolve_dtype, select_runner
 from mtpx.runners.cpu import tune_cpu_process  # noqa: F401 - part of this module's public names
@@ -54,6 +55,7 @@ class LLM:
         # how passes run here (kernels, static passes, graphs), chosen once: mtpx/runners/
         self.runner = select_runner(self.device, self.dtype, self.quantization, self.config,
                                     runner_config or RunnerConfig.from_env(static_steps=static_steps, threads=threads))
+        self.runner.check_memory(self.config, count_mtp_layers(ckpt.shapes))
         self.model: CausalLM = self.runner.prepare(build_model(ckpt, self.dtype, self.runner.load_device))
         self.thread_tuner: ThreadTuner | None = self.runner.thread_tuner()
         self.eos = set(self.config.eos_token_id)
@@ -116,6 +118,33 @@ class LLM:
         for event in self.stream(prompt, **kwargs):
             pass
         return event.completion
+
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+             response_format: dict | None = None, chat_template_kwargs: dict | None = None,
+             reasoning_format: str = "auto", max_tokens: int = 512, **kwargs: Any) -> Completion:
+        """A chat turn through the model's chat template, as the server answers it: `tools` / `tool_choice`
+        (none, auto, required, {"type": "function", "function": {"name": ...}}), `response_format` (json_object,
+        json_schema) and `chat_template_kwargs` in OpenAI's shapes; messages may hold assistant `tool_calls` and
+        `tool` results. The Completion's `message` is the assistant message (content, reasoning_content,
+        tool_calls); other keywords as for `stream` (logprobs=N for per-token logprobs)."""
+        from mtpx.serve.output import Responder
+        from mtpx.serve.structured import read_options, render_kwargs, template_messages
+        given = {"tools": tools, "tool_choice": tool_choice, "response_format": response_format,
+                 "chat_template_kwargs": chat_template_kwargs}
+        opts = read_options({k: v for k, v in given.items() if v is not None}, chat=True)
+        opts.logprobs = kwargs.pop("logprobs", None)
+        checked = [{"role": m["role"] if m["role"] != "developer" else "system", "content": m.get("content") or ""}
+                   for m in messages]
+        text = self.tokenizer.apply_chat_template(template_messages(messages, checked), add_generation_prompt=True,
+                                                  **render_kwargs(opts))
+        ids = self.encode_prompt(text)
+        completion = self.generate(ids, max_tokens=max_tokens, grammar=opts.grammar, logprobs=opts.logprobs,
+                                   **kwargs)
+        responder = Responder(self.tokenizer, chat=True, opts=opts, reasoning_format=reasoning_format,
+                              prompt_tail=text[-200:], eos=self.eos)
+        completion.message = responder.message(completion.text)
+        completion.finish_reason = responder.finish_reason(completion.finish_reason)
+        return completion
 
     @torch.inference_mode()
     def stream(self, prompt: str | list[int], *, max_tokens: int = 128, stop: list[str] | str | None = None,

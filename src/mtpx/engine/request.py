@@ -14,6 +14,7 @@ class Completion:
     stats: dict  # engine/stats.py
     finish_reason: str = "length"
     logprobs: list | None = None  # per token of token_ids: (logprob, [(id, logprob), ...]) when asked for
+    message: dict | None = None  # LLM.chat: the assistant message (content, reasoning_content, tool_calls)
 
 
 @dataclass
