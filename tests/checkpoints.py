@@ -229,3 +229,37 @@ def hf_routed_model(path: Path, family: str = "glm"):
 
 def hf_glm_model(path: Path):
     return hf_routed_model(path, "glm")
+
+
+# ---------------------------------------------------------------- Qwen3-Next (fused qkvz / ba projections, mtp.*)
+
+def make_qwen3_next_checkpoint(out: Path, mtp: bool = True, seed: int = 0) -> Path:
+    """A transformers Qwen3NextForCausalLM (random weights) plus `mtp.*` tensors (transformers drops them)."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    cfg = base_config(moe=True)
+    model = Qwen3NextForCausalLM(Qwen3NextConfig(**cfg)).float().eval()
+    _perturb(model, g)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tensors = load_file(out / "model.safetensors")
+    if mtp:
+        one = Qwen3NextForCausalLM(Qwen3NextConfig(**{**cfg, "num_hidden_layers": 1,
+                                                       "layer_types": ["full_attention"]})).float()
+        _perturb(one, g)
+        h = cfg["hidden_size"]
+        for k, v in one.state_dict().items():
+            if k.startswith("model.layers.0."):
+                tensors["mtp.layers.0." + k[len("model.layers.0."):]] = v.clone()
+        tensors["mtp.fc.weight"] = torch.randn(h, 2 * h, generator=g) * 0.08
+        for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            tensors[f"mtp.{n}.weight"] = torch.randn(h, generator=g) * 0.2
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    make_tokenizer(out)
+    return out
+
+
+def hf_qwen3_next_model(path: Path):
+    from transformers import Qwen3NextForCausalLM
+    return Qwen3NextForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

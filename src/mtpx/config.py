@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from mtpx.errors import ModelLoadError
 
 DENSE_TYPES = {"qwen3_5_text", "qwen3_5"}
-MOE_TYPES = {"qwen3_5_moe_text", "qwen3_5_moe"}
+MOE_TYPES = {"qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next"}  # qwen3_next: Qwen3.5 MoE, projections laid out apart
 ROUTED_TYPES = {"glm4_moe", "deepseek_v3"}  # RoutedMoEConfig: attention + sigmoid-routed MoE, MTP as extra layers
 SUPPORTED_TYPES = DENSE_TYPES | MOE_TYPES | ROUTED_TYPES
 
@@ -99,6 +99,8 @@ class ModelConfig:
         kw["layer_types"] = list(layer_types)
         eos = text.get("eos_token_id", raw.get("eos_token_id"))
         kw["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if model_type == "qwen3_next":
+            _check_qwen3_next(text)
         if is_moe:
             for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
                 if not kw.get(key):
@@ -137,6 +139,17 @@ class ModelConfig:
         if self.mtp_num_hidden_layers is None:
             d.pop("mtp_num_hidden_layers")
         return d
+
+
+def _check_qwen3_next(raw: dict[str, Any]) -> None:
+    """The Qwen3-Next options mtpx runs: every layer MoE, normalised top-k weights, SiLU."""
+    if raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers"):
+        raise ModelLoadError("qwen3_next with dense layers (decoder_sparse_step != 1 or mlp_only_layers) is not "
+                             "supported")
+    if raw.get("norm_topk_prob", True) is not True:
+        raise ModelLoadError("qwen3_next with norm_topk_prob false is not supported")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"unsupported hidden_act {raw['hidden_act']!r} (only 'silu')")
 
 
 @dataclass

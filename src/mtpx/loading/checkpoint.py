@@ -17,6 +17,7 @@ from safetensors import safe_open
 from mtpx.config import ModelConfig, read_json
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.models.interface import CausalLM
+from mtpx.models.qwen3_next import split_projections
 from mtpx.models.registry import family
 from mtpx.sampling import SamplingParams
 from mtpx.tokenizer import Tokenizer
@@ -125,6 +126,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             tensors[internal] = (lambda h=handle, n=name: h.get_tensor(n))
     if cfg.MTP_IN_LAYERS:
         rename_nextn_layers(cfg, tensors, shapes)
+    if cfg.model_type == "qwen3_next":
+        split_projections(cfg, tensors, shapes)
     _merge_per_expert_weights(tensors, shapes)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:

@@ -14,6 +14,7 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "qwen3_5_text": Qwen35Model,
     "qwen3_5_moe": Qwen35Model,
     "qwen3_5_moe_text": Qwen35Model,
+    "qwen3_next": Qwen35Model,  # with its projections rewritten at load (models/qwen3_next.py)
     "glm4_moe": Glm4MoeModel,
     "deepseek_v3": DeepseekV3Model,
 }
