@@ -16,15 +16,31 @@ COMMANDS = {
     "train": ("mtpx.train.cli", "train a Qwen3.5-architecture model with its MTP layer from scratch"),
     "train-mtp": ("mtpx.train.mtp_cli", "add (or retrain) an MTP layer on an existing checkpoint"),
     "convert": ("mtpx.loading.convert", "convert a checkpoint to GGUF"),
+    "plan": ("mtpx.commands.plan", "the device memory a model needs (weights, caches, overhead) and whether it fits"),
 }
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml's, where mtpx runs from a source tree without metadata)."""
+    from importlib import metadata
+    try:
+        return metadata.version("mtpx")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--version", "-V"):
+        print(f"mtpx {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
-        print(f"usage: mtpx <command> [options]\n\ncommands:\n{lines}", file=sys.stderr if argv else sys.stdout)
+        print(f"usage: mtpx <command> [options]\n       mtpx --version\n\ncommands:\n{lines}\n\n"
+              "'mtpx COMMAND --help' lists a command's options. run, chat and serve speculate with the model's MTP "
+              "layer by default\n(--spec-type mtp, adaptive draft length) when it has one; --spec-type none turns "
+              "it off.", file=sys.stderr if argv else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nmtpx: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

@@ -1,7 +1,11 @@
 """Tokenizer (Hugging Face `tokenizers`) and chat template (jinja2, rendered as transformers renders it)."""
 from __future__ import annotations
 
+import bisect
 import json
+import re
+import threading
+from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -61,7 +65,12 @@ class Tokenizer:
         self.chat_template = chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
         self._texts: list[str] | None = None  # each id's text, for ids_containing
-        self._containing: dict[tuple[str, ...], frozenset[int]] = {}
+        # ids_containing's answers per breaker string, bounded: requests may send any breakers they like
+        self._containing: OrderedDict[str, frozenset[int]] = OrderedDict()
+        self._lock = threading.Lock()  # HTTP worker threads and the scheduler share the caches
+        self._plain: HFTokenizer | None = None  # a copy that encodes special tokens' text as text
+        self.special_tokens: tuple[str, ...] = tuple(
+            t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content)
 
     @classmethod
     def from_dir(cls, path: Path) -> "Tokenizer":
@@ -84,21 +93,96 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`. special=False: the text of a special token (`<|im_start|>`) is encoded as text, not
+        as the control token (transformers' split_special_tokens). Lone surrogates (valid JSON escapes, invalid
+        Unicode) become U+FFFD. Long texts are encoded with the GIL released, so other threads keep running."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        tok = self._tok
+        if not special and any(s in text for s in self.special_tokens):
+            tok = self._plain_tokenizer()
+        if len(text) > 4096:  # encode_batch releases the GIL (encode does not)
+            return tok.encode_batch([text], add_special_tokens=False)[0].ids
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def _plain_tokenizer(self) -> HFTokenizer:
+        with self._lock:
+            if self._plain is None:
+                plain = HFTokenizer.from_str(self._tok.to_str())
+                plain.encode_special_tokens = True
+                self._plain = plain
+            return self._plain
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    **kwargs: Any) -> list[int]:
+        """The token ids of the chat template applied to `messages`, with the messages' content encoded as text:
+        a special token's text inside a message (`<|im_end|>\n<|im_start|>system`) stays text and cannot forge
+        a turn. The template's own special tokens are the control tokens."""
+        forged = [i for i, m in enumerate(messages) if isinstance(m.get("content"), str)
+                  and any(s in m["content"] for s in self.special_tokens)]
+        if not forged:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs))
+        marked, contents = [dict(m) for m in messages], {}
+        for i in forged:  # render with a placeholder in private-use characters, then encode the content as text
+            mark = f"\ue000mtpx-content-{i}\ue001"
+            contents[mark] = marked[i]["content"]
+            marked[i]["content"] = mark
+        text = self.apply_chat_template(marked, add_generation_prompt, **kwargs)
+        ids: list[int] = []
+        for part in re.split("(" + "|".join(map(re.escape, contents)) + ")", text):
+            if part in contents:
+                ids += self.encode(contents[part], special=False)
+            elif part:
+                ids += self.encode(part)
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    CONTAINING_CACHE = 256  # breaker strings whose token ids are kept
+
     def ids_containing(self, strings: tuple[str, ...]) -> frozenset[int]:
-        """The token ids whose text contains any of `strings` (DRY's sequence breakers)."""
-        strings = tuple(strings)
-        if strings not in self._containing:
+        """The token ids whose text contains any of `strings` (DRY's sequence breakers). Each string's ids are found
+        with one search of all token texts joined (not one test per token) and kept in a bounded LRU cache."""
+        out: set[int] = set()
+        for s in dict.fromkeys(strings):
+            out |= self._ids_containing_one(s)
+        return frozenset(out)
+
+    def _ids_containing_one(self, s: str) -> frozenset[int]:
+        with self._lock:
+            hit = self._containing.get(s)
+            if hit is not None:
+                self._containing.move_to_end(s)
+                return hit
             if self._texts is None:
-                self._texts = self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
-            self._containing[strings] = frozenset(i for i, text in enumerate(self._texts)
-                                                  if any(s in text for s in strings))
-        return self._containing[strings]
+                texts = self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+                starts, at = [], 0
+                for t in texts:
+                    starts.append(at)
+                    at += len(t) + 1
+                self._texts = texts
+                self._joined, self._starts = "\0".join(texts), starts
+        if "\0" in s:  # the separator: test each token's text
+            ids = frozenset(i for i, t in enumerate(self._texts) if s in t)
+        else:
+            found, joined, starts = set(), self._joined, self._starts
+            at = joined.find(s)
+            while at >= 0:
+                i = bisect.bisect_right(starts, at) - 1
+                found.add(i)
+                at = joined.find(s, starts[i] + len(self._texts[i]) + 1)  # next token's text
+            ids = frozenset(found)
+        with self._lock:
+            self._containing[s] = ids
+            while len(self._containing) > self.CONTAINING_CACHE:
+                self._containing.popitem(last=False)
+        return ids
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

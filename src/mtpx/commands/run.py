@@ -4,15 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from mtpx.engine.flags import add_sampling_arguments, add_spec_arguments, sampling_options, spec_from_args
+from mtpx.engine.flags import (add_sampling_arguments, add_spec_arguments, model_has_mtp, sampling_options,
+                               spec_from_args)
 from mtpx.llm import LLM
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, help="checkpoint directory, .gguf file, or 'demo'")
     p.add_argument("--dtype", default=None, help="bf16 (default), fp16, fp32, int8 or int4 (weight-only, CPU)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: cuda where there is one)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 or all cores, whichever decodes faster, measured as it runs; "
                    "env MTPX_THREADS)")
@@ -48,11 +50,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", "-p", default=None, help="prompt text (default: read stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
-    p.add_argument("--max-tokens", "-n", type=int, default=128)
+    p.add_argument("--max-tokens", "-n", type=int, default=128, help="most tokens to generate (default 128)")
     add_sampling_arguments(p)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default none)")
     add_spec_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids, stats")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="constrain the output to JSON matching this JSON schema (speculation stays exact)")
+    p.add_argument("--grammar", metavar="FILE", dest="grammar_file", default=None,
+                   help="constrain the output to this GBNF/EBNF grammar")
+
+
+def grammar_from_args(args: argparse.Namespace):
+    """The GrammarSpec of --json-schema / --grammar (engine/constraints.py), or None."""
+    from mtpx.engine.constraints import GrammarSpec
+    if getattr(args, "json_schema", None):
+        return GrammarSpec.json_schema(Path(args.json_schema).read_text(encoding="utf-8"), "--json-schema")
+    if getattr(args, "grammar_file", None):
+        return GrammarSpec("ebnf", Path(args.grammar_file).read_text(encoding="utf-8"), "--grammar")
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -61,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     completion = None
-    for event in llm.stream(prompt, max_tokens=args.max_tokens, stop=args.stop, spec=spec_from_args(args),
+    for event in llm.stream(prompt, max_tokens=args.max_tokens, stop=args.stop,
+                            spec=spec_from_args(args, model_has_mtp(llm)), grammar=grammar_from_args(args),
                             **sampling_options(args)):
         if not args.json:
             sys.stdout.write(event.text)
@@ -73,4 +90,17 @@ def main(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
         print(stats_line(completion.stats), file=sys.stderr)
+        note = finish_note(completion.finish_reason, args.max_tokens, completion.stats["generated_tokens"])
+        if note:
+            print(note, file=sys.stderr)
     return 0
+
+
+def finish_note(reason: str, max_tokens: int, generated: int) -> str | None:
+    """Why generation ended, when it is not the model's own stop (eos or a stop string)."""
+    if reason == "stop":
+        return None
+    if reason == "length":
+        where = f"--max-tokens {max_tokens}" if generated >= max_tokens else "the end of the model's context"
+        return f"finish reason: length (stopped at {where})"
+    return f"finish reason: {reason}"

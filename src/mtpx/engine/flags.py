@@ -23,7 +23,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, exclude: Collection[str] 
     add("top_k", "--top-k", type=int, help=f"0 = off ({_default(0)})")
     add("top_p", "--top-p", type=float, help=_default(1))
     add("min_p", "--min-p", type=float, help=_default(0))
-    add("seed", "--seed", type=int)
+    add("seed", "--seed", type=int, help="random seed of sampled decoding (default: a fresh one each run)")
     add("repetition_penalty", "--repeat-penalty", "--repetition-penalty", type=float,
         help="divide positive / multiply negative logits of tokens already in prompt or output (1 = off; "
         f"{_default(1)})")
@@ -62,15 +62,21 @@ def sequence_breakers(given: list[str] | None) -> list[str] | None:
 
 
 SPEC_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
-    "spec_type": (("--spec-type",), dict(default="none", help="none | mtp | draft | ngram (llama.cpp names "
-                                                               "draft-mtp, draft-simple, ngram-simple accepted)")),
-    "spec_draft_n_max": (("--spec-draft-n-max",), dict(type=int, default=3, help="most drafts a round")),
-    "spec_draft_n_min": (("--spec-draft-n-min",), dict(type=int, default=0)),
-    "spec_draft_p_min": (("--spec-draft-p-min",), dict(type=float, default=0.0)),
-    "spec_draft_policy": (("--spec-draft-policy",), dict(default="adaptive", choices=["adaptive", "fixed"])),
+    # default None: spec_from_args picks mtp where the model has an MTP layer, else none
+    "spec_type": (("--spec-type",), dict(default=None, help="none | mtp | draft | ngram (llama.cpp names draft-mtp, "
+                                         "draft-simple, ngram-simple accepted; default: mtp with the adaptive policy "
+                                         "when the model has an MTP layer, else none; none turns speculation off)")),
+    "spec_draft_n_max": (("--spec-draft-n-max",), dict(type=int, default=3, help="most draft tokens a round")),
+    "spec_draft_n_min": (("--spec-draft-n-min",), dict(type=int, default=0, help="fewest draft tokens a round "
+                                                       "(the adaptive policy's floor)")),
+    "spec_draft_p_min": (("--spec-draft-p-min",), dict(type=float, default=0.0, help="stop drafting when the "
+                                                       "drafter's top probability falls below this")),
+    "spec_draft_policy": (("--spec-draft-policy",), dict(default="adaptive", choices=["adaptive", "fixed"],
+                                                         help="adaptive: draft length chosen each round from the "
+                                                         "measured acceptance and costs; fixed: always n-max")),
     "spec_draft_model": (("--spec-draft-model",), dict(default=None, help="draft checkpoint for --spec-type draft")),
-    "spec_ngram_min": (("--spec-ngram-min",), dict(type=int, default=1)),
-    "spec_ngram_max": (("--spec-ngram-max",), dict(type=int, default=4)),
+    "spec_ngram_min": (("--spec-ngram-min",), dict(type=int, default=1, help="shortest n-gram to look up")),
+    "spec_ngram_max": (("--spec-ngram-max",), dict(type=int, default=4, help="longest n-gram to look up")),
     "spec_draft_vocab": (("--spec-draft-vocab",), dict(type=int, default=0, help="MTP drafts from the first N token "
                                                        "ids only (plus eos); 0 = the full vocabulary")),
 }
@@ -84,12 +90,22 @@ def add_spec_arguments(p: argparse.ArgumentParser, only: Collection[str] | None 
             kw = dict(kw)
             if name in defaults:
                 kw["default"] = defaults[name]
-                if "help" in kw:
-                    kw["help"] += f" (default {defaults[name]})"
+            if kw.get("default") is not None and "help" in kw:
+                kw["help"] += f" (default {kw['default']})"
             p.add_argument(*flags, dest=name, **kw)
 
 
-def spec_from_args(args: argparse.Namespace) -> SpecConfig:
-    """The SpecConfig the command line names (spec_synth_rates where the command has that flag)."""
+def spec_from_args(args: argparse.Namespace, has_mtp: bool = False) -> SpecConfig:
+    """The SpecConfig the command line names (spec_synth_rates where the command has that flag). Without
+    --spec-type: mtp (with the adaptive policy, which falls back to plain decoding where drafting does not pay) when
+    the model has an MTP layer (`has_mtp`, see model_has_mtp), else none."""
     names = [*SPEC_FLAGS, "spec_synth_rates"]
-    return spec_config({name: getattr(args, name) for name in names if hasattr(args, name)})
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if given.get("spec_type") is None:
+        given["spec_type"] = "mtp" if has_mtp else "none"
+    return spec_config(given)
+
+
+def model_has_mtp(llm: Any) -> bool:
+    """Whether a loaded LLM's model has an MTP layer to draft with."""
+    return getattr(llm.model, "mtp", None) is not None

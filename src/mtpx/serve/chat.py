@@ -8,7 +8,8 @@ import argparse
 import sys
 
 from mtpx.commands.run import add_model_arguments, load_model, stats_line
-from mtpx.engine.flags import add_sampling_arguments, add_spec_arguments, sampling_options, spec_from_args
+from mtpx.engine.flags import (add_sampling_arguments, add_spec_arguments, model_has_mtp, sampling_options,
+                               spec_from_args)
 from mtpx.errors import RequestError
 from mtpx.llm import LLM
 
@@ -17,21 +18,21 @@ HELP = "commands: /exit (or /quit, Ctrl-D) leave · /reset clear the history · 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--system", default=None, help="system prompt (default none)")
     p.add_argument("--max-tokens", "-n", type=int, default=512, help="most tokens per reply (default 512)")
     add_sampling_arguments(p)
     p.add_argument("--no-stats", action="store_true", help="do not print the stats line after each reply")
     add_spec_arguments(p)
 
 
-def build_prompt(llm: LLM, system: str | None, history: list[dict], max_tokens: int) -> tuple[str, int]:
-    """The templated prompt for the conversation, dropping the oldest exchanges until it leaves room for a reply.
-    Returns (prompt, number of messages dropped)."""
+def build_prompt(llm: LLM, system: str | None, history: list[dict], max_tokens: int) -> tuple[list[int], int]:
+    """The templated prompt's token ids for the conversation, dropping the oldest exchanges until it leaves room for
+    a reply. Returns (prompt ids, number of messages dropped)."""
     dropped = 0
     while True:
         messages = ([{"role": "system", "content": system}] if system else []) + history[dropped:]
-        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        n = len(llm.tokenizer.encode(prompt))
+        prompt = llm.tokenizer.encode_chat(messages, add_generation_prompt=True)  # ids: a message's text stays text
+        n = len(prompt)
         if n + min(max_tokens, 16) <= llm.max_context or dropped >= len(history) - 1:
             if n + 1 > llm.max_context:
                 raise RequestError(f"the message is {n} tokens; the model's context is {llm.max_context}")
@@ -45,11 +46,11 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     llm = load_model(args)
-    spec = spec_from_args(args)
+    spec = spec_from_args(args, model_has_mtp(llm))
     kwargs = dict(max_tokens=args.max_tokens, spec=spec, **sampling_options(args))
     llm.engine.drafter(spec)  # fail early on bad settings (and load a draft model now, not at the first reply)
     tty = sys.stdin.isatty()
-    print(f"mtpx chat · {llm.path} · speculation {args.spec_type} · {HELP}", file=sys.stderr)
+    print(f"mtpx chat · {llm.path} · speculation {spec.kind} · {HELP}", file=sys.stderr)
     history: list[dict] = []
     while True:
         try:

@@ -1,11 +1,20 @@
-"""Server counters, gauges and histograms, rendered in the Prometheus text format (no extra dependency).
+"""Server counters, gauges and histograms, written in the Prometheus text format by prometheus_client.
 
-Names follow vLLM's (`vllm:spec_decode_num_drafts` ...) with the `mtpx:` prefix; counters are exposed as a family
-`name` with the sample `name_total`, as prometheus_client does.
+Names follow vLLM's (`vllm:spec_decode_num_drafts` ...) with the `mtpx:` prefix. The scheduler thread updates plain
+numbers under one lock; each scrape turns a consistent copy of them into metric families (a custom collector on a
+registry of this server's own), so prometheus_client writes the TYPE lines and the `_total` samples of counters.
 """
 from __future__ import annotations
 
 import threading
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+try:  # the text format 0.0.4, which every Prometheus reads
+    from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
+except ImportError:  # older prometheus_client: its latest is 0.0.4
+    from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
@@ -80,28 +89,31 @@ class Metrics:
             }
 
     def render(self) -> str:
-        label = f'model_name="{_escape(self.model_name)}"'
-        out: list[str] = []
+        """The Prometheus text exposition (format 0.0.4, CONTENT_TYPE) of every metric."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self))
+        return generate_latest(registry).decode()
 
-        def family(name: str, kind: str, help_: str) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
+    def families(self) -> list:
+        """The metric families, from one consistent copy of the numbers."""
+        labels, value = ["model_name"], [self.model_name]
+        out: list = []
 
-        def counter(name: str, help_: str, value, extra: str = "") -> None:
-            family(name, "counter", help_)
-            out.append(f"{name}_total{{{label}{extra}}} {value}")
+        def gauge(name: str, help_: str, v) -> None:
+            f = GaugeMetricFamily(name, help_, labels=labels)
+            f.add_metric(value, v)
+            out.append(f)
 
-        def gauge(name: str, help_: str, value) -> None:
-            family(name, "gauge", help_)
-            out.append(f"{name}{{{label}}} {value}")
+        def counter(name: str, help_: str, v) -> None:
+            f = CounterMetricFamily(name, help_, labels=labels)
+            f.add_metric(value, v)
+            out.append(f)
 
         def histogram(name: str, help_: str, h: Histogram) -> None:
-            family(name, "histogram", help_)
-            for b, c in zip(h.buckets, h.counts):
-                out.append(f'{name}_bucket{{{label},le="{b}"}} {c}')
-            out.append(f'{name}_bucket{{{label},le="+Inf"}} {h.count}')
-            out.append(f"{name}_sum{{{label}}} {h.sum}")
-            out.append(f"{name}_count{{{label}}} {h.count}")
+            f = HistogramMetricFamily(name, help_, labels=labels)
+            buckets = [(repr(float(b)), c) for b, c in zip(h.buckets, h.counts)] + [("+Inf", h.count)]
+            f.add_metric(value, buckets, h.sum)
+            out.append(f)
 
         with self.lock:
             gauge("mtpx:num_requests_running", "Sequences in the running batch.", self.running)
@@ -113,15 +125,19 @@ class Metrics:
             counter("mtpx:spec_decode_num_draft_tokens", "Number of draft tokens proposed.", self.spec_draft_tokens)
             counter("mtpx:spec_decode_num_accepted_tokens", "Number of draft tokens accepted.",
                     self.spec_accepted_tokens)
-            family("mtpx:spec_decode_num_accepted_tokens_per_pos", "counter",
-                   "Accepted draft tokens at each draft position.")
+            per_pos = CounterMetricFamily("mtpx:spec_decode_num_accepted_tokens_per_pos",
+                                          "Accepted draft tokens at each draft position.",
+                                          labels=["model_name", "position"])
             for i, a in enumerate(self.spec_accepted_per_pos):
-                out.append(f'mtpx:spec_decode_num_accepted_tokens_per_pos_total{{{label},position="{i}"}} {a}')
+                per_pos.add_metric([self.model_name, str(i)], a)
+            out.append(per_pos)
             counter("mtpx:prompt_tokens", "Prefilled prompt tokens.", self.prompt_tokens)
             counter("mtpx:generation_tokens", "Generated tokens.", self.generation_tokens)
-            family("mtpx:request_success", "counter", "Finished requests by finish reason.")
+            success = CounterMetricFamily("mtpx:request_success", "Finished requests by finish reason.",
+                                          labels=["model_name", "finished_reason"])
             for reason, n in sorted(self.requests_finished.items()):
-                out.append(f'mtpx:request_success_total{{{label},finished_reason="{reason}"}} {n}')
+                success.add_metric([self.model_name, reason], n)
+            out.append(success)
             counter("mtpx:num_requests_cancelled", "Sequences cancelled (client disconnected) and freed.",
                     self.requests_cancelled)
             counter("mtpx:num_requests_failed", "Requests that failed inside the engine.", self.requests_failed)
@@ -131,8 +147,12 @@ class Metrics:
             histogram("mtpx:request_queue_time_seconds", "Time from arrival to admission (prefill start).",
                       self.queue_time)
             histogram("mtpx:decode_round_seconds", "Wall time of one batched draft/verify round.", self.round_time)
-        return "\n".join(out) + "\n"
+        return out
 
 
-def _escape(s: str) -> str:
-    return s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class _Collector:
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        return self.metrics.families()
