@@ -54,15 +54,44 @@ class Body:
                            "unsupported_parameter")
 
 
-async def read_body(request: Request) -> Body:
-    raw = await request.body()
+async def read_raw(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 once it passes `limit` bytes: at once where Content-Length says so,
+    else while it streams in (chunked), so a huge body is never held in memory."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError(400, "invalid Content-Length header", None, "invalid_request")
+        if int(length) > limit:
+            raise too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body larger than {limit} bytes (mtpx serve --max-request-bytes)", None,
+                    "request_too_large")
+
+
+def parse_body(raw: bytes) -> Body:
+    """The JSON object of a request body; anything else is a 400 (also numbers past Python's int digit limit and
+    nesting past its recursion limit)."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}", None, "invalid_json") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        message = str(e) if not isinstance(e, RecursionError) else "nested too deeply"
+        raise ApiError(400, f"request body is not valid JSON: {message[:200]}", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", None, "invalid_json")
     return Body(data)
+
+
+async def read_body(request: Request, limit: int = 4 << 20) -> Body:
+    return parse_body(await read_raw(request, limit))
 
 
 def chat_messages(body: Body) -> list[dict]:
@@ -134,6 +163,37 @@ def usage(stats: dict) -> dict:
     if "drafted_tokens" in stats:
         spec["draft_tokens"] = stats["drafted_tokens"]
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "speculative": spec}
+
+
+class LocalGuardMiddleware:
+    """Without an API key, what keeps web pages from driving the server through the user's browser: API posts must
+    say `Content-Type: application/json` (a cross-origin page can send text/plain without a CORS preflight, not
+    JSON), and the Host header must name an allowed host (against DNS rebinding). Plain ASGI, like ApiKeyMiddleware.
+    allowed_hosts: host names (no port); "*" allows any."""
+
+    def __init__(self, app, allowed_hosts: list[str]):
+        self.app = app
+        self.hosts = {h.lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            host = headers.get(b"host", b"").decode("latin-1").lower()
+            name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if \
+                host.count(":") == 1 else host
+            response = None
+            if "*" not in self.hosts and name not in self.hosts:
+                response = error_response(400, f"Host header {host[:100]!r} is not allowed (mtpx serve "
+                                          "--allowed-hosts adds hosts)", None, "invalid_host")
+            elif scope["method"] == "POST" and scope["path"].startswith("/v1"):
+                media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+                if media != b"application/json":
+                    response = error_response(415, "Content-Type must be application/json", None,
+                                              "unsupported_media_type")
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ApiKeyMiddleware:

@@ -2,7 +2,12 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true → server-sent events in
 OpenAI's chunk format, ending with `data: [DONE]`), GET /health, GET /metrics (Prometheus), GET / (chat page).
-Bad input gets OpenAI-style error JSON `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
+Bad input gets OpenAI-style error JSON `{"error": {"message", "type", "param", "code"}}` with a 4xx status; a 500
+only for a real fault, logged once. The body is read with a size limit (413) and parsed, checked and tokenized in a
+worker thread, so one big request does not stall the event loop. Without an API key, LocalGuardMiddleware checks the
+Host and Content-Type headers. On SIGTERM the server stops accepting, lets running requests finish for up to
+shutdown_timeout seconds, then ends the rest: streams get a final chunk (finish_reason "abort"), an error event and
+`[DONE]`, non-streaming requests a 503.
 """
 from __future__ import annotations
 
@@ -10,29 +15,47 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
-from mtpx.engine.flags import add_spec_arguments, spec_from_args
+from mtpx.engine.flags import add_spec_arguments, model_has_mtp, spec_from_args
 from mtpx.engine.params import FieldError, SpecConfig, sampling_from_json
 from mtpx.errors import RequestError
 from mtpx.llm import LLM
-from mtpx.serve.api import (ApiError, ApiKeyMiddleware, Body, chat_messages, completion_prompt, error_response,
-                            read_body, usage)
+from mtpx.serve.api import (ApiError, ApiKeyMiddleware, Body, LocalGuardMiddleware, chat_messages, completion_prompt,
+                            error_response, parse_body, read_raw, usage)
+from mtpx.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mtpx.serve.metrics import Metrics
-from mtpx.serve.scheduler import Delta, GenRequest, Scheduler
+from mtpx.serve.output import REASONING_FORMATS, Responder
+from mtpx.serve.structured import ChatOptions, plain_messages, read_options, render_kwargs, template_messages
+from mtpx.serve.scheduler import SHUTTING_DOWN, Delta, GenRequest, Scheduler
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("mtpx.serve")
 MAX_STOP = 16
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (each a flag of `mtpx serve`); the prompt's limit is the context."""
+    max_request_bytes: int = 4 << 20  # request body
+    max_stop: int = MAX_STOP  # stop strings per request
+    max_stop_length: int = 256  # characters per stop string
+    max_dry_breakers: int = 64  # DRY sequence breakers per request
+    max_dry_breaker_length: int = 40  # characters per breaker (llama.cpp cuts them at 40)
 
 
 class Server:
@@ -40,13 +63,23 @@ class Server:
 
     def __init__(self, llm: LLM, *, model_name: str | None = None, spec: SpecConfig | None = None,
                  api_key: str | None = None, max_num_seqs: int = 32, max_model_len: int | None = None,
-                 default_max_tokens: int = 1024):
+                 default_max_tokens: int = 1024, limits: Limits | None = None, shutdown_timeout: float = 30.0,
+                 allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
+                 reasoning_format: str = "auto"):
+        """allowed_hosts: Host header names accepted without an API key, besides localhost, 127.0.0.1 and ::1
+        ("*": any). cors_origins: origins a browser may call the API from (none by default)."""
         self.llm = llm
+        self.limits = limits or Limits()
+        self.shutdown_timeout = shutdown_timeout
+        self.allowed_hosts = [*LOCAL_HOSTS, *(allowed_hosts or [])]
+        self.cors_origins = list(cors_origins or [])
+        self.draining = False  # shutting down: new requests get a 503
         self.model_name = model_name or Path(str(llm.path)).name or "model"
         self.spec = spec or SpecConfig()
         self.api_key = api_key
         self.max_model_len = min(max_model_len or llm.max_context, llm.max_context)
         self.default_max_tokens = default_max_tokens
+        self.reasoning_format = reasoning_format  # serve/output.py: think blocks into reasoning_content or not
         self.metrics = Metrics(self.model_name)
         self.scheduler = Scheduler(llm, self.spec, self.metrics, max_num_seqs=max_num_seqs)
         self.created = int(time.time())
@@ -64,14 +97,9 @@ class Server:
             n = body.get(name, "integer", 1)
             if n != 1:
                 raise ApiError(400, f"'{name}' = {n}: only {name}=1 is supported", name, "unsupported_parameter")
-        body.unsupported("logprobs", lambda v: v is False or v == 0)
-        body.unsupported("top_logprobs", lambda v: v == 0)
         body.unsupported("logit_bias", lambda v: isinstance(v, dict) and not v)
-        body.unsupported("tools", lambda v: isinstance(v, list) and not v, " (no tool calling)")
         body.unsupported("functions", lambda v: isinstance(v, list) and not v, " (no function calling)")
-        body.unsupported("tool_choice", lambda v: v == "none")
         body.unsupported("function_call", lambda v: v == "none")
-        body.unsupported("response_format", lambda v: isinstance(v, dict) and v.get("type") == "text")
         body.unsupported("echo", lambda v: v is False)
         body.unsupported("suffix", lambda v: v == "")
         body.get("user", "string")
@@ -84,10 +112,20 @@ class Server:
         if isinstance(stop, str):
             stop = [stop]
         stop = list(stop or [])
-        if len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop):
-            raise ApiError(400, f"'stop' must be a string or an array of at most {MAX_STOP} strings", "stop",
+        lim = self.limits
+        if len(stop) > lim.max_stop or not all(isinstance(s, str) for s in stop):
+            raise ApiError(400, f"'stop' must be a string or an array of at most {lim.max_stop} strings", "stop",
+                           "invalid_value")
+        if any(len(s) > lim.max_stop_length for s in stop):
+            raise ApiError(400, f"each 'stop' string must be at most {lim.max_stop_length} characters", "stop",
                            "invalid_value")
         stop = [s for s in stop if s]
+        breakers = params.dry_sequence_breakers
+        if len(breakers) > lim.max_dry_breakers or any(len(b) > lim.max_dry_breaker_length for b in breakers):
+            raise ApiError(400, f"'dry_sequence_breakers' must hold at most {lim.max_dry_breakers} strings of at "
+                           f"most {lim.max_dry_breaker_length} characters", "dry_sequence_breakers", "invalid_value")
+        if params.dry:  # find the breakers' token ids here, in the request's thread, not in the scheduler's
+            self.llm.engine.breaker_ids(breakers)
         name = "max_tokens"
         max_tokens = body.get("max_tokens", "integer")
         if chat and body.data.get("max_completion_tokens") is not None:
@@ -113,9 +151,17 @@ class Server:
                            f"prompt has {n} tokens, leaving no room for a completion.", param,
                            "context_length_exceeded")
 
-    def chat_prompt(self, body: Body) -> str:
+    def chat_prompt_ids(self, body: Body, opts: ChatOptions | None = None) -> list[int]:
+        """The chat template over the messages, tokenized; the messages' content is encoded as text, so a special
+        token's text in it cannot forge a turn (Tokenizer.encode_chat). With opts: the tools, the messages' tool
+        calls and results, and chat_template_kwargs go to the template (serve/structured.py)."""
         try:
-            return self.llm.tokenizer.apply_chat_template(chat_messages(body), add_generation_prompt=True)
+            raw = body.data.get("messages")
+            if opts is None or not isinstance(raw, list):
+                return self.llm.tokenizer.encode_chat(chat_messages(body), add_generation_prompt=True)
+            checked = chat_messages(Body({**body.data, "messages": plain_messages(raw)}))
+            return self.llm.tokenizer.encode_chat(template_messages(raw, checked), add_generation_prompt=True,
+                                                  **render_kwargs(opts))
         except RequestError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
 
@@ -126,21 +172,55 @@ class Server:
     def usage(self, stats: dict) -> dict:
         return usage(stats)
 
-    async def generate(self, request: Request, chat: bool):
-        body = await read_body(request)
+    def shutting_down(self) -> ApiError:
+        return ApiError(503, "the server is shutting down", None, SHUTTING_DOWN, "server_error")
+
+    def prepare(self, raw: bytes, chat: bool) -> dict:
+        """A request's bytes to what the scheduler needs: parsed, checked, rendered and tokenized. Runs in a worker
+        thread (long texts are tokenized with the GIL released), so a big request does not stall the event loop."""
+        body = parse_body(raw)
         self.check_model(body)
         stream = body.get("stream", "boolean", False)
+        options = read_options(body.data, chat)  # tools, response_format, logprobs (a FieldError names the field)
         if chat:
-            prompt_ids = self.llm.tokenizer.encode(self.chat_prompt(body))
+            prompt_ids = self.chat_prompt_ids(body, options)
             param = "messages"
         else:
             prompt_ids = self.completion_prompt(body)
             param = "prompt"
         self.check_prompt_len(len(prompt_ids), param)
         kw = self.sampling(body, len(prompt_ids), chat)
+        self.llm.engine.check_grammar(options.grammar)
+        kw["params"] = options.apply(kw["params"])
+        responder = Responder(self.llm.tokenizer, chat=chat, opts=options, reasoning_format=self.reasoning_format,
+                              prompt_tail=self.llm.tokenizer.decode(prompt_ids[-24:]), eos=self.llm.eos)
         opts = body.get("stream_options", "object", {}) or {}
-        include_usage = bool(opts.get("include_usage"))
-        continuous = bool(opts.get("continuous_usage_stats"))
+        return dict(body=body, stream=stream, prompt_ids=prompt_ids, kw=kw, responder=responder,
+                    include_usage=bool(opts.get("include_usage")),
+                    continuous=bool(opts.get("continuous_usage_stats")))
+
+    async def handle(self, request: Request, chat: bool):
+        """generate(), with any exception that is not a request error answered as one logged 500."""
+        try:
+            return await self.generate(request, chat)
+        except (ApiError, RequestError, StarletteHTTPException):
+            raise
+        except ClientDisconnect:
+            return JSONResponse({}, status_code=499)
+        except Exception as e:
+            log.exception("internal error in %s %s", request.method, request.url.path)
+            return error_response(500, f"internal server error: {type(e).__name__}", None, "internal_error",
+                                  "server_error")
+
+    async def generate(self, request: Request, chat: bool):
+        if self.draining:
+            raise self.shutting_down()
+        raw = await read_raw(request, self.limits.max_request_bytes)
+        p = await asyncio.to_thread(self.prepare, raw, chat)
+        prompt_ids, kw, stream = p["prompt_ids"], p["kw"], p["stream"]
+        include_usage, continuous = p["include_usage"], p["continuous"]
+        if self.draining or self.scheduler.stopping:
+            raise self.shutting_down()
         if not self.scheduler.alive:
             raise ApiError(503, "the engine is not running", None, "engine_unavailable", "server_error")
 
@@ -154,16 +234,21 @@ class Server:
                           ignore_eos=kw["ignore_eos"])
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        self.scheduler.submit(greq)
+        try:
+            self.scheduler.submit(greq)
+        except RuntimeError:  # the scheduler began stopping since the check above
+            raise self.shutting_down() from None
         if stream:
-            return StreamingResponse(self._sse(greq, queue, rid, created, chat, include_usage, continuous),
+            return StreamingResponse(self._sse(greq, queue, rid, created, chat, include_usage, continuous,
+                                               p["responder"]),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(request, greq, queue, rid, created, chat)
+        return await self._collect(request, greq, queue, rid, created, chat, p["responder"])
 
     async def _collect(self, request: Request, greq: GenRequest, queue: asyncio.Queue, rid: str, created: int,
-                       chat: bool) -> JSONResponse:
+                       chat: bool, responder: Responder | None = None) -> JSONResponse:
         text, last = [], None
+        token_ids, logprobs = [], []
         checked = time.monotonic()
         try:
             while True:
@@ -179,6 +264,8 @@ class Server:
                 if delta is None:
                     continue
                 text.append(delta.text)
+                token_ids += delta.token_ids
+                logprobs += delta.logprobs or []
                 if delta.finish_reason is not None:
                     last = delta
                     break
@@ -186,25 +273,33 @@ class Server:
             if last is None:
                 self.scheduler.cancel(greq)
         if last.error:
+            if last.error_code == SHUTTING_DOWN:
+                raise self.shutting_down()
             raise ApiError(500, last.error, None, "engine_error", "server_error")
         body = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": body}, "logprobs": None,
-                   "finish_reason": last.finish_reason} if chat else
-                  {"index": 0, "text": body, "logprobs": None, "finish_reason": last.finish_reason})
+        responder = responder or Responder(self.llm.tokenizer, chat=chat)
+        lp = responder.logprobs(token_ids, logprobs)
+        choice = ({"index": 0, "message": responder.message(body), "logprobs": lp,
+                   "finish_reason": responder.finish_reason(last.finish_reason)} if chat else
+                  {"index": 0, "text": body, "logprobs": lp, "finish_reason": last.finish_reason})
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": self.model_name, "choices": [choice],
                              "usage": self.usage(last.stats), "system_fingerprint": None})
 
     async def _sse(self, greq: GenRequest, queue: asyncio.Queue, rid: str, created: int, chat: bool,
-                   include_usage: bool, continuous: bool):
+                   include_usage: bool, continuous: bool, responder: Responder | None = None):
         obj = "chat.completion.chunk" if chat else "text_completion"
+        responder = responder or Responder(self.llm.tokenizer, chat=chat)
 
-        def chunk(text: str | None, finish: str | None, usage: dict | None = None, role: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, usage: dict | None = None, role: bool = False,
+                  parsed: dict | None = None, logprobs: dict | None = None) -> str:
             if chat:
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                delta = ({"role": "assistant", "content": ""} if role else parsed if parsed is not None else
+                         ({"content": text} if text else {}))
+                choice = {"index": 0, "delta": delta, "logprobs": logprobs,
+                          "finish_reason": responder.finish_reason(finish) if finish else None}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             data = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
             if usage is not None:
                 data["usage"] = usage
@@ -217,14 +312,31 @@ class Server:
             while True:
                 delta = await queue.get()
                 if delta.error:
-                    err = {"message": delta.error, "type": "server_error", "param": None, "code": "engine_error"}
+                    if delta.error_code == SHUTTING_DOWN:  # a last chunk saying why the stream ends here
+                        yield chunk(None, "abort")
+                    err = {"message": delta.error, "type": "server_error", "param": None,
+                           "code": delta.error_code or "engine_error"}
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     finished = True
                     break
                 final = delta.finish_reason is not None
-                if delta.text or final:
+                lp = responder.logprobs(delta.token_ids, delta.logprobs)
+                if chat:  # text through the parser: content, reasoning_content and tool_calls deltas
+                    parts = responder.feed(delta.text) + (responder.finish() if final else [])
+                    if lp is not None and not parts and not final:
+                        parts = [{}]
+                    for i, part in enumerate(parts):
+                        last_part = final and i == len(parts) - 1
+                        usage = (self.usage(delta.stats) if continuous or (last_part and not include_usage)
+                                 else None)
+                        yield chunk(None, delta.finish_reason if last_part else None, usage, parsed=part,
+                                    logprobs=lp if i == 0 else None)
+                    if final and not parts:
+                        usage = self.usage(delta.stats) if continuous or not include_usage else None
+                        yield chunk(None, delta.finish_reason, usage, logprobs=lp)
+                elif delta.text or final or lp is not None:
                     usage = self.usage(delta.stats) if continuous or (final and not include_usage) else None
-                    yield chunk(delta.text, delta.finish_reason, usage)
+                    yield chunk(delta.text, delta.finish_reason, usage, logprobs=lp)
                 if final:
                     finished = True
                     if include_usage:
@@ -237,10 +349,20 @@ class Server:
             if not finished:  # the client went away (or the response was cancelled): free the sequence
                 self.scheduler.cancel(greq)
 
+    def begin_shutdown(self) -> None:
+        """SIGTERM (or Ctrl-C): new requests get a 503; running ones may finish for shutdown_timeout seconds, then
+        the scheduler ends the rest (each client gets its last chunk or a 503)."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("shutting down: running requests have %.0f s to finish", self.shutdown_timeout)
+        asyncio.get_running_loop().call_later(max(0.0, self.shutdown_timeout), self.scheduler.request_stop)
+
     # ---- the app -----------------------------------------------------------------------------------------------
     def health(self) -> dict:
         snap = self.metrics.snapshot()
-        return {"status": "ok" if self.scheduler.alive else "engine_stopped", "model": self.model_name,
+        status = "shutting_down" if self.draining else "ok" if self.scheduler.alive else "engine_stopped"
+        return {"status": status, "model": self.model_name,
                 "max_model_len": self.max_model_len, "spec_type": self.spec.kind,
                 "spec_draft_n_max": self.spec.spec_draft_n_max, "spec_draft_policy": self.spec.spec_draft_policy,
                 "uptime_s": time.time() - self.started, **snap}
@@ -283,8 +405,13 @@ class Server:
             return error_response(500, f"internal server error: {type(exc).__name__}", None, "internal_error",
                                   "server_error")
 
+        if self.cors_origins:  # opt-in: a browser on these origins may call the API
+            app.add_middleware(CORSMiddleware, allow_origins=self.cors_origins, allow_methods=["GET", "POST"],
+                               allow_headers=["Authorization", "Content-Type"])
         if self.api_key:
             app.add_middleware(ApiKeyMiddleware, api_key=self.api_key)
+        else:  # no key: keep web pages from driving the server through a browser (outermost: checked first)
+            app.add_middleware(LocalGuardMiddleware, allowed_hosts=self.allowed_hosts)
 
         @app.get("/", include_in_schema=False)
         async def index():
@@ -296,7 +423,7 @@ class Server:
 
         @app.get("/metrics")
         async def metrics():
-            return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+            return PlainTextResponse(self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
         def model_card() -> dict:
             return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mtpx",
@@ -314,11 +441,11 @@ class Server:
 
         @app.post("/v1/completions")
         async def completions(request: Request):
-            return await self.generate(request, chat=False)
+            return await self.handle(request, chat=False)
 
         @app.post("/v1/chat/completions")
         async def chat_completions(request: Request):
-            return await self.generate(request, chat=True)
+            return await self.handle(request, chat=True)
 
         return app
 
@@ -328,35 +455,91 @@ def create_app(llm: LLM, **kwargs) -> FastAPI:
     return Server(llm, **kwargs).build()
 
 
+def uvicorn_server(server: Server, host: str, port: int, log_level: str = "info"):
+    """The uvicorn server that runs `server`'s app with mtpx's graceful shutdown (Server.begin_shutdown) and exit
+    status 0 after SIGTERM (uvicorn would re-raise the signal once it has shut down)."""
+    import uvicorn
+
+    class MtpxUvicorn(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            server.begin_shutdown()
+            await super().shutdown(sockets)
+
+        def handle_exit(self, sig: int, frame) -> None:
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM and sig in self._captured_signals:
+                self._captured_signals.remove(sig)  # a SIGTERM shutdown is a clean exit
+
+    # uvicorn's own deadline comes after ours: by then every request has had its last chunk
+    config = uvicorn.Config(server.build(), host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=max(0.0, server.shutdown_timeout) + 10)
+    return MtpxUvicorn(config)
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from mtpx.commands.run import add_model_arguments
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
+    p.add_argument("--allowed-hosts", type=_csv, default=[],
+                   help="without --api-key, Host headers accepted besides localhost, 127.0.0.1, ::1 and --host "
+                   "(comma-separated; '*' any)")
+    p.add_argument("--cors-origins", type=_csv, default=[],
+                   help="origins a web page may call the API from (comma-separated, '*' any; default none)")
+    d = Limits()
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help=f"largest request body; larger ones get a 413 (default {d.max_request_bytes})")
+    p.add_argument("--max-stop", type=int, default=d.max_stop,
+                   help=f"most stop strings per request (default {d.max_stop})")
+    p.add_argument("--max-stop-length", type=int, default=d.max_stop_length,
+                   help=f"longest stop string, in characters (default {d.max_stop_length})")
+    p.add_argument("--max-dry-breakers", type=int, default=d.max_dry_breakers,
+                   help=f"most DRY sequence breakers per request (default {d.max_dry_breakers})")
+    p.add_argument("--max-dry-breaker-length", type=int, default=d.max_dry_breaker_length,
+                   help=f"longest DRY sequence breaker, in characters (default {d.max_dry_breaker_length})")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests may take to finish before they are ended "
+                   "(default 30)")
     p.add_argument("--served-model-name", default=None, help="model id reported by /v1/models (default: the "
                    "checkpoint directory's name)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="most sequences decoded together (default 32)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--reasoning-format", default="auto", choices=list(REASONING_FORMATS),
+                   help="chat answers' <think>...</think>: into reasoning_content (deepseek; auto: when the chat "
+                   "template has think blocks) or left in content (none)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="max_tokens for chat requests that give none (default 1024, capped by the context)")
     add_spec_arguments(p)
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="default info")
 
 
 def main(args: argparse.Namespace) -> int:
-    import uvicorn
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from mtpx.commands.run import load_model
     llm = load_model(args)
     name = args.served_model_name or ("demo" if args.model == "demo" else None)
-    server = Server(llm, model_name=name, spec=spec_from_args(args), api_key=args.api_key,
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_stop=args.max_stop,
+                    max_stop_length=args.max_stop_length, max_dry_breakers=args.max_dry_breakers,
+                    max_dry_breaker_length=args.max_dry_breaker_length)
+    wildcard = args.host in ("0.0.0.0", "::", "")  # any address of this machine: the Host header cannot be checked
+    server = Server(llm, model_name=name, spec=spec_from_args(args, model_has_mtp(llm)), api_key=args.api_key,
                     max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                    default_max_tokens=args.default_max_tokens)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+                    default_max_tokens=args.default_max_tokens, reasoning_format=args.reasoning_format,
+                    limits=limits, shutdown_timeout=args.shutdown_timeout,
+                    allowed_hosts=[args.host, *args.allowed_hosts, *(["*"] if wildcard else [])],
+                    cors_origins=args.cors_origins)
+    if args.host not in LOCAL_HOSTS and not args.api_key:
         print(f"mtpx serve: warning: listening on {args.host} without --api-key: anyone who can reach this port can "
               "use the model", file=sys.stderr)
-    print(f"mtpx serve: model {server.model_name} ({llm.path}), speculation {server.spec.kind}, "
+    spec = server.spec.kind + (f" ({server.spec.spec_draft_policy}, k <= {server.spec.spec_draft_n_max})"
+                               if server.spec.speculative else "")
+    print(f"mtpx serve: model {server.model_name} ({llm.path}), speculation {spec}, "
           f"chat page and API at http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(server.build(), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn_server(server, args.host, args.port, args.log_level).run()
     return 0

@@ -41,9 +41,12 @@ class Delta:
     stats: dict  # the request's stats so far (engine/stats.py)
     finish_reason: str | None = None  # set on the last delta
     error: str | None = None  # the engine failed this request (last delta)
+    error_code: str | None = None  # SHUTTING_DOWN: the server ended the request because it is stopping
+    logprobs: list | None = None  # of token_ids, when the request asked for them (engine/request.py)
 
 
 _ids = itertools.count(1)
+SHUTTING_DOWN = "server_shutting_down"
 
 
 @dataclass
@@ -88,10 +91,19 @@ class Scheduler:
             self._thread = threading.Thread(target=self._run, name="mtpx-scheduler", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def request_stop(self) -> None:
+        """Stop without waiting: after its current step the worker ends every waiting and running request (each
+        gets a last delta with error_code SHUTTING_DOWN) and exits; submit() refuses new ones."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -146,7 +158,7 @@ class Scheduler:
                     self._running = []
                     self._update_gauges()
         for r in list(self._waiting) + self._running:  # shutting down: tell the clients
-            self._fail(r, "the server is shutting down")
+            self._fail(r, "the server is shutting down", SHUTTING_DOWN)
         self._waiting.clear()
         self._running.clear()
 
@@ -249,10 +261,11 @@ class Scheduler:
                 self.metrics.e2e.observe(finished_at - r.arrived)
                 reason = completion.finish_reason
                 self.metrics.requests_finished[reason] = self.metrics.requests_finished.get(reason, 0) + 1
-            delta = Delta(ev.text, ev.token_ids, completion.stats, finish_reason=completion.finish_reason)
+            delta = Delta(ev.text, ev.token_ids, completion.stats, finish_reason=completion.finish_reason,
+                          logprobs=ev.logprobs)
             self._free(r)  # free the caches now; the client has everything it needs
         else:
-            delta = Delta(ev.text, ev.token_ids, self.engine.stats(r.req, self.spec))
+            delta = Delta(ev.text, ev.token_ids, self.engine.stats(r.req, self.spec), logprobs=ev.logprobs)
         self._send(r, delta)
 
     def _account(self, r: GenRequest) -> None:
@@ -270,14 +283,14 @@ class Scheduler:
             if not r.done:
                 r.cancelled = True
 
-    def _fail(self, r: GenRequest, message: str) -> None:
+    def _fail(self, r: GenRequest, message: str, code: str | None = None) -> None:
         if r.done:
             return
         r.done = True
         self._free(r)
         with self.metrics.lock:
             self.metrics.requests_failed += 1
-        self._send(r, Delta("", [], {}, finish_reason="error", error=message))
+        self._send(r, Delta("", [], {}, finish_reason="error", error=message, error_code=code))
 
     def _update_gauges(self) -> None:
         total = 0
