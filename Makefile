@@ -9,12 +9,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+# The CPU kernels compile once here, at install (setup.py), against the environment's own PyTorch: its build
+# requirements are installed first and the build runs without isolation, so PyTorch is not downloaded twice.
+BUILD_REQS = "setuptools>=68" "ninja>=1.11" "$$(grep -o 'torch==[0-9.]*' pyproject.toml | head -n 1)"
+
+$(VENV)/.installed: pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/pip install -q $(BUILD_REQS)
+	$(BIN)/pip install -q --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,4 +35,4 @@ bench: $(VENV)/.installed
 	$(BIN)/mtpx bench --model demo --out bench-results
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info src/mtpx/kernels/_C*.so

@@ -7,6 +7,9 @@ from mtpx import kernels
 from mtpx.models.linear import TileWeight, quantized_weights
 from mtpx.runners import Runner, RunnerConfig, select_runner
 from mtpx.runners import cpu as cpu_runner
+from mtpx.speculative.drafters import Draft, Drafter
+
+from isa import LEVELS, isa_levels, running_on
 
 needs_kernel = pytest.mark.skipif(not kernels.rowgemm_available(), reason="rowgemm kernel could not be built here")
 
@@ -94,3 +97,42 @@ def test_whole_stack_whole_layer_and_module_levels_give_the_same_bits(dense_ckpt
     assert torch.equal(stack, modules) and torch.equal(layers, modules)
     assert len(stack_states) == 10
     assert all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in zip(stack_states, layer_states, module_states))
+
+
+class _OracleDrafter(Drafter):
+    """Proposes plain decoding's continuation with about a third of the tokens changed: verify passes of 1..k + 1
+    rows, acceptances and rejections at every position."""
+    name = "oracle"
+
+    def __init__(self, reference: list[int], vocab: int):
+        import random
+        self.reference, self.vocab, self.rng = reference, vocab, random.Random(0)
+
+    def propose(self, seqs, ks):
+        out = []
+        for seq, k in zip(seqs, ks):
+            toks = self.reference[len(seq.generated):len(seq.generated) + k]
+            out.append(Draft([t if self.rng.random() > 0.3 else (t + 1) % self.vocab for t in toks]))
+        return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("level", isa_levels(tuple(l for l in LEVELS if l in ("scalar", "avx2", "neon"))))
+def test_greedy_speculation_is_plain_decoding_on_each_instruction_set(dense_ckpt, level):
+    """Lossless on every instruction set, not only the machine's best: MTP drafts and drafts with errors, verified
+    k + 1 positions at a time, give exactly plain decoding's tokens."""
+    import mtpx
+    with running_on(level):
+        llm = mtpx.LLM(dense_ckpt)
+        vocab = llm.config.vocab_size
+        g = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            prompt = torch.randint(0, 300, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
+            plain = llm.generate(prompt, max_tokens=20).token_ids
+            spec = dict(spec_type="mtp", spec_draft_n_max=3, spec_draft_policy="fixed", max_tokens=20)
+            assert llm.generate(prompt, **spec).token_ids == plain, (level, prompt)
+            llm.engine.drafter = lambda spec, batched=False: _OracleDrafter(plain, vocab)
+            try:
+                assert llm.generate(prompt, **spec).token_ids == plain, (level, prompt)
+            finally:
+                del llm.engine.drafter

@@ -118,6 +118,15 @@ def machine_description() -> dict:
     return {"machine": desc, "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1)}
 
 
+def cpu_kernels_meta(llm) -> dict:
+    """The CPU kernels' instruction set this run used (scalar, avx2, avx512, amx, neon; "pytorch" where they are not
+    built) and where they came from (built at install, or on first use): the same machine runs several."""
+    if llm.device.type != "cpu":
+        return {}
+    from mtpx import kernels
+    return {"cpu_isa": kernels.isa(), "cpu_isas": kernels.cpu_isas(), "kernels": kernels.kernel_origin()}
+
+
 def machine_state() -> dict:
     """Load average and the busiest other processes: benchmark numbers mean little on a busy machine."""
     state: dict = {}
@@ -260,7 +269,7 @@ def run(args: argparse.Namespace) -> dict:
         else " ".join(shlex.quote(a) for a in sys.argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(), "torch": torch.__version__, "threads": _threads(llm),
-        "device": str(llm.device), "dtype": dtype_name(llm),
+        "device": str(llm.device), "dtype": dtype_name(llm), **cpu_kernels_meta(llm),
         "repeat": args.repeat, "temperatures": cfg.temperatures, "sampling": sampling, "ignore_eos": cfg.ignore_eos,
         "synthetic": synth is not None, "synthetic_rates": synth, "draft_model": draft_model,
         "modes": runner.mode_dicts(modes),

@@ -138,13 +138,18 @@ def peers_table(peers: list[dict], records: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
+def _isa(meta: dict) -> str:
+    """' (kernels avx2)' where the report records the CPU kernels' instruction set, else nothing."""
+    return f" (kernels {meta['cpu_isa']})" if meta.get("cpu_isa") else ""
+
+
 def write_markdown(result: dict, out: Path) -> Path:
     meta = result["meta"]
     parts = [f"# mtpx bench: {meta['model']}", "",
              f"Machine: {meta['machine']}. {meta.get('machine_state', '')}", "",
              f"Command: `{meta['command']}`", "",
              f"mtpx {meta.get('git_commit', '?')}, torch {meta['torch']}, threads {meta['threads']}, device "
-             f"{meta['device']}, dtype {meta['dtype']}; {meta['repeat']} repeat(s), modes interleaved per prompt; "
+             f"{meta['device']}{_isa(meta)}, dtype {meta['dtype']}; {meta['repeat']} repeat(s), modes interleaved per prompt; "
              f"throughput = total decoded tokens / total decode time per repeat; min and median over repeats.", ""]
     settings = meta.get("sampling") or meta.get("penalties")  # "penalties": this session's first reports
     if settings:

@@ -1,11 +1,11 @@
-"""CPU kernels that PyTorch lacks, built on first use with the machine's C++ compiler (torch.utils.cpp_extension).
+"""CPU kernels that PyTorch lacks, compiled when mtpx is installed (setup.py: the extension mtpx.kernels._C).
 
 `rowgemm(x, w)`: x [M <= 8, K] @ w[N, K]^T with bf16 weights, fp32 accumulation. Each output row is computed the
 same way whatever M is (so a verify pass is bit-identical to one-token steps), and the weights are read once for
 all rows (so it costs about what one row costs; on a CPU without AVX512_BF16, oneDNN's bf16 matmul costs several
 times more for 5 rows than for 1). `rowgemm_int8` / `rowgemm_int4`: the same for
 int8 weights and for int4 weights in groups of 32.
-The small ops of a step forward, fused (step_ops.cpp): `rms_norm`, `silu_mul`, `attention_step` (q/k norm, RoPE,
+The small ops of a step forward, fused (step_ops_isa.h): `rms_norm`, `silu_mul`, `attention_step` (q/k norm, RoPE,
 cache write, per-position attention, output gate) and `gdn_step` (conv, gates, delta rule, gated norm; with
 `gdn_replay` to rebuild the state after any of its positions on rollback). A step of a small model is otherwise a
 few hundred PyTorch ops of a few microseconds' overhead each. `attention_layer_step` / `gdn_layer_step`
@@ -13,10 +13,17 @@ few hundred PyTorch ops of a few microseconds' overhead each. `attention_layer_s
 stack. `argmax_rows`: torch.argmax of each row, vectorised (greedy tokens and verify).
 Set MTPX_ROWGEMM=0 to use PyTorch ops instead.
 
-Where the kernels cannot be built, mtpx warns and runs on PyTorch ops. CI must not: with MTPX_REQUIRE_KERNELS=1 (or,
-when that is unset, with CI set, as CI services do) a failed build raises with the compiler's output.
-MTPX_KERNEL_MARCH (for tests): build for that -march instead of the machine's own (e.g. haswell, an AVX2-only CPU),
-under its own build name.
+One build holds the kernels for every instruction set of its architecture (x86: scalar, AVX2+FMA, AVX-512 and AMX
+tiles; aarch64: scalar, NEON); the best the CPU has runs, or the one MTPX_CPU_ISA names (read once, at load;
+refused where the CPU lacks it), so one machine tests the lower levels too. Every level keeps each row's result
+independent of the row count; the matmuls give the same bits on every level (gemm_core.h).
+
+Where the installed package has no compiled kernels (installed without a compiler), or they were built from other
+sources (an editable install edited since), they are compiled on first use instead, into PyTorch's extension cache
+under a name made of the sources' hash, so environments with different sources never rebuild each other's; where
+that fails too, mtpx warns once and runs on PyTorch ops. CI must not: with MTPX_REQUIRE_KERNELS=1 (or, when that is
+unset, with CI set, as CI services do) a failed build raises with the compiler's output.
+MTPX_KERNEL_MARCH (for tests): compile on first use, with that -march, ignoring an installed build.
 """
 from __future__ import annotations
 
@@ -27,11 +34,18 @@ from pathlib import Path
 
 import torch
 
+from mtpx.errors import MtpxError
+from mtpx.kernels import sources
+from mtpx.kernels.sources import kernels_required
+
 log = logging.getLogger(__name__)
 MAX_ROWS = 8
+ISAS = ("scalar", "avx2", "avx512", "amx", "neon")
 _module = None
 _tried = False
 _build_error: str | None = None
+_isa_error: str | None = None
+_origin: str | None = None  # "installed" or "compiled on first use"
 
 
 @functools.cache
@@ -50,34 +64,26 @@ def native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def _march() -> str:
-    return os.environ.get("MTPX_KERNEL_MARCH") or "native"
+def _march() -> str | None:
+    return os.environ.get("MTPX_KERNEL_MARCH") or None
 
 
 def _extension_name() -> str:
-    """Built with -march=native: name the build after the CPU, so a cache shared by different machines never loads
-    code for instructions this one lacks (and after the -march, where MTPX_KERNEL_MARCH sets another)."""
+    """The first-use build's name: the sources' hash, PyTorch's version and the -march where MTPX_KERNEL_MARCH sets
+    one. Two environments with the same sources and PyTorch share the build; with others, each has its own."""
     import hashlib
     import platform
-    cpu = platform.machine() + " ".join(sorted(cpu_flags()))
-    if _march() != "native":
-        cpu += " march=" + _march()
-    return "mtpx_rowgemm_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
-
-
-def _truthy(value: str) -> bool:
-    return value.strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def kernels_required() -> bool:
-    """Whether a failed kernel build is an error rather than a fallback: MTPX_REQUIRE_KERNELS=1 (0: never), or, where
-    that is unset, the CI variable that CI services set."""
-    explicit = os.environ.get("MTPX_REQUIRE_KERNELS")
-    return _truthy(explicit) if explicit is not None else _truthy(os.environ.get("CI", ""))
+    key = f"{sources.source_hash()} {torch.__version__} {platform.machine()} {_march()}"
+    return "mtpx_kernels_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
 class KernelBuildError(RuntimeError):
     """The CPU kernels did not build where they are required (kernels_required())."""
+
+
+class IsaError(MtpxError, RuntimeError):
+    """MTPX_CPU_ISA names an instruction set this CPU (or build) lacks, or none mtpx knows (the CLI prints it as one
+    line)."""
 
 
 STALE_BUILD_S = 600  # a locked build directory in which nothing has changed for this long is an interrupted build
@@ -109,28 +115,79 @@ def clear_stale_build_lock(build_dir: Path, stale_s: float = STALE_BUILD_S, poll
 
 def rowgemm_module():
     """The compiled extension, or None where it cannot be built (no compiler) or MTPX_ROWGEMM=0. Where
-    kernels_required(), a failed build raises KernelBuildError (on this call and every later one) instead."""
+    kernels_required(), a failed build raises KernelBuildError (on this call and every later one) instead; an
+    MTPX_CPU_ISA the CPU lacks raises IsaError."""
     global _module, _tried, _build_error
     if not _tried:
         _tried = True
         if os.environ.get("MTPX_ROWGEMM", "1") != "0":
             try:
-                _module = _build()
+                _module = _load()
             except Exception as e:  # noqa: BLE001 - any build failure means: use the portable path (or fail, in CI)
                 _build_error = f"{type(e).__name__}: {e}"
                 if not kernels_required():
                     log.warning("mtpx: could not build the CPU kernels (%s); steps use PyTorch ops (oneDNN for "
-                                "matmuls)", e)
+                                "matmuls), several times slower. For the fast path install a C++ compiler (g++ or "
+                                "clang with OpenMP) and reinstall mtpx (`make install`, or `pip install "
+                                "--no-build-isolation -e .` in a clone)", e)
+            if _module is not None:
+                _choose_isa(_module)
     if _build_error is not None and kernels_required():
         raise KernelBuildError("mtpx: the CPU kernels failed to build, and they are required here "
                                "(MTPX_REQUIRE_KERNELS=1, or CI set; MTPX_REQUIRE_KERNELS=0 allows the PyTorch "
                                f"fallback):\n{_build_error}")
+    if _isa_error is not None:
+        raise IsaError(_isa_error)
     return _module
+
+
+def _choose_isa(module) -> None:
+    """MTPX_CPU_ISA, read once: the instruction set to run instead of the best this CPU has."""
+    global _isa_error
+    want = os.environ.get("MTPX_CPU_ISA", "").strip().lower()
+    if not want:
+        return
+    have = list(module.cpu_isas())
+    if want not in ISAS:
+        _isa_error = f"MTPX_CPU_ISA={want} is none of {', '.join(ISAS)}; this CPU runs {', '.join(have)}"
+    elif want not in have:
+        _isa_error = f"MTPX_CPU_ISA={want}, but this CPU runs only {', '.join(have)}"
+    else:
+        module.set_isa(want)
 
 
 def build_error() -> str | None:
     """Why the kernels did not build (the compiler's output), or None where they built or were not tried."""
     return _build_error
+
+
+def _installed():
+    """The extension built at install, or None where there is none or it was built from other sources."""
+    if _march() is not None:
+        return None
+    try:
+        from mtpx.kernels import _C
+    except ImportError:
+        return None
+    try:
+        current = sources.source_hash()
+    except OSError:  # the sources are not installed beside it: nothing to compare with
+        return _C
+    if _C.source_hash != current:
+        log.info("mtpx: the installed CPU kernels were built from other sources (%s, now %s); compiling these",
+                 _C.source_hash, current)
+        return None
+    return _C
+
+
+def _load():
+    global _origin
+    module = _installed()
+    if module is not None:
+        _origin = "installed"
+        return module
+    _origin = "compiled on first use"
+    return _build()
 
 
 def _build():
@@ -142,15 +199,41 @@ def _build():
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    sources = [str(Path(__file__).with_name(f))
-               for f in ("rowgemm.cpp", "step_ops.cpp", "layer_step.cpp", "bindings.cpp")]
     name = _extension_name()
     build_dir = Path(_get_build_directory(name, False))
     clear_stale_build_lock(build_dir)
     if not (build_dir / f"{name}.so").exists():
-        print("mtpx: compiling the CPU kernels (once, ~30 s)", file=sys.stderr, flush=True)
-    return load(name=name, sources=sources, verbose=False,
-                extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        print("mtpx: compiling the CPU kernels (once per version of them, ~1-2 min): the installed package has none "
+              "built from these sources", file=sys.stderr, flush=True)
+    cflags = list(sources.CFLAGS) + [f"-DMTPX_SOURCE_HASH={sources.source_hash()}"]
+    if _march() is not None:
+        cflags.append(f"-march={_march()}")
+    return load(name=name, sources=[str(sources.HERE / f) for f in sources.SOURCES], verbose=False,
+                extra_cflags=cflags, extra_ldflags=list(sources.LDFLAGS))
+
+
+def isa() -> str:
+    """The instruction set the kernels run on (scalar, avx2, avx512, amx, neon), or "pytorch" where they are not
+    built (PyTorch ops)."""
+    return rowgemm_module().isa() if rowgemm_available() else "pytorch"
+
+
+def cpu_isas() -> list[str]:
+    """The instruction sets this CPU and build can run the kernels on, best first (empty without kernels)."""
+    return list(rowgemm_module().cpu_isas()) if rowgemm_available() else []
+
+
+def set_isa(name: str) -> None:
+    """Run the kernels on another instruction set this CPU has (tests; MTPX_CPU_ISA at load otherwise). Set it
+    before loading a model: which weights are packed as AMX tiles is decided at load."""
+    if name not in cpu_isas():
+        raise IsaError(f"instruction set {name} is not available; this CPU runs {', '.join(cpu_isas())}")
+    rowgemm_module().set_isa(name)
+
+
+def kernel_origin() -> str | None:
+    """Where the kernels came from: "installed" (built with the package), "compiled on first use", or None."""
+    return _origin if rowgemm_available() else None
 
 
 def rowgemm_available() -> bool:

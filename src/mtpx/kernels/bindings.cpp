@@ -25,4 +25,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("penalize_rows", &penalize_rows, "repetition, frequency and presence penalties of verify rows", release());
   m.def("flush_denormals", &flush_denormals, "flush subnormal floats to zero on every intra-op worker thread");
   m.def("gdn_replay", &gdn_replay, "Gated DeltaNet state after the first n positions of a gdn_step call", release());
+  m.def("cpu_isas", &cpu_isas, "the instruction sets this CPU and build can run, best first");
+  m.def("isa", &isa, "the instruction set the kernels run on");
+  m.def("set_isa", &set_isa, "run the kernels on another instruction set this CPU has");
+#ifdef MTPX_SOURCE_HASH  // -DMTPX_SOURCE_HASH=<hex> (kernels/sources.py): spelled as a string here
+#define MTPX_STRING(x) #x
+#define MTPX_EXPAND(x) MTPX_STRING(x)
+  m.attr("source_hash") = MTPX_EXPAND(MTPX_SOURCE_HASH);
+#else
+  m.attr("source_hash") = "";
+#endif
 }

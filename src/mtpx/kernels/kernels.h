@@ -1,48 +1,33 @@
-// mtpx's CPU kernels: few-row matmuls (rowgemm.cpp), the fused small ops of a step forward (step_ops.cpp) and whole
+// mtpx's CPU kernels: few-row matmuls (rowgemm_isa.h, gemm_core.h), the fused small ops of a step forward
+// (step_ops_isa.h), both built once per instruction set (isa_*.cpp) and picked at load (dispatch.cpp), and whole
 // decoder layers of a step chained from them (layer_step.cpp).
 #pragma once
 #include <torch/extension.h>
 
+#include <string>
 #include <vector>
-
-#ifdef __AVX512F__
-#include <immintrin.h>
-
-// 16 bf16 values -> fp32 lanes (bf16 is the top half of an fp32: widening is exact)
-inline __m512 widen_bf16(const at::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-#endif
 
 // A logit after the repetition, frequency and presence penalties (sampling.penalize's formula, in its operation
 // order): seen ids (prompt or generated) divided / multiplied by r, then - f * count - p * (count > 0). One place
-// for the draft chain (layer_step.cpp) and the verify rows (penalize_rows, step_ops.cpp).
+// for the draft chain (layer_step.cpp) and the verify rows (penalize_rows, dispatch.cpp).
 inline float penalized_logit(float v, float count, bool seen, float r, float f, float p) {
   if (seen && r != 1.0f) v = v > 0 ? v / r : v * r;
   v = v - f * count;
   return v - p * (count > 0 ? 1.0f : 0.0f);
 }
 
-torch::Tensor rowgemm(const torch::Tensor& x, const torch::Tensor& w);
-torch::Tensor rowgemm_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
-torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale_offset);
+// the kernels built once per instruction set (isa_*.cpp), these calling the one selected at load (dispatch.cpp)
+#include "kernel_decls.h"
 bool amx_available();
 torch::Tensor rowgemm_tiles(const torch::Tensor& x, const torch::Tensor& tiles, int64_t n);
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool offset);
-torch::Tensor silu_mul(const torch::Tensor& gate_up);
-torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_norm, const torch::Tensor& k_norm,
-                             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor cache_k,
-                             torch::Tensor cache_v, int64_t start, int64_t nh, int64_t nkv, int64_t D, double eps);
-std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tensor& conv_state,
-                                    const torch::Tensor& conv_weight, const torch::Tensor& A_log,
-                                    const torch::Tensor& dt_bias, const torch::Tensor& norm_weight,
-                                    const torch::Tensor& state, int64_t nk, int64_t dk, int64_t dv, double eps);
-std::vector<int64_t> argmax_rows(const torch::Tensor& x);
 int64_t flush_denormals();
 torch::Tensor penalize_rows(const torch::Tensor& logits, const torch::Tensor& counts, const torch::Tensor& seen,
                             const torch::Tensor& drafts, double repetition, double frequency, double presence);
-torch::Tensor gdn_replay(const torch::Tensor& state, const torch::Tensor& replay, int64_t n);
+// the instruction sets this CPU (and build) can run, best first; the one in use; choosing another (tests, and
+// MTPX_CPU_ISA through kernels/__init__.py)
+std::vector<std::string> cpu_isas();
+std::string isa();
+void set_isa(const std::string& name);
 torch::Tensor attention_layer_step(const torch::Tensor& x, const torch::Tensor& input_norm,
                                    const std::vector<torch::Tensor>& qkv, const torch::Tensor& q_norm,
                                    const torch::Tensor& k_norm, const std::vector<torch::Tensor>& o,

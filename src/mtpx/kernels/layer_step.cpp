@@ -1,10 +1,9 @@
 // One whole decoder layer of a step forward (decode / verify / draft: a few positions of one sequence) in one call.
 //
-// Why: on a small model the kernels of a layer take ~100 us and the Python around them (module calls, projection
-// lookups, reshapes) more than that again (the demo model: 250-270 us a layer, BENCHMARKS.md). These functions chain
-// exactly the kernels the module path calls (rms_norm, the row-invariant matmuls, attention_step / gdn_step,
-// silu_mul, the residual adds) in the same order on the same shapes, so they return the same bits; only the Python
-// between them is gone.
+// Why: on a small model the kernels of a layer take about as long as the Python around them (module calls,
+// projection lookups, reshapes). These functions chain exactly the kernels the module path calls (rms_norm, the
+// row-invariant matmuls, attention_step / gdn_step, silu_mul, the residual adds) in the same order on the same
+// shapes, so they return the same bits; only the Python between them is gone.
 //
 // A weight is given as the tensors of its format: {w} bf16, {q, scale} int8, {codes, scale_offset} int4, {tiles, n}
 // bf16 in AMX tile order.

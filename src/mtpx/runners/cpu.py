@@ -260,7 +260,8 @@ class CpuRunner(Runner):
         return kernels.MAX_ROWS if kernels.rowgemm_available() else STEP_ROWS
 
     def describe(self) -> str:
-        parts = ["fused kernels" if self.fused else "oneDNN", self.quantization or str(self.dtype).removeprefix("torch.")]
+        parts = [f"fused kernels, {kernels.isa()}" if self.fused else "oneDNN",
+                 self.quantization or str(self.dtype).removeprefix("torch.")]
         if self.tiles and kernels.amx_available() and not self.quantization:
             parts.append("AMX tiles")
         return f"cpu ({', '.join(parts)})"

@@ -7,20 +7,25 @@
 // positions in the call (rows are independent, loops over a row run in a fixed order), so results stay
 // row-invariant and greedy speculation stays bit-exact. Intermediate results are rounded to bf16 where the PyTorch
 // step path rounds them (the model runs in bf16), so both paths compute the same function.
-#include "kernels.h"
-
-#include <ATen/Parallel.h>
-
-#include <atomic>
-#include <cmath>
-
-#ifdef __AVX512F__
-#include <sleef.h>  // PyTorch's own vectorised exp (exported by libtorch_cpu)
-#endif
+// Compiled once per instruction set, inside that set's namespace (isa_*.cpp, which include the headers): AVX-512 and
+// AVX2 helpers below, the scalar loops elsewhere (on aarch64 the compiler vectorises those for NEON). exp is
+// PyTorch's own vectorised Sleef (exported by libtorch_cpu) on x86, so the instruction sets' results differ in the
+// last bits of an exp; within one, rows stay invariant.
 
 namespace {
 
 using bf16 = at::BFloat16;
+
+inline const Bf16* bits(const bf16* p) { return reinterpret_cast<const Bf16*>(p); }
+
+#if MTPX_ISA == MTPX_ISA_AVX2
+// the 8 lanes summed by a fixed tree (4 apart, then 2, 1)
+inline float reduce8(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+#endif
 
 inline float round_bf16(float x) { return static_cast<float>(static_cast<bf16>(x)); }
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
@@ -32,10 +37,14 @@ inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x));
 float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
-#ifdef __AVX512F__
+#if MTPX_ISA == MTPX_ISA_AVX512
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  s = _mm512_reduce_add_ps(acc);
+  s = reduce16(acc);
+#elif MTPX_ISA == MTPX_ISA_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  s = reduce8(acc);
 #endif
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
@@ -44,10 +53,14 @@ float dot(const float* a, const float* b, int64_t n) {
 float dot_bf16(const float* a, const bf16* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
-#ifdef __AVX512F__
+#if MTPX_ISA == MTPX_ISA_AVX512
   __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), widen_bf16(b + i), acc);
-  s = _mm512_reduce_add_ps(acc);
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), widen16(bits(b + i)), acc);
+  s = reduce16(acc);
+#elif MTPX_ISA == MTPX_ISA_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), widen8(bits(b + i)), acc);
+  s = reduce8(acc);
 #endif
   for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
@@ -56,30 +69,47 @@ float dot_bf16(const float* a, const bf16* b, int64_t n) {
 // x <- silu(x) over one row
 void silu_row(float* x, int64_t n) {
   int64_t i = 0;
-#ifdef __AVX512F__
+#if MTPX_ISA == MTPX_ISA_AVX512
   const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) {
     __m512 v = _mm512_loadu_ps(x + i);
-    _mm512_storeu_ps(x + i, _mm512_div_ps(v, _mm512_add_ps(one, Sleef_expf16_u10(_mm512_sub_ps(zero, v)))));
+    _mm512_storeu_ps(x + i, _mm512_div_ps(v, _mm512_add_ps(one, Sleef_expf16_u10avx512f(_mm512_sub_ps(zero, v)))));
+  }
+#elif MTPX_ISA == MTPX_ISA_AVX2
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    _mm256_storeu_ps(x + i, _mm256_div_ps(v, _mm256_add_ps(one, Sleef_expf8_u10avx2(_mm256_sub_ps(zero, v)))));
   }
 #endif
   for (; i < n; ++i) x[i] = silu(x[i]);
 }
 
-// s[j] <- exp(s[j] - top) for j < n; returns their sum. 16 lanes at a time (the tail masked), summed lane-wise in
-// order and then by a fixed tree: a function of (s, n) only.
+// s[j] <- exp(s[j] - top) for j < n; returns their sum. 16 lanes at a time (the tail masked; AVX2: 8, the tail
+// scalar), summed lane-wise in order and then by a fixed tree: a function of (s, n) only.
 float exp_shifted(float* s, int64_t n, float top) {
   int64_t j = 0;
-#ifdef __AVX512F__
+#if MTPX_ISA == MTPX_ISA_AVX512
   const __m512 shift = _mm512_set1_ps(top);
   __m512 sum = _mm512_setzero_ps();
   for (; j < n; j += 16) {
     const __mmask16 live = j + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
-    const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), shift));
+    const __m512 e = Sleef_expf16_u10avx512f(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), shift));
     _mm512_mask_storeu_ps(s + j, live, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, e));
   }
-  return _mm512_reduce_add_ps(sum);
+  return reduce16(sum);
+#elif MTPX_ISA == MTPX_ISA_AVX2
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 sum = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = Sleef_expf8_u10avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
+    _mm256_storeu_ps(s + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = reduce8(sum);
+  for (; j < n; ++j) total += (s[j] = std::exp(s[j] - top));
+  return total;
 #else
   float total = 0.f;
   for (; j < n; ++j) total += (s[j] = std::exp(s[j] - top));
@@ -90,21 +120,37 @@ float exp_shifted(float* s, int64_t n, float top) {
 // acc[D] = sum over j < n of p[j] * rows[j] (bf16 rows of D), in order of j
 void weighted_sum(const float* p, const bf16* rows, int64_t n, int64_t D, float* acc) {
   int64_t i = 0;
-#ifdef __AVX512F__
+#if MTPX_ISA == MTPX_ISA_AVX512
   for (; i + 64 <= D; i += 64) {  // four lanes of 16 at a time: four independent FMA chains
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t j = 0; j < n; ++j) {
-      const bf16* r = rows + j * D + i;
+      const Bf16* r = bits(rows + j * D + i);
       const __m512 w = _mm512_set1_ps(p[j]);
-      a0 = _mm512_fmadd_ps(w, widen_bf16(r), a0);
-      a1 = _mm512_fmadd_ps(w, widen_bf16(r + 16), a1);
-      a2 = _mm512_fmadd_ps(w, widen_bf16(r + 32), a2);
-      a3 = _mm512_fmadd_ps(w, widen_bf16(r + 48), a3);
+      a0 = _mm512_fmadd_ps(w, widen16(r), a0);
+      a1 = _mm512_fmadd_ps(w, widen16(r + 16), a1);
+      a2 = _mm512_fmadd_ps(w, widen16(r + 32), a2);
+      a3 = _mm512_fmadd_ps(w, widen16(r + 48), a3);
     }
     _mm512_storeu_ps(acc + i, a0);
     _mm512_storeu_ps(acc + i + 16, a1);
     _mm512_storeu_ps(acc + i + 32, a2);
     _mm512_storeu_ps(acc + i + 48, a3);
+  }
+#elif MTPX_ISA == MTPX_ISA_AVX2
+  for (; i + 32 <= D; i += 32) {  // four lanes of 8 at a time: four independent FMA chains
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < n; ++j) {
+      const Bf16* r = bits(rows + j * D + i);
+      const __m256 w = _mm256_set1_ps(p[j]);
+      a0 = _mm256_fmadd_ps(w, widen8(r), a0);
+      a1 = _mm256_fmadd_ps(w, widen8(r + 8), a1);
+      a2 = _mm256_fmadd_ps(w, widen8(r + 16), a2);
+      a3 = _mm256_fmadd_ps(w, widen8(r + 24), a3);
+    }
+    _mm256_storeu_ps(acc + i, a0);
+    _mm256_storeu_ps(acc + i + 8, a1);
+    _mm256_storeu_ps(acc + i + 16, a2);
+    _mm256_storeu_ps(acc + i + 24, a3);
   }
 #endif
   for (; i < D; ++i) {
@@ -151,7 +197,7 @@ inline void update_row(const float* __restrict__ row, float* __restrict__ dst, c
                        float decay, float ki, float kn, float qn, float* __restrict__ kS, float* __restrict__ qS,
                        int64_t n, bool stream) {
   int64_t j = 0;
-#ifdef __AVX512F__
+#if MTPX_ISA == MTPX_ISA_AVX512
   stream = stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0;  // streaming stores need aligned addresses
   const __m512 dv = _mm512_set1_ps(decay), kv = _mm512_set1_ps(ki), knv = _mm512_set1_ps(kn),
                qnv = _mm512_set1_ps(qn);
@@ -164,6 +210,21 @@ inline void update_row(const float* __restrict__ row, float* __restrict__ dst, c
     if (kS != nullptr) {
       _mm512_storeu_ps(kS + j, _mm512_fmadd_ps(knv, s, _mm512_loadu_ps(kS + j)));
       _mm512_storeu_ps(qS + j, _mm512_fmadd_ps(qnv, s, _mm512_loadu_ps(qS + j)));
+    }
+  }
+#elif MTPX_ISA == MTPX_ISA_AVX2
+  stream = stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
+  const __m256 dv = _mm256_set1_ps(decay), kv = _mm256_set1_ps(ki), knv = _mm256_set1_ps(kn),
+               qnv = _mm256_set1_ps(qn);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 s = _mm256_fmadd_ps(kv, _mm256_loadu_ps(delta + j), _mm256_mul_ps(dv, _mm256_loadu_ps(row + j)));
+    if (stream)
+      _mm256_stream_ps(dst + j, s);
+    else
+      _mm256_storeu_ps(dst + j, s);
+    if (kS != nullptr) {
+      _mm256_storeu_ps(kS + j, _mm256_fmadd_ps(knv, s, _mm256_loadu_ps(kS + j)));
+      _mm256_storeu_ps(qS + j, _mm256_fmadd_ps(qnv, s, _mm256_loadu_ps(qS + j)));
     }
   }
 #endif
@@ -240,7 +301,7 @@ void delta_rule(const float* q, const float* k, const float* v, const float* dec
       delta_rule_head(q, k, v, decay, beta, T, nv, h, dk, dv, s0 + h * dk * dv, s_final + h * dk * dv,
                       scratch.data(), out);
   });
-#ifdef __AVX512F__
+#if MTPX_ISA == MTPX_ISA_AVX512 || MTPX_ISA == MTPX_ISA_AVX2
   _mm_sfence();  // streamed stores are visible before the state is used
 #endif
 }
@@ -514,23 +575,43 @@ torch::Tensor gdn_replay(const torch::Tensor& state, const torch::Tensor& replay
 // counts as the largest): torch's CPU argmax reads one element at a time, ~22 us for a 8192-entry row here (a
 // verify pass of 4 rows: 80 us, 4 % of the demo's round), this two vector passes over the row, ~1-2 us.
 namespace {
+// (functions, not lambdas: GCC does not always give a lambda its enclosing target pragma)
+#if MTPX_ISA == MTPX_ISA_AVX512
+inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load(const bf16* p) { return widen16(bits(p)); }
+#elif MTPX_ISA == MTPX_ISA_AVX2
+inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load(const bf16* p) { return widen8(bits(p)); }
+#endif
+
 template <typename T>
 int64_t argmax_row(const T* p, int64_t V) {
   float top = -INFINITY;
   int64_t i = 0;
-#ifdef __AVX512F__
-  auto load = [&](int64_t j) {
-    if constexpr (std::is_same_v<T, float>) return _mm512_loadu_ps(p + j);
-    else return widen_bf16(p + j);
-  };
+#if MTPX_ISA == MTPX_ISA_AVX512
   __m512 best = _mm512_set1_ps(-INFINITY);
   __mmask16 nan = 0;
   for (; i + 16 <= V; i += 16) {
-    const __m512 v = load(i);
+    const __m512 v = load(p + i);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     best = _mm512_max_ps(best, v);
   }
   top = nan ? NAN : _mm512_reduce_max_ps(best);
+#elif MTPX_ISA == MTPX_ISA_AVX2
+  __m256 best = _mm256_set1_ps(-INFINITY);
+  int nan = 0;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = load(p + i);
+    nan |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    best = _mm256_max_ps(best, v);
+  }
+  if (nan) {
+    top = NAN;
+  } else {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, best);
+    for (float v : lanes) top = std::max(top, v);
+  }
 #endif
   for (int64_t j = i; j < V; ++j) {
     const float v = static_cast<float>(p[j]);
@@ -539,11 +620,19 @@ int64_t argmax_row(const T* p, int64_t V) {
   }
   // the first element equal to the top (or the first NaN)
   int64_t j = 0;
-#ifdef __AVX512F__
+#if MTPX_ISA == MTPX_ISA_AVX512
   if (!std::isnan(top)) {
     const __m512 t = _mm512_set1_ps(top);
     for (; j + 16 <= V; j += 16) {
-      const __mmask16 hit = _mm512_cmp_ps_mask(load(j), t, _CMP_EQ_OQ);
+      const __mmask16 hit = _mm512_cmp_ps_mask(load(p + j), t, _CMP_EQ_OQ);
+      if (hit) return j + __builtin_ctz(hit);
+    }
+  }
+#elif MTPX_ISA == MTPX_ISA_AVX2
+  if (!std::isnan(top)) {
+    const __m256 t = _mm256_set1_ps(top);
+    for (; j + 8 <= V; j += 8) {
+      const int hit = _mm256_movemask_ps(_mm256_cmp_ps(load(p + j), t, _CMP_EQ_OQ));
       if (hit) return j + __builtin_ctz(hit);
     }
   }
@@ -566,62 +655,4 @@ std::vector<int64_t> argmax_rows(const torch::Tensor& x) {
     out[r] = c.scalar_type() == at::kFloat ? argmax_row(c.data_ptr<float>() + r * V, V)
                                            : argmax_row(c.data_ptr<bf16>() + r * V, V);
   return out;
-}
-
-// sampling.apply_penalties for the rows of a verify pass in one pass over the logits [R, V]: row j is penalised for
-// the history (counts [V]: how often each id was generated; seen [V]: in the prompt or generated) plus drafts[:j],
-// with sampling.penalize's formula in its operation order, v -> (seen ? (v > 0 ? v / r : v * r) : v) - f * c -
-// p * (c > 0), so both give the same bits. (In PyTorch ops it is ~15 small ops a round: 17 % of a penalised demo
-// round.) Returns fp32 [R, V]; the inputs stay as they were.
-torch::Tensor penalize_rows(const torch::Tensor& logits, const torch::Tensor& counts, const torch::Tensor& seen,
-                            const torch::Tensor& drafts, double repetition, double frequency, double presence) {
-  TORCH_CHECK(logits.dim() == 2 && logits.device().is_cpu(), "penalize_rows: logits must be a CPU tensor [R, V]");
-  const int64_t R = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(counts.scalar_type() == at::kFloat && counts.is_contiguous() && counts.numel() == V,
-              "penalize_rows: counts must be contiguous fp32 [V]");
-  TORCH_CHECK(seen.scalar_type() == at::kBool && seen.is_contiguous() && seen.numel() == V,
-              "penalize_rows: seen must be contiguous bool [V]");
-  TORCH_CHECK(drafts.scalar_type() == at::kLong && drafts.is_contiguous() && drafts.numel() >= R - 1,
-              "penalize_rows: drafts must be contiguous int64 with at least R - 1 ids");
-  auto out = logits.to(at::kFloat).contiguous().clone();
-  float* op = out.data_ptr<float>();
-  const float* cp = counts.data_ptr<float>();
-  const bool* sp = seen.data_ptr<bool>();
-  const int64_t* dp = drafts.data_ptr<int64_t>();
-  const float r = static_cast<float>(repetition), f = static_cast<float>(frequency), p = static_cast<float>(presence);
-  for (int64_t i = 0; i + 1 < R; ++i)
-    TORCH_CHECK(dp[i] >= 0 && dp[i] < V, "penalize_rows: draft id ", dp[i], " out of range");
-  for (int64_t j = 0; j < R; ++j) {
-    float* row = op + j * V;
-    std::vector<std::pair<int64_t, float>> drafted;  // the ids of drafts[:j], with their logits before any penalty
-    for (int64_t i = 0; i < j; ++i) {
-      bool known = false;
-      for (const auto& d : drafted) known = known || d.first == dp[i];
-      if (!known) drafted.emplace_back(dp[i], row[dp[i]]);
-    }
-    for (int64_t id = 0; id < V; ++id)
-      if (sp[id]) row[id] = penalized_logit(row[id], cp[id], true, r, f, p);
-    for (const auto& [id, v] : drafted) {  // seen now, and counted once more per occurrence in drafts[:j]
-      float extra = 0.0f;
-      for (int64_t i = 0; i < j; ++i) extra += dp[i] == id ? 1.0f : 0.0f;
-      row[id] = penalized_logit(v, cp[id] + extra, true, r, f, p);
-    }
-  }
-  return out;
-}
-
-// Flush-to-zero and denormals-are-zero live in each thread's MXCSR, and torch.set_flush_denormal sets only the
-// calling thread's: intra-op workers started before it keep computing on subnormals (a demo training step 1.77
-// against 1.36 s). at::parallel_for over one element per intra-op thread with grain 1 gives each thread of the team
-// one task, which sets them there; returns the number of tasks run.
-int64_t flush_denormals() {
-  const int64_t n = at::get_num_threads();
-  std::atomic<int64_t> done{0};
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-#if defined(__x86_64__)
-    _mm_setcsr(_mm_getcsr() | 0x8040);
-#endif
-    done += end - begin;
-  });
-  return done.load();
 }

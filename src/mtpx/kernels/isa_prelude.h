@@ -1,0 +1,42 @@
+// What every instruction set's build of the kernels (isa_*.cpp) includes before it opens its namespace: the
+// headers (outside any target pragma, so their inline functions are compiled for the baseline CPU, the same in
+// every object file) and the instruction set names.
+#pragma once
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MTPX_X86 1
+#include <immintrin.h>
+#else
+#define MTPX_X86 0
+#endif
+#if defined(__aarch64__)
+#define MTPX_ARM 1
+#include <arm_neon.h>
+#else
+#define MTPX_ARM 0
+#endif
+
+#define MTPX_ISA_SCALAR 0
+#define MTPX_ISA_AVX2 1
+#define MTPX_ISA_AVX512 2
+#define MTPX_ISA_NEON 3
+
+// the AMX-tile matmul: GCC 11 and later (its target pragmas)
+#if MTPX_X86 && !defined(__clang__) && __GNUC__ >= 11
+#define MTPX_HAVE_AMX 1
+#else
+#define MTPX_HAVE_AMX 0
+#endif

@@ -1,0 +1,167 @@
+// A test of the few-row matmul's inner loops (src/mtpx/kernels/gemm_core.h) without PyTorch, so that it can be
+// cross-compiled for an architecture whose PyTorch is not installed and run under qemu-user (test_neon.py):
+// every instruction set built here gives the scalar loops' bits for bf16, int8 and int4 weights, and each row's
+// result is the same whatever the row count (1..8). Prints "ok <checks>" and exits 0, or the first mismatch and 1.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+#define MTPX_ISA_SCALAR 0
+#define MTPX_ISA_AVX2 1
+#define MTPX_ISA_AVX512 2
+#define MTPX_ISA_NEON 3
+
+#define MTPX_ISA MTPX_ISA_SCALAR
+namespace isa_scalar {
+#include "gemm_core.h"
+}
+#undef MTPX_ISA
+
+#if defined(__aarch64__)
+#define MTPX_ISA MTPX_ISA_NEON
+namespace isa_neon {
+#include "gemm_core.h"
+}
+#undef MTPX_ISA
+#endif
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define MTPX_ISA MTPX_ISA_AVX2
+namespace isa_avx2 {
+#include "gemm_core.h"
+}
+#undef MTPX_ISA
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#define MTPX_ISA MTPX_ISA_AVX512
+namespace isa_avx512 {
+#include "gemm_core.h"
+}
+#undef MTPX_ISA
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+uint64_t state = 88172645463325252ull;
+uint32_t next() {
+  state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+  return static_cast<uint32_t>(state >> 11);
+}
+float uniform() { return (next() & 0xFFFFFF) / float(1 << 24) * 2.f - 1.f; }
+
+uint16_t to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+}
+
+struct Serial {
+  template <typename Fn>
+  void operator()(int64_t blocks, int64_t, const Fn& fn) const { fn(0, blocks); }
+};
+
+// what one instruction set computes: out[M, N] for x [M, K] (row-major, not yet deinterleaved)
+using Matmul = void (*)(int64_t M, const float* x, const void* w, int64_t K, int64_t N, float* out, int kind);
+
+
+#define MTPX_RUNNER(ns)                                                                                        \
+  void run_##ns(int64_t M, const float* x, const void* w, int64_t K, int64_t N, float* out, int kind) {      \
+    std::vector<float> xs(x, x + M * K);                                                                       \
+    if (kind == 0) {                                                                                           \
+      if (ns::pairs<ns::Bf16>(K)) ns::deinterleave_pairs(xs.data(), M, K);                                     \
+      ns::matmul_rows(M, xs.data(), static_cast<const ns::Bf16*>(w), K, N, out, Serial{});                     \
+    } else if (kind == 1) {                                                                                    \
+      ns::matmul_rows(M, xs.data(), static_cast<const int8_t*>(w), K, N, out, Serial{});                       \
+    } else {                                                                                                   \
+      ns::deinterleave_pairs(xs.data(), M, K);                                                                 \
+      const auto* q = static_cast<const std::pair<const uint8_t*, const float*>*>(w);                         \
+      const ns::Int4 w4{q->first, q->second};                                                                  \
+      ns::matmul_rows(M, xs.data(), &w4, K, N, out, Serial{});                                                 \
+    }                                                                                                          \
+  }
+
+MTPX_RUNNER(isa_scalar)
+#if defined(__aarch64__)
+MTPX_RUNNER(isa_neon)
+#endif
+#if defined(__x86_64__)
+MTPX_RUNNER(isa_avx2)
+MTPX_RUNNER(isa_avx512)
+#endif
+
+}  // namespace
+
+int main() {
+  struct Level { const char* name; Matmul run; };
+  std::vector<Level> levels;
+#if defined(__aarch64__)
+  levels.push_back({"neon", run_isa_neon});
+#endif
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) levels.push_back({"avx2", run_isa_avx2});
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    levels.push_back({"avx512", run_isa_avx512});
+#endif
+  const int64_t shapes[][2] = {{37, 64}, {64, 48}, {130, 256}, {16, 1024}, {9, 96}};
+  const char* kinds[] = {"bf16", "int8", "int4"};
+  int64_t checks = 0;
+  for (const auto& shape : shapes) {
+    const int64_t N = shape[0], K = shape[1];
+    std::vector<float> x(8 * K);
+    for (float& v : x) v = uniform();
+    std::vector<uint16_t> wb(N * K);
+    for (auto& v : wb) v = to_bf16(uniform());
+    std::vector<int8_t> w8(N * K);
+    for (auto& v : w8) v = static_cast<int8_t>(static_cast<int>(next() % 255) - 127);
+    std::vector<uint8_t> codes(N * K / 2);
+    for (auto& v : codes) v = static_cast<uint8_t>(next());
+    std::vector<float> so(N * (K / 32) * 2);
+    for (auto& v : so) v = uniform() * 0.1f;
+    const std::pair<const uint8_t*, const float*> w4{codes.data(), so.data()};
+    for (int kind = 0; kind < 3; ++kind) {
+      if (kind == 2 && K % 32 != 0) continue;
+      const void* w = kind == 0 ? static_cast<const void*>(wb.data())
+                    : kind == 1 ? static_cast<const void*>(w8.data()) : static_cast<const void*>(&w4);
+      std::vector<float> ref(8 * N);
+      run_isa_scalar(8, x.data(), w, K, N, ref.data(), kind);
+      std::vector<Level> all = levels;
+      all.push_back({"scalar", run_isa_scalar});
+      for (const Level& level : all) {
+        for (int64_t M = 1; M <= 8; ++M) {
+          for (int64_t first = 0; first + M <= 8; first += M) {
+            std::vector<float> out(M * N);
+            level.run(M, x.data() + first * K, w, K, N, out.data(), kind);
+            for (int64_t i = 0; i < M * N; ++i, ++checks) {
+              const float want = ref[first * N + i];
+              if (std::memcmp(&out[i], &want, 4) != 0) {
+                std::printf("mismatch: %s %s N=%lld K=%lld rows %lld..%lld: element %lld = %.9g, scalar 8 rows %.9g\n",
+                            level.name, kinds[kind], (long long)N, (long long)K, (long long)first,
+                            (long long)(first + M), (long long)i, out[i], want);
+                return 1;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  std::printf("ok %lld\n", static_cast<long long>(checks));
+  return 0;
+}

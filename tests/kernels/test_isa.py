@@ -1,0 +1,130 @@
+"""The CPU kernels on every instruction set this machine runs (scalar, AVX2, AVX-512, AMX; scalar and NEON on
+aarch64), each skipped only where the CPU lacks it: the matmuls give the scalar loops' bits on every level, each
+row's result is the same whatever the row count (1..8 rows: a verify pass of k + 1 positions), and so are the fused
+step ops'; MTPX_CPU_ISA picks a level at load and refuses one the CPU lacks."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mtpx import kernels
+from mtpx.models.linear import Int4Weight, Int8Weight
+
+from isa import LEVELS, isa_levels, running_on
+
+needs_kernel = pytest.mark.skipif(not kernels.rowgemm_available(), reason="the CPU kernels could not be built here")
+
+
+def _matmuls(n: int, k: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.1).bfloat16()
+    out = {"bf16": lambda x: kernels.rowgemm(x, w)}
+    q8 = Int8Weight(w)
+    out["int8"] = lambda x: kernels.rowgemm_int8(x, q8.q, q8.scale)
+    if k % 32 == 0:
+        q4 = Int4Weight(w)
+        out["int4"] = lambda x: kernels.rowgemm_int4(x, q4.codes, q4.scale_offset)
+    return out
+
+
+SHAPES = [(37, 64), (64, 48), (130, 512), (8, 1024)]  # 48: bf16 16 at a time, not in pairs of 16
+
+
+@needs_kernel
+@pytest.mark.parametrize("level", isa_levels())
+def test_matmuls_give_the_scalar_bits_and_ignore_the_row_count(level):
+    for n, k in SHAPES:
+        x = torch.randn(8, k, generator=torch.Generator().manual_seed(k)).bfloat16()
+        with running_on("scalar"):
+            reference = {name: f(x) for name, f in _matmuls(n, k, n).items()}
+        with running_on(level):
+            for name, f in _matmuls(n, k, n).items():
+                for m in range(1, 9):
+                    for first in range(0, 9 - m, m):
+                        got = f(x[first:first + m])
+                        assert torch.equal(got, reference[name][first:first + m]), (level, name, n, k, m, first)
+
+
+def _attention_case(g, T: int):
+    nh, nkv, D, rd = 4, 2, 64, 32
+    qkv = torch.randn(T, 2 * nh * D + 2 * nkv * D, generator=g).bfloat16()
+    norm = (torch.randn(D, generator=g) * 0.1).bfloat16()
+    angles = torch.randn(T, rd, generator=g)
+    return qkv, norm, angles.cos().bfloat16(), angles.sin().bfloat16(), nh, nkv, D
+
+
+@needs_kernel
+@pytest.mark.parametrize("level", isa_levels())
+def test_step_ops_give_each_position_the_same_bits_alone_or_together(level):
+    """rms_norm, silu_mul, attention_step and gdn_step over 5 positions in one call, against one call per
+    position (as decode steps give them), on one instruction set."""
+    g = torch.Generator().manual_seed(1)
+    T = 5
+    with running_on(level):
+        x = (torch.randn(T, 200, generator=g) * 3).bfloat16()
+        w = (torch.randn(200, generator=g) * 0.1).bfloat16()
+        together = kernels.rms_norm(x, w, 1e-6, True)
+        assert all(torch.equal(kernels.rms_norm(x[t:t + 1], w, 1e-6, True), together[t:t + 1]) for t in range(T))
+        gate_up = (torch.randn(T, 2 * 600, generator=g) * 2).bfloat16()
+        together = kernels.silu_mul(gate_up)
+        assert all(torch.equal(kernels.silu_mul(gate_up[t:t + 1]), together[t:t + 1]) for t in range(T))
+
+        qkv, norm, cos, sin, nh, nkv, D = _attention_case(g, T)
+        past = 7
+        cache = torch.randn(nkv, 32, D, generator=g).bfloat16()
+        k1, v1, k2, v2 = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+        together = kernels.attention_step(qkv, norm, norm, cos, sin, k1, v1, past, nh, nkv, D, 1e-6)
+        for t in range(T):
+            alone = kernels.attention_step(qkv[t:t + 1], norm, norm, cos[t:t + 1], sin[t:t + 1], k2, v2, past + t,
+                                           nh, nkv, D, 1e-6)
+            assert torch.equal(alone, together[t:t + 1]), t
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+        nk, nv, dk, dv, K = 2, 4, 32, 48, 4
+        conv_dim = 2 * nk * dk + nv * dv
+        proj = torch.randn(T, conv_dim + nv * dv + 2 * nv, generator=g).bfloat16()
+        conv = torch.randn(conv_dim, K - 1, generator=g).bfloat16()
+        weights = (torch.randn(conv_dim, K, generator=g).bfloat16(), torch.randn(nv, generator=g),
+                   torch.randn(nv, generator=g), torch.randn(dv, generator=g).bfloat16())
+        state = torch.randn(nv, dk, dv, generator=g)
+        out, _, last, replay = kernels.gdn_step(proj, conv, *weights, state, nk, dk, dv, 1e-6)
+        s = state
+        for t in range(T):
+            o, seq, s, _ = kernels.gdn_step(proj[t:t + 1], conv, *weights, s, nk, dk, dv, 1e-6)
+            conv = seq[:, 1:]
+            assert torch.equal(o, out[t:t + 1]), t
+            assert torch.equal(kernels.gdn_replay(state, replay, t + 1), s), t
+        assert torch.equal(s, last)
+
+        logits = torch.randn(4, 1003, generator=g)
+        logits[2, 500] = logits[2, 900] = 1e3
+        assert kernels.argmax_rows(logits) == logits.argmax(-1).tolist()
+        assert kernels.argmax_rows(logits.bfloat16()) == logits.bfloat16().argmax(-1).tolist()
+
+
+LOAD = """
+from mtpx import kernels
+print("isa", kernels.isa(), kernels.amx_available())
+"""
+
+
+def _load_with(isa: str) -> subprocess.CompletedProcess:
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in ("MTPX_ROWGEMM", "MTPX_KERNEL_MARCH")}
+    return subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True, timeout=300,
+                          env={**env, "MTPX_CPU_ISA": isa})
+
+
+@needs_kernel
+def test_mtpx_cpu_isa_picks_the_level_and_refuses_one_the_cpu_lacks():
+    have = kernels.cpu_isas()
+    lowest = have[-1]
+    out = _load_with(lowest)
+    assert out.returncode == 0 and out.stdout.split() == ["isa", lowest, "False"], out.stderr
+    missing = next((level for level in LEVELS + ("neon", "avx2") if level not in have), None)
+    for bad in [b for b in (missing, "sse9") if b]:
+        out = _load_with(bad)
+        assert out.returncode != 0
+        line = out.stderr.strip().splitlines()[-1]
+        assert f"MTPX_CPU_ISA={bad}" in line and ", ".join(have) in line, line
