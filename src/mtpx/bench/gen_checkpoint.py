@@ -36,6 +36,13 @@ SHAPES = {
     "qwen3.5-moe-small": dict(model_type="qwen3_5_moe_text", vocab_size=32000, tie_word_embeddings=False,
                               num_experts=64, num_experts_per_tok=8, moe_intermediate_size=256,
                               shared_expert_intermediate_size=256, **BODY_08B),
+    # Qwen3.5 / Qwen3.6-27B's text config (dense; its MTP layer is one full-attention layer)
+    "qwen3.6-27b": dict(model_type="qwen3_5_text", vocab_size=248320, tie_word_embeddings=False, hidden_size=5120,
+                        intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24, num_key_value_heads=4,
+                        head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48, linear_key_head_dim=128,
+                        linear_value_head_dim=128, linear_conv_kernel_dim=4, partial_rotary_factor=0.25,
+                        rope_theta=1e7, rms_norm_eps=1e-6, max_position_embeddings=262144,
+                        layer_types=["linear_attention"] * 3 + ["full_attention"]),
     "tiny": dict(model_type="qwen3_5_text", vocab_size=512, tie_word_embeddings=False, hidden_size=64,
                  intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,

@@ -146,7 +146,7 @@ def _replace_weights(model: nn.Module, convert) -> None:
             if new is not None:
                 set_fused_projection(module, new, None, sizes)
                 for n in module.FUSED_PROJECTIONS:
-                    getattr(module, n).weight.data = torch.empty(0, dtype=weight.dtype)
+                    getattr(module, n).weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.numel() and module.quantized is None:
             tied = id(module.weight) in shared
@@ -154,4 +154,4 @@ def _replace_weights(model: nn.Module, convert) -> None:
             if new is not None:
                 module.quantized, module.packed = new, None
                 if not tied:
-                    module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+                    module.weight.data = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
