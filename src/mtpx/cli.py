@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: mtpx <command> [options]\n       mtpx --version\n\ncommands:\n{lines}\n\n"
               "'mtpx COMMAND --help' lists a command's options. run, chat and serve speculate with the model's MTP "
               "layer by default\n(--spec-type mtp, adaptive draft length) when it has one; --spec-type none turns "
-              "it off.", file=sys.stderr if argv else sys.stdout)
+              "it off.", file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nmtpx: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

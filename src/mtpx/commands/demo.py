@@ -56,7 +56,10 @@ def main(args: argparse.Namespace) -> int:
         # the machine's speed moves between runs: report the run of median decode speed (all give the same text)
         out = sorted(runs, key=lambda r: r.stats["decode_tokens_per_s"])[len(runs) // 2]
         results[spec], texts[spec] = out, {tuple(r.token_ids) for r in runs}
-        label = "" if spec == "none" else (f", k <= {args.spec_draft_n_max}" + (
+        # the adaptive policy picks each round's k up to n_max; say how far it went, as the stats line's positions do
+        used = len(out.stats.get("acceptance_by_position") or [])
+        label = "" if spec == "none" else (f", k <= {args.spec_draft_n_max} (adaptive: this run drafted up to "
+                                           f"{used} position{'s' if used != 1 else ''})" + (
             f", drafts over the first {args.spec_draft_vocab} token ids" if args.spec_draft_vocab else ""))
         print(f"--- spec_type={spec}{label} " + "-" * 50)
         print(args.prompt + out.text)
