@@ -157,7 +157,7 @@ def nextn_tensors(layer: dict, h: int, prefix: str, g: torch.Generator) -> dict:
 
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.7}
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.7, "mscale_all_dim": 0.7}
 
 
 def deepseek_config(tied: bool = False, n_layers: int = 3, q_lora: bool = True, interleave: bool = True,

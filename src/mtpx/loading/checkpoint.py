@@ -189,11 +189,11 @@ MTP_COPIES = {"mtp.layers.0.embed_tokens.weight": "model.embed_tokens.weight",
 FP32_SUFFIXES = ("e_score_correction_bias",)  # kept in fp32 whatever the run dtype (they only rank experts)
 
 
-def _resolve_mtp_copies(ckpt: Checkpoint) -> None:
-    """Drop an MTP layer's copies of the main embedding / output head where they equal the main model's (the MTP
-    layer then shares them); an embedding of its own is kept (cfg.mtp_own_embedding), an output head of its own is
-    refused (the drafters read MTP logits through the main head)."""
-    cfg = ckpt.config
+def _resolve_mtp_copies(ckpt: Checkpoint) -> set[str]:
+    """The names of an MTP layer's copies of the main embedding / output head where they equal the main model's (the MTP
+    layer then shares them: build_model leaves them out); an embedding of its own is kept (cfg.mtp_own_embedding), an
+    output head of its own is refused (the drafters read MTP logits through the main head)."""
+    cfg, shared = ckpt.config, set()
     for copy, main in MTP_COPIES.items():
         if copy not in ckpt.shapes:
             continue
@@ -203,12 +203,13 @@ def _resolve_mtp_copies(ckpt: Checkpoint) -> None:
             raise ModelLoadError(f"tensor {disk_name(cfg, copy)} has shape {list(ckpt.shapes[copy])}, expected "
                                  f"{list(ckpt.shapes.get(main, ()))} (the shape of {main})")
         if torch.equal(ckpt.tensors[copy](), ckpt.tensors[main]()):
-            del ckpt.tensors[copy], ckpt.shapes[copy]
+            shared.add(copy)
         elif copy.endswith("embed_tokens.weight"):
             cfg.mtp_own_embedding = True
         else:
             raise ModelLoadError(f"tensor {disk_name(cfg, copy)}: an MTP output head that differs from {main} is not "
                                  "supported (mtpx computes MTP logits with the main output head)")
+    return shared
 
 
 def count_mtp_layers(names) -> int:
@@ -225,19 +226,19 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
         raise ModelLoadError(f"config says {cfg.MTP_KEY}={cfg.mtp_num_hidden_layers} but the weights hold "
                              f"{found} MTP layers")
     n_mtp = found if with_mtp else 0
+    left_out: set[str] = set()  # tensors of the checkpoint the model does not load
     if cfg.MTP_IN_LAYERS and n_mtp:
-        _resolve_mtp_copies(ckpt)
+        left_out = _resolve_mtp_copies(ckpt)
         if found > 1:  # drafting chains the first nextn layer; the others are not loaded
             log.info("%s: using the first of %d MTP layers", ckpt.path.name, found)
-            for n in [n for n in ckpt.shapes if re.match(r"^mtp\.layers\.[1-9]", n)]:
-                del ckpt.shapes[n], ckpt.tensors[n]
+            left_out |= {n for n in ckpt.shapes if re.match(r"^mtp\.layers\.[1-9]", n)}
     model_class = family(cfg)
     with torch.device("meta"):
         model = model_class(cfg, n_mtp)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    given = {n: s for n, s in ckpt.shapes.items() if with_mtp or not n.startswith("mtp.")}
+    given = {n: s for n, s in ckpt.shapes.items() if (with_mtp or not n.startswith("mtp.")) and n not in left_out}
     if cfg.tie_word_embeddings:
         given.pop("lm_head.weight", None)  # some tied checkpoints still store a copy
     missing = sorted(set(expected) - set(given))

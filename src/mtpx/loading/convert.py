@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mtpx.config import ModelConfig
+from mtpx.config import ModelConfig, RoutedMoEConfig
 from mtpx.errors import ModelLoadError
 from mtpx.loading.checkpoint import Checkpoint, count_mtp_layers, load_checkpoint
 from mtpx.loading.gguf import (GATE_UP_EXPERTS, GLOBAL_NAMES, LAYER_NAMES, MTP_NAMES, PRE_TOKENIZERS, TOKEN_CONTROL,
@@ -244,33 +244,8 @@ def _attention_interval(layer_types: list[str]) -> int:
     return 4  # irregular pattern: attention.recurrent_layers carries it
 
 
-def write_gguf(ckpt: Checkpoint, out: Path, outtype: str = "bf16", with_mtp: bool = True,
-               name: str | None = None) -> dict:
-    import gguf
-    if outtype not in OUTTYPES:
-        raise ModelLoadError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
-    cfg = ckpt.config
-    if cfg.rotary_dim > cfg.head_dim:
-        raise ModelLoadError("rotary dim exceeds head_dim")
-    notes = []
-    if cfg.linear_key_head_dim != cfg.linear_value_head_dim:
-        # llama.cpp's qwen35 loader takes both head sizes from ssm.state_size; mtpx reads such files back fine
-        notes.append(f"linear_key_head_dim ({cfg.linear_key_head_dim}) != linear_value_head_dim "
-                     f"({cfg.linear_value_head_dim}): llama.cpp's qwen35 loader assumes they are equal and will "
-                     "refuse this file")
-    if ckpt.tokenizer is None:
-        raise ModelLoadError(f"{ckpt.path} has no tokenizer: llama.cpp needs one inside the GGUF")
-    tok = tokenizer_metadata(ckpt.tokenizer, cfg)
+def _qwen35_metadata(w, cfg: ModelConfig, arch: str, n_mtp: int, ftype) -> None:
     n_main = cfg.num_hidden_layers
-    n_mtp = count_mtp_layers(ckpt.shapes) if with_mtp else 0
-    arch = "qwen35moe" if cfg.is_moe else "qwen35"
-    ftype = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-             "f32": gguf.LlamaFileType.ALL_F32}[outtype]
-
-    w = gguf.GGUFWriter(str(out), arch)
-    w.add_type("model")
-    w.add_name(name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.resolve().name))
     w.add_block_count(n_main + n_mtp)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -300,6 +275,61 @@ def write_gguf(ckpt: Checkpoint, out: Path, outtype: str = "bf16", with_mtp: boo
     w.add_full_attention_interval(_attention_interval(cfg.layer_types))
     w.add_rope_dimension_count(cfg.rotary_dim)
     w.add_rope_dimension_sections(mrope_sections(cfg.rotary_dim))
+
+
+def _routed_names(hf: str, ckpt: Checkpoint) -> list[str]:
+    """GGUF names of an internal tensor of a routed-MoE family, without loading it."""
+    from mtpx.loading.gguf_routed import export_arch, layer_names
+    cfg = ckpt.config
+    m = re.match(r"^(model|mtp)\.layers\.(\d+)\.(.+)$", hf)
+    if not m:
+        from mtpx.loading.gguf_routed import GLOBAL
+        return [GLOBAL[hf]]
+    blk = f"blk.{int(m[2]) + (cfg.num_hidden_layers if m[1] == 'mtp' else 0)}."
+    if m[3] == "mlp.experts.gate_up_proj":
+        return [blk + "ffn_gate_exps.weight", blk + "ffn_up_exps.weight"]
+    if m[3] == "self_attn.kv_b_proj.weight":
+        return [blk + "attn_k_b.weight", blk + "attn_v_b.weight"]
+    return [blk + layer_names(export_arch(cfg))[m[3]]]
+
+
+def write_gguf(ckpt: Checkpoint, out: Path, outtype: str = "bf16", with_mtp: bool = True,
+               name: str | None = None) -> dict:
+    import gguf
+    if outtype not in OUTTYPES:
+        raise ModelLoadError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    cfg = ckpt.config
+    if cfg.rotary_dim > cfg.head_dim:
+        raise ModelLoadError("rotary dim exceeds head_dim")
+    notes = []
+    if cfg.linear_key_head_dim != cfg.linear_value_head_dim:
+        # llama.cpp's qwen35 loader takes both head sizes from ssm.state_size; mtpx reads such files back fine
+        notes.append(f"linear_key_head_dim ({cfg.linear_key_head_dim}) != linear_value_head_dim "
+                     f"({cfg.linear_value_head_dim}): llama.cpp's qwen35 loader assumes they are equal and will "
+                     "refuse this file")
+    if ckpt.tokenizer is None:
+        raise ModelLoadError(f"{ckpt.path} has no tokenizer: llama.cpp needs one inside the GGUF")
+    tok = tokenizer_metadata(ckpt.tokenizer, cfg)
+    n_main = cfg.num_hidden_layers
+    n_mtp = count_mtp_layers(ckpt.shapes) if with_mtp else 0
+    arch = "qwen35moe" if cfg.is_moe else "qwen35"
+    if isinstance(cfg, RoutedMoEConfig):
+        from mtpx.loading.gguf_routed import export_arch
+        arch = export_arch(cfg)
+    ftype = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+             "f32": gguf.LlamaFileType.ALL_F32}[outtype]
+
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_type("model")
+    w.add_name(name or (ckpt.path.stem if ckpt.path.is_file() else ckpt.path.resolve().name))
+    routed = isinstance(cfg, RoutedMoEConfig)
+    if routed:  # glm4moe / deepseek2: loading/gguf_routed.py
+        from mtpx.loading import gguf_routed
+        gguf_routed.write_metadata(w, cfg, n_mtp)
+        w.add_file_type(ftype)
+    else:
+        _qwen35_metadata(w, cfg, arch, n_mtp, ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tok["pre"])
@@ -313,7 +343,13 @@ def write_gguf(ckpt: Checkpoint, out: Path, outtype: str = "bf16", with_mtp: boo
 
     # tensor infos first, then the data one tensor at a time: memory stays at one tensor, whatever the model size
     from gguf.quants import quant_shape_to_byte_shape
-    plan = tensor_plan(ckpt, outtype, with_mtp)
+    if routed:
+        names = _export_names(ckpt, with_mtp)
+        plan = [(g, shape, tensor_type(g, shape, outtype)) for hf in names
+                for g, shape in zip(_routed_names(hf, ckpt), gguf_routed.export_shapes(cfg, hf, ckpt.shapes[hf]))]
+        data = gguf_routed.export_tensors(ckpt, names, _round_dtype(outtype))
+    else:
+        plan, data = tensor_plan(ckpt, outtype, with_mtp), gguf_tensors(ckpt, outtype, with_mtp)
     types: dict[str, int] = {}
     for gname, shape, qtype in plan:
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -328,7 +364,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, outtype: str = "bf16", with_mtp: boo
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     written = 0
-    for (gname, x), (planned, shape, qtype) in zip(gguf_tensors(ckpt, outtype, with_mtp), plan):
+    for (gname, x), (planned, shape, qtype) in zip(data, plan):
         if gname != planned or tuple(x.shape) != tuple(shape):
             raise ModelLoadError(f"tensor {gname} {list(x.shape)} does not match the planned {planned} {list(shape)}")
         w.write_tensor_data(encode_tensor(gname, x, qtype))

@@ -33,6 +33,7 @@ from mtpx.loading.checkpoint import Checkpoint, sampling_defaults
 from mtpx.tokenizer import Tokenizer
 
 ARCHS = {"qwen35": False, "qwen35moe": True}  # GGUF architecture -> is MoE
+ROUTED_ARCHS = ("glm4moe", "deepseek2")  # read by loading/gguf_routed.py
 
 # Pre-tokenizer regexes as the Qwen tokenizer.json files write them (llama.cpp names them "qwen2" / "qwen35").
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -197,7 +198,7 @@ def gguf_config(reader, path: Path) -> tuple[ModelConfig, str, int]:
     arch = _field(reader, "general.architecture")
     if arch not in ARCHS:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {path.name}; mtpx reads "
-                             f"{', '.join(sorted(ARCHS))} (Qwen3.5 / Qwen3.6 dense and MoE)")
+                             f"{', '.join(sorted(ARCHS) + list(ROUTED_ARCHS))}")
     is_moe = ARCHS[arch]
 
     def key(k: str, default: Any = None, required: bool = True) -> Any:
@@ -434,9 +435,16 @@ def load_gguf_checkpoint(path: Path) -> Checkpoint:
         reader = GGUFReader(str(path))
     except Exception as e:  # bad magic, truncated file, ...
         raise ModelLoadError(f"cannot read GGUF file {path.name}: {e}") from None
-    cfg, arch, n_main = gguf_config(reader, path)
-    counts = _check_types(reader)
-    tensors, shapes = _map_tensors(reader, cfg, n_main)
+    arch = _field(reader, "general.architecture")
+    if arch in ROUTED_ARCHS:
+        from mtpx.loading.gguf_routed import routed_config, routed_tensors
+        cfg, n_main = routed_config(reader, arch, path)
+        counts = _check_types(reader)
+        tensors, shapes = routed_tensors(reader, cfg, arch, n_main)
+    else:
+        cfg, arch, n_main = gguf_config(reader, path)
+        counts = _check_types(reader)
+        tensors, shapes = _map_tensors(reader, cfg, n_main)
     tokenizer = gguf_tokenizer(reader)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ModelLoadError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
