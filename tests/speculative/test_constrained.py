@@ -68,3 +68,51 @@ def test_bad_grammar_names_the_field(llm):
     assert e.value.field == "response_format.json_schema"
     with pytest.raises(FieldError):
         llm.generate("x", grammar=GrammarSpec("regex", "(unclosed", "grammar"))
+
+
+def test_sampling_under_a_grammar_keeps_the_joint_distribution(ckpt_factory):
+    """Rejection sampling with the grammar's mask on every verify row (and on the MTP drafter's proposals) samples
+    3 tokens as constrained plain sampling does (chi-square, as tests/speculative/test_distribution.py)."""
+    import random
+    import re
+    from collections import Counter
+
+    import torch
+    from scipy.stats import chi2_contingency
+
+    from mtpx.sampling import SamplingParams
+    from mtpx.speculative.drafters import MTPDrafter
+    from mtpx.speculative.loop import decode_round, prefill
+    from mtpx.speculative.policy import DraftPolicy
+
+    llm = mtpx.LLM(ckpt_factory(), dtype="fp32")
+    with torch.no_grad():
+        llm.model.lm_head.weight.mul_(12.0)  # peaked distributions: few likely outcomes
+    prompt = [5, 17, 42, 99, 7]
+    probs = torch.softmax(llm.logits(prompt)[-1], -1)
+    texts = {t: llm.tokenizer.decode([t]) for t in probs.argsort(descending=True).tolist()[:40]}
+    words = [s for s in texts.values() if s and "\ufffd" not in s and "<|" not in s][:10]
+    grammar = GrammarSpec("regex", "(" + "|".join(re.escape(w) for w in words[1:]) + ")*")  # not the likeliest
+
+    def counts(drafter, seed, n=2000, batch=500):
+        rng, out = random.Random(seed), Counter()
+        policy = DraftPolicy(2, 0, adaptive=False) if drafter else None
+        for _ in range(n // batch):
+            seqs = []
+            for _ in range(batch):
+                params = SamplingParams(temperature=1.0, seed=rng.getrandbits(62), grammar=grammar)
+                seq = llm.engine.new_sequence(prompt, 3, params, ignore_eos=True)
+                prefill(llm.model, drafter, seq)
+                seqs.append(seq)
+            while any(not s.finished for s in seqs):
+                decode_round(llm.model, drafter, policy, [s for s in seqs if not s.finished])
+            out.update(tuple(s.generated) for s in seqs)
+        return out
+
+    a, b = counts(None, 1), counts(MTPDrafter(llm.model), 2)
+    common = [t for t in set(a) | set(b) if a[t] + b[t] >= 20]
+    assert len(common) >= 5
+    table = [[c[t] for t in common] + [sum(c.values()) - sum(c[t] for t in common)] for c in (a, b)]
+    if table[0][-1] + table[1][-1] == 0:
+        table = [row[:-1] for row in table]
+    assert chi2_contingency(table)[1] > 0.01

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mtpx import kernels
+from mtpx.engine.constraints import mask_logits
 from mtpx.engine.sequence import Sequence
 from mtpx.models.linear import QuantizedWeight, linear, nbytes, row_invariant, weight_bytes
 from mtpx.models.interface import CausalLM
@@ -52,9 +53,14 @@ class Drafter(ABC):
 def _pick(logits: torch.Tensor, seq: "Sequence", p_min: float, drafted: list[int],
           argmax: bool) -> tuple[int | None, torch.Tensor | None]:
     """Choose a draft token from draft logits [V] that follow the sequence and its drafts so far: argmax when
-    greedy or `argmax`, else sample from q (processed like the target, penalties included). None when the draft's
-    top probability is below p_min."""
+    greedy or `argmax`, else sample from q (processed like the target, penalties included, and the grammar's mask
+    where the sequence has one: its matcher has taken the drafts so far). None when the draft's top probability is
+    below p_min, or the grammar leaves the drafter no token."""
     logits = apply_penalties(logits[None], seq.params, seq.tokens + drafted, seq.n_prompt)[0]
+    if seq.constraint is not None:
+        logits = mask_logits(logits[None], seq.constraint.allowed()[None])[0]
+        if not bool(torch.isfinite(logits).any()):
+            return None, None
     if seq.params.greedy or argmax:
         if p_min > 0 and torch.softmax(logits.float(), -1).max() < p_min:
             return None, None
@@ -90,7 +96,7 @@ class _StatefulDrafter(Drafter):
         """Argmax drafts, no p_min and unpenalised (or `penalties`: the caller applies them): a draft is the argmax,
         and the full logits are never needed."""
         return (self.p_min == 0 and (seq.params.greedy or not self.sampled_drafts)
-                and (penalties or not seq.params.penalized))
+                and (penalties or not seq.params.penalized) and seq.constraint is None)
 
     def _argmax(self, x: torch.Tensor) -> list[int]:
         """Greedy draft tokens for drafter outputs x [R, H]."""
@@ -121,6 +127,7 @@ class _StatefulDrafter(Drafter):
             x.append(out[i, n_b - 1])
         live = list(range(len(active)))
         probs: list[list[torch.Tensor]] = [[] for _ in active]
+        taken: dict[int, int] = {}  # tokens each constrained sequence's matcher took while drafting
         plain_argmax = all(self._drafts_by_argmax(seqs[b]) for b in active)
         for j in range(max(ks[b] for b in active)):
             rows = torch.stack([x[i] for i in live])
@@ -135,10 +142,15 @@ class _StatefulDrafter(Drafter):
                                                                          not self.sampled_drafts)
                 if tok is None:
                     continue
+                c = seqs[b].constraint
+                if c is not None and tok not in seqs[b].eos:  # the matcher follows the drafts (rolled back below)
+                    if not c.accept(tok):
+                        continue
+                    taken[b] = taken.get(b, 0) + 1
                 drafts[b].tokens.append(tok)
                 if q is not None:
                     probs[i].append(q)
-                if len(drafts[b].tokens) < ks[b]:
+                if len(drafts[b].tokens) < ks[b] and (c is None or tok not in seqs[b].eos):
                     next_live.append(i)
             live = next_live
             if not live:
@@ -151,6 +163,8 @@ class _StatefulDrafter(Drafter):
         for i, b in enumerate(active):
             if probs[i]:
                 drafts[b].probs = torch.stack(probs[i])
+        for b, n in taken.items():
+            seqs[b].constraint.rollback(n)
         return drafts
 
 
