@@ -54,3 +54,23 @@ def test_unsupported_options_are_named():
     raw = {**base_config(moe=True), "model_type": "qwen3_next", "mlp_only_layers": [0]}
     with pytest.raises(ModelLoadError, match="mlp_only_layers"):
         ModelConfig.from_hf_dict(raw)
+
+
+def test_gguf_round_trip_is_bit_identical(family_factory, tmp_path):
+    """arch qwen3next: ssm_in / ssm_ba hold the fused projections; export, import and export again change no bit."""
+    import numpy as np
+    from gguf import GGUFReader
+    from mtpx.loading.convert import write_gguf
+    path, out, again = family_factory("qwen3_next"), tmp_path / "a.gguf", tmp_path / "b.gguf"
+    assert write_gguf(load_checkpoint(path), out, "bf16")["arch"] == "qwen3next"
+    names = {t.name for t in GGUFReader(str(out)).tensors}
+    assert {"blk.0.ssm_in.weight", "blk.0.ssm_ba.weight", "blk.4.nextn.eh_proj.weight"} <= names
+    a = build_model(load_checkpoint(path), torch.bfloat16).state_dict()
+    ckpt = load_checkpoint(out)
+    assert ckpt.config.model_type == "qwen3_next"
+    b = build_model(ckpt, torch.bfloat16).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    write_gguf(load_checkpoint(out), again, "bf16")
+    t1 = {t.name: np.asarray(t.data) for t in GGUFReader(str(out)).tensors}
+    t2 = {t.name: np.asarray(t.data) for t in GGUFReader(str(again)).tensors}
+    assert t1.keys() == t2.keys() and all(np.array_equal(t1[k], t2[k]) for k in t1)

@@ -23,8 +23,10 @@ import torch
 from mtpx.config import ModelConfig, RoutedMoEConfig
 from mtpx.errors import ModelLoadError
 from mtpx.loading.checkpoint import Checkpoint, count_mtp_layers, load_checkpoint
-from mtpx.loading.gguf import (GATE_UP_EXPERTS, GLOBAL_NAMES, LAYER_NAMES, MTP_NAMES, PRE_TOKENIZERS, TOKEN_CONTROL,
-                               TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, is_offset_norm, linear_attn_reorder)
+from mtpx.loading.gguf import (GATE_UP_EXPERTS, GLOBAL_NAMES, LAYER_NAMES, MTP_NAMES, NEXT_NAMES, PRE_TOKENIZERS,
+                               TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, is_offset_norm,
+                               linear_attn_reorder)
+from mtpx.models.qwen3_next import join_projections
 from mtpx.tokenizer import Tokenizer
 
 OUTTYPES = ("bf16", "f16", "q8_0", "q4_0", "f32")
@@ -78,8 +80,20 @@ def _export_names(ckpt: Checkpoint, with_mtp: bool) -> list[str]:
     return sorted(names, key=order)
 
 
-def _gguf_names(hf: str, n_main: int) -> list[str]:
-    """GGUF name(s) of an internal tensor (routed experts' gate_up_proj is stored as two tensors)."""
+# Qwen3-Next: the internal (Qwen3.5) projection that carries the fused GGUF tensor, and the one folded into it
+NEXT_JOINS = {"linear_attn.in_proj_qkv.weight": ("linear_attn.in_proj_z.weight", "linear_attn.in_proj_qkvz.weight"),
+              "linear_attn.in_proj_b.weight": ("linear_attn.in_proj_a.weight", "linear_attn.in_proj_ba.weight")}
+NEXT_FOLDED = {folded for folded, _ in NEXT_JOINS.values()}
+
+
+def _gguf_names(hf: str, n_main: int, next_layout: bool = False) -> list[str]:
+    """GGUF name(s) of an internal tensor (routed experts' gate_up_proj is stored as two tensors; with Qwen3-Next's
+    layout, in_proj_qkv + in_proj_z as one, in_proj_b + in_proj_a as one)."""
+    suffix = hf.split(".", 3)[-1]
+    if next_layout and suffix in NEXT_FOLDED:
+        return []
+    if next_layout and suffix in NEXT_JOINS:
+        return [f"blk.{int(hf.split('.')[2])}.{NEXT_NAMES[NEXT_JOINS[suffix][1]]}"]
     if hf in GLOBAL_NAMES:
         return [GLOBAL_NAMES[hf]]
     if hf in MTP_NAMES:
@@ -93,8 +107,16 @@ def _gguf_names(hf: str, n_main: int) -> list[str]:
     return [f"blk.{bid}.{LAYER_NAMES[m[3]]}"]
 
 
-def _gguf_shapes(hf: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+def _gguf_shapes(hf: str, shape: tuple[int, ...], cfg: ModelConfig | None = None) -> list[tuple[int, ...]]:
     """Row-major shapes of the GGUF tensor(s) `_gguf_names` gives, from the internal shape."""
+    if cfg is not None and cfg.model_type == "qwen3_next":
+        suffix = hf.split(".", 3)[-1]
+        if suffix in NEXT_FOLDED:
+            return []
+        if suffix == "linear_attn.in_proj_qkv.weight":
+            return [(shape[0] + cfg.linear_num_value_heads * cfg.linear_value_head_dim, shape[1])]
+        if suffix == "linear_attn.in_proj_b.weight":
+            return [(2 * shape[0], shape[1])]
     if hf.endswith(GATE_UP_EXPERTS):
         e, two_i, h = shape
         return [(e, two_i // 2, h)] * 2
@@ -108,12 +130,30 @@ def gguf_tensors(ckpt: Checkpoint, outtype: str, with_mtp: bool = True) -> Itera
     cfg = ckpt.config
     n_main = cfg.num_hidden_layers
     rounding = _round_dtype(outtype)
+    next_layout = cfg.model_type == "qwen3_next"
+
+    def load(name: str) -> torch.Tensor:
+        x = ckpt.tensors[name]()
+        return (x.to(rounding) if rounding is not None else x).float()
     for hf in _export_names(ckpt, with_mtp):
-        x = ckpt.tensors[hf]()
-        if rounding is not None:
-            x = x.to(rounding)
-        x = x.float()
-        gnames = _gguf_names(hf, n_main)
+        gnames = _gguf_names(hf, n_main, next_layout)
+        if not gnames:
+            continue
+        suffix = hf.split(".", 3)[-1]
+        if next_layout and suffix in NEXT_JOINS:
+            base = hf[:-len(suffix)]
+            b = base + "linear_attn.in_proj_b.weight"
+            if suffix == "linear_attn.in_proj_qkv.weight":
+                qkvz, _ = join_projections(load(hf), load(base + "linear_attn.in_proj_z.weight"), load(b),
+                                           load(base + "linear_attn.in_proj_a.weight"), cfg)
+                yield gnames[0], qkvz.contiguous()
+            else:
+                _, ba = join_projections(load(base + "linear_attn.in_proj_qkv.weight"),
+                                         load(base + "linear_attn.in_proj_z.weight"), load(hf),
+                                         load(base + "linear_attn.in_proj_a.weight"), cfg)
+                yield gnames[0], ba.contiguous()
+            continue
+        x = load(hf)
         if hf.endswith(GATE_UP_EXPERTS):
             gate, up = x.chunk(2, dim=1)
             yield gnames[0], gate.contiguous()
@@ -121,7 +161,7 @@ def gguf_tensors(ckpt: Checkpoint, outtype: str, with_mtp: bool = True) -> Itera
             continue
         gname = gnames[0]
         suffix = hf.split(".", 3)[-1] if hf.startswith(("model.layers.", "mtp.layers.")) else hf
-        if suffix.startswith("linear_attn."):
+        if suffix.startswith("linear_attn.") and not next_layout:
             x = linear_attn_reorder(suffix, x, cfg, to_gguf=True)
         gsuffix = gname.split(".", 2)[-1] if gname.startswith("blk.") else gname
         if gsuffix == "ssm_conv1d.weight":
@@ -138,7 +178,8 @@ def tensor_plan(ckpt: Checkpoint, outtype: str, with_mtp: bool = True) -> list[t
     n_main = ckpt.config.num_hidden_layers
     plan = []
     for hf in _export_names(ckpt, with_mtp):
-        for gname, shape in zip(_gguf_names(hf, n_main), _gguf_shapes(hf, ckpt.shapes[hf])):
+        for gname, shape in zip(_gguf_names(hf, n_main, ckpt.config.model_type == "qwen3_next"),
+                                _gguf_shapes(hf, ckpt.shapes[hf], ckpt.config)):
             plan.append((gname, shape, tensor_type(gname, shape, outtype)))
     return plan
 
@@ -274,7 +315,8 @@ def _qwen35_metadata(w, cfg: ModelConfig, arch: str, n_mtp: int, ftype) -> None:
                 [t == "linear_attention" for t in cfg.layer_types] + [False] * n_mtp)
     w.add_full_attention_interval(_attention_interval(cfg.layer_types))
     w.add_rope_dimension_count(cfg.rotary_dim)
-    w.add_rope_dimension_sections(mrope_sections(cfg.rotary_dim))
+    if arch != "qwen3next":  # Qwen3-Next's RoPE is plain, not M-RoPE
+        w.add_rope_dimension_sections(mrope_sections(cfg.rotary_dim))
 
 
 def _routed_names(hf: str, ckpt: Checkpoint) -> list[str]:
@@ -312,7 +354,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, outtype: str = "bf16", with_mtp: boo
     tok = tokenizer_metadata(ckpt.tokenizer, cfg)
     n_main = cfg.num_hidden_layers
     n_mtp = count_mtp_layers(ckpt.shapes) if with_mtp else 0
-    arch = "qwen35moe" if cfg.is_moe else "qwen35"
+    arch = "qwen3next" if cfg.model_type == "qwen3_next" else "qwen35moe" if cfg.is_moe else "qwen35"
     if isinstance(cfg, RoutedMoEConfig):
         from mtpx.loading.gguf_routed import export_arch
         arch = export_arch(cfg)

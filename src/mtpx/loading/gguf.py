@@ -30,9 +30,14 @@ import torch
 from mtpx.config import ModelConfig
 from mtpx.errors import ModelLoadError
 from mtpx.loading.checkpoint import Checkpoint, sampling_defaults
+from mtpx.models.qwen3_next import split_projections
 from mtpx.tokenizer import Tokenizer
 
-ARCHS = {"qwen35": False, "qwen35moe": True}  # GGUF architecture -> is MoE
+ARCHS = {"qwen35": False, "qwen35moe": True, "qwen3next": True}  # GGUF architecture -> is MoE
+# Qwen3-Next (arch qwen3next) is stored like qwen35moe except its Gated DeltaNet input projections: fused per key head
+# as in its HF checkpoints (ssm_in = in_proj_qkvz, ssm_ba = in_proj_ba, models/qwen3_next.py), value heads in HF
+# (grouped) order throughout, no RoPE sections
+NEXT_NAMES = {"linear_attn.in_proj_qkvz.weight": "ssm_in.weight", "linear_attn.in_proj_ba.weight": "ssm_ba.weight"}
 ROUTED_ARCHS = ("glm4moe", "deepseek2")  # read by loading/gguf_routed.py
 
 # Pre-tokenizer regexes as the Qwen tokenizer.json files write them (llama.cpp names them "qwen2" / "qwen35").
@@ -233,7 +238,7 @@ def gguf_config(reader, path: Path) -> tuple[ModelConfig, str, int]:
     if embd is None:
         raise ModelLoadError(f"GGUF {path.name} has no token_embd.weight")
     kw: dict[str, Any] = dict(
-        model_type="qwen3_5_moe_text" if is_moe else "qwen3_5_text",
+        model_type="qwen3_next" if arch == "qwen3next" else "qwen3_5_moe_text" if is_moe else "qwen3_5_text",
         vocab_size=int(embd.shape[1]), hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length", 0, required=not is_moe)),
         num_hidden_layers=n_main, num_attention_heads=heads,
@@ -271,7 +276,10 @@ def gguf_config(reader, path: Path) -> tuple[ModelConfig, str, int]:
 def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
     """GGUF tensors -> internal names, loaders (with the converter's transforms undone) and shapes."""
     by_name = {t.name: t for t in reader.tensors}
+    next_layout = cfg.model_type == "qwen3_next"
     gguf_to_hf_layer = {g: h for h, g in LAYER_NAMES.items()}
+    if next_layout:
+        gguf_to_hf_layer.update({g: h for h, g in NEXT_NAMES.items()})
     tensors: dict[str, Callable[[], torch.Tensor]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     gate_up: dict[str, dict[str, Any]] = {}
@@ -291,7 +299,7 @@ def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
                 x = x.float() - 1.0
             elif gguf_suffix == "ssm_a":
                 x = torch.log(-x.double()).float()
-            if hf_suffix.startswith("linear_attn."):
+            if hf_suffix.startswith("linear_attn.") and not next_layout:
                 x = linear_attn_reorder(hf_suffix, x.reshape(shape[0], -1) if x.dim() > 1 else x, cfg,
                                         to_gguf=False)
             return x.reshape(shape)
@@ -352,6 +360,8 @@ def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
         tensors[hf] = load_gate_up
         ge, gi, gh = (int(x) for x in reversed(parts["ffn_gate_exps.weight"].shape))
         shapes[hf] = (ge, 2 * gi, gh)
+    if next_layout:
+        split_projections(cfg, tensors, shapes)
     return tensors, shapes
 
 

@@ -63,3 +63,16 @@ def split_projections(cfg: ModelConfig, tensors: dict[str, Callable[[], torch.Te
         shapes[prefix + "in_proj_qkv.weight"] = (2 * nk * dk + nv * dv, h)
         shapes[prefix + "in_proj_z.weight"] = (nv * dv, h)
         shapes[prefix + "in_proj_b.weight"] = shapes[prefix + "in_proj_a.weight"] = (nv, h)
+
+
+def join_projections(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                     cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of split_qkvz / split_ba: Qwen3.5's projections -> in_proj_qkvz, in_proj_ba."""
+    nk, dk, nv, dv = (cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_num_value_heads,
+                      cfg.linear_value_head_dim)
+    r, h = nv // nk, qkv.shape[-1]
+    q, k, v = qkv.split([nk * dk, nk * dk, nv * dv])
+    parts = [t.reshape(nk, -1, h) for t in (q, k, v, z)]
+    qkvz = torch.cat(parts, dim=1).reshape(-1, h)
+    ba = torch.cat([b.reshape(nk, r, h), a.reshape(nk, r, h)], dim=1).reshape(-1, h)
+    return qkvz, ba
