@@ -142,3 +142,14 @@ def test_parser_splits_tags_across_deltas():
     for m in (whole, streamed):
         assert m["reasoning_content"] == "plan it" and m["content"] == "Sure."
         assert m["tool_calls"][0]["function"] == {"name": "f", "arguments": "{\"a\": 1}"}
+
+
+def test_parser_reads_qwen35_xml_calls():
+    """Qwen3.5 / Qwen3-Coder write calls as <function=...><parameter=...>; a string parameter stays text."""
+    text = ("Let me check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\n123\n</parameter>\n"
+            "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+    schemas = {"get_weather": {"properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}
+    p = OutputParser(tools=True, schemas=schemas)
+    m = merge([d for i in range(0, len(text), 5) for d in p.feed(text[i:i + 5])] + p.finish())
+    assert m["content"] == "Let me check.\n"
+    assert json.loads(m["tool_calls"][0]["function"]["arguments"]) == {"city": "123", "days": 3}

@@ -7,6 +7,7 @@ held back) and whole responses (the deltas merged), so both give the same messag
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 THINK, END_THINK = "<think>", "</think>"
@@ -21,6 +22,32 @@ def starts_in_reasoning(prompt: str) -> bool:
     return tail.rfind(THINK) > tail.rfind(END_THINK)
 
 
+XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
+XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
+
+
+def parse_xml_call(text: str, schemas: dict) -> dict | None:
+    """Qwen3.5 / Qwen3-Coder's call format, `<function=NAME><parameter=P>value</parameter>...</function>`, as
+    {"name", "arguments"}: a value is text where the function's schema types the parameter as a string (or does
+    not know it and it is no JSON), else its JSON value."""
+    m = XML_FUNCTION.search(text)
+    if m is None:
+        return None
+    name = m.group(1).strip()
+    props = (schemas.get(name) or {}).get("properties") or {}
+    args = {}
+    for key, raw in XML_PARAMETER.findall(m.group(2)):
+        key = key.strip()
+        if (props.get(key) or {}).get("type") == "string":
+            args[key] = raw
+            continue
+        try:
+            args[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            args[key] = raw
+    return {"name": name, "arguments": args}
+
+
 def new_call(index: int, name: str, arguments: str) -> dict:
     return {"index": index, "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
             "function": {"name": name, "arguments": arguments}}
@@ -32,8 +59,9 @@ class OutputParser:
     whole output is the call's JSON."""
 
     def __init__(self, *, reasoning: bool = False, in_reasoning: bool = False, tools: bool = False,
-                 forced: str | None = None, name: str | None = None):
+                 forced: str | None = None, name: str | None = None, schemas: dict | None = None):
         self.reasoning, self.tools, self.forced, self.name = reasoning, tools, forced, name
+        self.schemas = schemas or {}  # function name -> its parameters schema (types of XML-format arguments)
         self.mode = "reasoning" if reasoning and in_reasoning else "content"
         self.buf = ""  # text not yet released (a possible tag start, or a tool call being read)
         self.calls = 0
@@ -109,10 +137,13 @@ class OutputParser:
             self.mode, self.strip_next = "content", True
 
     def _parse_call(self, text: str) -> dict | None:
-        try:
-            value = json.loads(text.strip())
-        except json.JSONDecodeError:
-            return None
+        if text.strip().startswith("<function="):
+            value = parse_xml_call(text, self.schemas)
+        else:
+            try:
+                value = json.loads(text.strip())
+            except json.JSONDecodeError:
+                return None
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):
             return None
         args = value.get("arguments", value.get("parameters", {}))
@@ -172,7 +203,9 @@ class Responder:
         self.parser = OutputParser(reasoning=split and not constrained,
                                    in_reasoning=starts_in_reasoning(prompt_tail), tools=mode == "auto",
                                    forced=mode if mode in ("named", "required") else None,
-                                   name=opts.forced_tool if opts is not None else None)
+                                   name=opts.forced_tool if opts is not None else None,
+                                   schemas={t["function"]["name"]: t["function"]["parameters"]
+                                            for t in (opts.tools if opts is not None else [])})
         self.top = opts.logprobs if opts is not None else None
 
     def feed(self, text: str) -> list[dict]:
