@@ -1,9 +1,14 @@
 """`mtpx convert --to gguf IN OUT [--outtype bf16|f16|q8_0|q4_0|f32]`: write a GGUF that llama.cpp loads, MTP layer included.
+Longer than 400 lines because the tensor plan, the tensors, the tokenizer and the metadata of one file are written
+together (the routed-MoE families' names and metadata are loading/gguf_routed.py's).
 
 The file follows what llama.cpp's own converter writes for `Qwen3_5ForCausalLM` / `Qwen3_5MoeForCausalLM` (arch
 `qwen35` / `qwen35moe`): the same metadata keys, tensor names and transforms (see `mtpx.loading.gguf`), the MTP block
 as `blk.{n_main}.*` with `nextn.*`, and the same per-tensor types: 1-D tensors, norms, the router (`ffn_gate_inp*`)
 and `ssm_conv1d` are F32; with q8_0 / q4_0, a tensor whose rows are not a multiple of 32 falls back to F16.
+
+Qwen3-Next is written as arch `qwen3next` with its fused `ssm_in` / `ssm_ba`; GLM-4.5 and DeepSeek-V3 as `glm4moe` /
+`deepseek2` (loading/gguf_routed.py).
 
 With bf16 / f16 every weight is first rounded to that type, also those stored as F32, so that loading the GGUF back
 in mtpx gives exactly the model the checkpoint gives at that dtype.

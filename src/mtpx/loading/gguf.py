@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp) of the Qwen3.5 family, MTP block included, read into a `Checkpoint` in internal (HF) names.
+"""GGUF files (llama.cpp) of the Qwen3.5 family (and Qwen3-Next, arch `qwen3next`), MTP block included, read into a
+`Checkpoint` in internal (HF) names; archs `glm4moe` / `deepseek2` are loading/gguf_routed.py's.
 Longer than 400 lines because the name map, the metadata map and the tensor re-layouts are one reader's parts.
 
 llama.cpp's layout for arch `qwen35` / `qwen35moe`, as its converter (`convert_hf_to_gguf.py`) writes it:
