@@ -153,3 +153,11 @@ def test_parser_reads_qwen35_xml_calls():
     m = merge([d for i in range(0, len(text), 5) for d in p.feed(text[i:i + 5])] + p.finish())
     assert m["content"] == "Let me check.\n"
     assert json.loads(m["tool_calls"][0]["function"]["arguments"]) == {"city": "123", "days": 3}
+
+
+def test_completions_take_a_regex_and_logprobs(qwen):
+    r = qwen.client().completions.create(model="tiny", prompt="The answer:", max_tokens=20, temperature=0,
+                                         logprobs=2, extra_body={"regex": "(yes|no)!"})
+    choice = r.choices[0]
+    assert choice.text in ("yes!", "no!") and choice.finish_reason == "stop"
+    assert "".join(choice.logprobs.tokens) == choice.text and len(choice.logprobs.top_logprobs[0]) == 2
