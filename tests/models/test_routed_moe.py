@@ -162,3 +162,23 @@ def test_bad_mtp_layer_and_router_errors_name_the_tensor_or_key(glm, tmp_path):
     head = {f"model.layers.{L}.shared_head.head.weight": torch.zeros(384, 64)}
     with pytest.raises(ModelLoadError, match=rf"model\.layers\.{L}\.shared_head\.head\.weight"):
         build_model(load_checkpoint(_copy(glm, tmp_path / "e", tensors=head)), torch.float32)
+
+
+def test_block_fp8_weights_are_dequantized_at_load(family_factory, tmp_path):
+    """DeepSeek-V3's HF checkpoints are float8_e4m3fn with a scale per 128 x 128 block (`weight_scale_inv`)."""
+    src, block = family_factory("deepseek"), 16
+    t = load_file(src / "model.safetensors")
+    want = {}
+    for k in [k for k in t if k.endswith(("o_proj.weight", "kv_a_proj_with_mqa.weight"))]:
+        n, m = t[k].shape
+        scale = torch.rand(-(-n // block), -(-m // block), generator=torch.Generator().manual_seed(len(want))) + 0.01
+        full = scale.repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :m]
+        t[k], t[k + "_scale_inv"] = (t[k] / full).to(torch.float8_e4m3fn), scale
+        want[k.replace("model.layers.3.", "mtp.layers.0.")] = t[k].float() * full
+    quant = {"quant_method": "fp8", "weight_block_size": [block, block]}
+    model = build_model(load_checkpoint(_copy(src, tmp_path / "fp8", config={"quantization_config": quant},
+                                              tensors=t)), torch.float32)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], w) for k, w in want.items())
+    with pytest.raises(ModelLoadError, match="quant_method 'awq'"):
+        load_checkpoint(_copy(src, tmp_path / "awq", config={"quantization_config": {"quant_method": "awq"}}))

@@ -124,6 +124,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 continue
             shapes[internal] = tuple(handle.get_slice(name).get_shape())
             tensors[internal] = (lambda h=handle, n=name: h.get_tensor(n))
+    _dequantize_fp8_blocks(raw.get("quantization_config"), tensors, shapes)
     if cfg.MTP_IN_LAYERS:
         rename_nextn_layers(cfg, tensors, shapes)
     if cfg.model_type == "qwen3_next":
@@ -134,6 +135,32 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ModelLoadError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                              f"{cfg.vocab_size}: tokenizer and weights do not belong together")
     return Checkpoint(cfg, tensors, shapes, tokenizer, path, sampling_defaults=defaults)
+
+
+def _dequantize_fp8_blocks(quant: dict | None, tensors: dict, shapes: dict) -> None:
+    """Block-scaled FP8 checkpoints (DeepSeek-V3's and GLM-4.5-FP8's `quant_method: fp8`, `weight_block_size` [bn, bk]):
+    each `X.weight` (float8_e4m3fn) with its `X.weight_scale_inv` [ceil(N / bn), ceil(K / bk)] becomes the fp32 weight
+    w * scale of its block, when loaded."""
+    scales = [n for n in tensors if n.endswith(".weight_scale_inv")]
+    if not quant and not scales:
+        return
+    method = (quant or {}).get("quant_method")
+    if method != "fp8" or not scales:
+        raise ModelLoadError(f"unsupported quantization_config (quant_method {method!r}): mtpx reads block-scaled "
+                             "fp8 (weight_scale_inv) checkpoints, or unquantized ones")
+    bn, bk = (quant.get("weight_block_size") or [128, 128])[:2]
+    for scale_name in scales:
+        name = scale_name[:-len("_scale_inv")]
+        if name not in tensors:
+            raise ModelLoadError(f"checkpoint has {scale_name} but no {name}")
+        weight, scale = tensors[name], tensors.pop(scale_name)
+        del shapes[scale_name]
+
+        def load(weight=weight, scale=scale) -> torch.Tensor:
+            w, s = weight().float(), scale().float()
+            s = s.repeat_interleave(bn, dim=0)[:w.shape[0]].repeat_interleave(bk, dim=1)[:, :w.shape[1]]
+            return w * s
+        tensors[name] = load
 
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
