@@ -181,4 +181,5 @@ def test_block_fp8_weights_are_dequantized_at_load(family_factory, tmp_path):
     got = model.state_dict()
     assert all(torch.equal(got[k], w) for k, w in want.items())
     with pytest.raises(ModelLoadError, match="quant_method 'awq'"):
-        load_checkpoint(_copy(src, tmp_path / "awq", config={"quantization_config": {"quant_method": "awq"}}))
+        load_checkpoint(_copy(src, tmp_path / "awq", config={"quantization_config": {"quant_method": "awq"}},
+                              tensors=t))

@@ -142,12 +142,12 @@ def _dequantize_fp8_blocks(quant: dict | None, tensors: dict, shapes: dict) -> N
     each `X.weight` (float8_e4m3fn) with its `X.weight_scale_inv` [ceil(N / bn), ceil(K / bk)] becomes the fp32 weight
     w * scale of its block, when loaded."""
     scales = [n for n in tensors if n.endswith(".weight_scale_inv")]
-    if not quant and not scales:
+    if not scales:  # other quantized formats fail the tensor check, naming their extra tensors
         return
     method = (quant or {}).get("quant_method")
-    if method != "fp8" or not scales:
-        raise ModelLoadError(f"unsupported quantization_config (quant_method {method!r}): mtpx reads block-scaled "
-                             "fp8 (weight_scale_inv) checkpoints, or unquantized ones")
+    if method != "fp8":
+        raise ModelLoadError(f"tensor {scales[0]}: unsupported quantization (quant_method {method!r}); mtpx reads "
+                             "block-scaled fp8 (quant_method 'fp8', weight_scale_inv) and unquantized checkpoints")
     bn, bk = (quant.get("weight_block_size") or [128, 128])[:2]
     for scale_name in scales:
         name = scale_name[:-len("_scale_inv")]
