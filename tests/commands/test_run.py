@@ -69,3 +69,11 @@ def test_version_and_help(capsys):
     for text in ("most tokens to generate (default 128)", "random seed", "most draft tokens a round (default 3)",
                  "when the model has an MTP layer", "(default adaptive)"):
         assert text in " ".join(out.split()), text
+
+
+def test_a_short_prompt_reports_its_time_to_first_token_not_a_prefill_rate():
+    from mtpx.commands.run import stats_line
+    stats = {"prompt_tokens": 5, "prefill_tokens_per_s": 4.8, "time_to_first_token_s": 1.04, "generated_tokens": 16,
+             "decode_tokens_per_s": 140.0}
+    assert "first token after 1040 ms" in stats_line(stats) and "4.8" not in stats_line(stats)
+    assert "prefill 950.0 tok/s" in stats_line({**stats, "prompt_tokens": 950, "prefill_tokens_per_s": 950.0})

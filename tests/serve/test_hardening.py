@@ -119,9 +119,13 @@ def test_10mb_body_is_refused_with_413_and_health_stays_fast(live):
 def test_a_big_prompt_is_tokenized_off_the_event_loop(live):
     """A 3 MB prompt (under the size limit) takes seconds to tokenize; /health answers meanwhile."""
     body = {"prompt": "The quick brown fox jumps over the lazy dog. " * 70_000, "max_tokens": 1}
+    t0 = time.perf_counter()
     r, slowest = _while_health_polls(live, lambda: post(live, COMP, body))
+    elapsed = time.perf_counter() - t0
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    assert slowest < 1.0, f"/health took {slowest:.2f} s while a big prompt was tokenized"
+    # on the event loop, /health waited for the whole tokenization; a loaded machine stretches every gap, so the
+    # bound grows with the request's time (CI's 2 shared cores)
+    assert slowest < max(1.0, elapsed / 2), f"/health took {slowest:.2f} s of {elapsed:.2f} s"
 
 
 # ---- 4. stop strings and DRY breakers are bounded ------------------------------------------------------------------
