@@ -72,7 +72,6 @@ def family_factory(tmp_path_factory):
     return get
 
 
-
 def pytest_unconfigure(config):
     """Triton's nanobind bindings print ~80 lines of "nanobind: leaked ... functions" when the interpreter exits
     (its module-level objects are still alive then; nothing the tests leak). pytest has printed its report by now;
