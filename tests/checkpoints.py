@@ -174,7 +174,7 @@ def deepseek_config(tied: bool = False, n_layers: int = 3, q_lora: bool = True, 
 
 def _routed_classes(family: str):
     import transformers
-    name = {"glm": "Glm4Moe", "deepseek": "DeepseekV3"}[family]
+    name = {"glm": "Glm4Moe", "deepseek": "DeepseekV3", "glm_lite": "Glm4MoeLite"}[family]
     return getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
 
 
@@ -188,6 +188,13 @@ def make_deepseek_checkpoint(out: Path, mtp: bool = True, seed: int = 0, tied: b
                              yarn: bool = False) -> Path:
     cfg = deepseek_config(tied, q_lora=q_lora, interleave=interleave, yarn=yarn)
     return make_routed_checkpoint(out, cfg, "deepseek", mtp, seed, mtp_copies)
+
+
+def make_glm_lite_checkpoint(out: Path, mtp: bool = True, seed: int = 0) -> Path:
+    """GLM-4.7-Flash's layout (glm4_moe_lite): DeepSeek-V3's MLA, dense layers named by mlp_layer_types."""
+    cfg = {k: v for k, v in deepseek_config().items() if k != "first_k_dense_replace"}
+    cfg.update(mlp_layer_types=["dense", "sparse", "sparse"], n_group=1, topk_group=1)
+    return make_routed_checkpoint(out, cfg, "glm_lite", mtp, seed, mtp_copies=False)
 
 
 def make_routed_checkpoint(out: Path, cfg: dict, family: str, mtp: bool = True, seed: int = 0,
@@ -205,7 +212,10 @@ def make_routed_checkpoint(out: Path, cfg: dict, family: str, mtp: bool = True, 
     tensors = load_file(out / "model.safetensors")
     if mtp:
         L = cfg["num_hidden_layers"]
-        bigger = ForCausalLM(Config(**{**cfg, "num_hidden_layers": L + 1})).float()
+        more = {"num_hidden_layers": L + 1}
+        if "mlp_layer_types" in cfg:
+            more["mlp_layer_types"] = cfg["mlp_layer_types"] + ["sparse"]
+        bigger = ForCausalLM(Config(**{**cfg, **more})).float()
         _perturb(bigger, g)
         bigger.save_pretrained(out / "tmp", safe_serialization=True)
         layer = {k[len(f"model.layers.{L}."):]: v for k, v in load_file(out / "tmp" / "model.safetensors").items()

@@ -10,7 +10,7 @@ from mtpx.errors import ModelLoadError
 
 DENSE_TYPES = {"qwen3_5_text", "qwen3_5"}
 MOE_TYPES = {"qwen3_5_moe_text", "qwen3_5_moe", "qwen3_next"}  # qwen3_next: Qwen3.5 MoE, projections laid out apart
-ROUTED_TYPES = {"glm4_moe", "deepseek_v3"}  # RoutedMoEConfig: attention + sigmoid-routed MoE, MTP as extra layers
+ROUTED_TYPES = {"glm4_moe", "deepseek_v3", "glm4_moe_lite"}  # RoutedMoEConfig: attention + sigmoid-routed MoE, MTP as extra layers
 SUPPORTED_TYPES = DENSE_TYPES | MOE_TYPES | ROUTED_TYPES
 
 
@@ -191,7 +191,7 @@ class RoutedMoEConfig(ModelConfig):
     @classmethod
     def from_routed_dict(cls, raw: dict[str, Any]) -> "RoutedMoEConfig":
         model_type = raw["model_type"]
-        mla = model_type == "deepseek_v3"
+        mla = model_type in ("deepseek_v3", "glm4_moe_lite")  # glm4_moe_lite (GLM-4.7-Flash): DeepSeek-V3's MLA
         kw: dict[str, Any] = {"model_type": model_type, "partial_rotary_factor": 1.0 if mla else 0.5,
                               "rope_interleave": mla}
         skip = {"model_type", "eos_token_id", "layer_types", "weight_prefix", "num_experts", "mtp_num_hidden_layers",
@@ -206,7 +206,13 @@ class RoutedMoEConfig(ModelConfig):
         kw["num_experts"] = raw.get("n_routed_experts", raw.get("num_local_experts"))
         if not kw["num_experts"]:
             raise ModelLoadError(f"config.json ({model_type}) is missing 'n_routed_experts'")
-        kw.setdefault("first_k_dense_replace", 3 if mla else 1)  # transformers' defaults
+        if raw.get("mlp_layer_types") is not None:  # glm4_moe_lite: dense layers first, then MoE
+            kinds = list(raw["mlp_layer_types"])
+            dense = next((i for i, k in enumerate(kinds) if k != "dense"), len(kinds))
+            if set(kinds[dense:]) - {"sparse"}:
+                raise ModelLoadError(f"mlp_layer_types {kinds}: mtpx runs dense layers first, then sparse (MoE) ones")
+            kw["first_k_dense_replace"] = dense
+        kw.setdefault("first_k_dense_replace", 1 if model_type != "deepseek_v3" else 3)  # transformers' defaults
         kw.setdefault("num_key_value_heads", raw["num_attention_heads"])
         kw.setdefault("intermediate_size", raw["moe_intermediate_size"])
         kw["shared_expert_intermediate_size"] = raw["moe_intermediate_size"] * kw.get("n_shared_experts", 1)
@@ -262,7 +268,8 @@ class RoutedMoEConfig(ModelConfig):
                                                                  "rope_yarn",
                                                                  "num_experts", "shared_expert_intermediate_size",
                                                                  "mtp_num_hidden_layers", "bos_token_id")}
-        d["architectures"] = ["Glm4MoeForCausalLM" if self.model_type == "glm4_moe" else "DeepseekV3ForCausalLM"]
+        d["architectures"] = [{"glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM"}.get(
+            self.model_type, "DeepseekV3ForCausalLM")]
         d["n_routed_experts"] = self.num_experts
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta,
                                 "partial_rotary_factor": self.partial_rotary_factor}

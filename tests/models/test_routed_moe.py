@@ -23,7 +23,8 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-VARIANTS = [("glm", {}), ("deepseek", {}), ("deepseek", {"q_lora": False, "interleave": False, "yarn": True})]
+VARIANTS = [("glm", {}), ("deepseek", {}), ("deepseek", {"q_lora": False, "interleave": False, "yarn": True}),
+            ("glm_lite", {})]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def glm(family_factory):
     return family_factory("glm")
 
 
-@pytest.mark.parametrize("family,kw", VARIANTS, ids=["glm", "deepseek", "deepseek-plain-yarn"])
+@pytest.mark.parametrize("family,kw", VARIANTS, ids=["glm", "deepseek", "deepseek-plain-yarn", "glm-lite"])
 def test_logits_match_transformers_prefill_and_cached_steps(family_factory, family, kw):
     path = family_factory(family, **kw)
     model = build_model(load_checkpoint(path), torch.float32)

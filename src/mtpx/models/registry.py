@@ -17,6 +17,7 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "qwen3_next": Qwen35Model,  # with its projections rewritten at load (models/qwen3_next.py)
     "glm4_moe": Glm4MoeModel,
     "deepseek_v3": DeepseekV3Model,
+    "glm4_moe_lite": DeepseekV3Model,  # GLM-4.7-Flash: DeepSeek-V3's MLA and MoE
 }
 
 
