@@ -184,3 +184,21 @@ def test_block_fp8_weights_are_dequantized_at_load(family_factory, tmp_path):
     with pytest.raises(ModelLoadError, match="quant_method 'awq'"):
         load_checkpoint(_copy(src, tmp_path / "awq", config={"quantization_config": {"quant_method": "awq"}},
                               tensors=t))
+
+
+def test_mtp_rejection_sampling_keeps_the_distribution(family_factory):
+    """Sampled MTP speculation on MLA (the absorbed step form verifying, the MTP layer drafting) has plain sampling's
+    joint law of 3 tokens (the chi-square check of tests/speculative/test_distribution.py, fewer samples)."""
+    from speculative import test_distribution as dist
+    llm = mtpx.LLM(family_factory("deepseek"), dtype="fp32")
+    with torch.no_grad():
+        llm.model.lm_head.weight.mul_(12.0)  # peaked next-token distributions: few outcomes, a sharp test
+    old = dist.SAMPLES
+    dist.SAMPLES = 2000
+    try:
+        prompt, params = [5, 17, 42, 99, 7], dict(temperature=1.0)
+        plain = dist.joint_counts(llm, prompt, params, None, 0, seed=1)
+        spec = dist.joint_counts(llm, prompt, params, dist.MTPDrafter(llm.model), 2, seed=2)
+    finally:
+        dist.SAMPLES = old
+    dist.assert_same_distribution(plain, spec)
