@@ -55,3 +55,16 @@ def test_non_interleaved_mla_is_not_exported(family_factory, tmp_path):
     path = family_factory("deepseek", q_lora=False, interleave=False, yarn=True)
     with pytest.raises(ModelLoadError, match="interleaved RoPE"):
         write_gguf(load_checkpoint(path), tmp_path / "x.gguf", "bf16")
+
+
+def test_unknown_router_in_gguf_names_the_key(family_factory, tmp_path):
+    from mtpx.loading import gguf_routed
+    out = tmp_path / "softmax.gguf"
+    original = gguf_routed.SIGMOID
+    gguf_routed.SIGMOID = 1  # write a softmax router
+    try:
+        write_gguf(load_checkpoint(family_factory("glm")), out, "bf16")
+    finally:
+        gguf_routed.SIGMOID = original
+    with pytest.raises(ModelLoadError, match="glm4moe.expert_gating_func=1"):
+        load_checkpoint(out)

@@ -202,3 +202,16 @@ def test_mtp_rejection_sampling_keeps_the_distribution(family_factory):
     finally:
         dist.SAMPLES = old
     dist.assert_same_distribution(plain, spec)
+
+
+def test_mtp_embedding_of_its_own_is_used(glm, tmp_path):
+    """An MTP embedding copy that differs from the main one is the MTP layer's own (DeepSeek-V3's layout allows it)."""
+    own = torch.randn(384, 64, generator=torch.Generator().manual_seed(3))
+    path = _copy(glm, tmp_path / "own", tensors={"model.layers.3.embed_tokens.weight": own})
+    model = build_model(load_checkpoint(path), torch.float32)
+    assert torch.equal(model.mtp.layers[0].embed_tokens.weight, own)
+    shared = build_model(load_checkpoint(glm), torch.float32)
+    x = ids(10, seed=5)
+    with torch.no_grad():
+        h = model(x)
+        assert not torch.equal(model.mtp_forward(h, x), shared.mtp_forward(h, x))
