@@ -12,6 +12,7 @@ mtpx compares the sources' hash it was built from with the sources at load, and 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,11 @@ def extensions() -> list:
 def build_ext_class():
     """PyTorch's BuildExtension (its compiler flags, ninja where installed), made optional: a failed compile leaves
     the package installable (see the module docstring)."""
+    try:  # pip's ninja, also where the environment is not activated: parallel compiles
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
     try:
         from torch.utils.cpp_extension import BuildExtension
     except ImportError:

@@ -128,3 +128,22 @@ def test_mtpx_cpu_isa_picks_the_level_and_refuses_one_the_cpu_lacks():
         assert out.returncode != 0
         line = out.stderr.strip().splitlines()[-1]
         assert f"MTPX_CPU_ISA={bad}" in line and ", ".join(have) in line, line
+
+
+def test_an_installed_build_is_used_only_if_built_from_these_sources(monkeypatch):
+    """kernels._installed(): the extension setup.py built (mtpx.kernels._C), unless its sources' hash differs from
+    the sources beside it (an editable install edited since: then they are compiled on first use) or
+    MTPX_KERNEL_MARCH asks for a build of its own."""
+    import types
+
+    from mtpx.kernels import sources
+    fake = types.ModuleType("mtpx.kernels._C")
+    monkeypatch.setitem(sys.modules, "mtpx.kernels._C", fake)
+    monkeypatch.delenv("MTPX_KERNEL_MARCH", raising=False)
+    fake.source_hash = sources.source_hash()
+    assert kernels._installed() is fake
+    fake.source_hash = "0" * 16
+    assert kernels._installed() is None
+    fake.source_hash = sources.source_hash()
+    monkeypatch.setenv("MTPX_KERNEL_MARCH", "haswell")
+    assert kernels._installed() is None
