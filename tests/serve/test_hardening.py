@@ -297,7 +297,9 @@ def _corpus() -> list[tuple[str, bytes]]:
            b'{"prompt": "hi", "max_tokens": NaN}', b'{"prompt": "hi", "max_tokens": Infinity}',
            b'{"prompt": "hi", "temperature": NaN, "max_tokens": 1}', b'{"prompt": "hi", "top_p": -Infinity}',
            b'{"prompt": "hi", "max_tokens": 1e308}', b'{"prompt": "hi", "max_tokens": 1, "max_tokens": 2}',
-           json.dumps({f"k{i}": i for i in range(20_000)}).encode(), "{\"prompt\": \"é\"}".encode("utf-16")]
+           json.dumps({f"k{i}": i for i in range(20_000)}).encode(), "{\"prompt\": \"é\"}".encode("utf-16"),
+           b'{"model": "\\ud800", "prompt": "hi"}', b'{"messages": [{"role": "\\udc00", "content": "x"}]}',
+           b'{"prompt": "hi", "max_tokens": 2, "stop": "\\ud800"}']
     fields = [("temperature", [float("1e308"), -0.0, "1", [], {}]), ("top_k", [10 ** 18, -2, 1.5, True]),
               ("top_p", [1e-300, 2, None]), ("min_p", [-1, 1.5, "x"]), ("seed", [-1, 2 ** 64, 1.5, "1"]),
               ("max_tokens", [10 ** 30, 1.0, -0.0, [1]]), ("stop", [["\ud800"], [""], [None], {"a": 1}, "\x00"]),

@@ -30,6 +30,8 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    type_: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    # a message may quote the request, lone surrogates included, which UTF-8 cannot encode
+    message = message.encode("utf-8", "replace").decode("utf-8")
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
