@@ -221,6 +221,7 @@ def _resolve_mtp_copies(ckpt: Checkpoint) -> set[str]:
     layer then shares them: build_model leaves them out); an embedding of its own is kept (cfg.mtp_own_embedding), an
     output head of its own is refused (the drafters read MTP logits through the main head)."""
     cfg, shared = ckpt.config, set()
+    cfg.mtp_own_embedding = False
     for copy, main in MTP_COPIES.items():
         if copy not in ckpt.shapes:
             continue

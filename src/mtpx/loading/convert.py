@@ -10,8 +10,9 @@ and `ssm_conv1d` are F32; with q8_0 / q4_0, a tensor whose rows are not a multip
 Qwen3-Next is written as arch `qwen3next` with its fused `ssm_in` / `ssm_ba`; GLM-4.5 and DeepSeek-V3 as `glm4moe` /
 `deepseek2` (loading/gguf_routed.py).
 
-With bf16 / f16 every weight is first rounded to that type, also those stored as F32, so that loading the GGUF back
-in mtpx gives exactly the model the checkpoint gives at that dtype.
+With bf16 / f16 every weight is first rounded to that type, also those stored as F32 (except the routers'
+e_score_correction_bias, which mtpx keeps in fp32), so that loading the GGUF back in mtpx gives exactly the model the
+checkpoint gives at that dtype.
 """
 from __future__ import annotations
 
