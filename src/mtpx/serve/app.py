@@ -1,4 +1,7 @@
 """`mtpx serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the continuous-batching scheduler.
+Longer than 400 lines because one request's path (read with a limit, prepare off the loop, submit, stream or collect,
+end at shutdown) runs through the Server's state; request shapes, tools and output parsing live in api.py,
+structured.py and output.py.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true → server-sent events in
 OpenAI's chunk format, ending with `data: [DONE]`), GET /health, GET /metrics (Prometheus), GET / (chat page).
