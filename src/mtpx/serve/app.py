@@ -404,7 +404,8 @@ class Server:
 
         @app.exception_handler(Exception)
         async def _internal(request: Request, exc: Exception):
-            log.exception("internal error")
+            # Starlette re-raises the exception after this response, and uvicorn logs it with its traceback: logging
+            # here too would log it twice (the generation endpoints catch and log their own: Server.handle)
             return error_response(500, f"internal server error: {type(exc).__name__}", None, "internal_error",
                                   "server_error")
 
