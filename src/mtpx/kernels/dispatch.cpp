@@ -161,8 +161,7 @@ std::vector<int64_t> argmax_rows(const torch::Tensor& x) { MTPX_DISPATCH(argmax_
 // sampling.apply_penalties for the rows of a verify pass in one pass over the logits [R, V]: row j is penalised for
 // the history (counts [V]: how often each id was generated; seen [V]: in the prompt or generated) plus drafts[:j],
 // with sampling.penalize's formula in its operation order, v -> (seen ? (v > 0 ? v / r : v * r) : v) - f * c -
-// p * (c > 0), so both give the same bits. (In PyTorch ops it is ~15 small ops a round: 17 % of a penalised demo
-// round.) Returns fp32 [R, V]; the inputs stay as they were.
+// p * (c > 0), so both give the same bits. (In PyTorch ops it is ~15 small ops a round.) Returns fp32 [R, V]; the inputs stay as they were.
 torch::Tensor penalize_rows(const torch::Tensor& logits, const torch::Tensor& counts, const torch::Tensor& seen,
                             const torch::Tensor& drafts, double repetition, double frequency, double presence) {
   TORCH_CHECK(logits.dim() == 2 && logits.device().is_cpu(), "penalize_rows: logits must be a CPU tensor [R, V]");
@@ -201,8 +200,8 @@ torch::Tensor penalize_rows(const torch::Tensor& logits, const torch::Tensor& co
 }
 
 // Flush-to-zero and denormals-are-zero live in each thread's MXCSR, and torch.set_flush_denormal sets only the
-// calling thread's: intra-op workers started before it keep computing on subnormals (a demo training step 1.77
-// against 1.36 s). at::parallel_for over one element per intra-op thread with grain 1 gives each thread of the team
+// calling thread's: intra-op workers started before it keep computing on subnormals, many times slower.
+// at::parallel_for over one element per intra-op thread with grain 1 gives each thread of the team
 // one task, which sets them there; returns the number of tasks run.
 int64_t flush_denormals() {
   const int64_t n = at::get_num_threads();

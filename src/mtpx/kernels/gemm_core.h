@@ -60,7 +60,9 @@ inline float tree16(const float* a) {
 // Output columns computed together (each loaded x vector is reused that many times), and how far ahead in each
 // weight row to prefetch: with more rows the FMAs take longer per cache line, and fewer streams each prefetched
 // further ahead keep more of the memory bandwidth. AVX2 has 16 vector registers (two per accumulator): one column
-// from 4 rows on. (Neither changes a result's bits: every column is its own dot product.)
+// from 4 rows on (two spill). (Neither changes a result's bits: every column is its own dot product.)
+// AVX2's 8-lane FMAs do half of AVX-512's work each: 4 rows take 16 of them per 64 bytes of bf16 weights, 8 cycles
+// at two a cycle, so on one core a 4-row pass is bound by the FMAs, not by memory, and costs more than one row.
 template <int M>
 constexpr int kColumns = MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_NEON ? (M == 1 ? 4 : M <= 3 ? 2 : 1)
                                                                                 : (M == 1 ? 4 : 2);
@@ -111,7 +113,7 @@ void columns(const float* x, const W* w, int64_t K, int64_t n, float* out, int64
 // bf16 weights, 32 per step: one 64-byte load holds them in pairs per 32-bit lane, and a shift (even elements)
 // and a mask (odd elements) widen them, two instructions per 32 weights instead of four.
 // The empty asm statements pin x and the weights in registers: left alone, GCC folded them into the FMAs as memory
-// operands, loading each x vector once per column and each weight line twice (20-30 % slower for 2-5 rows).
+// operands, loading each x vector once per column and each weight line twice.
 template <int M, int C>
 void columns_bf16_pairs(const float* x, const Bf16* w, int64_t K, int64_t n, float* out, int64_t N) {
   __m512 acc[C][M];

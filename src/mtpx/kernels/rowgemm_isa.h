@@ -2,8 +2,8 @@
 // rounding to x's dtype; and, in the AVX-512 build, the AMX-tile matmul of bf16 weights in tile order.
 // Compiled once per instruction set, inside that set's namespace (isa_*.cpp); the inner loops are gemm_core.h's.
 //
-// Why: on CPUs without native bf16 dot products (no AVX512_BF16 / AMX) oneDNN's bf16 matmul costs 2-3x more for
-// 2-5 rows than for one, and one row can round differently alone than among others. Here every (row, column) is
+// Why: on CPUs without native bf16 dot products (no AVX512_BF16 / AMX) oneDNN's bf16 matmul costs several times more
+// for 2-5 rows than for one, and one row can round differently alone than among others. Here every (row, column) is
 // the same dot product whatever M is (gemm_core.h): a verify pass over k + 1 positions gives each position exactly
 // the bits a one-token decode step gives, and costs about the same, because the weights (the bandwidth) are read
 // once for all rows.
@@ -74,14 +74,14 @@ torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, c
 // ---- AMX: bf16 weights in tile order ----
 //
 // Why: a verify pass multiplies k + 1 rows by every weight. The vector kernels above spend two FMAs per row on each
-// pair of weights, so while the weights are in cache (the demo model, an MTP layer, a draft head) 5 rows cost ~3x
-// one row, and from DRAM the FMAs of 5 rows already limit the 0.8B body's verify. AMX's tile unit multiplies up to
+// pair of weights, so while the weights are in cache (a small model, an MTP layer, a draft head) 5 rows cost several
+// times one row, and from DRAM the FMAs of 5 rows already limit a 0.8B body's verify. AMX's tile unit multiplies up to
 // 16 rows of x by a 32 x 16 block of weights in one instruction, in about the same time for 1 row as for 5.
 // x is the A operand, read in place (a tile row is 32 elements of one x row). The weights are the B operand,
 // packed once (TileWeight in models/linear.py) as [ceil(N / 16), K / 32, 16, 32]: per 16 output columns and 32 of
 // K, 16 rows of pairs (w[n][k], w[n][k + 1]) for the 16 columns, 1 KiB of contiguous memory, so the weights stream
-// sequentially. (Read in place from the [N, K] layout a tile spans 16 rows 2K bytes apart; one row then ran ~10 %
-// slower from L3 / DRAM than the vector kernel. Packed, it runs as fast.)
+// sequentially. (Read in place from the [N, K] layout a tile spans 16 rows 2K bytes apart, and one row runs slower
+// from L3 / DRAM than on the vector kernel.)
 // Each output is a fixed sequence of pair products accumulated along K in its own C tile element, from its own x
 // row and weight column, whatever the other rows are: the same bits for a row alone or among others, and no
 // horizontal reductions. (The bits differ from the vector kernels': a weight is tiles or not, for all its matmuls.)

@@ -572,8 +572,8 @@ torch::Tensor gdn_replay(const torch::Tensor& state, const torch::Tensor& replay
 }
 
 // The index of the first largest value of each row of x [R, V] (fp32 or bf16), as torch.argmax gives it (a NaN
-// counts as the largest): torch's CPU argmax reads one element at a time, ~22 us for a 8192-entry row here (a
-// verify pass of 4 rows: 80 us, 4 % of the demo's round), this two vector passes over the row, ~1-2 us.
+// counts as the largest), in two vector passes over the row: torch's CPU argmax reads one element at a time, slow
+// enough over a vocabulary to show in a verify round.
 namespace {
 // (functions, not lambdas: GCC does not always give a lambda its enclosing target pragma)
 #if MTPX_ISA == MTPX_ISA_AVX512
