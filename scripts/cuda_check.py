@@ -80,6 +80,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the same static passes, without graphs")
+    ap.add_argument("--dtype", default="bf16", help="bf16, or int8 / int4 (weights on the Triton kernels)")
     ap.add_argument("--no-eager", action="store_true", help="skip decoding on the eager path (check 3)")
     ap.add_argument("--steps-only", action="store_true", help="checks 1 and 4 only (no decoding)")
     args = ap.parse_args()
@@ -88,7 +89,8 @@ def main() -> int:
     result = {"torch": torch.__version__,
               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
               "triton_gdn": os.environ.get("MTPX_TRITON_GDN", "1") != "0"}
-    llm = mtpx.LLM(args.model, device=args.device, static_steps=True)
+    result["dtype"] = args.dtype
+    llm = mtpx.LLM(args.model, device=args.device, dtype=args.dtype, static_steps=True)
     with torch.inference_mode():
         result["paths"] = compare_paths(llm, torch.Generator().manual_seed(0), device)
         log(f"paths: {result['paths']}")
@@ -101,7 +103,7 @@ def main() -> int:
              "mtp3": dict(spec_type="mtp", spec_draft_n_max=3), "mtp4": dict(spec_type="mtp", spec_draft_n_max=4),
              "mtp3v2048": dict(spec_type="mtp", spec_draft_n_max=3, spec_draft_vocab=2048),
              "ngram3": dict(spec_type="ngram", spec_draft_n_max=3)}
-    eager_llm = mtpx.LLM(args.model, device=args.device, static_steps=False)
+    eager_llm = mtpx.LLM(args.model, device=args.device, dtype=args.dtype, static_steps=False)
     lossless = {m: {"identical": 0, "prompts": 0, "accepted": 0, "drafted": 0} for m in modes}
     eager_same = 0
     n = 0
