@@ -12,6 +12,7 @@ from mtpx.engine.params import SamplingParams, SpecConfig, sampling_params, spec
 from mtpx.engine.request import Completion, StreamEvent
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
+from mtpx.loading.checkpoint import count_mtp_layers
 from mtpx.models.interface import CausalLM
 from mtpx.runners import RunnerConfig, resolve_device, resolve_dtype, select_runner
 from mtpx.runners.cpu import tune_cpu_process  # noqa: F401 - part of this module's public names
@@ -54,6 +55,7 @@ class LLM:
         # how passes run here (kernels, static passes, graphs), chosen once: mtpx/runners/
         self.runner = select_runner(self.device, self.dtype, self.quantization, self.config,
                                     runner_config or RunnerConfig.from_env(static_steps=static_steps, threads=threads))
+        self.runner.check_memory(self.config, count_mtp_layers(ckpt.shapes))
         self.model: CausalLM = self.runner.prepare(build_model(ckpt, self.dtype, self.runner.load_device))
         self.thread_tuner: ThreadTuner | None = self.runner.thread_tuner()
         self.eos = set(self.config.eos_token_id)
