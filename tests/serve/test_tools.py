@@ -161,3 +161,14 @@ def test_completions_take_a_regex_and_logprobs(qwen):
     choice = r.choices[0]
     assert choice.text in ("yes!", "no!") and choice.finish_reason == "stop"
     assert "".join(choice.logprobs.tokens) == choice.text and len(choice.logprobs.top_logprobs[0]) == 2
+
+
+def test_n_choices_each_follow_the_schema(qwen):
+    r = qwen.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "JSON"}], n=3, temperature=1.0, seed=7, max_tokens=60,
+        extra_body=NO_THINK,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    answers = [json.loads(c.message.content) for c in r.choices]
+    assert all(set(a) == {"temperature", "ok"} for a in answers)
+    assert r.usage.completion_tokens > 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -47,6 +48,7 @@ from mtpx.serve.scheduler import SHUTTING_DOWN, Delta, GenRequest, Scheduler
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("mtpx.serve")
+MAX_N = 8  # most choices (n) a request may ask for
 MAX_STOP = 16
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -96,10 +98,12 @@ class Server:
                            "model", "model_not_found")
 
     def sampling(self, body: Body, prompt_len: int, chat: bool) -> dict:
-        for name in ("n", "best_of"):
-            n = body.get(name, "integer", 1)
-            if n != 1:
-                raise ApiError(400, f"'{name}' = {n}: only {name}=1 is supported", name, "unsupported_parameter")
+        n = body.get("n", "integer", 1)
+        if not 1 <= n <= MAX_N or (n > 1 and body.get("stream", "boolean", False)):
+            raise ApiError(400, f"'n' = {n}: n must be in [1, {MAX_N}], and 1 when streaming", "n",
+                           "unsupported_parameter")
+        if body.get("best_of", "integer", 1) != 1:
+            raise ApiError(400, "only best_of=1 is supported", "best_of", "unsupported_parameter")
         body.unsupported("logit_bias", lambda v: isinstance(v, dict) and not v)
         body.unsupported("functions", lambda v: isinstance(v, list) and not v, " (no function calling)")
         body.unsupported("function_call", lambda v: v == "none")
@@ -143,7 +147,7 @@ class Server:
                            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
                            f"for the completion). Please reduce the prompt or {name}.", name,
                            "context_length_exceeded")
-        return dict(params=params, stop=stop, max_tokens=max_tokens,
+        return dict(params=params, stop=stop, max_tokens=max_tokens, n=n,
                     ignore_eos=bool(body.get("ignore_eos", "boolean", False)))
 
     def check_prompt_len(self, n: int, param: str) -> None:
@@ -246,7 +250,37 @@ class Server:
                                                p["responder"]),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if kw["n"] > 1:
+            return await self._collect_n(request, p, greq, queue, rid, created, chat)
         return await self._collect(request, greq, queue, rid, created, chat, p["responder"])
+
+    async def _collect_n(self, request: Request, p: dict, first: GenRequest, queue: asyncio.Queue, rid: str,
+                         created: int, chat: bool) -> JSONResponse:
+        """n > 1 (not streamed): n - 1 more requests for the same prompt (a given seed + i each), collected
+        together into one response's choices; the usage counts every choice's tokens."""
+        kw, loop = p["kw"], asyncio.get_running_loop()
+        runs = [(first, queue, p["responder"])]
+        for i in range(1, kw["n"]):
+            q: asyncio.Queue[Delta] = asyncio.Queue()
+            seed = kw["params"].seed
+            params = dataclasses.replace(kw["params"], seed=None if seed is None else (seed + i) % 2 ** 63)
+            greq = GenRequest(p["prompt_ids"], kw["max_tokens"], params,
+                              lambda d, q=q: loop.call_soon_threadsafe(q.put_nowait, d), stop=kw["stop"],
+                              ignore_eos=kw["ignore_eos"])
+            self.scheduler.submit(greq)
+            runs.append((greq, q, p["responder"].fresh()))
+        answers = await asyncio.gather(*(self._collect(request, g, q, rid, created, chat, r) for g, q, r in runs))
+        if any(a.status_code != 200 for a in answers):
+            for g, _, _ in runs:
+                self.scheduler.cancel(g)
+            return next(a for a in answers if a.status_code != 200)
+        out = json.loads(answers[0].body)
+        for i, a in enumerate(answers[1:], 1):
+            more = json.loads(a.body)
+            out["choices"].append({**more["choices"][0], "index": i})
+            out["usage"]["completion_tokens"] += more["usage"]["completion_tokens"]
+            out["usage"]["total_tokens"] += more["usage"]["completion_tokens"]
+        return JSONResponse(out)
 
     async def _collect(self, request: Request, greq: GenRequest, queue: asyncio.Queue, rid: str, created: int,
                        chat: bool, responder: Responder | None = None) -> JSONResponse:

@@ -6,6 +6,7 @@ held back) and whole responses (the deltas merged), so both give the same messag
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import uuid
@@ -207,6 +208,13 @@ class Responder:
                                    schemas={t["function"]["name"]: t["function"]["parameters"]
                                             for t in (opts.tools if opts is not None else [])})
         self.top = opts.logprobs if opts is not None else None
+
+    def fresh(self) -> "Responder":
+        """A copy for another choice of the same request, made before this one has read anything: the same
+        settings, a parser of its own."""
+        other = copy.copy(self)
+        other.parser = copy.copy(self.parser)
+        return other
 
     def feed(self, text: str) -> list[dict]:
         return self.parser.feed(text)
