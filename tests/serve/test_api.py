@@ -254,7 +254,7 @@ def test_openai_client_raises_typed_errors(live):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=3)
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=9)
     assert e.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", max_tokens=0)
