@@ -139,6 +139,7 @@ def test_an_installed_build_is_used_only_if_built_from_these_sources(monkeypatch
     from mtpx.kernels import sources
     fake = types.ModuleType("mtpx.kernels._C")
     monkeypatch.setitem(sys.modules, "mtpx.kernels._C", fake)
+    monkeypatch.setattr(kernels, "_C", fake, raising=False)  # where the real one is imported already
     monkeypatch.delenv("MTPX_KERNEL_MARCH", raising=False)
     fake.source_hash = sources.source_hash()
     assert kernels._installed() is fake
