@@ -155,12 +155,16 @@ class LLM:
         options: SamplingParams' fields (temperature, top_k, top_p, min_p, seed, presence_penalty,
         frequency_penalty, repetition_penalty, dry_*) and SpecConfig's (spec_type, spec_draft_n_max, ...), or
         whole `sampling` / `spec` objects instead. Sampling values left None come from the model's
-        sampling_defaults, else SamplingParams' (greedy)."""
+        sampling_defaults, else SamplingParams' (greedy). spec_type left None: "mtp" (adaptive draft length) where
+        the model has an MTP layer, else "none"; the output is the same either way."""
         given_sampling, given_spec = split_options(options)
         if sampling is not None and given_sampling:
             raise TypeError(f"pass sampling settings as `sampling` or as keywords, not both: {sorted(given_sampling)}")
         if spec is not None and given_spec:
             raise TypeError(f"pass speculation settings as `spec` or as keywords, not both: {sorted(given_spec)}")
         params = sampling if sampling is not None else sampling_params(given_sampling, self.sampling_defaults)
-        spec = spec if spec is not None else spec_config(given_spec)
+        if spec is None:
+            if given_spec.get("spec_type") is None:
+                given_spec = {**given_spec, "spec_type": "mtp" if self.model.mtp is not None else "none"}
+            spec = spec_config(given_spec)
         yield from self.engine.stream(prompt, params, spec, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)

@@ -227,7 +227,7 @@ def test_moe_expert_traffic(moe_ckpt):
     llm = LLM(moe_ckpt)
     sizes = runner.WeightTraffic.sizes(llm.model)
     traffic = runner.WeightTraffic(llm.model)
-    llm.generate("def add(a, b):", max_tokens=2, ignore_eos=True)
+    llm.generate("def add(a, b):", max_tokens=2, ignore_eos=True, spec_type="none")
     traffic.bytes = 0
     ids = torch.tensor([[5]])
     state = llm.model.new_state(8)

@@ -91,7 +91,7 @@ def test_greedy_speculation_is_token_identical(llm):
     mismatches = []
     for i in range(6):
         prompt = ids(4 + 5 * i, seed=10 + i)[0].tolist()
-        ref = llm.generate(prompt, max_tokens=16, ignore_eos=True).token_ids
+        ref = llm.generate(prompt, max_tokens=16, ignore_eos=True, spec_type="none").token_ids
         for k in (1, 2, 3, 4):
             for spec in ("mtp", "ngram"):
                 out = llm.generate(prompt, max_tokens=16, spec_type=spec, spec_draft_n_max=k, spec_ngram_min=1,
@@ -128,7 +128,7 @@ def test_mla_cache_holds_latent_and_rope_key_only(family_factory):
 def test_model_without_mtp_runs_and_refuses_mtp(family_factory):
     llm = mtpx.LLM(family_factory("glm", mtp=False))
     assert llm.model.mtp is None
-    assert len(llm.generate([5, 6, 7], max_tokens=4, ignore_eos=True).token_ids) == 4
+    assert len(llm.generate([5, 6, 7], max_tokens=4, ignore_eos=True, spec_type="none").token_ids) == 4
     with pytest.raises(RequestError, match="MTP layer"):
         llm.generate([5, 6, 7], max_tokens=4, spec_type="mtp")
 

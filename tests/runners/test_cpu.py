@@ -128,7 +128,7 @@ def test_greedy_speculation_is_plain_decoding_on_each_instruction_set(dense_ckpt
         g = torch.Generator().manual_seed(3)
         for _ in range(3):
             prompt = torch.randint(0, 300, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
-            plain = llm.generate(prompt, max_tokens=20).token_ids
+            plain = llm.generate(prompt, max_tokens=20, spec_type="none").token_ids
             spec = dict(spec_type="mtp", spec_draft_n_max=3, spec_draft_policy="fixed", max_tokens=20)
             assert llm.generate(prompt, **spec).token_ids == plain, (level, prompt)
             llm.engine.drafter = lambda spec, batched=False: _OracleDrafter(plain, vocab)

@@ -103,7 +103,7 @@ def test_speculation_on_static_passes_is_token_identical_to_plain_decoding(bf16,
     interpreted = _interpreted(request)  # ~30 ms a kernel call: fewer cases
     for n in (17,) if interpreted else (3, 17, 40):
         prompt = torch.randint(0, 300, (n,), generator=g).tolist()
-        ref = bf16.generate(prompt, max_tokens=24, ignore_eos=True).token_ids
+        ref = bf16.generate(prompt, max_tokens=24, ignore_eos=True, spec_type="none").token_ids
         for k in (3,) if interpreted else (1, 3, WIDTH - 1):
             for spec in ("mtp", "ngram"):
                 out = bf16.generate(prompt, max_tokens=24, ignore_eos=True, spec_type=spec, spec_draft_n_max=k,
@@ -118,7 +118,7 @@ def test_static_states_are_reused_and_released(bf16):
     assert all(len(s) == 1 for s in pooled.values()) and {k[0] for k in pooled} == {"main", "mtp"}
     bf16.generate([5, 6, 7, 8], max_tokens=4, spec_type="mtp")
     assert {k: list(v) for k, v in pool.free.items()} == pooled  # the same objects came back
-    stream = bf16.stream([5, 6, 7], max_tokens=50, ignore_eos=True)
+    stream = bf16.stream([5, 6, 7], max_tokens=50, ignore_eos=True, spec_type="none")
     next(stream)
     assert not pool.free[("main", 256)]  # held by the running request ...
     stream.close()
@@ -152,7 +152,7 @@ def test_quantized_weights_stay_quantized_and_speculation_stays_exact(dense_ckpt
     assert weights and kinds <= {GpuInt8Weight, GpuInt4Weight} and (GpuInt4Weight in kinds) == (dtype == "int4")
     assert all(t.device.type == device for w in weights for t in w.tensors())
     prompt = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(3)).tolist()
-    ref = llm.generate(prompt, max_tokens=12, ignore_eos=True).token_ids
+    ref = llm.generate(prompt, max_tokens=12, ignore_eos=True, spec_type="none").token_ids
     out = llm.generate(prompt, max_tokens=12, ignore_eos=True, spec_type="mtp", spec_draft_n_max=3,
                        spec_draft_policy="fixed")
     assert out.token_ids == ref

@@ -17,10 +17,10 @@ def test_chat_streams_replies_with_stats_and_history(dense_ckpt, serve_llm):
     assert len(stats) == 2, p.stderr
     # the first reply is the greedy reply to the first message; the second saw the first exchange as history
     tok = serve_llm.tokenizer
-    first = serve_llm.generate(tok.apply_chat_template([{"role": "user", "content": "hello there"}]), max_tokens=8)
+    first = serve_llm.generate(tok.apply_chat_template([{"role": "user", "content": "hello there"}]), max_tokens=8, spec_type="none")
     second = serve_llm.generate(tok.apply_chat_template([
         {"role": "user", "content": "hello there"}, {"role": "assistant", "content": first.text},
-        {"role": "user", "content": "and again"}]), max_tokens=8)
+        {"role": "user", "content": "and again"}]), max_tokens=8, spec_type="none")
     assert p.stdout == first.text + "\n" + second.text + "\n"
 
 
@@ -33,7 +33,7 @@ def test_chat_reset_and_eof(dense_ckpt, serve_llm, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "history cleared" in err and "tok/s" not in err
     ref = serve_llm.generate(serve_llm.tokenizer.apply_chat_template([{"role": "user", "content": "and again"}]),
-                             max_tokens=8).text
+                             max_tokens=8, spec_type="none").text
     assert out == ref + "\n" + ref + "\n"
 
 

@@ -135,7 +135,7 @@ def test_cancel_running_and_waiting(serve_llm):
 def test_mixed_sampling_and_greedy_in_one_batch(serve_llm):
     """A sampled request in the batch does not change the greedy requests next to it."""
     ids = serve_llm.tokenizer.encode("for i in range(10):\n")
-    ref = serve_llm.generate(ids, max_tokens=16)
+    ref = serve_llm.generate(ids, max_tokens=16, spec_type="none")
     sched = Scheduler(serve_llm, SpecConfig(spec_type="mtp", spec_draft_n_max=2, spec_draft_policy="fixed"))
     sched.start()
     try:

@@ -25,7 +25,7 @@ def llm(dense_ckpt):
 def test_greedy_constrained_speculation_equals_plain(llm, grammar):
     accepted = 0
     for prompt in PROMPTS:
-        plain = llm.generate(prompt, max_tokens=40, grammar=grammar, logprobs=2)
+        plain = llm.generate(prompt, max_tokens=40, grammar=grammar, logprobs=2, spec_type="none")
         for spec in (dict(spec_type="mtp", spec_draft_n_max=3, spec_draft_policy="fixed"),
                      dict(spec_type="ngram", spec_ngram_min=1, spec_draft_n_max=4, spec_draft_policy="fixed"),
                      dict(spec_type="draft", spec_draft_model=str(llm.path), spec_draft_n_max=3,
@@ -53,7 +53,7 @@ def test_sampled_constrained_output_matches_the_grammar(llm):
 
 
 def test_logprobs_equal_with_and_without_speculation(llm):
-    plain = llm.generate("def add(a, b):", max_tokens=24, logprobs=3)
+    plain = llm.generate("def add(a, b):", max_tokens=24, logprobs=3, spec_type="none")
     spec = llm.generate("def add(a, b):", max_tokens=24, logprobs=3, spec_type="mtp", spec_draft_n_max=3,
                         spec_draft_policy="fixed")
     assert spec.token_ids == plain.token_ids and spec.logprobs == plain.logprobs
@@ -67,7 +67,7 @@ def test_bad_grammar_names_the_field(llm):
         llm.engine.check_grammar(GrammarSpec("json_schema", '{"type": "nonsense"}', "response_format.json_schema"))
     assert e.value.field == "response_format.json_schema"
     with pytest.raises(FieldError):
-        llm.generate("x", grammar=GrammarSpec("regex", "(unclosed", "grammar"))
+        llm.generate("x", grammar=GrammarSpec("regex", "(unclosed", "grammar"), spec_type="none")
 
 
 def test_sampling_under_a_grammar_keeps_the_joint_distribution(ckpt_factory):

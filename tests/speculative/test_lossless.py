@@ -58,7 +58,7 @@ def draft_path(ckpt_factory):
 def test_every_drafter_is_token_identical_to_plain_decoding(llm, draft_path):
     mismatches = []
     for i, prompt in enumerate(prompts(N_PROMPTS)):
-        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
+        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, spec_type="none").token_ids
         for k in (1, 2, 3, 4):
             runs = {
                 "mtp": llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="mtp", spec_draft_n_max=k,
@@ -80,7 +80,7 @@ def test_every_drafter_is_token_identical_to_plain_decoding(llm, draft_path):
 def test_oracle_exercises_acceptance(llm):
     drafted = accepted = 0
     for i, prompt in enumerate(prompts(5, seed=9)):
-        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
+        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, spec_type="none").token_ids
         out = run_with(llm, OracleDrafter(ref, llm.config.vocab_size, 100 + i), prompt, 4, ignore_eos=True)
         assert out.token_ids == ref
         drafted, accepted = drafted + out.stats["drafted_tokens"], accepted + out.stats["accepted_tokens"]
@@ -89,11 +89,11 @@ def test_oracle_exercises_acceptance(llm):
 
 def test_eos_mid_draft_stops_exactly_where_plain_decoding_stops(llm):
     for i, prompt in enumerate(prompts(10, seed=3)):
-        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
+        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, spec_type="none").token_ids
         eos_tok = ref[7 + i % 9]
         llm.engine.eos = {eos_tok}
         try:
-            plain = llm.generate(prompt, max_tokens=MAX_TOKENS)
+            plain = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="none")
             assert plain.finish_reason == "stop" and plain.token_ids[-1] == eos_tok
             for k in (2, 4):
                 spec = run_with(llm, OracleDrafter(ref, llm.config.vocab_size, i), prompt, k)
@@ -105,12 +105,12 @@ def test_eos_mid_draft_stops_exactly_where_plain_decoding_stops(llm):
 
 def test_stop_string_mid_draft_cuts_like_plain_decoding(llm):
     for i, prompt in enumerate(prompts(10, seed=4)):
-        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True)
+        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, spec_type="none")
         tail = ref.text[len(llm.tokenizer.decode(ref.token_ids[:8])):]
         stop = tail[2:5] if len(tail) > 6 else None
         if not stop:
             continue
-        plain = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, stop=[stop])
+        plain = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, stop=[stop], spec_type="none")
         assert stop not in plain.text and plain.finish_reason == "stop"
         for k in (3, 4):
             spec = run_with(llm, OracleDrafter(ref.token_ids, llm.config.vocab_size, i), prompt, k,
@@ -124,8 +124,8 @@ def test_stop_string_mid_draft_cuts_like_plain_decoding(llm):
 def test_penalties_keep_speculation_lossless(llm, penalties):
     changed = 0
     for i, prompt in enumerate(prompts(8, seed=11)):
-        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, **penalties).token_ids
-        changed += ref != llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
+        ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, spec_type="none", **penalties).token_ids
+        changed += ref != llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, spec_type="none").token_ids
         for k in (2, 4):
             for spec in ("mtp", "ngram"):
                 out = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type=spec, spec_draft_n_max=k,
@@ -141,7 +141,7 @@ def test_penalties_keep_speculation_lossless(llm, penalties):
 
 def test_adaptive_policy_is_lossless_too(llm):
     for prompt in prompts(5, seed=5):
-        ref = llm.generate(prompt, max_tokens=40, ignore_eos=True).token_ids
+        ref = llm.generate(prompt, max_tokens=40, ignore_eos=True, spec_type="none").token_ids
         for spec in ("mtp", "ngram", "draft-mtp", "ngram-simple"):
             out = llm.generate(prompt, max_tokens=40, spec_type=spec, ignore_eos=True)
             assert out.token_ids == ref
@@ -153,7 +153,7 @@ def test_quantized_weights_speculation_is_token_identical_to_quantized_plain(ckp
     """Quantization changes the model, not the guarantee: speculative == plain decoding at the same weights."""
     llm = mtpx.LLM(ckpt_factory(), dtype=dtype)
     for prompt in prompts(10, seed=5):
-        plain = llm.generate(prompt, max_tokens=MAX_TOKENS).token_ids
+        plain = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="none").token_ids
         for k in (1, 3):
             spec = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="mtp", spec_draft_n_max=k,
                                 spec_draft_policy="fixed").token_ids
@@ -189,10 +189,10 @@ def test_reduced_draft_vocabulary_is_token_identical_and_drafts_only_kept_ids(ck
     MTPDrafter.propose = recording
     try:
         for prompt in prompts(8, seed=11):
-            plain = llm.generate(prompt, max_tokens=MAX_TOKENS).token_ids
+            plain = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="none").token_ids
             for temperature in (0.0, 0.8):
                 kw = dict(max_tokens=MAX_TOKENS, temperature=temperature, seed=3)
-                ref = llm.generate(prompt, **kw).token_ids
+                ref = llm.generate(prompt, spec_type="none", **kw).token_ids
                 spec = llm.generate(prompt, spec_type="mtp", spec_draft_n_max=3, spec_draft_policy="fixed",
                                     spec_draft_vocab=size, **kw).token_ids
                 if temperature == 0:
