@@ -90,6 +90,11 @@ class Tokenizer:
         return cls(tok, template, token_text(cfg.get("bos_token")), token_text(cfg.get("eos_token")))
 
     @property
+    def backend(self) -> HFTokenizer:
+        """The underlying `tokenizers.Tokenizer` (vocabulary, added tokens, tokenizer.json), e.g. for a GGUF export."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

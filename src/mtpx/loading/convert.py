@@ -239,7 +239,7 @@ def detect_pre_tokenizer(spec: dict) -> str:
 
 def tokenizer_metadata(tok: Tokenizer, cfg: ModelConfig) -> dict:
     """What llama.cpp needs of a byte-level BPE tokenizer: tokens padded to the vocab size, types, merges, ids."""
-    hf = tok._tok
+    hf = tok.backend
     spec = json.loads(hf.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE":

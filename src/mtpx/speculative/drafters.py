@@ -217,8 +217,9 @@ class MTPDrafter(_StatefulDrafter):
         super().__init__(p_min)
         if model.mtp is None:
             from mtpx.errors import RequestError
-            raise RequestError("spec_type 'mtp' needs a checkpoint with an MTP layer (mtp.* tensors); this one has "
-                               "none — add one with `mtpx train-mtp`, or use spec_type 'ngram' or 'draft'")
+            raise RequestError("spec_type 'mtp' needs a checkpoint with an MTP layer (Qwen3.5's mtp.* tensors, or the "
+                               "nextn layer after the main stack of GLM / DeepSeek); this one has none — add one with "
+                               "`mtpx train-mtp` (Qwen3.5), or use spec_type 'ngram' or 'draft'")
         self.model = model
         self.head = head
 
