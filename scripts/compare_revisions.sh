@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Speed of two git revisions side by side in one sitting: `mtpx bench` runs alternately on each (ROUNDS rounds), each
-# revision from its own worktree and kernel build directory, in this checkout's .venv. Prints decode tok/s per mode and
+# revision from its own (temporary) worktree and kernel build directory, in this checkout's .venv. Prints decode tok/s per mode and
 # round, and each revision's median per mode.
 #   scripts/compare_revisions.sh BASE_REV NEW_REV OUT_DIR [ROUNDS] -- <mtpx bench arguments>
 # e.g. scripts/compare_revisions.sh 1182a4e HEAD /tmp/ab 2 -- --model demo --workloads code --modes none,mtp3 --threads 1
@@ -15,6 +15,7 @@ for rev in "$base" "$new"; do
   tree="$out/tree-$rev"
   [ -d "$tree" ] || git worktree add --detach -f "$tree" "$rev" >/dev/null
 done
+trap 'for rev in "$base" "$new"; do git worktree remove --force "$out/tree-$rev" 2>/dev/null || true; done' EXIT
 for round in $(seq 1 "$rounds"); do
   for rev in "$base" "$new"; do
     echo "round $round: $rev" >&2
