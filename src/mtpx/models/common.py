@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpx.config import ModelConfig
+from mtpx.models.linear import row_invariant
 from mtpx.models.ops import fusible
 from mtpx.state import SequenceState
 
@@ -180,3 +181,26 @@ def causal_conv_step(seq: torch.Tensor, w: torch.Tensor, T: int) -> torch.Tensor
     for j in range(1, w.shape[1]):
         acc = acc + xf[:, j:j + T] * wf[:, j:j + 1]
     return F.silu(acc).t().to(seq.dtype)
+
+
+def run_stack(cfg: ModelConfig, layers, x: torch.Tensor, states: list[SequenceState] | None, mode: str,
+              rotary: Callable = rotary_tables) -> torch.Tensor:
+    """Run decoder layers over x [B, T, H] with per-sequence caches (or none), advancing the caches by T. `rotary`:
+    the family's cos / sin tables, as rotary_tables(cfg, starts, length, dtype, device) gives them."""
+    B, T, _ = x.shape
+    if states is not None:
+        assert len(states) == B
+        for s in states:
+            s.check_room(T)
+    starts = [s.length for s in states] if states is not None else [0] * B
+    cos, sin = rotary(cfg, starts, T, x.dtype, x.device)
+    p = Pass(states, mode, cos, sin)
+    with row_invariant(mode == "step"):
+        for layer in layers:
+            x = layer(x, p)
+    if states is not None:
+        for s in states:
+            s.length += T
+            if mode != "step":  # prefill keeps no per-position states: nothing before this point can be restored
+                s.mark()
+    return x

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpx.config import RoutedMoEConfig
-from mtpx.models.common import Pass, apply_rotary, initialised, rotary_tables
+from mtpx.models.common import Pass, apply_rotary, initialised, rotary_tables, run_stack
 from mtpx.models.linear import Linear, linear, project, row_invariant
 from mtpx.models.ops import fusible
 from mtpx.models.qwen3_5 import MLP, Experts
@@ -100,26 +100,6 @@ def routed_rotary_tables(cfg: RoutedMoEConfig, starts: list[int], length: int, d
         cos, sin = _YARN_TABLES[key] = (emb.cos() * attention).to(dtype), (emb.sin() * attention).to(dtype)
     pos = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)[None, :]
     return cos[pos], sin[pos]
-
-
-def run_stack(cfg: RoutedMoEConfig, layers, x: torch.Tensor, states: list[SequenceState] | None,
-              mode: str) -> torch.Tensor:
-    """Run decoder layers over x [B, T, H] with per-sequence caches (or none), advancing the caches by T (as
-    models/qwen3_5.run_stack, with this family's RoPE tables)."""
-    B, T, _ = x.shape
-    for s in states or []:
-        s.check_room(T)
-    starts = [s.length for s in states] if states is not None else [0] * B
-    cos, sin = routed_rotary_tables(cfg, starts, T, x.dtype, x.device)
-    p = Pass(states, mode, cos, sin)
-    with row_invariant(mode == "step"):
-        for layer in layers:
-            x = layer(x, p)
-    for s in states or []:
-        s.length += T
-        if mode != "step":  # prefill keeps no per-position states
-            s.mark()
-    return x
 
 
 def add_bias(layer: Linear) -> None:
@@ -284,7 +264,7 @@ class MTP(nn.Module):
         layer = self.layers[0]
         with row_invariant(mode == "step"):
             x = layer.eh_proj(torch.cat([layer.enorm(embeds), layer.hnorm(hidden)], dim=-1))
-            return layer.shared_head.norm(run_stack(cfg, [layer], x, states, mode))
+            return layer.shared_head.norm(run_stack(cfg, [layer], x, states, mode, routed_rotary_tables))
 
 
 class Glm4MoeModel(nn.Module):
@@ -320,7 +300,7 @@ class Glm4MoeModel(nn.Module):
                 mode: str = "prefill") -> torch.Tensor:
         x = self.model.embed_tokens(tokens)
         with row_invariant(mode == "step"):
-            return self.model.norm(run_stack(self.cfg, self.model.layers, x, states, mode))
+            return self.model.norm(run_stack(self.cfg, self.model.layers, x, states, mode, routed_rotary_tables))
 
     def logits(self, hidden: torch.Tensor, step: bool = False) -> torch.Tensor:
         with row_invariant(step):

@@ -23,7 +23,8 @@ from torch import nn
 
 from mtpx.config import ModelConfig
 from mtpx.models.common import (GatedRMSNorm, Pass, RMSNorm, apply_rotary, causal_conv_step, chunk_gated_delta_rule,
-                                gdn_gates, gdn_heads, initialised, recurrent_gated_delta_step, rotary_tables)
+                                gdn_gates, gdn_heads, initialised, recurrent_gated_delta_step, rotary_tables,
+                                run_stack)
 from mtpx.models.linear import Linear, linear, project, row_invariant
 from mtpx.models.ops import fusible
 from mtpx.state import SequenceState
@@ -264,28 +265,6 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
         x = x + self.mixer(self.input_layernorm(x), p)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def run_stack(cfg: ModelConfig, layers: nn.ModuleList, x: torch.Tensor, states: list[SequenceState] | None,
-              mode: str) -> torch.Tensor:
-    """Run decoder layers over x [B, T, H] with per-sequence caches (or none), advancing the caches by T."""
-    B, T, _ = x.shape
-    if states is not None:
-        assert len(states) == B
-        for s in states:
-            s.check_room(T)
-    starts = [s.length for s in states] if states is not None else [0] * B
-    cos, sin = rotary_tables(cfg, starts, T, x.dtype, x.device)
-    p = Pass(states, mode, cos, sin)
-    with row_invariant(mode == "step"):
-        for layer in layers:
-            x = layer(x, p)
-    if states is not None:
-        for s in states:
-            s.length += T
-            if mode != "step":  # prefill keeps no per-position states: nothing before this point can be restored
-                s.mark()
-    return x
 
 
 class MTP(nn.Module):

@@ -87,8 +87,7 @@ def plan(cfg: ModelConfig, *, device: str = "cuda", dtype: str = "bf16", context
     """Bytes a run of this model needs on `device` (see the module docstring); `memory`: what the device has."""
     model = meta_model(cfg, mtp_layers, dtype)
     mtp = getattr(model, "mtp", None)
-    weights_mtp = weight_bytes(mtp, skip={id(p) for p in model.parameters() if p is not None}
-                               - {id(p) for p in mtp.parameters()}) if mtp is not None else 0
+    weights_mtp = weight_bytes(mtp) if mtp is not None else 0  # the shared embedding / head count as main
     weights_main = weight_bytes(model) - weights_mtp
     state = model.new_state(context, device="meta")
     cache = state.nbytes() + (model.new_mtp_state(context, device="meta").nbytes() if mtp is not None else 0)
@@ -96,7 +95,7 @@ def plan(cfg: ModelConfig, *, device: str = "cuda", dtype: str = "bf16", context
     rollback = (drafts + 1) * gdn
     act = 2 if dtype != "fp32" else 4
     width = max(cfg.intermediate_size, getattr(cfg, "moe_intermediate_size", 0) or 0)
-    prefill = context * (2 * width + 8 * cfg.hidden_size) * act + context * cfg.vocab_size * 0  # last row's logits only
+    prefill = context * (2 * width + 8 * cfg.hidden_size) * act  # prefill takes the last row's logits only
     prefill += context * 4 * 64 * 3 * max(getattr(cfg, "linear_num_value_heads", 0) or 0, 1)  # chunked delta rule
     overhead = CUDA_OVERHEAD if device.startswith("cuda") else 0
     subtotal = weights_main + weights_mtp + parallel * (cache + rollback) + prefill
