@@ -63,7 +63,6 @@ class GpuInt8Weight(Int8Weight):
     def of(cls, w: Int8Weight, device: torch.device) -> "GpuInt8Weight":
         gpu = cls.__new__(cls)
         gpu.q, gpu.scale, gpu.shape = w.q.to(device), w.scale.to(device), w.shape
-        gpu.scale_bf16 = gpu.scale.to(torch.bfloat16)
         return gpu
 
     def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
