@@ -24,9 +24,20 @@ from mtpx.speculative.policy import DraftPolicy
 def prefill(model: Qwen35Model, drafter: Drafter | None, seq: Sequence) -> list[int]:
     """Run the prompt through the main model and pick the first token. Returns the emitted token(s)."""
     t0 = time.perf_counter()
+    return first_token(model, drafter, seq, prompt_hidden(model, seq), t0)
+
+
+def prompt_hidden(model: Qwen35Model, seq: Sequence) -> torch.Tensor:
+    """The prompt's pass through the main model into seq.state: its hidden states [n_prompt, H]."""
     prompt = torch.tensor([seq.tokens[:seq.n_prompt]], device=seq.state.device)
-    hidden = model(prompt, [seq.state], "prefill")
-    logits = model.logits(hidden[0, -1]).float()
+    return model(prompt, [seq.state], "prefill")[0]
+
+
+def first_token(model: Qwen35Model, drafter: Drafter | None, seq: Sequence, hidden: torch.Tensor,
+                t0: float) -> list[int]:
+    """Pick the first token after the prompt's hidden states [n_prompt, H] (seq.state already holds the prompt),
+    and start the drafter. Apart from prefill, engine/fork.py calls it for each sample sharing one prompt pass."""
+    logits = model.logits(hidden[-1]).float()
     target = apply_penalties(logits[None], seq.params, seq.tokens, seq.n_prompt, history=seq.penalties)
     if seq.constraint is not None:
         target = mask_logits(target, seq.constraint.allowed()[None])
@@ -37,7 +48,7 @@ def prefill(model: Qwen35Model, drafter: Drafter | None, seq: Sequence) -> list[
     t1 = time.perf_counter()
     seq.stats.prefill_s += t1 - t0
     if drafter is not None and not seq.finished:
-        drafter.start(seq, hidden[0])
+        drafter.start(seq, hidden)
         seq.stats.draft_s += time.perf_counter() - t1
     return emitted
 
