@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mtpx.engine.constraints import GrammarCompiler, GrammarSpec
+from mtpx.engine.fork import prefill_shared
 from mtpx.engine.grouped import GroupedDrafter
 from mtpx.engine.params import SamplingParams, SpecConfig, sampling_params
 from mtpx.engine.request import Completion, Request, StreamEvent
@@ -193,12 +194,15 @@ class Engine:
     # ---- rounds --------------------------------------------------------------------------------------------------
     def prefill(self, drafter: Drafter | None, seq: Sequence) -> list[int]:
         """loop.prefill, on the thread count the tuner chose (not one it is trying out)."""
+        return self._on_preferred_threads(prefill, self.model, drafter, seq)
+
+    def _on_preferred_threads(self, fn: Callable[..., Any], *args: Any) -> Any:
         tuner = self.thread_tuner
         if tuner is None or tuner.preferred == tuner.current:
-            return prefill(self.model, drafter, seq)
+            return fn(*args)
         torch.set_num_threads(tuner.preferred)
         try:
-            return prefill(self.model, drafter, seq)
+            return fn(*args)
         finally:
             torch.set_num_threads(tuner.current)
 
@@ -219,6 +223,19 @@ class Engine:
         new = self.prefill(drafter, req.seq)
         req.first_token_at = time.perf_counter()
         return req.advance(new)
+
+    def start_shared(self, reqs: list[Request], drafter: Drafter | None) -> list[StreamEvent]:
+        """Prefill requests for one prompt (the samples of an n > 1 request, each opened on its own) with a single
+        pass of the prompt, its caches copied to the others (engine/fork.py): each one's first token as text."""
+        if len(reqs) == 1:
+            return [self.start(reqs[0], drafter)]
+        news = self._on_preferred_threads(prefill_shared, self.model, drafter, [r.seq for r in reqs])
+        now = time.perf_counter()
+        events = []
+        for req, new in zip(reqs, news):
+            req.first_token_at = now
+            events.append(req.advance(new))
+        return events
 
     def stats(self, req: Request, spec: SpecConfig | None = None, drafter: Drafter | None = None,
               now: float | None = None) -> dict:
