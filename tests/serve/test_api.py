@@ -218,7 +218,6 @@ BAD = [
     ("prompt wrong type", "completion", {**COMP, "prompt": {"a": 1}}, 400, "prompt"),
     ("batched prompts", "completion", {**COMP, "prompt": ["a", "b"]}, 400, "prompt"),
     ("n over the cap", "chat", {**CHAT, "n": 9}, 400, "n"),
-    ("n > 1 streamed", "chat", {**CHAT, "n": 2, "stream": True}, 400, "n"),
     ("best_of > 1", "completion", {**COMP, "best_of": 3}, 400, "best_of"),
     ("top_logprobs over the cap", "chat", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("logprobs over the cap (completions)", "completion", {**COMP, "logprobs": 50}, 400, "logprobs"),

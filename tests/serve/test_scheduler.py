@@ -173,3 +173,39 @@ def test_scheduler_survives_an_engine_error(serve_llm, monkeypatch):
 
 def test_mtpx_package_exports_llm():
     assert hasattr(mtpx, "LLM")
+
+
+def test_siblings_share_one_prefill_and_wait_or_go_as_a_group(serve_llm):
+    """The n samples of a request (siblings): one prefill, admitted together (alone when more than max_num_seqs),
+    and dropped together when cancelled while waiting."""
+    sched = Scheduler(serve_llm, SpecConfig(spec_type="mtp"), max_num_seqs=2)
+    sched.start()
+    try:
+        ids = serve_llm.tokenizer.encode("def add(a, b):\n")
+        cols = [Collector() for _ in range(3)]
+        group = [GenRequest(ids, 6, SamplingParams(), c, ignore_eos=True) for c in cols]
+        group[0].siblings = group[1:]
+        sched.submit(group[0])
+        assert all(c.done.wait(30) for c in cols)
+        assert [c.tokens for c in cols] == [cols[0].tokens] * 3 and len(cols[0].tokens) == 6
+        assert sched.metrics.snapshot()["prompt_tokens"] == len(ids)
+        long = Collector()
+        ra = sched.submit(GenRequest(ids, 400, SamplingParams(), long, ignore_eos=True))
+        deadline = time.time() + 30
+        while long.count < 2:
+            assert time.time() < deadline
+            time.sleep(0.002)
+        waiting = [Collector() for _ in range(2)]
+        group = [GenRequest(ids, 6, SamplingParams(), c) for c in waiting]
+        group[0].siblings = group[1:]
+        sched.submit(group[0])  # 1 running + 2 > max_num_seqs: waits
+        assert sched.metrics.snapshot()["waiting"] == 1
+        for g in group:
+            sched.cancel(g)
+        sched.cancel(ra)
+        while sched.metrics.snapshot()["requests_cancelled"] < 3:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert all(g.done and g.req is None for g in group) and [c.count for c in waiting] == [0, 0]
+    finally:
+        sched.stop()

@@ -1,7 +1,6 @@
 """`mtpx serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the continuous-batching scheduler.
-Longer than 400 lines because one request's path (read with a limit, prepare off the loop, submit, stream or collect,
-end at shutdown) runs through the Server's state; request shapes, tools and output parsing live in api.py,
-structured.py and output.py.
+A little over 400 lines with the `mtpx serve` flags; request shapes live in api.py, tools and structured outputs in
+structured.py, output parsing in output.py, and how an answer's choices are streamed or collected in streaming.py.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true → server-sent events in
 OpenAI's chunk format, ending with `data: [DONE]`), GET /health, GET /metrics (Prometheus), GET / (chat page).
@@ -16,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import json
 import logging
 import signal
 import sys
@@ -44,7 +41,8 @@ from mtpx.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mtpx.serve.metrics import Metrics
 from mtpx.serve.output import REASONING_FORMATS, Responder
 from mtpx.serve.structured import ChatOptions, plain_messages, read_options, render_kwargs, template_messages
-from mtpx.serve.scheduler import SHUTTING_DOWN, Delta, GenRequest, Scheduler
+from mtpx.serve.scheduler import SHUTTING_DOWN, Scheduler
+from mtpx.serve.streaming import Answer, open_choices
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("mtpx.serve")
@@ -99,9 +97,8 @@ class Server:
 
     def sampling(self, body: Body, prompt_len: int, chat: bool) -> dict:
         n = body.get("n", "integer", 1)
-        if not 1 <= n <= MAX_N or (n > 1 and body.get("stream", "boolean", False)):
-            raise ApiError(400, f"'n' = {n}: n must be in [1, {MAX_N}], and 1 when streaming", "n",
-                           "unsupported_parameter")
+        if not 1 <= n <= MAX_N:
+            raise ApiError(400, f"'n' = {n}: n must be in [1, {MAX_N}]", "n", "invalid_value")
         if body.get("best_of", "integer", 1) != 1:
             raise ApiError(400, "only best_of=1 is supported", "best_of", "unsupported_parameter")
         body.unsupported("logit_bias", lambda v: isinstance(v, dict) and not v)
@@ -231,160 +228,17 @@ class Server:
         if not self.scheduler.alive:
             raise ApiError(503, "the engine is not running", None, "engine_unavailable", "server_error")
 
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Delta] = asyncio.Queue()
-
-        def sink(delta: Delta) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, delta)
-
-        greq = GenRequest(prompt_ids, kw["max_tokens"], kw["params"], sink, stop=kw["stop"],
-                          ignore_eos=kw["ignore_eos"])
+        choices = open_choices(prompt_ids, kw, p["responder"])
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
         try:
-            self.scheduler.submit(greq)
+            self.scheduler.submit(choices.greqs[0])  # the other choices ride with it: one prefill for all
         except RuntimeError:  # the scheduler began stopping since the check above
             raise self.shutting_down() from None
+        answer = Answer(self, choices, rid, int(time.time()), chat)
         if stream:
-            return StreamingResponse(self._sse(greq, queue, rid, created, chat, include_usage, continuous,
-                                               p["responder"]),
-                                     media_type="text/event-stream",
+            return StreamingResponse(answer.events(include_usage, continuous), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        if kw["n"] > 1:
-            return await self._collect_n(request, p, greq, queue, rid, created, chat)
-        return await self._collect(request, greq, queue, rid, created, chat, p["responder"])
-
-    async def _collect_n(self, request: Request, p: dict, first: GenRequest, queue: asyncio.Queue, rid: str,
-                         created: int, chat: bool) -> JSONResponse:
-        """n > 1 (not streamed): n - 1 more requests for the same prompt (a given seed + i each), collected
-        together into one response's choices; the usage counts every choice's tokens."""
-        kw, loop = p["kw"], asyncio.get_running_loop()
-        runs = [(first, queue, p["responder"])]
-        for i in range(1, kw["n"]):
-            q: asyncio.Queue[Delta] = asyncio.Queue()
-            seed = kw["params"].seed
-            params = dataclasses.replace(kw["params"], seed=None if seed is None else (seed + i) % 2 ** 63)
-            greq = GenRequest(p["prompt_ids"], kw["max_tokens"], params,
-                              lambda d, q=q: loop.call_soon_threadsafe(q.put_nowait, d), stop=kw["stop"],
-                              ignore_eos=kw["ignore_eos"])
-            self.scheduler.submit(greq)
-            runs.append((greq, q, p["responder"].fresh()))
-        answers = await asyncio.gather(*(self._collect(request, g, q, rid, created, chat, r) for g, q, r in runs))
-        if any(a.status_code != 200 for a in answers):
-            for g, _, _ in runs:
-                self.scheduler.cancel(g)
-            return next(a for a in answers if a.status_code != 200)
-        out = json.loads(answers[0].body)
-        for i, a in enumerate(answers[1:], 1):
-            more = json.loads(a.body)
-            out["choices"].append({**more["choices"][0], "index": i})
-            out["usage"]["completion_tokens"] += more["usage"]["completion_tokens"]
-            out["usage"]["total_tokens"] += more["usage"]["completion_tokens"]
-        return JSONResponse(out)
-
-    async def _collect(self, request: Request, greq: GenRequest, queue: asyncio.Queue, rid: str, created: int,
-                       chat: bool, responder: Responder | None = None) -> JSONResponse:
-        text, last = [], None
-        token_ids, logprobs = [], []
-        checked = time.monotonic()
-        try:
-            while True:
-                try:
-                    delta = await asyncio.wait_for(queue.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    delta = None
-                if time.monotonic() - checked > 0.25:  # deltas may keep coming: poll the socket on a clock
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        self.scheduler.cancel(greq)
-                        return JSONResponse({}, status_code=499)
-                if delta is None:
-                    continue
-                text.append(delta.text)
-                token_ids += delta.token_ids
-                logprobs += delta.logprobs or []
-                if delta.finish_reason is not None:
-                    last = delta
-                    break
-        finally:
-            if last is None:
-                self.scheduler.cancel(greq)
-        if last.error:
-            if last.error_code == SHUTTING_DOWN:
-                raise self.shutting_down()
-            raise ApiError(500, last.error, None, "engine_error", "server_error")
-        body = "".join(text)
-        responder = responder or Responder(self.llm.tokenizer, chat=chat)
-        lp = responder.logprobs(token_ids, logprobs)
-        choice = ({"index": 0, "message": responder.message(body), "logprobs": lp,
-                   "finish_reason": responder.finish_reason(last.finish_reason)} if chat else
-                  {"index": 0, "text": body, "logprobs": lp, "finish_reason": last.finish_reason})
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": self.model_name, "choices": [choice],
-                             "usage": self.usage(last.stats), "system_fingerprint": None})
-
-    async def _sse(self, greq: GenRequest, queue: asyncio.Queue, rid: str, created: int, chat: bool,
-                   include_usage: bool, continuous: bool, responder: Responder | None = None):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        responder = responder or Responder(self.llm.tokenizer, chat=chat)
-
-        def chunk(text: str | None, finish: str | None, usage: dict | None = None, role: bool = False,
-                  parsed: dict | None = None, logprobs: dict | None = None) -> str:
-            if chat:
-                delta = ({"role": "assistant", "content": ""} if role else parsed if parsed is not None else
-                         ({"content": text} if text else {}))
-                choice = {"index": 0, "delta": delta, "logprobs": logprobs,
-                          "finish_reason": responder.finish_reason(finish) if finish else None}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-            data = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
-            if usage is not None:
-                data["usage"] = usage
-            return f"data: {json.dumps(data)}\n\n"
-
-        finished = False
-        try:
-            if chat:
-                yield chunk(None, None, role=True)
-            while True:
-                delta = await queue.get()
-                if delta.error:
-                    if delta.error_code == SHUTTING_DOWN:  # a last chunk saying why the stream ends here
-                        yield chunk(None, "abort")
-                    err = {"message": delta.error, "type": "server_error", "param": None,
-                           "code": delta.error_code or "engine_error"}
-                    yield f"data: {json.dumps({'error': err})}\n\n"
-                    finished = True
-                    break
-                final = delta.finish_reason is not None
-                lp = responder.logprobs(delta.token_ids, delta.logprobs)
-                if chat:  # text through the parser: content, reasoning_content and tool_calls deltas
-                    parts = responder.feed(delta.text) + (responder.finish() if final else [])
-                    if lp is not None and not parts and not final:
-                        parts = [{}]
-                    for i, part in enumerate(parts):
-                        last_part = final and i == len(parts) - 1
-                        usage = (self.usage(delta.stats) if continuous or (last_part and not include_usage)
-                                 else None)
-                        yield chunk(None, delta.finish_reason if last_part else None, usage, parsed=part,
-                                    logprobs=lp if i == 0 else None)
-                    if final and not parts:
-                        usage = self.usage(delta.stats) if continuous or not include_usage else None
-                        yield chunk(None, delta.finish_reason, usage, logprobs=lp)
-                elif delta.text or final or lp is not None:
-                    usage = self.usage(delta.stats) if continuous or (final and not include_usage) else None
-                    yield chunk(delta.text, delta.finish_reason, usage, logprobs=lp)
-                if final:
-                    finished = True
-                    if include_usage:
-                        data = {"id": rid, "object": obj, "created": created, "model": self.model_name,
-                                "choices": [], "usage": self.usage(delta.stats)}
-                        yield f"data: {json.dumps(data)}\n\n"
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            if not finished:  # the client went away (or the response was cancelled): free the sequence
-                self.scheduler.cancel(greq)
+        return await answer.collect(request)
 
     def begin_shutdown(self) -> None:
         """SIGTERM (or Ctrl-C): new requests get a 503; running ones may finish for shutdown_timeout seconds, then

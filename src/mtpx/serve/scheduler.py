@@ -2,7 +2,8 @@
 
 Every iteration the worker
   1. drops cancelled requests (their Sequence and caches go with them),
-  2. admits waiting requests (prefill, one sequence at a time, up to a prompt-token budget per iteration),
+  2. admits waiting requests (prefill, one prompt at a time, up to a prompt-token budget per iteration; the n
+     samples of one request share one prefill: engine/fork.py),
   3. runs one `decode_round` over every running sequence: one batched draft, one batched verify forward, each
      sequence accepting its own number of tokens and rolling back its own caches,
   4. turns new tokens into text (stop strings, incremental UTF-8) and hands each request its delta through the
@@ -62,9 +63,18 @@ class GenRequest:
     cancelled: bool = False
     done: bool = False
     admitted_at: float = 0.0
+    # the other samples of an n > 1 request: admitted and prefilled with this one (one pass of their shared prompt),
+    # then each decoded as a sequence of its own; only this one is submitted
+    siblings: list[GenRequest] = field(default_factory=list)
     # engine state, owned by the worker thread
     req: Request | None = None
     counted: tuple = (0, 0, 0, ())  # speculation counts already added to the metrics
+
+
+    @property
+    def members(self) -> list[GenRequest]:
+        """This request and its siblings: the sequences admitted together."""
+        return [self, *self.siblings]
 
 
 class Scheduler:
@@ -153,27 +163,33 @@ class Scheduler:
                         self._decode()
                 except Exception as e:  # a bug outside the guarded model calls: fail this batch, keep serving
                     log.error("scheduler step failed:\n%s", traceback.format_exc())
-                    for r in admit + self._running:
+                    for r in [m for a in admit for m in a.members] + self._running:
                         self._fail(r, f"internal error: {e}")
                     self._running = []
                     self._update_gauges()
-        for r in list(self._waiting) + self._running:  # shutting down: tell the clients
+        for r in [m for w in self._waiting for m in w.members] + self._running:  # shutting down: tell the clients
             self._fail(r, "the server is shutting down", SHUTTING_DOWN)
         self._waiting.clear()
         self._running.clear()
 
     def _take_admissions(self) -> list[GenRequest]:
-        admit, budget = [], self.prefill_budget
+        admit, budget, seqs = [], self.prefill_budget, 0
         if any(r.cancelled for r in self._waiting):
             for r in self._waiting:
-                if r.cancelled:
-                    self._count_cancel(r)
+                if r.cancelled:  # the client went away: the whole group with it
+                    for m in r.members:
+                        if not m.done:
+                            self._count_cancel(m)
             self._waiting = deque(r for r in self._waiting if not r.done)
-        while self._waiting and len(self._running) + len(admit) < self.max_num_seqs:
+        while self._waiting:
             r = self._waiting[0]
+            size = len(r.members)
+            if len(self._running) + seqs + size > self.max_num_seqs and (self._running or admit):
+                break  # a group larger than max_num_seqs still runs, alone
             if admit and len(r.prompt_ids) > budget:
                 break  # next iteration: running sequences get a decode round between long prefills
             budget -= len(r.prompt_ids)
+            seqs += size
             admit.append(self._waiting.popleft())
         with self.metrics.lock:
             self.metrics.waiting = len(self._waiting)
@@ -202,23 +218,31 @@ class Scheduler:
             r.req = None
 
     def _prefill(self, r: GenRequest) -> None:
+        """Prefill `r` and its siblings (one pass of their prompt) and add them to the running batch."""
+        for s in r.siblings:
+            if s.cancelled and not s.done:
+                self._count_cancel(s)
+        group = [m for m in r.members if not m.done]
         r.admitted_at = time.perf_counter()
         with self.metrics.lock:
             self.metrics.queue_time.observe(r.admitted_at - r.arrived)
         try:
-            r.req = self.engine.open(r.prompt_ids, r.max_tokens, r.params, stop=r.stop, ignore_eos=r.ignore_eos,
-                                     started=r.arrived)
-            event = self.engine.start(r.req, self.drafter)
+            for m in group:
+                m.admitted_at = r.admitted_at
+                m.req = self.engine.open(m.prompt_ids, m.max_tokens, m.params, stop=m.stop,
+                                         ignore_eos=m.ignore_eos, started=m.arrived)
+            events = self.engine.start_shared([m.req for m in group], self.drafter)
             with self.metrics.lock:
-                self.metrics.prompt_tokens += r.req.seq.n_prompt
+                self.metrics.prompt_tokens += r.req.seq.n_prompt  # prefilled once for the whole group
                 self.metrics.ttft.observe(r.req.first_token_at - r.arrived)
-            self._emit(r, event)
+            for m, event in zip(group, events):
+                self._emit(m, event)
         except Exception as e:  # an engine failure must not take the server down
             log.error("prefill failed:\n%s", traceback.format_exc())
-            self._fail(r, f"prefill failed: {e}")
+            for m in group:
+                self._fail(m, f"prefill failed: {e}")
             return
-        if not r.done:
-            self._running.append(r)
+        self._running += [m for m in group if not m.done]
 
     def _decode(self) -> None:
         batch = list(self._running)
