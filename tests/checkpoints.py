@@ -259,9 +259,13 @@ def make_qwen3_next_checkpoint(out: Path, mtp: bool = True, seed: int = 0) -> Pa
                                                        "layer_types": ["full_attention"]})).float()
         _perturb(one, g)
         h = cfg["hidden_size"]
-        for k, v in one.state_dict().items():
+        one.save_pretrained(out / "tmp", safe_serialization=True)  # experts one module each, as Qwen3-Next's mtp.*
+        for k, v in load_file(out / "tmp" / "model.safetensors").items():
             if k.startswith("model.layers.0."):
                 tensors["mtp.layers.0." + k[len("model.layers.0."):]] = v.clone()
+        for f in (out / "tmp").iterdir():
+            f.unlink()
+        (out / "tmp").rmdir()
         tensors["mtp.fc.weight"] = torch.randn(h, 2 * h, generator=g) * 0.08
         for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
             tensors[f"mtp.{n}.weight"] = torch.randn(h, generator=g) * 0.2

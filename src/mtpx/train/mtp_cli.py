@@ -2,7 +2,9 @@
 
 The base model is frozen. For every position i of the corpus, the MTP layer sees (h_i, t_{i+1}) and learns the base
 model's own next-token distribution at position i + 1 — exactly what its drafts are verified against. The result is
-written in the standard layout (`mtp.*` next to the base tensors), so other engines can load it too.
+written in the family's own layout (`mtp.*` next to the base tensors for Qwen3.5 / Qwen3-Next, one more decoder layer
+`model.layers.{L}.*` with enorm / hnorm / eh_proj / shared_head for GLM-4.5 / DeepSeek-V3), so other engines can load
+it too.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from mtpx.errors import ModelLoadError, MtpxError
 from mtpx.llm import resolve_model_path
 from mtpx.runners.cpu import tune_cpu_process
 from mtpx.loading import build_model, load_checkpoint
-from mtpx.models.qwen3_5 import Qwen35Model
+from mtpx.loading.disk_layout import disk_tensors, is_mtp_disk_name, stores_per_expert
+from mtpx.models.interface import CausalLM
 from mtpx.train.cli import corpus_file, invocation
 from mtpx.train.evaluate import teacher_forced_acceptance as tf_acceptance
 from mtpx.train.head_loss import linear_cross_entropy
@@ -34,7 +37,7 @@ class TrainMTPError(MtpxError):
 
 
 @torch.no_grad()
-def teacher_forced_acceptance(model: Qwen35Model, data: torch.Tensor, batches: int = 4, seq_len: int = 256) -> float:
+def teacher_forced_acceptance(model: CausalLM, data: torch.Tensor, batches: int = 4, seq_len: int = 256) -> float:
     """Fraction of positions where the MTP's argmax at (h_i, t_{i+1}) equals the base model's argmax at i + 1:
     the k = 1 acceptance of greedy MTP drafting on this text, with the text as the accepted tokens."""
     hits = total = 0
@@ -48,7 +51,7 @@ def teacher_forced_acceptance(model: Qwen35Model, data: torch.Tensor, batches: i
     return hits / total
 
 
-def distill(model: Qwen35Model, data: torch.Tensor, steps: int, batch: int, seq_len: int, lr: float, seed: int,
+def distill(model: CausalLM, data: torch.Tensor, steps: int, batch: int, seq_len: int, lr: float, seed: int,
             time_budget_s: float | None = None, log=print, chain: int = 1, objective: str = "kl",
             precision: str = "auto", compile: str = "off") -> list[float]:
     """Train only model.mtp to reproduce the frozen base model's own predictions.
@@ -127,6 +130,9 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     src = resolve_model_path(args.model)
+    if not src.is_dir():
+        raise TrainMTPError(f"train-mtp reads and writes checkpoint directories (config.json + safetensors); {src} is "
+                            "not one")
     ckpt = load_checkpoint(src)
     if ckpt.tokenizer is None:
         raise ModelLoadError(f"{src} has no tokenizer.json")
@@ -172,19 +178,32 @@ def fmt(rates: list[float]) -> str:
     return ", ".join(f"k={j}: {r:.1%}" for j, r in enumerate(rates, start=1))
 
 
-def write_with_mtp(src: Path, model: Qwen35Model, out: Path) -> None:
-    """Copy the base checkpoint's files and write its tensors plus the new `mtp.*` ones (base dtype)."""
+def write_with_mtp(src: Path, model: CausalLM, out: Path) -> None:
+    """Copy the base checkpoint's files and write its tensors (unchanged) plus the new MTP layer, in the family's
+    on-disk names (`mtp.*` for Qwen3.5 / Qwen3-Next, `model.layers.{L}.*` for GLM-4.5 / DeepSeek-V3) and in the base
+    checkpoint's dtype and expert layout. Any MTP layers the base had are replaced by the one trained."""
+    cfg = model.cfg
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copy(f, out / f.name)
     base = {}
     for f in sorted(src.glob("*.safetensors")):
-        base.update({k: v for k, v in load_file(str(f)).items() if not k.startswith("mtp.")})
-    dtype = next(iter(base.values())).dtype
-    base.update({f"mtp.{k}": v.detach().to(dtype).contiguous() for k, v in model.mtp.state_dict().items()})
+        base.update({k: v for k, v in load_file(str(f)).items() if not is_mtp_disk_name(cfg, k)})
+    embed = next((v for k, v in base.items() if k.endswith("embed_tokens.weight")), next(iter(base.values())))
+    new = {f"mtp.{k}": v.detach() for k, v in model.mtp.state_dict().items()}
+    if cfg.MTP_IN_LAYERS:
+        # DeepSeek-V3 and GLM-4.5 store copies of the embedding and output head in the nextn layer, and vLLM's loader
+        # of these MTP layers expects them; mtpx shares them with the main model at load
+        new.setdefault("mtp.layers.0.embed_tokens.weight", model.model.embed_tokens.weight.detach())
+        new["mtp.layers.0.shared_head.head.weight"] = model.lm_head.weight.detach()
+    main_dtypes = {k.split(".", 3)[-1]: v.dtype for k, v in base.items() if k.startswith("model.layers.")}
+    for name, t in disk_tensors(cfg, new, stores_per_expert(base)).items():
+        # a tensor kept in fp32 by the base (e.g. e_score_correction_bias) stays fp32; the rest in the base's dtype
+        dtype = main_dtypes.get(name.split(".", 3)[-1], embed.dtype)
+        base[name] = t.to(dtype if dtype.is_floating_point and dtype.itemsize >= 2 else embed.dtype).contiguous()
     save_file(base, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((out / "config.json").read_text())
-    target = cfg.get("text_config", cfg)
-    target["mtp_num_hidden_layers"] = len(model.mtp.layers)
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    config = json.loads((out / "config.json").read_text())
+    target = config.get("text_config", config)
+    target[cfg.MTP_KEY] = len(model.mtp.layers)
+    (out / "config.json").write_text(json.dumps(config, indent=1))

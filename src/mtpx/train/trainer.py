@@ -21,6 +21,8 @@ from tqdm import tqdm
 from mtpx.config import ModelConfig
 from mtpx.errors import MtpxError
 from mtpx.runners.cpu import tune_cpu_process
+from mtpx.models.glm4_moe import MTP as NextNMTP, Glm4MoeModel
+from mtpx.models.interface import CausalLM
 from mtpx.models.qwen3_5 import MTP, Qwen35Model
 from mtpx.train.corpus import CHAT_TEMPLATE, DOC_SEPARATOR, SPECIAL_TOKENS
 from mtpx.train.head_loss import compiled_blocks, linear_cross_entropy
@@ -335,10 +337,21 @@ def new_model(cfg: ModelConfig, mtp_layers: int, seed: int) -> Qwen35Model:
     return model
 
 
-def fresh_mtp(model: Qwen35Model, seed: int) -> None:
-    """Give a model a new, trainable MTP layer (replacing any existing one)."""
+def new_mtp_module(model: CausalLM) -> torch.nn.Module:
+    """A freshly initialised MTP module of the model's family: Qwen3.5 / Qwen3-Next's `mtp.*` layer, or GLM-4.5 /
+    DeepSeek-V3's nextn decoder layer (with the model's own attention, MLA for DeepSeek)."""
+    if isinstance(model, Glm4MoeModel):
+        return NextNMTP(model.cfg, model.ATTENTION)
+    if isinstance(model, Qwen35Model):
+        return MTP(model.cfg, 1)
+    raise MtpxError(f"train-mtp does not know how to build an MTP layer for {type(model).__name__} "
+                    f"(model_type {model.cfg.model_type!r})")
+
+
+def fresh_mtp(model: CausalLM, seed: int) -> None:
+    """Give a model a new, trainable MTP layer of its family (replacing any existing one)."""
     torch.manual_seed(seed)
-    model.mtp = MTP(model.cfg, 1)
+    model.mtp = new_mtp_module(model)
     g = torch.Generator().manual_seed(seed)
     for name, p in model.mtp.named_parameters():
         if p.dim() >= 2:
