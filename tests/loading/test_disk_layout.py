@@ -18,7 +18,8 @@ def rewrite(src, dst, per_expert):
     for f in src.iterdir():
         if f.suffix != ".safetensors":
             shutil.copy(f, dst / f.name)
-    state = {k: v for k, v in model.state_dict().items() if not (model.cfg.tie_word_embeddings and k == "lm_head.weight")}
+    tied = model.cfg.tie_word_embeddings
+    state = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     disk = disk_tensors(model.cfg, state, per_expert)
     save_file({k: v.contiguous() for k, v in disk.items()}, str(dst / "model.safetensors"))
     return model, disk

@@ -1,8 +1,13 @@
-"""llama.cpp itself (through llama-cpp-python) loads mtpx's GGUF export of the demo model and, greedy, produces the
-same first 32 tokens as mtpx for a handful of prompts; it also tokenizes the prompts the same way.
+"""mtpx's GGUF files in llama.cpp's terms.
 
-Runs only where `llama_cpp` can be imported: llama-cpp-python is not a dependency of mtpx or of its CI. To use one
-built into another environment of the same Python version, set MTPX_LLAMA_CPP_SITE to that environment's
+1. The names: every tensor name and metadata key mtpx writes for GLM-4.5 (`glm4moe`), DeepSeek-V3 (`deepseek2`) and
+   Qwen3-Next (`qwen3next`) is one of those llama.cpp's own gguf-py (the `gguf` package, a dependency) lists for that
+   architecture, and the architecture string is gguf-py's. Always runs.
+2. llama.cpp itself (through llama-cpp-python) loads mtpx's GGUF export of the demo model and, greedy, produces the
+   same first 32 tokens as mtpx for a handful of prompts; it also tokenizes the prompts the same way.
+
+The second part runs only where `llama_cpp` can be imported: llama-cpp-python is not a dependency of mtpx or of its CI.
+To use one built into another environment of the same Python version, set MTPX_LLAMA_CPP_SITE to that environment's
 site-packages (appended to sys.path, so this environment's own packages keep precedence), e.g.
     MTPX_LLAMA_CPP_SITE=/work/peers-venv/lib/python3.11/site-packages pytest tests/loading/test_gguf_llama_cpp.py
 
@@ -24,6 +29,64 @@ from mtpx.loading import load_checkpoint
 from mtpx.loading.convert import write_gguf
 
 
+# ---------------------------------------------------------------- 1. names, against llama.cpp's gguf-py tables
+
+# gguf-py's architecture of each family's export
+GGUF_PY_ARCH = {"glm": "GLM4_MOE", "glm_lite": "DEEPSEEK2", "deepseek": "DEEPSEEK2", "qwen3_next": "QWEN3NEXT"}
+# llama.cpp writes these for its hybrid (Gated DeltaNet) archs, after the gguf-py on PyPI (0.19) was cut; mtpx reads
+# them and also writes full_attention_interval, which that gguf-py has
+KEYS_NEWER_THAN_GGUF_PY = {"{arch}.attention.recurrent_layers"}
+
+
+def _key_templates() -> set[str]:
+    import gguf
+
+    found = set()
+
+    def walk(cls) -> None:
+        for v in vars(cls).values():
+            if isinstance(v, str):
+                found.add(v)
+            elif isinstance(v, type):
+                walk(v)
+    walk(gguf.Keys)
+    return found
+
+
+@pytest.mark.parametrize("family,kw", [("glm", {}), ("glm", {"tied": True}), ("deepseek", {"yarn": True}),
+                                       ("deepseek", {"q_lora": False}), ("glm_lite", {}), ("qwen3_next", {})],
+                         ids=["glm4moe", "glm4moe-tied", "deepseek2-yarn", "deepseek2-no-q-lora",
+                              "deepseek2-glm-lite", "qwen3next"])
+def test_written_names_and_keys_are_in_llama_cpps_tables(family_factory, tmp_path, family, kw):
+    """Each tensor `blk.N.x.weight` / `.bias` must be a `blk.{bid}.x` gguf-py lists for the arch. The MTP layer's
+    `nextn.*` names: where gguf-py's table for the arch lists no NEXTN tensor at all (deepseek2 and qwen3next in
+    gguf-py 0.19, whose tables predate llama.cpp's MTP graphs for them), they must be the NEXTN names it defines
+    (those its glm4moe table lists); once it lists them for the arch, they are checked against the arch's own."""
+    import re
+
+    from gguf import GGUFReader
+    from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
+    out = tmp_path / "model.gguf"
+    summary = write_gguf(load_checkpoint(family_factory(family, **kw)), out, "bf16")
+    arch = getattr(MODEL_ARCH, GGUF_PY_ARCH[family])
+    name = MODEL_ARCH_NAMES[arch]
+    reader = GGUFReader(str(out))
+    assert summary["arch"] == name and reader.fields["general.architecture"].contents() == name
+    listed = {TENSOR_NAMES[t] for t in MODEL_TENSORS[arch]}
+    nextn = {TENSOR_NAMES[t] for t in MODEL_TENSOR if t.name.startswith("NEXTN_")}
+    allowed = listed | (nextn if not nextn & listed else set())
+    written = {re.sub(r"\.(weight|bias)$", "", re.sub(r"^blk\.\d+\.", "blk.{bid}.", t.name)) for t in reader.tensors}
+    assert written - allowed == set(), f"not llama.cpp's {name} tensor names"
+    assert {n for n in written if ".nextn." in n} >= {f"blk.{{bid}}.nextn.{n}" for n in (
+        "eh_proj", "enorm", "hnorm", "shared_head_norm")}  # the MTP layer is there, under llama.cpp's names
+    templates = _key_templates()
+    keys = {k.replace(f"{name}.", "{arch}.", 1) for k in reader.fields if not k.startswith("GGUF.")}
+    assert keys - templates - KEYS_NEWER_THAN_GGUF_PY == set(), f"not llama.cpp's metadata keys for {name}"
+    assert "{arch}.nextn_predict_layers" in keys and "{arch}.block_count" in keys
+
+
+# ---------------------------------------------------------------- 2. llama.cpp itself
+
 def _import_llama_cpp():
     try:
         import llama_cpp
@@ -41,7 +104,7 @@ def _import_llama_cpp():
 
 
 llama_cpp = _import_llama_cpp()
-pytestmark = pytest.mark.skipif(
+needs_llama_cpp = pytest.mark.skipif(
     llama_cpp is None, reason="llama-cpp-python is not importable (pip install llama-cpp-python==0.3.36, or set "
                               "MTPX_LLAMA_CPP_SITE to the site-packages of an environment that has it)")
 
@@ -87,6 +150,7 @@ def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
     return out
 
 
+@needs_llama_cpp
 def test_llama_cpp_greedy_matches_mtpx(exported):
     path, summary = exported
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True, verbose=False)
@@ -124,6 +188,7 @@ def _k_quant_checkpoint(out_dir: Path, moe: bool) -> Path:
         return checkpoints.make_checkpoint(out_dir / ("moe" if moe else "dense"), moe=moe)
 
 
+@needs_llama_cpp
 @pytest.mark.parametrize("moe,ftypes,tol", [
     (False, ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "Q4_0", "Q8_0"], 0.06),
     (True, ["Q4_K_M"], 0.1)], ids=["dense", "moe"])
