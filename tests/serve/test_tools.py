@@ -172,3 +172,37 @@ def test_n_choices_each_follow_the_schema(qwen):
     answers = [json.loads(c.message.content) for c in r.choices]
     assert all(set(a) == {"temperature", "ok"} for a in answers)
     assert r.usage.completion_tokens > 0
+
+
+def test_streamed_tool_call_arguments_arrive_in_fragments(qwen):
+    """The openai client's stream helper sees the arguments grow delta by delta and accumulates the same call the
+    whole response holds."""
+    client = qwen.client()
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+              tool_choice="required", max_tokens=120, temperature=0)
+    fragments = 0
+    with client.chat.completions.stream(**kw) as s:
+        for event in s:
+            fragments += event.type == "tool_calls.function.arguments.delta"
+        final = s.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert fragments > 1 and call.function.name == "get_weather" and final.choices[0].finish_reason == "tool_calls"
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    assert call.function.arguments == whole.function.arguments
+    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
+
+
+def test_n_streamed_tool_calls_accumulate_per_choice(qwen):
+    stream = qwen.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER], n=2, seed=3,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=120, stream=True)
+    args, finishes = {}, {}
+    for chunk in stream:
+        for ch in chunk.choices:
+            for tc in ch.delta.tool_calls or []:
+                assert tc.index == 0  # the call's index within its choice
+                args[ch.index] = args.get(ch.index, "") + (tc.function.arguments or "")
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}
+    assert all(set(json.loads(a)) == {"city", "unit"} for a in args.values()) and len(args) == 2

@@ -42,7 +42,9 @@ class GrammarSpec:
                 raise FieldError(field, f"'{field}' is not valid JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
             raise FieldError(field, f"'{field}' must be a JSON schema object", "invalid_type")
-        return cls("json_schema", json.dumps(schema, sort_keys=True), field)
+        # the schema's own key order: xgrammar generates properties in it (as OpenAI and vLLM do), and a tool call
+        # must read {"name", "arguments"} in that order for its arguments to stream (serve/toolcalls.py)
+        return cls("json_schema", json.dumps(schema), field)
 
 
 def _xgr():

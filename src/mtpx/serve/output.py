@@ -2,14 +2,14 @@
 qwen3 reasoning parser and llama.cpp's --reasoning-format deepseek split it), `content`, and `tool_calls` (Qwen's
 `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, the hermes format; or, under a forced tool_choice, the
 whole output as JSON). One parser serves streams (OpenAI delta dicts as text arrives, tags split across deltas
-held back) and whole responses (the deltas merged), so both give the same message.
+held back; a tool call's arguments streamed as fragments while it is written: serve/toolcalls.py) and whole responses
+(the deltas merged), so both give the same message.
 """
 from __future__ import annotations
 
 import copy
-import json
-import re
-import uuid
+
+from mtpx.serve.toolcalls import CallStream
 
 THINK, END_THINK = "<think>", "</think>"
 CALL, END_CALL = "<tool_call>", "</tool_call>"
@@ -21,37 +21,6 @@ def starts_in_reasoning(prompt: str) -> bool:
     `<think>` when thinking is on, and closes an empty one when enable_thinking is false)."""
     tail = prompt[prompt.rfind("<|im_start|>"):] if "<|im_start|>" in prompt else prompt[-200:]
     return tail.rfind(THINK) > tail.rfind(END_THINK)
-
-
-XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
-XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
-
-
-def parse_xml_call(text: str, schemas: dict) -> dict | None:
-    """Qwen3.5 / Qwen3-Coder's call format, `<function=NAME><parameter=P>value</parameter>...</function>`, as
-    {"name", "arguments"}: a value is text where the function's schema types the parameter as a string (or does
-    not know it and it is no JSON), else its JSON value."""
-    m = XML_FUNCTION.search(text)
-    if m is None:
-        return None
-    name = m.group(1).strip()
-    props = (schemas.get(name) or {}).get("properties") or {}
-    args = {}
-    for key, raw in XML_PARAMETER.findall(m.group(2)):
-        key = key.strip()
-        if (props.get(key) or {}).get("type") == "string":
-            args[key] = raw
-            continue
-        try:
-            args[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            args[key] = raw
-    return {"name": name, "arguments": args}
-
-
-def new_call(index: int, name: str, arguments: str) -> dict:
-    return {"index": index, "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-            "function": {"name": name, "arguments": arguments}}
 
 
 class OutputParser:
@@ -68,6 +37,9 @@ class OutputParser:
         self.calls = 0
         self.strip_next = False  # drop whitespace that starts content right after </think>
         self.started = False  # content or reasoning released yet
+        # the call being read (mode "call", or the whole output when forced) and how much of its text it has seen
+        self.call = CallStream(0, self.schemas, name if forced == "named" else None) if forced else None
+        self.fed = 0
 
     def _tags(self) -> list[str]:
         if self.forced:
@@ -85,6 +57,7 @@ class OutputParser:
         self.buf += text
         out: list[dict] = []
         if self.forced:
+            self._call_deltas(self.call.feed(text), out)
             return out
         while True:
             tags = self._tags()
@@ -95,14 +68,16 @@ class OutputParser:
                 self._release(before, out, final=True)
                 self._switch(tag, before, out)
                 continue
-            if self.mode == "call":
-                return out
             keep = 0  # hold back a possible start of a tag at the end
             for t in tags:
                 for j in range(min(len(t) - 1, len(self.buf)), 0, -1):
                     if self.buf.endswith(t[:j]):
                         keep = max(keep, j)
                         break
+            if self.mode == "call":  # the call's text stays in buf (a call of no streamable shape is parsed whole)
+                self._call_deltas(self.call.feed(self.buf[self.fed:len(self.buf) - keep]), out)
+                self.fed = len(self.buf) - keep
+                return out
             release, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
             self._release(release, out)
             return out
@@ -127,48 +102,41 @@ class OutputParser:
         elif tag == END_THINK:
             self.mode, self.strip_next, self.started = "content", True, False
         elif tag == CALL:
-            self.mode = "call"
+            self.mode, self.call, self.fed = "call", CallStream(self.calls, self.schemas), 0
         elif tag == END_CALL:
-            call = self._parse_call(before)
-            if call is None:  # not a call after all: keep the text as content
-                self.mode = "content"
+            self._call_deltas(self.call.feed(before[self.fed:]), out)
+            self.mode = "content"
+            if not self._end_call(out):  # not a call after all: keep the text as content
                 out.append({"content": CALL + before + END_CALL})
                 return
-            out.append({"tool_calls": [call]})
-            self.mode, self.strip_next = "content", True
+            self.strip_next = True
 
-    def _parse_call(self, text: str) -> dict | None:
-        if text.strip().startswith("<function="):
-            value = parse_xml_call(text, self.schemas)
-        else:
-            try:
-                value = json.loads(text.strip())
-            except json.JSONDecodeError:
-                return None
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            return None
-        args = value.get("arguments", value.get("parameters", {}))
-        call = new_call(self.calls, value["name"], args if isinstance(args, str) else json.dumps(args))
-        self.calls += 1
-        return call
+    def _call_deltas(self, entries: list[dict], out: list[dict]) -> None:
+        if entries:
+            out.append({"tool_calls": entries})
+            self.calls += sum("id" in e for e in entries)
+
+    def _end_call(self, out: list[dict]) -> bool:
+        """The current call's last deltas; False when its text was no call (nothing of it was sent)."""
+        last = self.call.end()
+        self.call = None
+        if last is None:
+            return False
+        self._call_deltas(last, out)
+        return True
 
     def finish(self) -> list[dict]:
         out: list[dict] = []
         text, self.buf = self.buf, ""
         if self.forced:
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:  # cut short (max_tokens): return what there is
+            if self.call is not None and not self._end_call(out):  # no call in it: return what there is
                 return [{"content": text}] if text else []
-            if self.forced == "named":
-                name, args = self.name, value
-            else:
-                name, args = value.get("name"), value.get("arguments", {})
-            out.append({"tool_calls": [new_call(0, name, json.dumps(args))]})
-            self.calls = 1
             return out
-        if self.mode == "call":  # an unfinished call: its text is content
+        if self.mode == "call":  # an unfinished call (cut short): a call if its name was read, else content
             self.mode = "content"
+            self._call_deltas(self.call.feed(text[self.fed:]), out)
+            if self._end_call(out):
+                return out
             text = CALL + text
         self._release(text, out, final=True)
         return out
@@ -176,12 +144,16 @@ class OutputParser:
 
 def merge(deltas: list[dict]) -> dict:
     """One assistant message from the deltas of a whole answer."""
-    content, reasoning, calls = [], [], []
+    content, reasoning, by_index = [], [], {}
     for d in deltas:
         content.append(d.get("content") or "")
         reasoning.append(d.get("reasoning_content") or "")
-        for c in d.get("tool_calls") or []:
-            calls.append({k: v for k, v in c.items() if k != "index"})
+        for c in d.get("tool_calls") or []:  # a call's first delta, then fragments of its arguments
+            call = by_index.setdefault(c["index"], {"id": c.get("id"), "type": "function",
+                                                    "function": {"name": c["function"].get("name", ""),
+                                                                 "arguments": ""}})
+            call["function"]["arguments"] += c["function"].get("arguments") or ""
+    calls = list(by_index.values())
     message = {"role": "assistant", "content": "".join(content) or (None if calls else "")}
     if any(reasoning):
         message["reasoning_content"] = "".join(reasoning)
@@ -213,7 +185,7 @@ class Responder:
         """A copy for another choice of the same request, made before this one has read anything: the same
         settings, a parser of its own."""
         other = copy.copy(self)
-        other.parser = copy.copy(self.parser)
+        other.parser = copy.deepcopy(self.parser)  # its call reader too (a forced call's is made up front)
         return other
 
     def feed(self, text: str) -> list[dict]:
