@@ -261,3 +261,23 @@ def test_cost_table_shows_the_mtp_prompt_pass_without_the_draft_chain():
              "c_mtp": 0.2, "mtp_prefill_rel": 1.1, "prefill_tokens_per_s": 1000.0}
     table = cost_table(costs)
     assert "MTP pass over the prompt / main prefill | 1.100" in table and "draft chain" not in table
+
+
+def test_bench_json_schema_runs_each_workload_free_and_constrained(tmp_path, dense_ckpt, prompt_file, capsys):
+    out = tmp_path / "out"
+    schema = prompts.PROMPT_DIR / "function.schema.json"
+    result = _run(out, dense_ckpt, "--prompts", str(prompt_file), "--modes", "none,mtp2", "--temperature", "0",
+                  "--no-memory", "--no-costs", "--no-plots", "--max-prompts", "2", "--json-schema", str(schema))
+    assert {(r["workload"], r["mode"]) for r in result["records"]} == {
+        ("mine", "none"), ("mine", "mtp2"), ("mine+json", "none"), ("mine+json", "mtp2")}
+    _check_ratios(result)
+    meta = result["meta"]
+    assert meta["json_schema"]["file"] == str(schema) and meta["json_schema"]["schema"]["type"] == "object"
+    assert meta["workloads"]["mine+json"]["json_schema"] and not meta["workloads"]["mine"]["json_schema"]
+    md = (out / "results.md").read_text()
+    assert "### MTP with and without the JSON schema" in md and "| 0 | mine | mtp2 |" in md
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "nonsense"}')
+    capsys.readouterr()
+    assert cli_main(["bench", "--model", str(dense_ckpt), "--json-schema", str(bad), "--out", str(out)]) != 0
+    assert "--json-schema" in capsys.readouterr().err

@@ -3,12 +3,15 @@
     mtpx bench --model demo [--workloads code,chat,creative] [--modes none,mtp1,mtp2,mtp3,mtp4,adaptive,draft,ngram]
                [--temperature 0,0.7] [--repeat N] [--out DIR] [--prompts FILE] [--spec-synth-rates P0,P1,..]
                [--spec-draft-model PATH] [--max-prompts N] [--max-tokens N] [--peers hf,llamacpp]
+               [--json-schema FILE]
     mtpx bench gen-checkpoint --shape qwen3.5-0.8b|qwen3.5-moe-small --out DIR
     mtpx bench report DIR        (re-render results.md and the plots from DIR/results.json)
 
 Writes DIR/results.json (one record per mode × workload × temperature, plus the raw runs), DIR/results.md and PNG
-plots. Synthetic acceptance (`--spec-synth-rates`, for checkpoints whose MTP layer is untrained) is labelled as such
-in every record, table and plot.
+plots. With --json-schema every workload runs twice, as itself and as NAME+json with each output constrained to the
+schema (xgrammar; tokens the grammar forces are drafted for free), so MTP's gain with and without a schema comes from
+one sitting. Synthetic acceptance (`--spec-synth-rates`, for checkpoints whose MTP layer is untrained) is labelled as
+such in every record, table and plot.
 """
 from __future__ import annotations
 
@@ -56,6 +59,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p, exclude=OWN_SAMPLING_FLAGS)
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--prompts", default=None, help="your own prompt set: a JSON list of strings")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="also run every workload as NAME+json, each output constrained to this JSON schema and "
+                   "ending with it (e.g. src/mtpx/bench/prompts/function.schema.json)")
     p.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts of each workload")
     p.add_argument("--max-tokens", type=int, default=None, help="override each workload's generation length")
     p.add_argument("--spec-synth-rates", type=_floats, default=None,
@@ -209,11 +215,16 @@ def run(args: argparse.Namespace) -> dict:
                            f"{', '.join('--' + k.replace('_', '-') for k in sampling)}, or --peers")
     state_before = machine_state()
     workloads = prompts.load_workloads(args.workloads, args.prompts, args.max_prompts, args.max_tokens)
+    free_workloads = list(workloads)  # the peers run these only: they get no grammar
+    schema = _json_schema(args.json_schema)
     modes = runner.parse_modes(args.modes, args.adaptive_n_max)
     log(f"bench: loading {args.model}")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None,
               static_steps=False if args.no_cuda_graphs else None,
               generation_config=False)  # every mode under the bench's sampling settings, not the model's
+    if schema is not None:
+        llm.engine.check_grammar(schema)  # compiled now: a schema xgrammar cannot use fails here, by name
+        workloads += prompts.constrained_twins(workloads, schema)
     draft_model = args.spec_draft_model
     if draft_model is None and str(args.model) == "demo" and any(m.spec_type == "draft" for m in modes):
         draft_model = "demo-draft"
@@ -257,7 +268,7 @@ def run(args: argparse.Namespace) -> dict:
     peers = []
     if args.peers:
         from mtpx.bench import peers as peers_mod
-        peers = peers_mod.run_peers(args, llm, workloads, modes, synth, log)
+        peers = peers_mod.run_peers(args, llm, free_workloads, modes, synth, log)
     state_after = machine_state()
     meta = {
         **machine_description(),
@@ -274,10 +285,24 @@ def run(args: argparse.Namespace) -> dict:
         "synthetic": synth is not None, "synthetic_rates": synth, "draft_model": draft_model,
         "modes": runner.mode_dicts(modes),
         "workloads": {w.name: {"prompts": len(w.prompts), "max_tokens": w.max_tokens, "chat": w.chat,
-                               "description": w.description} for w in workloads},
+                               "description": w.description, "json_schema": w.grammar is not None}
+                      for w in workloads},
+        "json_schema": {"file": args.json_schema, "schema": json.loads(schema.source)} if schema else None,
     }
     return {"meta": meta, "records": records, "memory": memory, "costs": costs, "bandwidth": bandwidth,
             "weights": weights, "peers": peers, "runs": rows}
+
+
+def _json_schema(path: str | None):
+    """The GrammarSpec of --json-schema FILE, or None."""
+    if not path:
+        return None
+    from mtpx.engine.constraints import GrammarSpec
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise RequestError(f"cannot read --json-schema {path}: {e}") from None
+    return GrammarSpec.json_schema(text, "--json-schema")
 
 
 def _threads(llm) -> int | str:

@@ -7,8 +7,9 @@ message with the model's chat template.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from mtpx.errors import RequestError
 
@@ -24,6 +25,7 @@ class Workload:
     max_tokens: int
     chat: bool = False
     description: str = ""
+    grammar: Any = None  # a GrammarSpec every generation is constrained by (the `NAME+json` twins of --json-schema)
 
     def texts(self, tokenizer) -> list[str]:
         """The prompts as the model sees them (chat-templated when `chat`)."""
@@ -45,6 +47,13 @@ def load_workload_file(path: Path, name: str | None = None) -> Workload:
     return Workload(name or raw.get("workload") or Path(path).stem, prompts,
                     int(raw.get("max_tokens") or DEFAULT_MAX_TOKENS), bool(raw.get("chat", False)),
                     str(raw.get("description", "")))
+
+
+def constrained_twins(workloads: list[Workload], grammar: Any, suffix: str = "+json") -> list[Workload]:
+    """Each workload again, named NAME+json, with every output constrained by `grammar`."""
+    return [replace(w, name=w.name + suffix, grammar=grammar,
+                    description=(w.description + "; " if w.description else "") + "output constrained to the JSON "
+                    "schema of --json-schema") for w in workloads]
 
 
 def load_workloads(names: list[str], prompts_file: str | None = None, max_prompts: int | None = None,

@@ -63,6 +63,25 @@ def records_table(records: list[dict], memory: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def schema_table(records: list[dict], suffix: str = "+json") -> str:
+    """Each speculative mode on each workload, free and under --json-schema (the NAME+json twin), side by side."""
+    lines = ["| T | workload | mode | × plain | × plain, schema | acceptance | acceptance, schema | mean acc. len | "
+             "mean acc. len, schema | decode tok/s | decode tok/s, schema |", "|---" * 11 + "|"]
+    by_key = {(r["temperature"], r["workload"], r["mode"]): r for r in records}
+    for (t, w, m), r in by_key.items():
+        c = by_key.get((t, w + suffix, m))
+        if c is None:
+            continue
+        spec = r["spec_type"] != "none"
+        lines.append(f"| {t:g} | {w} | {m} | {_f(r['speedup'], '.2f')} | {_f(c['speedup'], '.2f')} | "
+                     f"{_f(100 * r['acceptance_rate'], '.1f') + '%' if spec else '–'} | "
+                     f"{_f(100 * c['acceptance_rate'], '.1f') + '%' if spec else '–'} | "
+                     f"{_f(r['mean_acceptance_length'], '.2f') if spec else '–'} | "
+                     f"{_f(c['mean_acceptance_length'], '.2f') if spec else '–'} | "
+                     f"{_f(r['decode_tokens_per_s'], '.0f')} | {_f(c['decode_tokens_per_s'], '.0f')} |")
+    return "\n".join(lines)
+
+
 def cost_table(costs: dict) -> str:
     lines = ["| quantity | value |", "|---|---|",
              f"| context before the measured steps | {costs['context_tokens']} tokens |",
@@ -159,7 +178,13 @@ def write_markdown(result: dict, out: Path) -> Path:
         parts += [f"**{synthetic_label(meta['synthetic_rates'])}**: drafted tokens are accepted by coin flips "
                   "(position i accepted with the i-th rate, given the earlier ones were), not by comparison with "
                   "the target model; the generated text is not the model's output.", ""]
+    if meta.get("json_schema"):
+        parts += [f"Workloads named NAME+json: every output constrained to the JSON schema of "
+                  f"`{meta['json_schema']['file']}` and ending with it; their speedups are over plain decoding under "
+                  "the same schema.", ""]
     parts += ["### Speed and acceptance", "", records_table(result["records"], result.get("memory"))]
+    if meta.get("json_schema"):
+        parts += ["### MTP with and without the JSON schema", "", schema_table(result["records"]), ""]
     if result.get("memory"):
         parts += ["### Extra peak memory of the drafter (fresh process per mode)", "", memory_table(result["memory"]), ""]
     if result.get("costs"):

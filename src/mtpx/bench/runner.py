@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -188,16 +188,19 @@ class BenchConfig:
     sampling: dict = field(default_factory=dict)  # SamplingParams settings besides temperature, for every generation
 
 
-def generation_kwargs(mode: Mode, cfg: BenchConfig, temperature: float, max_tokens: int, seed: int) -> dict:
-    """The keywords of LLM.generate for one generation of `mode`."""
-    return dict(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=cfg.ignore_eos,
+def generation_kwargs(mode: Mode, cfg: BenchConfig, temperature: float, max_tokens: int, seed: int,
+                      grammar: Any = None) -> dict:
+    """The keywords of LLM.generate for one generation of `mode`. Under a grammar the generation ends with it (at
+    the end of the JSON), eos or not: what comes after a finished grammar is not constrained, so not measured."""
+    return dict(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                ignore_eos=cfg.ignore_eos and grammar is None, grammar=grammar,
                 spec=mode.spec(cfg.draft_model, cfg.synth_rates), **cfg.sampling)
 
 
 def run_one(llm, mode: Mode, prompt: str | list[int], cfg: BenchConfig, temperature: float, max_tokens: int,
-            seed: int, traffic: WeightTraffic | None, timer: DrafterPrefillTimer | None) -> dict:
+            seed: int, traffic: WeightTraffic | None, timer: DrafterPrefillTimer | None, grammar: Any = None) -> dict:
     """One generation; returns a row of measurements."""
-    kw = generation_kwargs(mode, cfg, temperature, max_tokens, seed)
+    kw = generation_kwargs(mode, cfg, temperature, max_tokens, seed, grammar)
     if timer is not None:
         timer.seconds = 0.0
     bytes_at_first = None
@@ -239,12 +242,13 @@ def run_bench(llm, cfg: BenchConfig, log: Callable[[str], None] = print) -> list
     try:
         texts = {w.name: w.texts(llm.tokenizer) for w in cfg.workloads}
         ids = {name: [llm.encode_prompt(t) for t in ts] for name, ts in texts.items()}
-        if cfg.warmup:  # first calls allocate and pick kernels: not measured
-            w0 = cfg.workloads[0]
-            for mode in cfg.modes:
-                for temperature in cfg.temperatures:
-                    run_one(llm, mode, ids[w0.name][0], cfg, temperature, min(32, w0.max_tokens), cfg.seed,
-                            None, None)
+        if cfg.warmup:  # first calls allocate and pick kernels (and constrained ones their paths): not measured
+            warm = list({w.grammar: w for w in reversed(cfg.workloads)}.values())
+            for w0 in warm:
+                for mode in cfg.modes:
+                    for temperature in cfg.temperatures:
+                        run_one(llm, mode, ids[w0.name][0], cfg, temperature, min(32, w0.max_tokens), cfg.seed,
+                                None, None, w0.grammar)
         n_total = len(cfg.temperatures) * cfg.repeat * sum(len(w.prompts) for w in cfg.workloads) * len(cfg.modes)
         done, started = 0, time.perf_counter()
         for temperature in cfg.temperatures:
@@ -254,7 +258,8 @@ def run_bench(llm, cfg: BenchConfig, log: Callable[[str], None] = print) -> list
                         order = cfg.modes[i % len(cfg.modes):] + cfg.modes[:i % len(cfg.modes)]
                         seed = cfg.seed + 100003 * rep + i  # same seed for every mode of this prompt
                         for mode in order:
-                            row = run_one(llm, mode, prompt_ids, cfg, temperature, w.max_tokens, seed, traffic, timer)
+                            row = run_one(llm, mode, prompt_ids, cfg, temperature, w.max_tokens, seed, traffic, timer,
+                                          w.grammar)
                             rows.append({"mode": mode.name, "workload": w.name, "temperature": temperature,
                                          "repeat": rep, "prompt_index": i, **row})
                             done += 1
