@@ -18,12 +18,14 @@ import torch
 from mtpx.engine.constraints import GrammarCompiler, GrammarSpec
 from mtpx.engine.fork import prefill_shared
 from mtpx.engine.grouped import GroupedDrafter
-from mtpx.engine.params import SamplingParams, SpecConfig, sampling_params
+from mtpx.engine.params import MODEL_DRAFTERS, FieldError, SamplingParams, SpecConfig, sampling_params
 from mtpx.engine.request import Completion, Request, StreamEvent
 from mtpx.engine.sequence import Sequence
 from mtpx.engine.stats import generation_stats
 from mtpx.errors import RequestError
+from mtpx.speculative.chain import ChainDrafter
 from mtpx.speculative.drafters import DraftHead, Drafter, DraftModelDrafter, MTPDrafter, NgramDrafter
+from mtpx.speculative.suffix import GlobalSuffixStore, SuffixDrafter
 from mtpx.speculative.loop import decode_round, prefill
 from mtpx.speculative.policy import DraftPolicy
 from mtpx.threads import ThreadTuner
@@ -57,6 +59,7 @@ class Engine:
         self.load_draft_model = load_draft_model
         self.draft_models: dict[str, Any] = {}
         self.draft_heads: dict[int, DraftHead] = {}
+        self.suffix_store: GlobalSuffixStore | None = None  # earlier outputs, for spec_suffix_cache > 0
         self.policies: dict[tuple, DraftPolicy] = {}  # one per drafter setting and kind of sampling (see policy())
         self.grammars = GrammarCompiler(tokenizer, vocab_size, self.eos) if tokenizer is not None else None
 
@@ -96,19 +99,40 @@ class Engine:
     # ---- drafting ------------------------------------------------------------------------------------------------
     def drafter(self, spec: SpecConfig, batched: bool = False) -> Drafter | None:
         """The drafter of `spec` (None without speculation). batched: for a continuously batched set of sequences,
-        whose catch-up passes are then grouped by length (engine/grouped.py)."""
-        kind = spec.kind
-        if kind == "none":
+        whose catch-up passes are then grouped by length (engine/grouped.py). A chain (spec_type mtp,ngram) is a
+        ChainDrafter over its lookup drafters and its model drafter."""
+        kinds = spec.drafters
+        if kinds == ("none",):
             return None
+        models = [self._model_drafter(kind, spec, batched) for kind in kinds if kind in MODEL_DRAFTERS]
+        lookups = [self._lookup_drafter(kind, spec) for kind in kinds if kind not in MODEL_DRAFTERS]
+        if not lookups:
+            return models[0]
+        if kinds == ("ngram",):
+            return lookups[0]  # alone, n-gram lookup drafts the policy's k tokens wherever it matches
+        return ChainDrafter(lookups, models[0] if models else None)
+
+    def _model_drafter(self, kind: str, spec: SpecConfig, batched: bool) -> Drafter:
         if kind == "mtp":
+            if self.model.mtp is None and len(spec.drafters) > 1:
+                raise FieldError("spec_type", f"spec_type {spec.spec_type!r}: mtp drafts with the model's MTP layer, "
+                                 "and this checkpoint has none (use ngram, suffix or draft in the chain)")
             drafter = MTPDrafter(self.model, spec.spec_draft_p_min, self.draft_head(spec.spec_draft_vocab))
-        elif kind == "ngram":
-            return NgramDrafter(spec.spec_ngram_min, spec.spec_ngram_max)
         else:
             if not spec.spec_draft_model:
                 raise RequestError("spec_type 'draft' needs spec_draft_model (a checkpoint with the same tokenizer)")
             drafter = DraftModelDrafter(self.draft_model(spec.spec_draft_model), spec.spec_draft_p_min)
         return GroupedDrafter(drafter) if batched else drafter
+
+    def _lookup_drafter(self, kind: str, spec: SpecConfig) -> Drafter:
+        if kind == "ngram":
+            return NgramDrafter(spec.spec_ngram_min, spec.spec_ngram_max)
+        store = None
+        if spec.spec_suffix_cache > 0:  # one store per engine: the server's requests, or one LLM's calls
+            if self.suffix_store is None or self.suffix_store.capacity != spec.spec_suffix_cache:
+                self.suffix_store = GlobalSuffixStore(spec.spec_suffix_cache)
+            store = self.suffix_store
+        return SuffixDrafter(store)
 
     def draft_head(self, size: int) -> DraftHead | None:
         """The MTP drafter's reduced-vocabulary head (built once per size); None for the full head (0 or >= V)."""

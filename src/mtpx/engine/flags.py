@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Collection
 from typing import Any
 
-from mtpx.engine.params import SAMPLING_FIELDS, SpecConfig, spec_config
+from mtpx.engine.params import SAMPLING_FIELDS, FieldError, SpecConfig, spec_config
 
 
 def _default(value: float) -> str:
@@ -63,9 +63,11 @@ def sequence_breakers(given: list[str] | None) -> list[str] | None:
 
 SPEC_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
     # default None: spec_from_args picks mtp where the model has an MTP layer, else none
-    "spec_type": (("--spec-type",), dict(default=None, help="none | mtp | draft | ngram (llama.cpp names draft-mtp, "
-                                         "draft-simple, ngram-simple accepted; default: mtp with the adaptive policy "
-                                         "when the model has an MTP layer, else none; none turns speculation off)")),
+    "spec_type": (("--spec-type",), dict(default=None, help="none | mtp | draft | ngram | suffix, or a chain such as "
+                                         "mtp,ngram or mtp,suffix (each round the first confident lookup drafter "
+                                         "drafts, else the MTP layer); llama.cpp names draft-mtp, draft-simple, "
+                                         "ngram-simple, ngram-mod accepted; default: mtp with the adaptive policy "
+                                         "when the model has an MTP layer, else none; none turns speculation off")),
     "spec_draft_n_max": (("--spec-draft-n-max",), dict(type=int, default=3, help="most draft tokens a round")),
     "spec_draft_n_min": (("--spec-draft-n-min",), dict(type=int, default=0, help="fewest draft tokens a round "
                                                        "(the adaptive policy's floor)")),
@@ -79,6 +81,9 @@ SPEC_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
     "spec_ngram_max": (("--spec-ngram-max",), dict(type=int, default=4, help="longest n-gram to look up")),
     "spec_draft_vocab": (("--spec-draft-vocab",), dict(type=int, default=0, help="MTP drafts from the first N token "
                                                        "ids only (plus eos); 0 = the full vocabulary")),
+    "spec_suffix_cache": (("--spec-suffix-cache",), dict(type=int, default=0, help="suffix drafting also matches the "
+                                                         "outputs of earlier requests, up to N tokens of them "
+                                                         "(0 = each request's own text only)")),
 }
 
 
@@ -95,15 +100,24 @@ def add_spec_arguments(p: argparse.ArgumentParser, only: Collection[str] | None 
             p.add_argument(*flags, dest=name, **kw)
 
 
-def spec_from_args(args: argparse.Namespace, has_mtp: bool = False) -> SpecConfig:
+def spec_from_args(args: argparse.Namespace, has_mtp: bool | None = None) -> SpecConfig:
     """The SpecConfig the command line names (spec_synth_rates where the command has that flag). Without
     --spec-type: mtp (with the adaptive policy, which falls back to plain decoding where drafting does not pay) when
-    the model has an MTP layer (`has_mtp`, see model_has_mtp), else none."""
+    the model has an MTP layer (`has_mtp`, see model_has_mtp), else none. A bad value is a FieldError whose message
+    starts with the flag; one that names mtp where `has_mtp` is False too (None: not known)."""
     names = [*SPEC_FLAGS, "spec_synth_rates"]
     given = {name: getattr(args, name) for name in names if hasattr(args, name)}
     if given.get("spec_type") is None:
         given["spec_type"] = "mtp" if has_mtp else "none"
-    return spec_config(given)
+    try:
+        spec = spec_config(given)
+    except FieldError as e:
+        flag = SPEC_FLAGS[e.field][0][0] if e.field in SPEC_FLAGS else e.field
+        raise FieldError(e.field, f"{flag}: {e}", e.code) from None
+    if has_mtp is False and "mtp" in spec.drafters:
+        raise FieldError("spec_type", f"--spec-type {spec.spec_type}: mtp drafts with the model's MTP layer, and "
+                         "this checkpoint has none (use ngram, suffix or draft)")
+    return spec
 
 
 def model_has_mtp(llm: Any) -> bool:

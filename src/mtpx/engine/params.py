@@ -18,6 +18,7 @@ from mtpx.errors import RequestError
 
 DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's default dry_sequence_breakers
 MAX_LOGPROBS = 20  # most top_logprobs a request may ask for (OpenAI's cap)
+MAX_SUFFIX_CACHE = 1 << 22  # tokens of earlier outputs the suffix drafter may keep (its index: ~300 bytes a token)
 
 
 class FieldError(RequestError):
@@ -126,15 +127,48 @@ def sampling_params(given: Mapping[str, Any], defaults: Mapping[str, Any] | None
 
 
 SPEC_ALIASES = {"none": "none", "mtp": "mtp", "draft-mtp": "mtp", "draft": "draft", "draft-simple": "draft",
-                "ngram": "ngram", "ngram-simple": "ngram"}  # llama.cpp's names accepted too
+                "ngram": "ngram", "ngram-simple": "ngram", "ngram-mod": "ngram",
+                "suffix": "suffix"}  # llama.cpp's names accepted too (its n-gram variants all draft by lookup here)
+MODEL_DRAFTERS = ("mtp", "draft")  # drafters that always propose; the others (lookups) only where the text matches
 DRAFT_POLICIES = ("adaptive", "fixed")
+
+
+def parse_spec_type(spec_type: str) -> tuple[str, ...]:
+    """The drafters a spec_type names, aliases resolved: one name, or a chain such as 'mtp,ngram' (llama.cpp's
+    'draft-mtp,ngram-mod'). FieldError naming spec_type for an unknown, empty or repeated drafter, `none` in a
+    chain, or two model drafters (mtp and draft keep their own caches in the one slot a sequence has for them)."""
+    if not isinstance(spec_type, str):
+        raise FieldError("spec_type", f"spec_type must be a string, got {spec_type!r}", "invalid_type")
+    names = [n.strip() for n in spec_type.split(",")]
+    known = ", ".join(sorted(SPEC_ALIASES))
+    if not any(names) or (len(names) > 1 and not all(names)):
+        raise FieldError("spec_type", f"spec_type {spec_type!r} has an empty drafter name: give one of {known}, or "
+                         "several separated by commas (a chain, e.g. mtp,ngram)")
+    unknown = [n for n in names if n not in SPEC_ALIASES]
+    if unknown:
+        where = f"spec_type {spec_type!r}" if len(names) == 1 else f"drafter {unknown[0]!r} in spec_type {spec_type!r}"
+        raise FieldError("spec_type", f"unknown {where}: use one of {known}, or several separated by commas (a "
+                         "chain, e.g. mtp,ngram)")
+    kinds = tuple(SPEC_ALIASES[n] for n in names)
+    if len(kinds) > 1:
+        repeated = sorted({k for k in kinds if kinds.count(k) > 1})
+        if repeated:
+            raise FieldError("spec_type", f"spec_type {spec_type!r} names the drafter {repeated[0]!r} twice")
+        if "none" in kinds:
+            raise FieldError("spec_type", f"spec_type {spec_type!r}: 'none' cannot be part of a chain")
+        if sum(k in MODEL_DRAFTERS for k in kinds) > 1:
+            raise FieldError("spec_type", f"spec_type {spec_type!r}: a chain holds at most one of mtp and draft")
+    return kinds
 
 
 @dataclass(frozen=True)
 class SpecConfig:
     """How drafts are proposed. Field names are the public spelling everywhere: `LLM.generate(spec_type=...)`,
     `--spec-type`, the `spec_type` of /health. Hashable: the engine keeps one draft policy per setting."""
-    spec_type: str = "none"  # none | mtp | draft | ngram, or an alias in SPEC_ALIASES
+    # none | mtp | draft | ngram | suffix (or an alias in SPEC_ALIASES), or a chain of them: "mtp,ngram" — each
+    # round the first lookup drafter (ngram, suffix, in the order given) that is confident drafts, else the model
+    # drafter (mtp or draft, which always has a proposal)
+    spec_type: str = "none"
     spec_draft_n_max: int = 3  # most drafts a round
     spec_draft_n_min: int = 0  # fewest drafts a round (the adaptive policy's floor)
     spec_draft_p_min: float = 0.0  # stop drafting when the drafter's top probability falls below this
@@ -143,22 +177,32 @@ class SpecConfig:
     spec_ngram_min: int = 1
     spec_ngram_max: int = 4
     spec_draft_vocab: int = 0  # MTP drafts from the first N token ids (plus eos); 0: the full vocabulary
+    # the suffix drafter also matches the outputs of earlier requests, up to this many tokens of them (the server
+    # keeps one store; 0: each request's own prompt and output only)
+    spec_suffix_cache: int = 0
     # SYNTHETIC acceptance for benchmarks: position i accepted with probability P_i (the output is not the model's)
     spec_synth_rates: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        if self.spec_type not in SPEC_ALIASES:
-            raise FieldError("spec_type", f"unknown spec_type {self.spec_type!r}: use one of {sorted(SPEC_ALIASES)}")
+        parse_spec_type(self.spec_type)
         if self.spec_draft_policy not in DRAFT_POLICIES:
             raise FieldError("spec_draft_policy",
                              f"spec_draft_policy must be 'adaptive' or 'fixed', got {self.spec_draft_policy!r}")
+        if not 0 <= self.spec_suffix_cache <= MAX_SUFFIX_CACHE:
+            raise FieldError("spec_suffix_cache", f"spec_suffix_cache must be in [0, {MAX_SUFFIX_CACHE}] tokens, got "
+                             f"{self.spec_suffix_cache}")
         if self.spec_synth_rates is not None:
             object.__setattr__(self, "spec_synth_rates", tuple(float(r) for r in self.spec_synth_rates))
 
     @property
+    def drafters(self) -> tuple[str, ...]:
+        """The drafters, aliases resolved: ("mtp",), ("mtp", "ngram") for a chain, ("none",) without speculation."""
+        return parse_spec_type(self.spec_type)
+
+    @property
     def kind(self) -> str:
-        """The drafter: none, mtp, draft or ngram (aliases resolved)."""
-        return SPEC_ALIASES[self.spec_type]
+        """The drafter: none, mtp, draft, ngram or suffix (aliases resolved), or a chain of them joined by commas."""
+        return ",".join(self.drafters)
 
     @property
     def speculative(self) -> bool:
@@ -248,7 +292,7 @@ def sampling_from_json(data: Mapping[str, Any], defaults: Mapping[str, Any] | No
 SPEC_JSON = {"spec_type": "string", "spec_draft_n_max": "integer", "spec_draft_n_min": "integer",
              "spec_draft_p_min": "number", "spec_draft_policy": "string", "spec_draft_model": "string",
              "spec_ngram_min": "integer", "spec_ngram_max": "integer", "spec_draft_vocab": "integer",
-             "spec_synth_rates": "array"}
+             "spec_suffix_cache": "integer", "spec_synth_rates": "array"}
 
 
 def spec_from_json(data: Mapping[str, Any]) -> SpecConfig:

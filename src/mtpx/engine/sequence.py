@@ -11,21 +11,16 @@ from mtpx.state import SequenceState
 
 
 @dataclass
-class SpecStats:
-    """Raw counts and times of one sequence's speculation; engine/stats.py turns them into rates."""
+class DraftCounts:
+    """Drafting rounds, drafted and accepted tokens, in all and per draft position."""
     drafts: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
-    prefill_s: float = 0.0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
 
-    def record(self, k: int, n: int) -> None:
-        """A round that drafted k tokens and accepted the first n."""
-        if k == 0:
-            return
+    def add(self, k: int, n: int) -> None:
+        """A round that drafted k > 0 tokens and accepted the first n."""
         self.drafts += 1
         self.drafted_tokens += k
         self.accepted_tokens += n
@@ -35,6 +30,24 @@ class SpecStats:
         for i in range(k):
             self.drafted_by_position[i] += 1
             self.accepted_by_position[i] += i < n
+
+
+@dataclass
+class SpecStats(DraftCounts):
+    """Raw counts and times of one sequence's speculation; engine/stats.py turns them into rates. by_drafter: the
+    same counts per drafter that drafted (a chain of drafters picks one per round)."""
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    by_drafter: dict[str, DraftCounts] = field(default_factory=dict)
+
+    def record(self, k: int, n: int, drafter: str = "") -> None:
+        """A round that drafted k tokens (with `drafter`) and accepted the first n."""
+        if k == 0:
+            return
+        self.add(k, n)
+        if drafter:
+            self.by_drafter.setdefault(drafter, DraftCounts()).add(k, n)
 
 
 @dataclass
@@ -48,7 +61,8 @@ class Sequence:
     max_len: int
     gen: torch.Generator | None = None
     synthetic_rates: list[float] | None = None
-    draft: object = None  # the drafter's per-sequence state
+    draft: object = None  # the drafter's per-sequence state (a model drafter's caches, in a chain too)
+    lookup: dict = field(default_factory=dict)  # lookup drafters' per-sequence indexes, by drafter name
     finish_reason: str | None = None
     stats: SpecStats = field(default_factory=SpecStats)
     penalties: PenaltyHistory = field(default_factory=PenaltyHistory)  # used only when params.penalized

@@ -13,12 +13,29 @@ Keys (README documents them; the server's usage block renames two of them for th
   mean_acceptance_length    tokens a drafting round emits on average: 1 + accepted / drafts
   prefill_s, draft_s, verify_s   time in the main model's prefill, the drafter, and verify passes
   drafter_memory_bytes      the drafter's weights and this sequence's drafter caches
+  by_drafter                per drafter that drafted (one name, or several for a chain such as mtp,ngram): its
+                            drafts, drafted_tokens, accepted_tokens, acceptance_rate, acceptance_by_position,
+                            mean_acceptance_length, drafted_by_position, accepted_by_position
 """
 from __future__ import annotations
 
 import time
 
-from mtpx.engine.sequence import Sequence
+from mtpx.engine.sequence import DraftCounts, Sequence
+
+
+def draft_stats(c: DraftCounts) -> dict:
+    """The rates of one set of draft counts (a sequence's, or one drafter's within it)."""
+    return {
+        "drafts": c.drafts,
+        "drafted_tokens": c.drafted_tokens,
+        "accepted_tokens": c.accepted_tokens,
+        "acceptance_rate": c.accepted_tokens / c.drafted_tokens if c.drafted_tokens else 0.0,
+        "acceptance_by_position": [a / d for a, d in zip(c.accepted_by_position, c.drafted_by_position)],
+        "mean_acceptance_length": 1 + c.accepted_tokens / c.drafts if c.drafts else 1.0,
+        "drafted_by_position": list(c.drafted_by_position),
+        "accepted_by_position": list(c.accepted_by_position),
+    }
 
 
 def generation_stats(seq: Sequence, *, started: float, first_token_at: float, now: float | None = None,
@@ -38,14 +55,10 @@ def generation_stats(seq: Sequence, *, started: float, first_token_at: float, no
         "decode_s": decode_s,
         "total_s": now - started,
         "spec_type": spec_type,
-        "drafts": s.drafts,
-        "drafted_tokens": s.drafted_tokens,
-        "accepted_tokens": s.accepted_tokens,
-        "acceptance_rate": s.accepted_tokens / s.drafted_tokens if s.drafted_tokens else 0.0,
-        "acceptance_by_position": [a / d for a, d in zip(s.accepted_by_position, s.drafted_by_position)],
-        "mean_acceptance_length": 1 + s.accepted_tokens / s.drafts if s.drafts else 1.0,
+        **{k: v for k, v in draft_stats(s).items() if not k.endswith("ed_by_position")},
         "prefill_s": s.prefill_s,
         "draft_s": s.draft_s,
         "verify_s": s.verify_s,
         "drafter_memory_bytes": drafter_memory_bytes,
+        "by_drafter": {name: draft_stats(c) for name, c in s.by_drafter.items()},
     }

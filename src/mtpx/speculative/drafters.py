@@ -1,4 +1,5 @@
-"""Drafters: the model's own MTP layer, a separate draft model, and n-gram (prompt lookup).
+"""Drafters: the model's own MTP layer, a separate draft model, and n-gram (prompt lookup); suffix drafting and
+chains of drafters are in suffix.py and chain.py.
 
 Every drafter implements one small interface. Per-sequence drafter state lives in `seq.draft`. Drafts only decide
 how many tokens a verify pass can accept, never which tokens are emitted, so drafter passes need not be exact.
@@ -26,6 +27,7 @@ MTP_BACKLOG = 16  # after rounds without drafting, the MTP layer catches up on o
 class Draft:
     tokens: list[int] = field(default_factory=list)
     probs: torch.Tensor | None = None  # [k, V] draft distribution q when sampling; None = deterministic drafter
+    source: str = ""  # the drafter that proposed it, where a chain picks one per round ("": the drafter itself)
 
 
 class Drafter(ABC):
@@ -341,14 +343,18 @@ class NgramDrafter(Drafter):
         return [Draft(self.lookup(seq.tokens, k)) for seq, k in zip(seqs, ks)]
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
+        return self.match(tokens, k)[0]
+
+    def match(self, tokens: list[int], k: int) -> tuple[list[int], int]:
+        """The draft and the length n of the n-gram it follows (0: no match)."""
         if k <= 0:
-            return []
+            return [], 0
         for n in range(min(self.n_max, len(tokens) - 1), self.n_min - 1, -1):
             tail = tokens[-n:]
             for start in range(len(tokens) - n - 1, -1, -1):
                 if tokens[start:start + n] == tail:
-                    return tokens[start + n:start + n + k]
-        return []
+                    return tokens[start + n:start + n + k], n
+        return [], 0
 
 
 class _DraftState:

@@ -1,7 +1,8 @@
 """The decode loop: prefill, then rounds of draft → verify → accept → rollback, for a batch of sequences.
 
 Plain decoding is the same loop with no drafter (k = 0): verify is then a one-token decode step. Every round:
-  drafts  = drafter.propose(seqs, ks)                 MTP layer on its own output | draft model | n-gram lookup
+  drafts  = drafter.propose(seqs, ks)                 MTP layer on its own output | draft model | n-gram | suffix
+                                                       | a chain of these (speculative/chain.py)
   hidden  = model([last, d1..dk], step mode)           one forward, per-position recurrent states kept
   n, tok  = accept(...)                                greedy prefix match or rejection sampling
   state.rollback(L + 1 + n)                            truncate attention, pick the recurrent state at position n
@@ -17,6 +18,7 @@ from mtpx.engine.constraints import mask_logits
 from mtpx.engine.sequence import Sequence
 from mtpx.models.qwen3_5 import Qwen35Model
 from mtpx.sampling import accept, apply_penalties, choose
+from mtpx.speculative.chain import ChainDrafter
 from mtpx.speculative.drafters import Draft, Drafter
 from mtpx.speculative.policy import DraftPolicy
 
@@ -72,11 +74,18 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
     """One draft → verify → accept → rollback round for every sequence; returns the tokens each one emitted."""
     t0 = time.perf_counter()
     ks = [0] * len(seqs)
+    room = [max(min(s.max_new - len(s.generated) - 1, s.max_len - len(s.tokens) - 1), 0) for s in seqs]
     if drafter is not None and policy is not None:
         k = policy.next_k(len(seqs))
-        ks = [min(k, s.max_new - len(s.generated) - 1, s.max_len - len(s.tokens) - 1) for s in seqs]
-        ks = [max(k, 0) for k in ks]
-    drafts = drafter.propose(seqs, ks) if drafter is not None and any(ks) else [Draft() for _ in seqs]
+        ks = [min(k, r) for r in room]
+    # a chain's lookup drafters (suffix drafting is one, alone) draft where they are confident, as many tokens as
+    # their match supports up to n_max, whatever k the policy chose: lengths that vary from round to round leave
+    # the policy nothing to measure, so it sees only the model drafter's rounds (see below)
+    chain = drafter if isinstance(drafter, ChainDrafter) and policy is not None else None
+    if chain is not None:
+        drafts = chain.propose(seqs, ks, [min(policy.n_max, r) for r in room])
+    else:
+        drafts = drafter.propose(seqs, ks) if drafter is not None and any(ks) else [Draft() for _ in seqs]
     masks = [None] * len(seqs)
     for b, s in enumerate(seqs):  # a grammar: drafts cut at the first forbidden token, a mask for each verify row
         if s.constraint is not None:
@@ -84,7 +93,7 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
             forced = ks[b] if drafter is not None and drafter.takes_any_drafts and d.probs is None else 0
             kept, masks[b] = s.constraint.masks(d.tokens, s.eos, forced)
             if kept != d.tokens:
-                drafts[b] = Draft(kept, d.probs[:len(kept)] if d.probs is not None and kept else None)
+                drafts[b] = Draft(kept, d.probs[:len(kept)] if d.probs is not None and kept else None, d.source)
     t1 = time.perf_counter()
     rows = [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)]
     width = max(map(len, rows))
@@ -101,7 +110,7 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
             target = mask_logits(target, masks[b])
         n, tok = accept(target, d.tokens, d.probs, s.params, s.gen, s.synthetic_rates)
         s.state.rollback(start + 1 + n)
-        s.stats.record(len(d.tokens), n)
+        s.stats.record(len(d.tokens), n, d.source or drafter.name if drafter is not None else "")
         accepted_tokens.append(d.tokens[:n] + [tok])
         emitted.append(s.append(accepted_tokens[-1]))
         if s.params.logprobs is not None:
@@ -116,6 +125,10 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
         s.stats.draft_s += (t1 - t0 + t3 - t2) / len(seqs)
         s.stats.verify_s += (t2 - t1) / len(seqs)
     if policy is not None and drafter is not None:
-        policy.observe(len(seqs), [len(d.tokens) for d in drafts], n_accepted, t1 - t0 + t3 - t2, t2 - t1,
-                       started=t0, ended=t3)
+        ruled = [b for b, d in enumerate(drafts) if chain is None or not chain.is_lookup(d)]
+        if ruled:
+            policy.observe(len(seqs), [len(drafts[b].tokens) for b in ruled], [n_accepted[b] for b in ruled],
+                           t1 - t0 + t3 - t2, t2 - t1, started=t0, ended=t3)
+        else:  # a round of lookup drafts only: neither a sample of the model drafter's cost nor a gap between its rounds
+            policy.skip_gap()
     return emitted
