@@ -11,3 +11,7 @@ class ModelLoadError(MtpxError):
 
 class RequestError(MtpxError, ValueError):
     """A generation request is invalid (bad parameter value, prompt too long, ...)."""
+
+
+class RankLost(MtpxError, RuntimeError):
+    """A rank of a model run over several processes is gone (its process exited, or a collective failed)."""

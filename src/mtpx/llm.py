@@ -1,7 +1,11 @@
 """The public Python API: `LLM(model).generate(prompt, ...) -> Completion`, `LLM.stream(...)`, `LLM.logits(ids)`."""
 from __future__ import annotations
 
+import atexit
+import dataclasses
+import functools
 import gc
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,11 +18,21 @@ from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
 from mtpx.loading.checkpoint import count_mtp_layers
 from mtpx.models.interface import CausalLM
+from mtpx.parallel.config import ParallelConfig
+from mtpx.parallel.group import Group
+from mtpx.parallel.launch import join
+from mtpx.parallel.mirror import MirroredEngine, follow
 from mtpx.runners import RunnerConfig, resolve_device, resolve_dtype, select_runner
+from mtpx.runners.distributed import DistributedRunner
 from mtpx.runners.cpu import tune_cpu_process  # noqa: F401 - part of this module's public names
 from mtpx.threads import ThreadTuner
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_rank(kwargs: dict) -> None:
+    """A spawned rank (mtpx/parallel/launch.py): build the same LLM, which then follows rank 0 until it closes."""
+    LLM(**kwargs)
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -37,11 +51,16 @@ class LLM:
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None,
                  threads: int | None = None, static_steps: bool | None = None, generation_config: bool = True,
-                 runner_config: RunnerConfig | None = None):
+                 runner_config: RunnerConfig | None = None, tensor_parallel: int | None = None,
+                 split_layers: int | str | None = None):
         """static_steps: run single-sequence step passes at fixed addresses and shapes (runners/static.py), replayed
         as CUDA graphs on a GPU; default: on CUDA for dense models (MoE routing picks experts on the host).
         generation_config: sampling values a request leaves unset come from the model's recommended ones
-        (generation_config.json, GGUF general.sampling.*), as in vLLM; False: mtpx's defaults (greedy)."""
+        (generation_config.json, GGUF general.sampling.*), as in vLLM; False: mtpx's defaults (greedy).
+        tensor_parallel / split_layers: run the model over that many ranks (mtpx/parallel/), heads split across
+        them or contiguous layer ranges (a stage count, or proportions such as "3,1"). Started here, the other
+        ranks are worker processes this one spawns; under torchrun every rank constructs the LLM, and on ranks
+        other than 0 the constructor does not return: it repeats rank 0's calls until rank 0 closes, then exits."""
         # ---- loading: device and dtype, checkpoint, the runner and the model it prepared --------------------------
         self.device = resolve_device(device)
         self.dtype, self.quantization = resolve_dtype(dtype)
@@ -53,10 +72,26 @@ class LLM:
         self.tokenizer = ckpt.tokenizer
         self.sampling_defaults: dict = dict(ckpt.sampling_defaults) if generation_config else {}
         # how passes run here (kernels, static passes, graphs), chosen once: mtpx/runners/
-        self.runner = select_runner(self.device, self.dtype, self.quantization, self.config,
-                                    runner_config or RunnerConfig.from_env(static_steps=static_steps, threads=threads))
-        self.runner.check_memory(self.config, count_mtp_layers(ckpt.shapes))
-        self.model: CausalLM = self.runner.prepare(build_model(ckpt, self.dtype, self.runner.load_device))
+        runner_config = runner_config or RunnerConfig.from_env(static_steps=static_steps, threads=threads)
+        self.parallel = ParallelConfig.parse(tensor_parallel, split_layers)
+        self.parallel.check(self.config, self.device)
+        self.group: Group | None = None
+        if self.parallel.enabled:
+            spawn = functools.partial(_run_rank, dict(
+                model=str(model), dtype=dtype, device=device, threads=threads, static_steps=static_steps,
+                generation_config=generation_config, runner_config=runner_config, tensor_parallel=tensor_parallel,
+                split_layers=split_layers))
+            self.group = join(self.parallel, self.device, spawn)
+            self.device = self.group.device
+            runner_config = dataclasses.replace(runner_config, static_steps=False, threads=runner_config.threads or (
+                max(1, len(os.sched_getaffinity(0)) // self.group.world) if self.device.type == "cpu" else 0))
+        self.runner = select_runner(self.device, self.dtype, self.quantization, self.config, runner_config)
+        if self.group is not None:
+            self.runner = DistributedRunner(self.runner, self.group, self.parallel)
+        else:
+            self.runner.check_memory(self.config, count_mtp_layers(ckpt.shapes))
+        self.model: CausalLM = self.runner.prepare(build_model(
+            ckpt, self.dtype, self.runner.load_device, shard=self.runner.shard if self.group is not None else None))
         self.thread_tuner: ThreadTuner | None = self.runner.thread_tuner()
         self.eos = set(self.config.eos_token_id)
         # a decode step allocates hundreds of short-lived tensors, and each of Python's periodic cycle collections
@@ -64,13 +99,25 @@ class LLM:
         gc.freeze()
         self.static_steps = self.runner.static_steps
         # ---- the engine over the loaded model -------------------------------------------------------------------
-        self.engine = Engine(self.model, self.tokenizer, vocab_size=self.config.vocab_size,
+        engine_class = MirroredEngine if self.group is not None and self.group.rank == 0 else Engine
+        self.engine = engine_class(self.model, self.tokenizer, vocab_size=self.config.vocab_size,
                              max_context=self.config.max_position_embeddings, eos=self.eos,
                              sampling_defaults=self.sampling_defaults,
                              static_state=self._static_state if self.static_steps else None,
                              release_state=self.runner.release_state, max_drafts=self.runner.max_drafts,
                              row_block=self.runner.step_row_block, thread_tuner=self.thread_tuner,
                              load_draft_model=self._load_draft_model)
+        if self.group is not None:
+            if self.group.rank == 0:
+                self.engine.attach(self.group)
+                atexit.register(self.close)
+            else:
+                follow(self.engine, self.group)  # exits the process when rank 0 closes
+
+    def close(self) -> None:
+        """Stop the other ranks of a model run over several (nothing to do on one device)."""
+        if self.group is not None:
+            self.group.close()
 
     def _static_state(self, max_len: int):
         return self.runner.new_state(self.model, max_len)
@@ -89,7 +136,8 @@ class LLM:
             raise RequestError(f"draft model {name} does not share the main model's vocabulary "
                                f"({ckpt.tokenizer.vocab_size if ckpt.tokenizer else 'no'} vs "
                                f"{self.tokenizer.vocab_size} tokens)")
-        return self.runner.prepare(build_model(ckpt, self.dtype, self.runner.load_device, with_mtp=False))
+        runner = getattr(self.runner, "inner", self.runner)  # whole on every rank, as the main model's engine calls
+        return runner.prepare(build_model(ckpt, self.dtype, runner.load_device, with_mtp=False))
 
     def _draft_head(self, size: int):  # for tests/models/test_mtp.py; the engine owns the draft heads
         return self.engine.draft_head(size)
@@ -102,8 +150,7 @@ class LLM:
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """[len, vocab] float32 logits of one plain forward of the main model, no cache."""
-        ids = torch.tensor([list(token_ids)], device=self.device)
-        return self.model.logits(self.model(ids)).float()[0]
+        return self.engine.logits(token_ids)
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         return self.engine.encode_prompt(prompt)

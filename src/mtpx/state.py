@@ -13,7 +13,8 @@ from mtpx.config import ModelConfig
 
 
 class SequenceState:
-    """Caches of one sequence for a stack of decoder layers (`layer_types`), e.g. the main model or its MTP layers."""
+    """Caches of one sequence for a stack of decoder layers (`layer_types`), e.g. the main model or its MTP layers.
+    A layer of another kind (a layer another rank holds: runners/distributed.py) has no cache here."""
 
     def __init__(self, cfg: ModelConfig, layer_types: list[str], max_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
@@ -31,7 +32,7 @@ class SequenceState:
             if kind == "full_attention":
                 shape = (cfg.num_key_value_heads, max_len, cfg.head_dim)
                 self.kv[i] = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            else:
+            elif kind == "linear_attention":
                 self.conv[i] = torch.zeros(conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype, device=device)
                 self.recurrent[i] = torch.zeros(cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                                 cfg.linear_value_head_dim, dtype=torch.float32, device=device)

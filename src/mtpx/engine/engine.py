@@ -261,6 +261,11 @@ class Engine:
             events.append(req.advance(new))
         return events
 
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """[len, vocab] float32 logits of one plain forward of the main model over token_ids, no cache."""
+        ids = torch.tensor([list(token_ids)], device=self.model.lm_head.weight.device)
+        return self.model.logits(self.model(ids)).float()[0]
+
     def stats(self, req: Request, spec: SpecConfig | None = None, drafter: Drafter | None = None,
               now: float | None = None) -> dict:
         """engine/stats.py's stats of the request so far; with its drafter, the drafter's memory too."""

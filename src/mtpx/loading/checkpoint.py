@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from mtpx.config import ModelConfig, read_json
 from mtpx.errors import ModelLoadError, RequestError
@@ -246,8 +247,11 @@ def count_mtp_layers(names) -> int:
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu",
-                with_mtp: bool = True) -> CausalLM:
-    """Check every tensor against the model's expected names and shapes, then build the model from them."""
+                with_mtp: bool = True, shard: Callable[[nn.Module], dict] | None = None) -> CausalLM:
+    """Check every tensor against the model's expected names and shapes, then build the model from them.
+    shard(model), for one rank of a model split over several (runners/distributed.py): cuts the model, still on the
+    meta device, to the rank's part and returns {parameter name: slice function} for the checkpoint's tensors,
+    applied as each is read, so the rank never holds more than its share."""
     cfg = ckpt.config
     found = count_mtp_layers(ckpt.shapes)
     if cfg.mtp_num_hidden_layers is not None and found not in (0, cfg.mtp_num_hidden_layers):
@@ -281,9 +285,21 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     for n, shape in expected.items():
         if tuple(given[n]) != shape:
             raise ModelLoadError(f"tensor {disk_name(cfg, n)} has shape {list(given[n])}, expected {list(shape)}")
-    state = {n: ckpt.tensors[n]().to(device=device, dtype=torch.float32 if n.endswith(FP32_SUFFIXES) else dtype)
-             for n in expected}
+    slices = shard(model) if shard is not None else {}
+    tied_head = cfg.tie_word_embeddings and "lm_head.weight" not in slices
+    state = {}
+    for n, _ in model.named_parameters(remove_duplicate=False):
+        if n == "lm_head.weight" and cfg.tie_word_embeddings:
+            if tied_head:
+                continue
+            source = "model.embed_tokens.weight"  # a head cut differently from the embedding reads its tensor
+        else:
+            source = n
+        tensor = ckpt.tensors[source]()
+        if n in slices:
+            tensor = slices[n](tensor).contiguous()
+        state[n] = tensor.to(device=device, dtype=torch.float32 if n.endswith(FP32_SUFFIXES) else dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if tied_head:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval().requires_grad_(False)

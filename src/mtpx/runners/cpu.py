@@ -215,6 +215,8 @@ OVERRIDES: Overrides = {
     (q35.Qwen35Model, "forward"): _model_forward,
     (q35.Qwen35Model, "mtp_greedy_drafts"): _mtp_greedy_drafts,
 }
+WHOLE_LAYER = [(q35.DecoderLayer, "forward")]
+WHOLE_STACK = [(q35.Qwen35Model, "forward"), (q35.Qwen35Model, "mtp_greedy_drafts")]
 
 
 def prepare_weights(model: nn.Module, dtype: torch.dtype, quantization: str | None, pack: bool,
@@ -237,14 +239,20 @@ class CpuRunner(Runner):
                  fused: bool):
         super().__init__(device, dtype, quantization)
         self.config, self.fused, self.tiles = config, fused, config.tiles
+        self.skipped: set = set()
         tune_cpu_process()
         if config.threads:
             torch.set_num_threads(config.threads)
 
+    def skip_whole(self, layers: bool) -> None:
+        """Leave out the kernels that run past a point where ranks exchange activations (runners/distributed.py):
+        the whole stack and the MTP draft chain, and with `layers` whole decoder layers."""
+        self.skipped = set(WHOLE_STACK) | (set(WHOLE_LAYER) if layers else set())
+
     def prepare(self, model: nn.Module) -> nn.Module:
         prepare_weights(model, self.dtype, self.quantization, self.config.pack, self.tiles)
         if self.fused and isinstance(model, q35.Qwen35Model):
-            install(model, OVERRIDES)
+            install(model, {key: impl for key, impl in OVERRIDES.items() if key not in self.skipped})
         return model
 
     def thread_tuner(self) -> ThreadTuner | None:
