@@ -10,6 +10,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from mtpx.engine.params import FieldError, json_field
+from mtpx.engine.sequence import DraftCounts
+from mtpx.engine.stats import draft_stats
 from mtpx.tokenizer import Tokenizer
 
 
@@ -153,6 +155,34 @@ def completion_prompt(body: Body, tokenizer: Tokenizer, vocab: int) -> list[int]
         raise ApiError(400, "batched prompts are not supported: send one prompt per request", "prompt",
                        "unsupported_parameter")
     raise ApiError(400, "'prompt' must be a string or an array of token ids", "prompt", "invalid_type")
+
+
+SPEC_STATS_HEADER = "x-spec-stats"  # `X-Spec-Stats: true` asks for usage.spec_stats as "spec_stats": true does
+
+
+def wants_spec_stats(body: Body, headers: Any = None) -> bool:
+    """Whether a request asks for its speculation stats (the body's "spec_stats", or the X-Spec-Stats header)."""
+    header = str((headers or {}).get(SPEC_STATS_HEADER, "") or "").strip().lower()
+    return bool(body.get("spec_stats", "boolean", False)) or header in ("1", "true", "yes")
+
+
+def spec_stats(stats: list[dict]) -> dict:
+    """The speculation of a request, all its choices together: drafts, drafted and accepted tokens, acceptance in
+    all and by draft position (rates and counts), per drafter (`by_drafter`: one name, or several for a chain)."""
+    total, by = DraftCounts(), {}
+    for s in stats:
+        for name, d in (s.get("by_drafter") or {}).items():
+            for c in (total, by.setdefault(name, DraftCounts())):
+                c.drafts += d["drafts"]
+                c.drafted_tokens += d["drafted_tokens"]
+                c.accepted_tokens += d["accepted_tokens"]
+                for attr in ("drafted_by_position", "accepted_by_position"):
+                    mine, theirs = getattr(c, attr), d[attr]
+                    mine.extend([0] * (len(theirs) - len(mine)))
+                    for i, v in enumerate(theirs):
+                        mine[i] += v
+    spec_type = next((s["spec_type"] for s in stats if "spec_type" in s), "none")
+    return {"spec_type": spec_type, **draft_stats(total), "by_drafter": {n: draft_stats(c) for n, c in by.items()}}
 
 
 def usage(stats: dict) -> dict:

@@ -36,7 +36,7 @@ from mtpx.engine.params import FieldError, SpecConfig, sampling_from_json
 from mtpx.errors import RequestError
 from mtpx.llm import LLM
 from mtpx.serve.api import (ApiError, ApiKeyMiddleware, Body, LocalGuardMiddleware, chat_messages, completion_prompt,
-                            error_response, parse_body, read_raw, usage)
+                            error_response, parse_body, read_raw, usage, wants_spec_stats)
 from mtpx.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mtpx.serve.metrics import Metrics
 from mtpx.serve.output import REASONING_FORMATS, Responder
@@ -234,7 +234,7 @@ class Server:
             self.scheduler.submit(choices.greqs[0])  # the other choices ride with it: one prefill for all
         except RuntimeError:  # the scheduler began stopping since the check above
             raise self.shutting_down() from None
-        answer = Answer(self, choices, rid, int(time.time()), chat)
+        answer = Answer(self, choices, rid, int(time.time()), chat, wants_spec_stats(p["body"], request.headers))
         if stream:
             return StreamingResponse(answer.events(include_usage, continuous), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

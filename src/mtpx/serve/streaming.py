@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from mtpx.serve.api import ApiError, usage
+from mtpx.serve.api import ApiError, spec_stats, usage
 from mtpx.serve.output import Responder
 from mtpx.serve.scheduler import SHUTTING_DOWN, Delta, GenRequest
 
@@ -53,20 +53,24 @@ def open_choices(prompt_ids: list[int], kw: dict, responder: Responder) -> Choic
     return Choices(greqs, responders, queue)
 
 
-def total_usage(stats: list[dict | None]) -> dict:
+def total_usage(stats: list[dict | None], with_spec_stats: bool = False) -> dict:
     """The usage block of all choices: the prompt once, the completion tokens of every choice; the speculation
-    stats are the first choice's."""
+    stats are the first choice's (with_spec_stats: all choices' in `spec_stats`, api.spec_stats)."""
     out = usage(stats[0] or {})
     out["completion_tokens"] = sum((s or {}).get("generated_tokens", 0) for s in stats)
     out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    if with_spec_stats:
+        out["spec_stats"] = spec_stats([s for s in stats if s])
     return out
 
 
 class Answer:
     """One request's response, streamed (events) or whole (collect)."""
 
-    def __init__(self, server: Server, choices: Choices, rid: str, created: int, chat: bool):
+    def __init__(self, server: Server, choices: Choices, rid: str, created: int, chat: bool,
+                 with_spec_stats: bool = False):
         self.server, self.choices, self.rid, self.created, self.chat = server, choices, rid, created, chat
+        self.with_spec_stats = with_spec_stats  # usage.spec_stats asked for
 
     def cancel(self) -> None:
         """Free every choice's sequence (a no-op for those already finished)."""
@@ -117,7 +121,8 @@ class Answer:
                            {"index": i, "text": body, "logprobs": lp, "finish_reason": delta.finish_reason})
         return JSONResponse({"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
                              "created": self.created, "model": self.server.model_name, "choices": choices,
-                             "usage": total_usage([d.stats for d in last]), "system_fingerprint": None})
+                             "usage": total_usage([d.stats for d in last], self.with_spec_stats),
+                             "system_fingerprint": None})
 
     # ---- streamed -----------------------------------------------------------------------------------------------
     def _chunk(self, i: int, text: str | None, finish: str | None, usage_: dict | None = None, role: bool = False,
@@ -168,7 +173,7 @@ class Answer:
                 if include_usage:
                     data = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
                             "created": self.created, "model": self.server.model_name, "choices": [],
-                            "usage": total_usage(stats)}
+                            "usage": total_usage(stats, self.with_spec_stats)}
                     yield f"data: {json.dumps(data)}\n\n"
             ended = True
             yield "data: [DONE]\n\n"
@@ -185,7 +190,8 @@ class Answer:
         lp = responder.logprobs(delta.token_ids, delta.logprobs)
 
         def usage_if(end: bool) -> dict | None:
-            return total_usage(stats) if continuous or (end and last and not include_usage) else None
+            return total_usage(stats, self.with_spec_stats) if continuous or (end and last and not include_usage) \
+                else None
         if not self.chat:
             if delta.text or final or lp is not None:
                 return [self._chunk(i, delta.text, delta.finish_reason, usage_if(final), logprobs=lp)]
