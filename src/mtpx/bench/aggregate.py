@@ -96,5 +96,10 @@ def aggregate(rows: list[dict], modes: list[Mode], synthetic_rates: list[float] 
                     "drafter_memory_bytes": max(r["drafter_memory_bytes"] for r in rs),
                     "weight_bytes_per_token": _ratio(sum(wbytes), dec_tokens) if len(wbytes) == len(rs) else None,
                 }
+                if all(r.get("rounds") for r in rs):  # over several ranks: the collectives of a decode round
+                    rounds = sum(r["rounds"] for r in rs)
+                    rec.update(rounds=rounds, collective_s_per_round=_ratio(sum(r["collective_s"] for r in rs), rounds),
+                               collective_bytes_per_round=_ratio(sum(r["collective_bytes"] for r in rs), rounds),
+                               round_s=_ratio(sum(r["decode_s"] for r in rs), rounds))
                 records.append(rec)
     return records

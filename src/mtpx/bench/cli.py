@@ -73,6 +73,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                                                               "every mode generates the same number of tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="run the model over N ranks, heads split (reports time in collectives per round and the "
+                   "weight bytes rank 0 reads)")
+    p.add_argument("--split-layers", default=None, metavar="N|P,P..",
+                   help="run the model over ranks holding contiguous layer ranges: a stage count or proportions")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--no-memory", action="store_true", help="skip the per-mode memory processes")
     p.add_argument("--no-costs", action="store_true", help="skip the cost model")
@@ -221,7 +226,12 @@ def run(args: argparse.Namespace) -> dict:
     log(f"bench: loading {args.model}")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None,
               static_steps=False if args.no_cuda_graphs else None,
-              generation_config=False)  # every mode under the bench's sampling settings, not the model's
+              generation_config=False,  # every mode under the bench's sampling settings, not the model's
+              tensor_parallel=args.tensor_parallel, split_layers=args.split_layers)
+    if llm.group is not None and not (args.no_costs and args.no_memory):
+        log("bench: the cost model and the memory processes run on one device: skipped with --tensor-parallel / "
+            "--split-layers")
+        args.no_costs = args.no_memory = True
     if schema is not None:
         llm.engine.check_grammar(schema)  # compiled now: a schema xgrammar cannot use fails here, by name
         workloads += prompts.constrained_twins(workloads, schema)
@@ -281,6 +291,8 @@ def run(args: argparse.Namespace) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(), "torch": torch.__version__, "threads": _threads(llm),
         "device": str(llm.device), "dtype": dtype_name(llm), **cpu_kernels_meta(llm),
+        "parallel": {"kind": llm.parallel.kind, "ranks": llm.parallel.world, "stages": list(llm.parallel.stages),
+                     "backend": "nccl" if llm.device.type == "cuda" else "gloo"} if llm.group is not None else None,
         "repeat": args.repeat, "temperatures": cfg.temperatures, "sampling": sampling, "ignore_eos": cfg.ignore_eos,
         "synthetic": synth is not None, "synthetic_rates": synth, "draft_model": draft_model,
         "modes": runner.mode_dicts(modes),

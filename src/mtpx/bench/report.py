@@ -157,6 +157,24 @@ def peers_table(peers: list[dict], records: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
+def parallel_table(records: list[dict], weights: dict | None, parallel: dict) -> str:
+    """Per mode over several ranks: a decode round's time, the part of it in collectives, what they moved, and the
+    weights rank 0 reads per main-model pass."""
+    per_pass = (weights["main_dense"] + weights["lm_head"]) / MiB if weights else None
+    lines = [f"{parallel['kind']} over {parallel['ranks']} ranks ({parallel['backend']}); rank 0 reads "
+             f"{_f(per_pass)} MiB of weights per main-model pass.", "",
+             "| workload | T | mode | decode tok/s | round ms | collectives ms / round | share | KiB moved / round |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("rounds"):
+            share = r["collective_s_per_round"] / r["round_s"] if r["round_s"] else None
+            lines.append(f"| {r['workload']} | {_temp_label(r['temperature'])} | {r['mode']} | "
+                         f"{_f(r['decode_tokens_per_s'])} | {_f(1000 * r['round_s'], '.2f')} | "
+                         f"{_f(1000 * r['collective_s_per_round'], '.2f')} | {_f(100 * share if share is not None else None, '.0f')}% | "
+                         f"{_f(r['collective_bytes_per_round'] / 1024)} |")
+    return "\n".join(lines)
+
+
 def _isa(meta: dict) -> str:
     """' (kernels avx2)' where the report records the CPU kernels' instruction set, else nothing."""
     return f" (kernels {meta['cpu_isa']})" if meta.get("cpu_isa") else ""
@@ -183,6 +201,9 @@ def write_markdown(result: dict, out: Path) -> Path:
                   f"`{meta['json_schema']['file']}` and ending with it; their speedups are over plain decoding under "
                   "the same schema.", ""]
     parts += ["### Speed and acceptance", "", records_table(result["records"], result.get("memory"))]
+    if meta.get("parallel"):
+        parts += ["", "### Over several ranks", "", parallel_table(result["records"], result.get("weights"),
+                                                                   meta["parallel"]), ""]
     if meta.get("json_schema"):
         parts += ["### MTP with and without the JSON schema", "", schema_table(result["records"]), ""]
     if result.get("memory"):

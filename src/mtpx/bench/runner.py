@@ -83,9 +83,14 @@ class WeightTraffic:
 
     def __init__(self, model: Qwen35Model, draft_models: list[Qwen35Model] = ()):
         self.bytes = 0
+        self.passes = 0  # of the main model: prefill and one per decode round
         self.handles = []
         for m in [model, *draft_models]:
             self._attach(m)
+        self.handles.append(model.register_forward_hook(self._count_pass))
+
+    def _count_pass(self, module, args, output) -> None:
+        self.passes += 1
 
     @classmethod
     def sizes(cls, model: Qwen35Model) -> dict:
@@ -205,9 +210,13 @@ def run_one(llm, mode: Mode, prompt: str | list[int], cfg: BenchConfig, temperat
         timer.seconds = 0.0
     bytes_at_first = None
     completion = None
+    group = getattr(llm, "group", None)
+    collectives = None
     for event in llm.stream(prompt, **kw):
         if bytes_at_first is None and traffic is not None:
             bytes_at_first = traffic.bytes  # everything after this is decoding
+        if collectives is None and group is not None:
+            collectives = (group.stats.seconds, group.stats.bytes, traffic.passes if traffic is not None else 0)
         completion = event.completion
     s = completion.stats
     drafter_prefill_s = timer.seconds if timer is not None else 0.0
@@ -227,6 +236,9 @@ def run_one(llm, mode: Mode, prompt: str | list[int], cfg: BenchConfig, temperat
         "decode_weight_bytes": (traffic.bytes - bytes_at_first) if traffic is not None and bytes_at_first is not None
         else None,
     }
+    if collectives is not None:  # decode rounds over several ranks: time and bytes in their collectives
+        row.update(collective_s=group.stats.seconds - collectives[0], collective_bytes=group.stats.bytes - collectives[1],
+                   rounds=traffic.passes - collectives[2] if traffic is not None else None)
     return row
 
 

@@ -18,6 +18,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 or all cores, whichever decodes faster, measured as it runs; "
                    "env MTPX_THREADS)")
+    p.add_argument("--tensor-parallel", "-tp", type=int, default=None, metavar="N",
+                   help="run the model over N ranks (GPUs, or CPU processes), each holding 1/N of every layer's heads "
+                   "and of the MLP / experts; started here, or one per process under torchrun")
+    p.add_argument("--split-layers", "--sm-layer", default=None, metavar="N|P,P..",
+                   help="run the model over ranks holding contiguous layer ranges (llama.cpp's --split-mode layer): "
+                   "a stage count, or proportions such as 3,1 for cards of different sizes; the MTP layer on the last")
     p.add_argument("--no-generation-config", action="store_true",
                    help="ignore the sampling defaults of the model's generation config (generation_config.json, "
                    "GGUF general.sampling.*): unset values are greedy decoding's")
@@ -26,7 +32,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace) -> LLM:
     """The LLM that the model arguments name; says on stderr which sampling defaults its generation config sets."""
     llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads or None,
-              generation_config=not args.no_generation_config)
+              generation_config=not args.no_generation_config, tensor_parallel=args.tensor_parallel,
+              split_layers=args.split_layers)
     if llm.sampling_defaults:
         values = ", ".join(f"{k}={v}" for k, v in llm.sampling_defaults.items())
         print(f"mtpx: the model's generation config sets {values} (flags and request fields override them; "

@@ -132,7 +132,10 @@ class MirroredEngine(Engine):
 
     def release(self, seq):
         number = self._ids.get(id(seq))
-        self._call("release", seq)
+        if self.group.failed:  # the others are gone: only this rank's caches are left to free
+            super().release(seq)
+        else:
+            self._call("release", seq)
         for key in [k for k, v in self._ids.items() if v == number]:
             del self._ids[key]
 

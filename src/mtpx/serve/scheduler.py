@@ -28,6 +28,7 @@ import torch
 
 from mtpx.engine.params import SamplingParams, SpecConfig
 from mtpx.engine.request import Request, StreamEvent
+from mtpx.errors import RankLost
 from mtpx.llm import LLM
 from mtpx.serve.metrics import Metrics
 
@@ -48,6 +49,7 @@ class Delta:
 
 _ids = itertools.count(1)
 SHUTTING_DOWN = "server_shutting_down"
+RANK_LOST = "rank_lost"  # a rank of a model run over several processes is gone: the server answers 503, then exits
 
 
 @dataclass
@@ -240,7 +242,7 @@ class Scheduler:
         except Exception as e:  # an engine failure must not take the server down
             log.error("prefill failed:\n%s", traceback.format_exc())
             for m in group:
-                self._fail(m, f"prefill failed: {e}")
+                self._fail(m, f"prefill failed: {e}", RANK_LOST if isinstance(e, RankLost) else None)
             return
         self._running += [m for m in group if not m.done]
 
@@ -254,7 +256,7 @@ class Scheduler:
         except Exception as e:
             log.error("decode round failed:\n%s", traceback.format_exc())
             for r in batch:
-                self._fail(r, f"decode failed: {e}")
+                self._fail(r, f"decode failed: {e}", RANK_LOST if isinstance(e, RankLost) else None)
             self._running = []
             self._update_gauges()
             return
