@@ -121,12 +121,16 @@ class ModelConfig:
             raise ModelLoadError(f"rotary dim {self.rotary_dim} (head_dim × partial_rotary_factor) must be even")
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A flat `config.json` that transformers and vLLM read (model_type qwen3_5_text / qwen3_5_moe_text)."""
+        """A flat `config.json` that transformers and vLLM read (model_type qwen3_5_text / qwen3_5_moe_text, or
+        qwen3_next)."""
         d = asdict(self)
         for k in ("weight_prefix", "rope_theta", "partial_rotary_factor", "bos_token_id"):
             d.pop(k)
-        d["model_type"] = "qwen3_5_moe_text" if self.is_moe else "qwen3_5_text"
-        d["architectures"] = ["Qwen3_5MoeForCausalLM" if self.is_moe else "Qwen3_5ForCausalLM"]
+        if self.model_type == "qwen3_next":  # its own model_type: its fused projections are not Qwen3.5's layout
+            d["model_type"], d["architectures"] = "qwen3_next", ["Qwen3NextForCausalLM"]
+        else:
+            d["model_type"] = "qwen3_5_moe_text" if self.is_moe else "qwen3_5_text"
+            d["architectures"] = ["Qwen3_5MoeForCausalLM" if self.is_moe else "Qwen3_5ForCausalLM"]
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta,
                                 "partial_rotary_factor": self.partial_rotary_factor}
         d["hidden_act"] = "silu"

@@ -70,3 +70,21 @@ def test_an_unknown_column_fails(tmp_path):
     path = _doc(tmp_path)
     path.write_text(path.read_text().replace("× plain", "speedup"))
     assert any("unknown column" in e for e in docs_check.check_file(ROOT, path, strict=True).errors)
+
+
+def test_a_cache_size_table_is_checked_by_shape(tmp_path):
+    import json
+
+    from mtpx.bench.cache_size import cache_sizes
+    from mtpx.bench.gen_checkpoint import shape_config
+    command = "mtpx bench cache-size --shape deepseek-v3 --out cache.json"
+    (tmp_path / "cache.json").write_text(json.dumps(
+        {"meta": {"command": command}, "shapes": {"deepseek-v3": cache_sizes(shape_config("deepseek-v3"))}}))
+    doc = tmp_path / "doc.md"
+    table = ("| shape | cache bytes/token | full K/V bytes/token | cache / full K/V |\n|---|---|---|---|\n"
+             "| deepseek-v3 | 70272 | 4997120 | {ratio} |\n")
+    doc.write_text(f"# t\n\n```sh\n{command}\n```\n\nReport: `cache.json`\n\n" + table.format(ratio="0.014"))
+    res = docs_check.check_file(tmp_path, doc, strict=True)
+    assert res.errors == [] and res.cells == 3
+    doc.write_text(f"# t\n\n```sh\n{command}\n```\n\nReport: `cache.json`\n\n" + table.format(ratio="0.020"))
+    assert "doc says 0.020" in docs_check.check_file(tmp_path, doc, strict=True).errors[0]

@@ -4,7 +4,8 @@
                [--temperature 0,0.7] [--repeat N] [--out DIR] [--prompts FILE] [--spec-synth-rates P0,P1,..]
                [--spec-draft-model PATH] [--max-prompts N] [--max-tokens N] [--peers hf,llamacpp]
                [--json-schema FILE]
-    mtpx bench gen-checkpoint --shape qwen3.5-0.8b|qwen3.5-moe-small --out DIR
+    mtpx bench gen-checkpoint --shape qwen3.5-0.8b|qwen3.5-moe-small|glm4.5-air-small|deepseek-v3-small|... --out DIR
+    mtpx bench cache-size --shape deepseek-v3 [--model DIR] [--out FILE]   (cache bytes per token vs full K/V)
     mtpx bench report DIR        (re-render results.md and the plots from DIR/results.json)
 
 Writes DIR/results.json (one record per mode × workload × temperature, plus the raw runs), DIR/results.md and PNG
@@ -94,10 +95,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
-    sub = p.add_subparsers(dest="subcommand", metavar="{gen-checkpoint,report}")
-    from mtpx.bench import gen_checkpoint
-    g = sub.add_parser("gen-checkpoint", help="write a random-weight checkpoint of a real Qwen3.5 shape")
+    sub = p.add_subparsers(dest="subcommand", metavar="{gen-checkpoint,cache-size,report}")
+    from mtpx.bench import cache_size, gen_checkpoint
+    g = sub.add_parser("gen-checkpoint", help="write a random-weight checkpoint of a real model shape")
     gen_checkpoint.add_arguments(g)
+    c = sub.add_parser("cache-size", help="cache bytes per token (MLA latent vs full K/V) from a config or shape")
+    cache_size.add_arguments(c)
     r = sub.add_parser("report", help="re-render results.md and plots from a results directory")
     r.add_argument("dir", type=Path)
 
@@ -339,6 +342,9 @@ def main(args: argparse.Namespace) -> int:
     if args.subcommand == "gen-checkpoint":
         from mtpx.bench import gen_checkpoint
         return gen_checkpoint.main(args)
+    if args.subcommand == "cache-size":
+        from mtpx.bench import cache_size
+        return cache_size.main(args)
     if args.subcommand == "report":
         result = json.loads((args.dir / "results.json").read_text())
         for p in render(result, args.dir):

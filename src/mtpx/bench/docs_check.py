@@ -13,7 +13,8 @@ The rules, for a markdown table:
   line continuations and `ENV=value` prefixes aside). For a `scripts/cuda_check.py` report the GPU's name
   (`device`) must appear;
 - key columns pick the measurement: `workload`, `mode`, `T`, `engine` (`mtpx` or `llama.cpp`) for a bench record or a
-  peer's, `mode` for memory, `k` for the cost model, `positions` for cuda_check's step times; label columns
+  peer's, `mode` for memory, `k` for the cost model, `positions` for cuda_check's step times, `shape` for
+  `mtpx bench cache-size`; label columns
   (`decoding`, `kernel`, `weights`, `note`) are free text;
 - every other column is a metric (METRICS below): the cell must equal the report's value rounded to the decimals the
   cell shows (at least the metric's minimum), or be `–` where the report has none. Ratios are taken within one report,
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MiB = 2 ** 20
-KEYS = {"workload", "mode", "t", "engine", "k", "positions", "report"}
+KEYS = {"workload", "mode", "t", "engine", "k", "positions", "shape", "report"}
 LABELS = {"decoding", "kernel", "weights", "note"}
 DEFAULT_FILES = (("BENCHMARKS.md", True), ("models/demo/README.md", False))
 
@@ -125,6 +126,15 @@ def _positions(keys: dict) -> int:
     return int(keys["positions"])
 
 
+def _cache(report: dict, keys: dict) -> dict:
+    if "shape" not in keys:
+        raise CheckError("a cache-size table needs a `shape` column")
+    shapes = report.get("shapes") or {}
+    if keys["shape"] not in shapes:
+        raise CheckError(f"the report has no cache sizes for shape {keys['shape']!r}")
+    return shapes[keys["shape"]]
+
+
 # column -> (minimum decimals, value from (report, keys)); a value of None is shown as "–"
 METRICS = {
     "decode tok/s": (0, lambda rep, k: _record(rep, k)["decode_tokens_per_s"]),
@@ -142,6 +152,10 @@ METRICS = {
     "drafter stat mib": (1, lambda rep, k: _spec(k, lambda: _memory(rep, k)["drafter_memory_bytes"] / MiB)),
     "extra / stat": (2, lambda rep, k: _spec(k, lambda: _memory(rep, k)["extra_peak_bytes"]
                                           / _memory(rep, k)["drafter_memory_bytes"])),
+    "cache bytes/token": (0, lambda rep, k: _cache(rep, k)["cache_bytes_per_token"]),
+    "full k/v bytes/token": (0, lambda rep, k: _cache(rep, k)["full_kv_bytes_per_token"]),
+    "cache / full k/v": (3, lambda rep, k: _cache(rep, k)["cache_over_full_kv"]),
+    "mtp cache bytes/token": (0, lambda rep, k: _cache(rep, k)["mtp_cache_bytes_per_token"]),
     "graph step ms": (2, lambda rep, k: _step_ms(rep, _positions(k))),
     "× one position": (2, lambda rep, k: _step_ms(rep, _positions(k)) / _step_ms(rep, 1)),
 }
