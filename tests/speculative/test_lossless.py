@@ -1,4 +1,5 @@
-"""Greedy speculative decoding returns exactly the tokens of plain decoding (bf16, CPU), for every drafter."""
+"""Greedy speculative decoding returns exactly the tokens of plain decoding (bf16, CPU), for every drafter and chain
+of drafters."""
 import random
 
 import pytest
@@ -57,6 +58,7 @@ def draft_path(ckpt_factory):
 
 def test_every_drafter_is_token_identical_to_plain_decoding(llm, draft_path):
     mismatches = []
+    drafted_by = set()  # (mode, drafter) pairs that drafted somewhere: chains hand rounds from one to the other
     for i, prompt in enumerate(prompts(N_PROMPTS)):
         ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, spec_type="none").token_ids
         for k in (1, 2, 3, 4):
@@ -68,13 +70,20 @@ def test_every_drafter_is_token_identical_to_plain_decoding(llm, draft_path):
                 "oracle": run_with(llm, OracleDrafter(ref, llm.config.vocab_size, i * 10 + k), prompt, k,
                                    ignore_eos=True),
             }
+            if i % 2 == 0:  # chains (the lookup drafts where the text repeats, MTP elsewhere), suffix drafting
+                for spec in ("mtp,ngram", "suffix") + (("mtp,suffix",) if i % 6 == 0 else ()):
+                    runs[spec] = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type=spec, spec_draft_n_max=k,
+                                              spec_draft_policy="fixed", ignore_eos=True)
             if i % 5 == 0:
                 runs["draft"] = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type="draft", spec_draft_n_max=k,
                                              spec_draft_policy="fixed", spec_draft_model=draft_path, ignore_eos=True)
             for name, out in runs.items():
                 if out.token_ids != ref:
                     mismatches.append((i, k, name))
+                drafted_by |= {(name, d) for d in out.stats["by_drafter"]}
     assert not mismatches
+    assert {("mtp,ngram", "mtp"), ("mtp,ngram", "ngram"), ("suffix", "suffix"), ("mtp,suffix", "mtp"),
+            ("mtp,suffix", "suffix")} <= drafted_by
 
 
 def test_oracle_exercises_acceptance(llm):
@@ -127,7 +136,7 @@ def test_penalties_keep_speculation_lossless(llm, penalties):
         ref = llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, spec_type="none", **penalties).token_ids
         changed += ref != llm.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True, spec_type="none").token_ids
         for k in (2, 4):
-            for spec in ("mtp", "ngram"):
+            for spec in ("mtp", "ngram", "mtp,suffix"):
                 out = llm.generate(prompt, max_tokens=MAX_TOKENS, spec_type=spec, spec_draft_n_max=k,
                                    spec_draft_policy="fixed", ignore_eos=True, **penalties)
                 assert out.token_ids == ref, (i, k, spec)
@@ -142,7 +151,7 @@ def test_penalties_keep_speculation_lossless(llm, penalties):
 def test_adaptive_policy_is_lossless_too(llm):
     for prompt in prompts(5, seed=5):
         ref = llm.generate(prompt, max_tokens=40, ignore_eos=True, spec_type="none").token_ids
-        for spec in ("mtp", "ngram", "draft-mtp", "ngram-simple"):
+        for spec in ("mtp", "ngram", "draft-mtp", "ngram-simple", "draft-mtp,ngram-mod", "suffix", "mtp,suffix"):
             out = llm.generate(prompt, max_tokens=40, spec_type=spec, ignore_eos=True)
             assert out.token_ids == ref
 
