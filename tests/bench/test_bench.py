@@ -199,6 +199,17 @@ def test_parse_modes():
         runner.parse_mode("eagle")
 
 
+def test_parse_chained_and_suffix_modes():
+    m = {m.name: m for m in runner.parse_modes(["adaptive+ngram", "mtp3+suffix+ngram", "suffix6", "suffix"], 6)}
+    assert (m["adaptive+ngram"].spec_type, m["adaptive+ngram"].k, m["adaptive+ngram"].policy) == \
+        ("mtp,ngram", 6, "adaptive")
+    assert m["mtp3+suffix+ngram"].spec().spec_type == "mtp,suffix,ngram" and m["mtp3+suffix+ngram"].k == 3
+    assert (m["suffix6"].spec_type, m["suffix6"].k, m["suffix"].k) == ("suffix", 6, 3)
+    for bad in ("adaptive+eagle", "none+ngram", "ngram+ngram", "adaptive+suffix+suffix"):
+        with pytest.raises(Exception, match="mode"):
+            runner.parse_mode(bad)
+
+
 def test_shipped_prompt_sets():
     for w in prompts.load_workloads(list(prompts.WORKLOADS)):
         assert len(w.prompts) >= 20 and len(set(w.prompts)) == len(w.prompts)

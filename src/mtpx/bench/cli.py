@@ -1,6 +1,7 @@
 """`mtpx bench`: speed, acceptance, prefill, memory, cost model, roofline and peers across speculative modes.
 
-    mtpx bench --model demo [--workloads code,chat,creative] [--modes none,mtp1,mtp2,mtp3,mtp4,adaptive,draft,ngram]
+    mtpx bench --model demo [--workloads code,chat,creative,edit] [--modes none,mtp3,adaptive,draft,ngram,suffix,
+               adaptive+ngram,adaptive+suffix,...]
                [--temperature 0,0.7] [--repeat N] [--out DIR] [--prompts FILE] [--spec-synth-rates P0,P1,..]
                [--spec-draft-model PATH] [--max-prompts N] [--max-tokens N] [--peers hf,llamacpp]
                [--json-schema FILE]
@@ -52,7 +53,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="CUDA: run step passes eagerly on the ordinary step path (no static passes, no graphs)")
     p.add_argument("--workloads", type=_csv, default=_csv("code,chat,creative"))
     p.add_argument("--modes", type=_csv, default=_csv(DEFAULT_MODES),
-                   help="none, mtpK (K drafts), adaptive (MTP, adaptive k up to --adaptive-n-max), draft[K], ngram[K]")
+                   help="none, mtpK (K drafts), adaptive (MTP, adaptive k up to --adaptive-n-max), draft[K], ngram[K], "
+                   "suffix[K]; a mode followed by +ngram / +suffix chains those lookups first (adaptive+ngram: "
+                   "--spec-type mtp,ngram)")
     p.add_argument("--temperature", "--temperatures", type=_floats, default=[0.0, 0.7])
     p.add_argument("--repeat", type=int, default=3, help="repeats of the whole set (min / median over repeats)")
     # sampling settings for every generation (at T > 0 for top-k/p, min-p), the model's generation config ignored;
@@ -239,17 +242,17 @@ def run(args: argparse.Namespace) -> dict:
         llm.engine.check_grammar(schema)  # compiled now: a schema xgrammar cannot use fails here, by name
         workloads += prompts.constrained_twins(workloads, schema)
     draft_model = args.spec_draft_model
-    if draft_model is None and str(args.model) == "demo" and any(m.spec_type == "draft" for m in modes):
+    if draft_model is None and str(args.model) == "demo" and any("draft" in m.drafters for m in modes):
         draft_model = "demo-draft"
     dropped = []
-    if draft_model and any(m.spec_type == "draft" for m in modes):
+    if draft_model and any("draft" in m.drafters for m in modes):
         try:
             llm.engine.draft_model(draft_model)
         except MtpxError as e:
             log(f"bench: cannot load the draft model {draft_model}: {e}")
             draft_model = None
     for m in list(modes):
-        if (m.spec_type == "mtp" and llm.model.mtp is None) or (m.spec_type == "draft" and not draft_model):
+        if ("mtp" in m.drafters and llm.model.mtp is None) or ("draft" in m.drafters and not draft_model):
             dropped.append(m.name)
             modes.remove(m)
     if dropped:
@@ -261,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{args.repeat} repeats" + (f" — {('SYNTHETIC acceptance ' + str(synth))}" if synth else ""))
     rows = runner.run_bench(llm, cfg, log)
     records = aggregate.aggregate(rows, modes, synth)
-    dm = llm.engine.draft_model(draft_model) if draft_model and any(m.spec_type == "draft" for m in modes) else None
+    dm = llm.engine.draft_model(draft_model) if draft_model and any("draft" in m.drafters for m in modes) else None
     costs = None
     if not args.no_costs:
         log("bench: cost model")

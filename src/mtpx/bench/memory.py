@@ -66,7 +66,7 @@ def measure(args: argparse.Namespace) -> dict:
               generation_config=False)  # measured under the bench's own sampling settings
     cuda = llm.device.type == "cuda"
     base = base_cuda if cuda else base_rss
-    if mode.spec_type != "mtp" and llm.model.mtp is not None:
+    if "mtp" not in mode.drafters and llm.model.mtp is not None:
         llm.model.mtp = None
         gc.collect()
     synth = [float(x) for x in args.spec_synth_rates.split(",")] if args.spec_synth_rates else None

@@ -1,4 +1,5 @@
-"""Prompt sets of the benchmark: `prompts/{code,chat,creative}.json` shipped with mtpx, or a user's own file.
+"""Prompt sets of the benchmark: `prompts/{code,chat,creative,edit}.json` shipped with mtpx (edit: a whole module
+asked back with one small change, the repetitive workload of lookup and suffix drafting), or a user's own file.
 
 A prompt file is either a JSON list of strings, or an object
 `{"workload": name, "max_tokens": N, "chat": bool, "prompts": [str, ...]}`; `chat: true` wraps each prompt as a user
@@ -14,7 +15,7 @@ from typing import Any
 from mtpx.errors import RequestError
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
-WORKLOADS = ("code", "chat", "creative")
+WORKLOADS = ("code", "chat", "creative", "edit")
 DEFAULT_MAX_TOKENS = 256
 
 

@@ -26,10 +26,13 @@ from mtpx.models.qwen3_5 import Experts, Qwen35Model
 DEFAULT_K = 3
 
 
+LOOKUPS = ("ngram", "suffix")  # drafters a mode may chain after its own: adaptive+ngram is spec_type mtp,ngram
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str
-    spec_type: str  # none | mtp | draft | ngram
+    spec_type: str  # none | mtp | draft | ngram | suffix, or a chain: mtp,ngram
     k: int  # drafts per round (the maximum for the adaptive policy)
     policy: str = "fixed"  # fixed | adaptive
     draft_vocab: int = 0  # MTP drafts from the first N token ids (DraftHead); 0 = full vocabulary
@@ -42,26 +45,43 @@ class Mode:
         """The SpecConfig this mode generates with."""
         if not self.speculative:
             return SpecConfig()
-        if self.spec_type == "draft" and not draft_model:
+        drafts_with_model = "draft" in self.spec_type.split(",")
+        if drafts_with_model and not draft_model:
             raise RequestError(f"mode {self.name!r} needs --spec-draft-model")
         return SpecConfig(self.spec_type, spec_draft_n_max=self.k, spec_draft_policy=self.policy,
                           spec_draft_vocab=self.draft_vocab, spec_synth_rates=synth_rates,
-                          spec_draft_model=draft_model if self.spec_type == "draft" else None)
+                          spec_draft_model=draft_model if drafts_with_model else None)
+
+    @property
+    def drafters(self) -> list[str]:
+        return self.spec_type.split(",")
 
 
 def parse_mode(name: str, adaptive_n_max: int = 4) -> Mode:
-    """none | mtpK | mtp (= mtp3) | adaptive (MTP, adaptive k up to adaptive_n_max) | draft[K] | ngram[K];
-    mtp modes take a reduced draft vocabulary as a suffix: mtp3v4096, adaptivev4096."""
+    """none | mtpK | mtp (= mtp3) | adaptive (MTP, adaptive k up to adaptive_n_max) | draft[K] | ngram[K] |
+    suffix[K]; mtp modes take a reduced draft vocabulary as a suffix: mtp3v4096, adaptivev4096. A mode followed by
+    +ngram / +suffix chains those lookup drafters before it (k is then also theirs): adaptive+ngram drafts with
+    spec_type mtp,ngram, suffix+mtp is not a mode (write adaptive+suffix)."""
     name = name.strip()
+    base, *lookups = name.split("+")
+    if lookups:
+        if any(x not in LOOKUPS for x in lookups) or len(set(lookups)) != len(lookups):
+            raise RequestError(f"unknown mode {name!r}: a chain is a mode followed by +ngram and / or +suffix, "
+                               "e.g. adaptive+ngram")
+        mode = parse_mode(base, adaptive_n_max)
+        if mode.spec_type == "none" or set(mode.drafters) & set(lookups):
+            raise RequestError(f"mode {name!r}: chain ngram / suffix after a drafting mode, each once")
+        return Mode(name, ",".join([mode.spec_type, *lookups]), mode.k, mode.policy, mode.draft_vocab)
     if name == "none":
         return Mode("none", "none", 0)
     m = re.fullmatch(r"adaptive(?:v(\d+))?", name)
     if m:
         return Mode(name, "mtp", adaptive_n_max, "adaptive", int(m[1] or 0))
-    m = re.fullmatch(r"(mtp|draft|ngram)(\d*)(?:v(\d+))?", name)
+    m = re.fullmatch(r"(mtp|draft|ngram|suffix)(\d*)(?:v(\d+))?", name)
     if not m or (m[3] and m[1] != "mtp"):
-        raise RequestError(f"unknown mode {name!r}: use none, mtp1..mtpK, adaptive, draft[K], ngram[K] "
-                           "(mtp and adaptive with an optional draft vocabulary: mtp3v4096)")
+        raise RequestError(f"unknown mode {name!r}: use none, mtp1..mtpK, adaptive, draft[K], ngram[K], suffix[K] "
+                           "(mtp and adaptive with an optional draft vocabulary: mtp3v4096), or chain +ngram / "
+                           "+suffix after one (adaptive+ngram)")
     k = int(m[2]) if m[2] else DEFAULT_K
     if k < 1:
         raise RequestError(f"mode {name!r}: the number of drafts must be >= 1")
@@ -233,6 +253,8 @@ def run_one(llm, mode: Mode, prompt: str | list[int], cfg: BenchConfig, temperat
         "acceptance_by_position": list(s["acceptance_by_position"]),
         "draft_s": s["draft_s"], "verify_s": s["verify_s"],
         "drafter_memory_bytes": s["drafter_memory_bytes"],
+        "by_drafter": {d: {k: v[k] for k in ("drafts", "drafted_tokens", "accepted_tokens")}
+                       for d, v in s.get("by_drafter", {}).items()},
         "decode_weight_bytes": (traffic.bytes - bytes_at_first) if traffic is not None and bytes_at_first is not None
         else None,
     }
@@ -246,7 +268,7 @@ def run_bench(llm, cfg: BenchConfig, log: Callable[[str], None] = print) -> list
     """All generations, interleaved: for each temperature, workload, repeat and prompt, every mode in turn (the
     order of modes rotates from prompt to prompt). Returns one row per generation."""
     draft_models = []
-    if any(m.spec_type == "draft" for m in cfg.modes) and cfg.draft_model:
+    if any("draft" in m.drafters for m in cfg.modes) and cfg.draft_model:
         draft_models.append(llm.engine.draft_model(cfg.draft_model))
     timer = DrafterPrefillTimer(llm.engine, draft_models)
     traffic = WeightTraffic(llm.model, draft_models)
