@@ -72,6 +72,23 @@ def test_spec_config_from_keywords_and_json():
     assert (e.value.field, e.value.code) == ("spec_draft_n_max", "invalid_type")
 
 
+def test_chains_and_suffix_settings():
+    spec = spec_config({"spec_type": " draft-mtp , ngram-mod ", "spec_suffix_cache": 4096})
+    assert spec.drafters == ("mtp", "ngram") and spec.kind == "mtp,ngram" and spec.speculative
+    assert spec_from_json(spec.to_json()) == SpecConfig("mtp,ngram", spec_suffix_cache=4096)
+    assert SpecConfig("suffix").drafters == ("suffix",) and SpecConfig().drafters == ("none",)
+    with pytest.raises(FieldError) as e:
+        SpecConfig("suffix", spec_suffix_cache=-1)
+    assert e.value.field == "spec_suffix_cache"
+    with pytest.raises(FieldError) as e:
+        spec_from_json({"spec_type": ["mtp", "ngram"]})
+    assert (e.value.field, e.value.code) == ("spec_type", "invalid_type")
+    args = parse(["--spec-type", "mtp,suffix", "--spec-suffix-cache", "100"])
+    assert spec_from_args(args) == SpecConfig("mtp,suffix", spec_suffix_cache=100)
+    with pytest.raises(FieldError, match="^--spec-suffix-cache: "):
+        spec_from_args(parse(["--spec-suffix-cache", "-5"]))
+
+
 def parse(argv, **kw):
     p = argparse.ArgumentParser()
     add_sampling_arguments(p, **kw)

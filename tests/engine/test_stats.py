@@ -28,6 +28,20 @@ def test_formulas():
     assert s["spec_type"] == "mtp" and s["drafter_memory_bytes"] == 123
 
 
+def test_counts_per_drafter():
+    seq = sequence()  # rounds recorded without a drafter name count in the totals only
+    seq.stats.record(3, 3, "ngram")
+    seq.stats.record(1, 0, "mtp")
+    seq.stats.record(2, 1, "ngram")
+    s = generation_stats(seq, started=0.0, first_token_at=1.0, now=2.0, spec_type="mtp,ngram")
+    assert (s["drafts"], s["drafted_tokens"], s["accepted_tokens"]) == (5, 11, 6)
+    ngram = s["by_drafter"]["ngram"]
+    assert (ngram["drafts"], ngram["drafted_tokens"], ngram["accepted_tokens"]) == (2, 5, 4)
+    assert ngram["drafted_by_position"] == [2, 2, 1] and ngram["accepted_by_position"] == [2, 1, 1]
+    assert ngram["acceptance_by_position"] == [1.0, 0.5, 1.0] and ngram["mean_acceptance_length"] == 3.0
+    assert s["by_drafter"]["mtp"]["acceptance_rate"] == 0.0 and set(s["by_drafter"]) == {"ngram", "mtp"}
+
+
 def test_no_drafts_and_no_time():
     seq = Sequence(tokens=[1, 2, 3], n_prompt=2, max_new=4, params=SamplingParams(), eos=set(), state=None,
                    max_len=8)
@@ -41,4 +55,4 @@ def test_documented_keys():
     assert {"prompt_tokens", "generated_tokens", "prefill_tokens_per_s", "decode_tokens_per_s",
             "time_to_first_token_s", "total_s", "spec_type", "drafts", "drafted_tokens", "accepted_tokens",
             "acceptance_rate", "acceptance_by_position", "mean_acceptance_length", "prefill_s", "draft_s",
-            "verify_s", "drafter_memory_bytes"} <= set(s)
+            "verify_s", "drafter_memory_bytes", "by_drafter"} <= set(s)
