@@ -141,6 +141,9 @@ def test_global_store_keeps_at_most_its_capacity_and_serves_other_requests():
     assert store.index.length[store.index.last] == len(store.index)
     store.add(list(range(200, 240)))  # the newest output is always kept
     assert store.outputs[-1] == list(range(200, 240))
+    small = GlobalSuffixStore(capacity=10)
+    small.add(list(range(30)))  # longer than the store: its end
+    assert small.outputs[-1] == list(range(21, 30)) and len(small.index) == 10
     d = SuffixDrafter(store)
     seq = sequence([9, 9, 200, 201, 202, 203])  # a new request starts the way the stored output did
     assert d.propose([seq], [5])[0].tokens == [204, 205, 206, 207]  # at most one token per matched token

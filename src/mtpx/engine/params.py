@@ -18,7 +18,7 @@ from mtpx.errors import RequestError
 
 DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's default dry_sequence_breakers
 MAX_LOGPROBS = 20  # most top_logprobs a request may ask for (OpenAI's cap)
-MAX_SUFFIX_CACHE = 1 << 22  # tokens of earlier outputs the suffix drafter may keep (its index: ~300 bytes a token)
+MAX_SUFFIX_CACHE = 1 << 21  # tokens of earlier outputs the suffix drafter may keep (its index: ~500 bytes a token)
 
 
 class FieldError(RequestError):
