@@ -81,6 +81,13 @@ def _spec(keys: dict, value):
     return None if keys.get("mode") == "none" else value()
 
 
+def _vs_adaptive(report: dict, keys: dict):
+    """The decode speed over that of mode `adaptive` (MTP alone, adaptive k) on the same workload, in this report;
+    none for plain decoding's rows."""
+    mine = _record(report, keys)["decode_tokens_per_s"]
+    return _spec(keys, lambda: mine / _record(report, dict(keys, mode="adaptive"))["decode_tokens_per_s"])
+
+
 def _vs_llamacpp(report: dict, keys: dict):
     """mtpx's decode speed over llama.cpp's in the same mode, both from this report; none on llama.cpp's own rows
     and for modes llama.cpp did not run."""
@@ -140,6 +147,7 @@ METRICS = {
     "decode tok/s": (0, lambda rep, k: _record(rep, k)["decode_tokens_per_s"]),
     "prefill tok/s": (0, lambda rep, k: _record(rep, k)["prefill_tokens_per_s"]),
     "× plain": (2, lambda rep, k: _record(rep, k)["speedup"]),
+    "× adaptive": (2, _vs_adaptive),
     "acceptance": (1, lambda rep, k: _spec(k, lambda: 100 * _record(rep, k)["acceptance_rate"])),
     "mean acc. len": (2, lambda rep, k: _spec(k, lambda: _record(rep, k)["mean_acceptance_length"])),
     "× llama.cpp": (2, _vs_llamacpp),
