@@ -143,3 +143,23 @@ def test_mtp_in_a_chain_needs_an_mtp_layer(ckpt_factory, capsys):
     assert main(["run", "--model", str(ckpt_factory(seed=7, mtp=False)), "--prompt", "x", "--max-tokens", "2",
                  "--spec-type", "suffix,mtp"]) == 1
     assert "error: --spec-type suffix,mtp: mtp drafts with the model's MTP layer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec_type", ["mtp,ngram", "mtp,suffix"])
+def test_batched_rounds_mixing_drafters_are_lossless(llm, spec_type):
+    """Sequences decoded together, some drafting with the lookup and some with the (grouped) MTP layer in the same
+    round, each emit exactly what plain decoding does."""
+    spec = SpecConfig(spec_type, spec_draft_n_max=4)
+    drafter = llm.engine.drafter(spec, batched=True)
+    policy = llm.engine.new_policy(spec)
+    batch = prompts(6, seed=21) + [[5, 6, 7, 5, 6, 7, 5, 6]]
+    seqs = []
+    for p in batch:
+        seq = llm.engine.new_sequence(p, 30, SamplingParams(), ignore_eos=True)
+        prefill(llm.model, drafter, seq)
+        seqs.append(seq)
+    while any(not s.finished for s in seqs):
+        decode_round(llm.model, drafter, policy, [s for s in seqs if not s.finished])
+    for p, seq in zip(batch, seqs):
+        assert seq.generated == llm.generate(p, max_tokens=30, spec_type="none", ignore_eos=True).token_ids
+    assert {d for s in seqs for d in s.stats.by_drafter} == set(spec.drafters)
