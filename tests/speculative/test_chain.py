@@ -163,3 +163,16 @@ def test_batched_rounds_mixing_drafters_are_lossless(llm, spec_type):
     for p, seq in zip(batch, seqs):
         assert seq.generated == llm.generate(p, max_tokens=30, spec_type="none", ignore_eos=True).token_ids
     assert {d for s in seqs for d in s.stats.by_drafter} == set(spec.drafters)
+
+
+def test_suffix_store_drafts_from_earlier_outputs(llm):
+    """With spec_suffix_cache, a request that repeats an earlier one drafts its output from the store."""
+    llm.engine.suffix_store = None
+    prompt, kw = prompts(1, seed=33)[0], dict(max_tokens=40, ignore_eos=True, spec_draft_n_max=6)
+    first = llm.generate(prompt, spec_type="suffix", spec_suffix_cache=1000, **kw)
+    second = llm.generate(prompt, spec_type="suffix", spec_suffix_cache=1000, **kw)
+    alone = llm.generate(prompt, spec_type="suffix", **kw)  # no store: as the first
+    assert first.token_ids == second.token_ids == alone.token_ids
+    assert second.stats["accepted_tokens"] >= 30 > alone.stats["accepted_tokens"]
+    assert llm.engine.suffix_store.outputs[-1] == second.token_ids
+    llm.engine.suffix_store = None
