@@ -50,7 +50,7 @@ class ChainDrafter(Drafter):
 
     def propose(self, seqs, ks, lookup_ks: list[int] | None = None):
         """ks: the most drafts of each sequence's model drafter (the policy's k); lookup_ks: of its lookup
-        drafters (default ks; the loop gives n_max where there is a model drafter)."""
+        drafters (default ks; the loop gives n_max, so that a confident lookup drafts as far as its match goes)."""
         lookup_ks = ks if lookup_ks is None else lookup_ks
         drafts: list[Draft] = [Draft() for _ in seqs]
         rest = []
