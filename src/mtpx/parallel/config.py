@@ -50,12 +50,6 @@ class ParallelConfig:
         if family(cfg) is not Qwen35Model:
             raise RequestError(f"--tensor-parallel / --split-layers run the Qwen3.5 family (Qwen3.5, Qwen3.6, "
                                f"Qwen3-Next); this checkpoint is {cfg.model_type}")
-        if device.type == "cuda":
-            if self.world > torch.cuda.device_count():
-                raise RequestError(f"{self.world} ranks need {self.world} GPUs; this machine has "
-                                   f"{torch.cuda.device_count()}")
-        elif self.world > (cores := len(os.sched_getaffinity(0))):
-            raise RequestError(f"{self.world} CPU ranks need at least {self.world} cores; this process may use {cores}")
         if self.tensor > 1:
             counts = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
                       "linear_num_key_heads": cfg.linear_num_key_heads,
@@ -69,6 +63,12 @@ class ParallelConfig:
         elif len(self.stages) > cfg.num_hidden_layers:
             raise RequestError(f"--split-layers asks for {len(self.stages)} stages; the model has "
                                f"{cfg.num_hidden_layers} layers")
+        if device.type == "cuda":
+            if self.world > torch.cuda.device_count():
+                raise RequestError(f"{self.world} ranks need {self.world} GPUs; this machine has "
+                                   f"{torch.cuda.device_count()}")
+        elif self.world > (cores := len(os.sched_getaffinity(0))):
+            raise RequestError(f"{self.world} CPU ranks need at least {self.world} cores; this process may use {cores}")
 
     def layer_ranges(self, n_layers: int) -> list[tuple[int, int]]:
         """Each stage's [first, end) layers: in proportion to its share, at least one each."""

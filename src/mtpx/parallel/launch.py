@@ -1,14 +1,14 @@
 """Starting the ranks: under torchrun (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the environment) every rank
-runs the same command; otherwise rank 0 spawns the others here (torch.multiprocessing), each building the same model
-with the same arguments, with torchrun's environment set so both ways join alike."""
+runs the same command; otherwise rank 0 spawns the others here, each building the same model with the same
+arguments, and hosts the store they join through (which then carries its commands)."""
 from __future__ import annotations
 
 import datetime
 import os
 import pickle
-import socket
 import subprocess
 import sys
+import time
 from typing import Any, Callable
 
 import torch
@@ -22,33 +22,34 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # a pass's collectives; a l
 COMMAND_TIMEOUT = datetime.timedelta(days=365)  # ranks wait for rank 0's next command as long as rank 0 is up
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def join(config: ParallelConfig, device: torch.device, spawn: Callable[[], None] | None = None) -> Group:
     """This process's rank of `config.world`. Without torchrun's environment, start the other ranks first:
-    spawn() runs in each new process, with torchrun's environment set (the caller builds its model there)."""
-    processes = {}
-    if "RANK" not in os.environ and not dist.is_initialized():
+    spawn() runs in each new process (the caller builds its model there), which joins through a store this
+    process hosts (MTPX_STORE); a rank that exits before joining is an error here, not a wait."""
+    processes, store = {}, None
+    if os.environ.get("MTPX_STORE"):  # a rank spawned below
+        host, port = os.environ["MTPX_STORE"].rsplit(":", 1)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(host, int(port), world, is_master=False, timeout=COMMAND_TIMEOUT)
+        store.set(f"joined{rank}", "1")
+    elif "RANK" in os.environ or dist.is_initialized():  # torchrun's
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    else:
         if spawn is None:
             raise RequestError("this process was not started by torchrun and cannot start the other ranks")
-        port = free_port()
-        for rank in range(1, config.world):
-            env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(config.world),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            # a fresh interpreter running this module (not multiprocessing's spawn, which re-imports the caller's
-            # __main__), given the function to run by pickle on its stdin
-            proc = subprocess.Popen([sys.executable, "-m", "mtpx.parallel.spawned"], stdin=subprocess.PIPE,
-                                    env={**os.environ, **env})
+        rank, world = 0, config.world
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=COMMAND_TIMEOUT,
+                              wait_for_workers=False)
+        for r in range(1, world):
+            env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                   "MTPX_STORE": f"127.0.0.1:{store.port}"}
+            # a fresh interpreter running parallel/spawned.py (not multiprocessing's spawn, which re-imports the
+            # caller's __main__), given the function to run by pickle on its stdin
+            proc = subprocess.Popen([sys.executable, "-m", "mtpx.parallel.spawned"], stdin=subprocess.PIPE, env=env)
             proc.stdin.write(pickle.dumps(spawn))
             proc.stdin.close()
-            processes[rank] = proc
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(config.world),
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            processes[r] = proc
+        _wait_for_ranks(store, processes)
     if world != config.world:
         raise RequestError(f"torchrun started {world} processes; the requested split needs {config.world}")
     local = int(os.environ.get("LOCAL_RANK", rank))
@@ -56,17 +57,34 @@ def join(config: ParallelConfig, device: torch.device, spawn: Callable[[], None]
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=COLLECTIVE_TIMEOUT)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if store is not None:
+            dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
+                                    timeout=COLLECTIVE_TIMEOUT)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     kinds: list[Any] = [None] * world
     dist.all_gather_object(kinds, device.type)
     if len(set(kinds)) > 1:
         raise RequestError(f"every rank must run on the same kind of device; the ranks have {kinds}")
-    store = _command_store(rank, world, device)
-    group = Group(rank, world, device, store, processes)
+    group = Group(rank, world, device, store if store is not None else _command_store(rank, world, device), processes)
     if processes:
         group.watch()
     return group
+
+
+def _wait_for_ranks(store: dist.Store, processes: dict) -> None:
+    waiting = dict(processes)
+    while waiting:
+        for r, proc in list(waiting.items()):
+            if store.check([f"joined{r}"]):
+                del waiting[r]
+            elif proc.poll() is not None:
+                for other in processes.values():
+                    other.kill()
+                raise RequestError(f"rank {r} exited with code {proc.returncode} before joining (see its output "
+                                   "above)")
+        time.sleep(0.05)
 
 
 def _command_store(rank: int, world: int, device: torch.device) -> dist.Store:

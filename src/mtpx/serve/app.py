@@ -41,7 +41,7 @@ from mtpx.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from mtpx.serve.metrics import Metrics
 from mtpx.serve.output import REASONING_FORMATS, Responder
 from mtpx.serve.structured import ChatOptions, plain_messages, read_options, render_kwargs, template_messages
-from mtpx.serve.scheduler import SHUTTING_DOWN, Scheduler
+from mtpx.serve.scheduler import RANK_LOST, SHUTTING_DOWN, Scheduler
 from mtpx.serve.streaming import Answer, open_choices
 
 STATIC = Path(__file__).parent / "static"
@@ -227,6 +227,9 @@ class Server:
             raise self.shutting_down()
         if not self.scheduler.alive:
             raise ApiError(503, "the engine is not running", None, "engine_unavailable", "server_error")
+        group = getattr(self.llm, "group", None)
+        if group is not None and group.failed:  # the process exits in a moment (parallel/group.py)
+            raise ApiError(503, f"the model is unavailable: {group.failed}", None, RANK_LOST, "server_error")
 
         choices = open_choices(prompt_ids, kw, p["responder"])
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

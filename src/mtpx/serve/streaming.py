@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from mtpx.serve.api import ApiError, spec_stats, usage
 from mtpx.serve.output import Responder
-from mtpx.serve.scheduler import SHUTTING_DOWN, Delta, GenRequest
+from mtpx.serve.scheduler import RANK_LOST, SHUTTING_DOWN, Delta, GenRequest
 
 if TYPE_CHECKING:
     from mtpx.serve.app import Server
@@ -111,6 +111,8 @@ class Answer:
         if failed is not None:
             if failed.error_code == SHUTTING_DOWN:
                 raise self.server.shutting_down()
+            if failed.error_code == RANK_LOST:
+                raise ApiError(503, failed.error, None, RANK_LOST, "server_error")
             raise ApiError(500, failed.error, None, "engine_error", "server_error")
         choices = []
         for i, (responder, delta) in enumerate(zip(self.choices.responders, last)):
