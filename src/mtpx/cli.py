@@ -11,7 +11,7 @@ COMMANDS = {
     "run": ("mtpx.commands.run", "generate text from a prompt (streams; stats on stderr)"),
     "demo": ("mtpx.commands.demo", "the bundled model with MTP off and on, side by side"),
     "chat": ("mtpx.serve.chat", "terminal chat with streaming replies"),
-    "serve": ("mtpx.serve.app", "OpenAI-compatible HTTP server and chat page"),
+    "serve": ("mtpx.serve.command", "OpenAI-compatible HTTP server and chat page"),
     "bench": ("mtpx.bench.cli", "benchmark speed, acceptance, prefill and memory across modes"),
     "train": ("mtpx.train.cli", "train a Qwen3.5-architecture model with its MTP layer from scratch"),
     "train-mtp": ("mtpx.train.mtp_cli", "add (or retrain) an MTP layer on an existing checkpoint"),

@@ -353,8 +353,8 @@ def test_chat_page_is_served_offline(live):
 def test_default_bind_is_loopback():
     import argparse
 
-    from mtpx.serve import app
+    from mtpx.serve import command
     p = argparse.ArgumentParser()
-    app.add_arguments(p)
+    command.add_arguments(p)
     args = p.parse_args(["--model", "x"])
     assert args.host == "127.0.0.1" and args.api_key is None
