@@ -35,6 +35,9 @@ class GroupedDrafter(Drafter):
     def memory_bytes(self, seq):
         return self.inner.memory_bytes(seq)
 
+    def sequence_bytes(self, seq):
+        return self.inner.sequence_bytes(seq)
+
     @staticmethod
     def _pending(seq) -> int:
         d = seq.draft

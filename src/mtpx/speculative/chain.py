@@ -78,3 +78,6 @@ class ChainDrafter(Drafter):
 
     def memory_bytes(self, seq):
         return sum(d.memory_bytes(seq) for d in self.lookups) + (self.model.memory_bytes(seq) if self.model else 0)
+
+    def sequence_bytes(self, seq):
+        return sum(d.sequence_bytes(seq) for d in [*self.lookups, *([self.model] if self.model else [])])

@@ -49,6 +49,12 @@ class Drafter(ABC):
         emitted: the n accepted drafts plus the target's token."""
 
     def memory_bytes(self, seq: "Sequence") -> int:
+        """The drafter's weights and what it holds for `seq` (sequence_bytes)."""
+        return self.sequence_bytes(seq)
+
+    def sequence_bytes(self, seq: "Sequence") -> int:
+        """Memory held for `seq` alone (caches, pending states, indexes), weights and shared stores excluded: what a
+        server slot costs beyond the main model's caches (docs/serving.md gives each drafter's bound)."""
         return 0
 
 
@@ -103,6 +109,9 @@ class _StatefulDrafter(Drafter):
     def _argmax(self, x: torch.Tensor) -> list[int]:
         """Greedy draft tokens for drafter outputs x [R, H]."""
         return kernels.argmax_rows(self._logits(x))
+
+    def sequence_bytes(self, seq):
+        return seq.draft.nbytes() if seq.draft is not None else 0
 
     def propose(self, seqs, ks):
         drafts = [Draft() for _ in seqs]
@@ -285,10 +294,13 @@ class MTPDrafter(_StatefulDrafter):
             d = seq.draft
             d.state.rollback(d.committed)
             d.add_pending(h, e)
+            # rounds without drafting would pile up a hidden state per token; the catch-up reads only the last
+            # MTP_BACKLOG of them (and the prompt's, before the layer has seen it), so the rest can go
+            d.trim(0 if d.committed else seq.n_prompt, MTP_BACKLOG)
 
     def memory_bytes(self, seq):
         weights = weight_bytes(self.model.mtp) + (self.head.nbytes() if self.head is not None else 0)
-        return weights + (seq.draft.state.nbytes() if seq.draft is not None else 0)
+        return weights + self.sequence_bytes(seq)
 
 
 class DraftModelDrafter(_StatefulDrafter):
@@ -324,8 +336,7 @@ class DraftModelDrafter(_StatefulDrafter):
             d.add_pending(None, e[kept:])
 
     def memory_bytes(self, seq):
-        weights = weight_bytes(self.model)
-        return weights + (seq.draft.state.nbytes() if seq.draft is not None else 0)
+        return weight_bytes(self.model) + self.sequence_bytes(seq)
 
 
 class NgramDrafter(Drafter):
@@ -379,3 +390,23 @@ class _DraftState:
         if hidden is not None:
             self._hidden.append(hidden)
         self.pending_tokens.extend(tokens)
+
+    def trim(self, head: int, tail: int) -> None:
+        """Drop the pending pairs between the first `head` and the last `tail` once more than 2 x tail lie beyond
+        the head (so the lists are rebuilt once per `tail` pairs, not every round): at most head + 2 x tail stay."""
+        n = len(self.pending_tokens)
+        if n - head <= 2 * tail:
+            return
+        self.pending_tokens = self.pending_tokens[:head] + self.pending_tokens[n - tail:]
+        kept, start = [], 0
+        for h in self._hidden:  # whole pieces where they fall inside a kept range; a copy of a straddling part
+            end = start + len(h)
+            for lo, hi in ((start, min(end, head)), (max(start, n - tail), end)):
+                if lo < hi:
+                    kept.append(h if hi - lo == len(h) else h[lo - start:hi - start].clone())
+            start = end
+        self._hidden = kept
+
+    def nbytes(self) -> int:
+        """Its caches and its pending hidden states."""
+        return self.state.nbytes() + sum(h.numel() * h.element_size() for h in self._hidden)

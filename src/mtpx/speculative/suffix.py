@@ -282,5 +282,8 @@ class SuffixDrafter(Drafter):
                 self.store.add(seq.generated)
 
     def memory_bytes(self, seq):
+        return self.sequence_bytes(seq) + (self.store.nbytes() if self.store else 0)
+
+    def sequence_bytes(self, seq):
         s = seq.lookup.get(self.name) if seq.lookup else None
-        return (_index_bytes(s.index) if s is not None else 0) + (self.store.nbytes() if self.store else 0)
+        return _index_bytes(s.index) if s is not None else 0
