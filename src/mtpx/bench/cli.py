@@ -234,6 +234,8 @@ def run(args: argparse.Namespace) -> dict:
               static_steps=False if args.no_cuda_graphs else None,
               generation_config=False,  # every mode under the bench's sampling settings, not the model's
               tensor_parallel=args.tensor_parallel, split_layers=args.split_layers)
+    if llm.group is not None:
+        llm.group.timing = True
     if llm.group is not None and not (args.no_costs and args.no_memory):
         log("bench: the cost model and the memory processes run on one device: skipped with --tensor-parallel / "
             "--split-layers")
