@@ -34,14 +34,15 @@ def wait_until(condition, seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def server(dense_ckpt):
-    """A `mtpx serve --tensor-parallel 2` process and its URL, up and answering."""
+@pytest.fixture(params=[["--tensor-parallel", "2"]])
+def server(request, dense_ckpt):
+    """A `mtpx serve --tensor-parallel 2` process (or another split, by indirect parametrization) and its URL, up
+    and answering."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen([sys.executable, "-m", "mtpx", "serve", "--model", str(dense_ckpt), "--port", str(port),
-                          "--tensor-parallel", "2", "--log-level", "warning", "--shutdown-timeout", "2",
+                          *request.param, "--log-level", "warning", "--shutdown-timeout", "2",
                           "--spec-draft-policy", "fixed"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     url = f"http://127.0.0.1:{port}"
@@ -61,6 +62,8 @@ def server(dense_ckpt):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("server", [["--tensor-parallel", "2"], ["--split-layers", "2"]], indirect=True,
+                         ids=["tensor", "layers"])
 def test_streams_and_stops_cleanly(server):
     p, url = server
     [worker] = children(p.pid)

@@ -164,6 +164,9 @@ METRICS = {
     "full k/v bytes/token": (0, lambda rep, k: _cache(rep, k)["full_kv_bytes_per_token"]),
     "cache / full k/v": (3, lambda rep, k: _cache(rep, k)["cache_over_full_kv"]),
     "mtp cache bytes/token": (0, lambda rep, k: _cache(rep, k)["mtp_cache_bytes_per_token"]),
+    "round ms": (1, lambda rep, k: 1000 * _record(rep, k)["round_s"]),
+    "collectives ms / round": (1, lambda rep, k: 1000 * _record(rep, k)["collective_s_per_round"]),
+    "kib moved / round": (1, lambda rep, k: _record(rep, k)["collective_bytes_per_round"] / 1024),
     "graph step ms": (2, lambda rep, k: _step_ms(rep, _positions(k))),
     "× one position": (2, lambda rep, k: _step_ms(rep, _positions(k)) / _step_ms(rep, 1)),
 }
