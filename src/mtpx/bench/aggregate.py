@@ -94,6 +94,10 @@ def aggregate(rows: list[dict], modes: list[Mode], synthetic_rates: list[float] 
                     "mean_draft_length": _ratio(drafted, drafts),
                     "draft_s": sum(r["draft_s"] for r in rs), "verify_s": sum(r["verify_s"] for r in rs),
                     "drafter_memory_bytes": max(r["drafter_memory_bytes"] for r in rs),
+                    # one sequence's, at its end: the main model's caches and what its drafter holds for it alone
+                    "cache_bytes": max((r["cache_bytes"] for r in rs if "cache_bytes" in r), default=None),
+                    "drafter_sequence_bytes": max((r["drafter_sequence_bytes"] for r in rs
+                                                   if "drafter_sequence_bytes" in r), default=None),
                     "weight_bytes_per_token": _ratio(sum(wbytes), dec_tokens) if len(wbytes) == len(rs) else None,
                 }
                 if all(r.get("rounds") for r in rs):  # over several ranks: the collectives of a decode round

@@ -4,7 +4,7 @@
                adaptive+ngram,adaptive+suffix,...]
                [--temperature 0,0.7] [--repeat N] [--out DIR] [--prompts FILE] [--spec-synth-rates P0,P1,..]
                [--spec-draft-model PATH] [--max-prompts N] [--max-tokens N] [--peers hf,llamacpp]
-               [--json-schema FILE]
+               [--json-schema FILE] [--context 1k,8k,32k]
     mtpx bench gen-checkpoint --shape qwen3.5-0.8b|qwen3.5-moe-small|glm4.5-air-small|deepseek-v3-small|... --out DIR
     mtpx bench cache-size --shape deepseek-v3 [--model DIR] [--out FILE]   (cache bytes per token vs full K/V)
     mtpx bench report DIR        (re-render results.md and the plots from DIR/results.json)
@@ -12,8 +12,10 @@
 Writes DIR/results.json (one record per mode × workload × temperature, plus the raw runs), DIR/results.md and PNG
 plots. With --json-schema every workload runs twice, as itself and as NAME+json with each output constrained to the
 schema (xgrammar; tokens the grammar forces are drafted for free), so MTP's gain with and without a schema comes from
-one sitting. Synthetic acceptance (`--spec-synth-rates`, for checkpoints whose MTP layer is untrained) is labelled as
-such in every record, table and plot.
+one sitting. With --context the workloads are long prompts of real text at each context length (bench/context.py), and
+the report adds each sequence's memory: the main model's caches against what the drafter holds for it. Synthetic
+acceptance (`--spec-synth-rates`, for checkpoints whose MTP layer is untrained) is labelled as such in every record,
+table and plot.
 """
 from __future__ import annotations
 
@@ -45,6 +47,19 @@ def _floats(value: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
 
 
+def _contexts(value: str) -> list[int]:
+    from mtpx.bench.context import parse_contexts
+    try:
+        return parse_contexts(value)
+    except RequestError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def context_defaults() -> str:
+    from mtpx.bench.context import DEFAULT_MAX_TOKENS, DEFAULT_PROMPTS
+    return f"--max-tokens {DEFAULT_MAX_TOKENS} and --max-prompts {DEFAULT_PROMPTS} there."
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="checkpoint directory, .gguf file, or 'demo'")
     p.add_argument("--dtype", default=None, help="bf16 (default), fp16, fp32, int8 or int4 (weight-only, CPU)")
@@ -67,6 +82,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run every workload as NAME+json, each output constrained to this JSON schema and "
                    "ending with it (e.g. src/mtpx/bench/prompts/function.schema.json)")
     p.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts of each workload")
+    p.add_argument("--context", type=_contexts, default=None, metavar="N[,N..]",
+                   help="long contexts instead of --workloads: a workload ctxN per context (1024, 8k, ...) whose "
+                   "prompts are N - max_tokens tokens of real text (mtpx's sources, or --prompts joined), so "
+                   "generation ends at N tokens; adds memory per sequence (main caches vs the drafter's). Default "
+                   f"{context_defaults()}")
     p.add_argument("--max-tokens", type=int, default=None, help="override each workload's generation length")
     p.add_argument("--spec-synth-rates", type=_floats, default=None,
                    help="SYNTHETIC acceptance: accept drafted tokens by coin flips, position i with probability P_i "
@@ -225,8 +245,8 @@ def run(args: argparse.Namespace) -> dict:
         raise RequestError("--peers runs with temperature only (the peers apply other settings their own way): drop "
                            f"{', '.join('--' + k.replace('_', '-') for k in sampling)}, or --peers")
     state_before = machine_state()
-    workloads = prompts.load_workloads(args.workloads, args.prompts, args.max_prompts, args.max_tokens)
-    free_workloads = list(workloads)  # the peers run these only: they get no grammar
+    workloads = [] if args.context else prompts.load_workloads(args.workloads, args.prompts, args.max_prompts,
+                                                               args.max_tokens)
     schema = _json_schema(args.json_schema)
     modes = runner.parse_modes(args.modes, args.adaptive_n_max)
     log(f"bench: loading {args.model}")
@@ -236,6 +256,9 @@ def run(args: argparse.Namespace) -> dict:
               tensor_parallel=args.tensor_parallel, split_layers=args.split_layers)
     if llm.group is not None:
         llm.group.timing = True
+    if args.context:
+        workloads = _context_workloads(args, llm)
+    free_workloads = list(workloads)  # the peers run these only: they get no grammar
     if llm.group is not None and not (args.no_costs and args.no_memory):
         log("bench: the cost model and the memory processes run on one device: skipped with --tensor-parallel / "
             "--split-layers")
@@ -308,9 +331,25 @@ def run(args: argparse.Namespace) -> dict:
                                "description": w.description, "json_schema": w.grammar is not None}
                       for w in workloads},
         "json_schema": {"file": args.json_schema, "schema": json.loads(schema.source)} if schema else None,
+        "contexts": args.context,
     }
     return {"meta": meta, "records": records, "memory": memory, "costs": costs, "bandwidth": bandwidth,
             "weights": weights, "peers": peers, "runs": rows}
+
+
+def _context_workloads(args: argparse.Namespace, llm) -> list:
+    """The ctxN workloads of --context (the model's tokenizer and context needed). The memory processes take a
+    text prompt, so they are skipped: the report gives each sequence's bytes instead."""
+    from mtpx.bench import context, prompts
+    texts = prompts.load_workload_file(Path(args.prompts)).prompts if args.prompts else None
+    if not args.no_memory:
+        log("bench: --context reports the memory of each sequence; the per-mode memory processes are skipped")
+        args.no_memory = True
+    workloads = context.context_workloads(args.context, llm.tokenizer, llm.engine.max_context, args.max_prompts,
+                                          args.max_tokens, ["\n\n".join(texts)] if texts else None)
+    log("bench: contexts " + ", ".join(f"{w.name} ({len(w.prompts)} prompts of {len(w.prompts[0])} tokens)"
+                                       for w in workloads))
+    return workloads
 
 
 def _json_schema(path: str | None):

@@ -101,6 +101,12 @@ def _vs_llamacpp(report: dict, keys: dict):
     return mine / theirs
 
 
+def _by_position(record: dict, i: int):
+    """The acceptance rate at draft position i (1-based); none where no draft reached it."""
+    rates = record["acceptance_by_position"]
+    return rates[i - 1] if i <= len(rates) else None
+
+
 def _costs(report: dict) -> dict:
     if not report.get("costs"):
         raise CheckError("the report has no cost model (it was run with --no-costs)")
@@ -167,6 +173,12 @@ METRICS = {
     "round ms": (1, lambda rep, k: 1000 * _record(rep, k)["round_s"]),
     "collectives ms / round": (1, lambda rep, k: 1000 * _record(rep, k)["collective_s_per_round"]),
     "kib moved / round": (1, lambda rep, k: _record(rep, k)["collective_bytes_per_round"] / 1024),
+    "prompt tokens": (0, lambda rep, k: _record(rep, k)["prompt_tokens_mean"]),
+    "main caches mib": (1, lambda rep, k: _record(rep, k)["cache_bytes"] / MiB),
+    "drafter per sequence mib": (1, lambda rep, k: _spec(k, lambda: _record(rep, k)["drafter_sequence_bytes"] / MiB)),
+    "drafter / main": (3, lambda rep, k: _spec(k, lambda: _record(rep, k)["drafter_sequence_bytes"]
+                                            / _record(rep, k)["cache_bytes"])),
+    **{f"pos {i}": (2, lambda rep, k, i=i: _spec(k, lambda: _by_position(_record(rep, k), i))) for i in range(1, 9)},
     "graph step ms": (2, lambda rep, k: _step_ms(rep, _positions(k))),
     "× one position": (2, lambda rep, k: _step_ms(rep, _positions(k)) / _step_ms(rep, 1)),
 }

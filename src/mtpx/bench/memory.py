@@ -52,6 +52,35 @@ class PeakSampler:
         self.peak = max(self.peak, rss_bytes())
 
 
+class SequenceBytes:
+    """What each generation's sequence holds when it ends: `last` = {cache_bytes: the main model's caches
+    (SequenceState.nbytes()), drafter_sequence_bytes: its drafter's own (Drafter.sequence_bytes)}. While attached it
+    wraps the engine's drafter factory (to know the generation's drafter) and its release of a finished sequence."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.drafter, self.last = engine, None, {}
+        # a wrapper already there (runner.DrafterPrefillTimer) is put back on restore, not dropped
+        self.saved = {name: engine.__dict__.get(name) for name in ("drafter", "release")}
+        make, release = engine.drafter, engine.release
+
+        def drafter(*args, **kwargs):
+            self.drafter = make(*args, **kwargs)
+            return self.drafter
+
+        def release_seq(seq) -> None:
+            self.last = {"cache_bytes": seq.state.nbytes(),
+                         "drafter_sequence_bytes": self.drafter.sequence_bytes(seq) if self.drafter else 0}
+            release(seq)
+        engine.drafter, engine.release = drafter, release_seq
+
+    def restore(self) -> None:
+        for name, value in self.saved.items():
+            if value is None:
+                delattr(self.engine, name)
+            else:
+                setattr(self.engine, name, value)
+
+
 def measure(args: argparse.Namespace) -> dict:
     import torch
 

@@ -204,6 +204,9 @@ def write_markdown(result: dict, out: Path) -> Path:
     if meta.get("parallel"):
         parts += ["", "### Over several ranks", "", parallel_table(result["records"], result.get("weights"),
                                                                    meta["parallel"]), ""]
+    if meta.get("contexts"):
+        from mtpx.bench.context import context_table
+        parts += ["### Long contexts", "", context_table(result["records"]), ""]
     if meta.get("json_schema"):
         parts += ["### MTP with and without the JSON schema", "", schema_table(result["records"]), ""]
     if result.get("memory"):

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from mtpx.bench.memory import SequenceBytes
 from mtpx.bench.prompts import Workload
 from mtpx.engine.params import SpecConfig
 from mtpx.errors import RequestError
@@ -271,6 +272,7 @@ def run_bench(llm, cfg: BenchConfig, log: Callable[[str], None] = print) -> list
     if any("draft" in m.drafters for m in cfg.modes) and cfg.draft_model:
         draft_models.append(llm.engine.draft_model(cfg.draft_model))
     timer = DrafterPrefillTimer(llm.engine, draft_models)
+    sizes = SequenceBytes(llm.engine)  # after the timer, restored before it: each puts back what it found
     traffic = WeightTraffic(llm.model, draft_models)
     rows: list[dict] = []
     try:
@@ -295,13 +297,14 @@ def run_bench(llm, cfg: BenchConfig, log: Callable[[str], None] = print) -> list
                             row = run_one(llm, mode, prompt_ids, cfg, temperature, w.max_tokens, seed, traffic, timer,
                                           w.grammar)
                             rows.append({"mode": mode.name, "workload": w.name, "temperature": temperature,
-                                         "repeat": rep, "prompt_index": i, **row})
+                                         "repeat": rep, "prompt_index": i, **row, **sizes.last})
                             done += 1
                         if (i + 1) % 5 == 0 or i + 1 == len(ids[w.name]):
                             elapsed = time.perf_counter() - started
                             log(f"bench: T={temperature:g} {w.name} repeat {rep + 1}/{cfg.repeat}: "
                                 f"prompt {i + 1}/{len(ids[w.name])} ({done}/{n_total} generations, {elapsed:.0f} s)")
     finally:
+        sizes.restore()
         timer.restore()
         traffic.remove()
     return rows
