@@ -290,11 +290,15 @@ def run(args: argparse.Namespace) -> dict:
     rows = runner.run_bench(llm, cfg, log)
     records = aggregate.aggregate(rows, modes, synth)
     dm = llm.engine.draft_model(draft_model) if draft_model and any("draft" in m.drafters for m in modes) else None
-    costs = None
+    costs = costs_by_context = None
     if not args.no_costs:
         log("bench: cost model")
         costs = costmodel.measure_costs(llm.model, draft_model=dm)
         costmodel.add_predictions(records, costs)
+        if args.context:  # the 128-token costs do not hold where these generations decode
+            from mtpx.bench import context
+            costs_by_context = context.measure_context_costs(llm.model, workloads, dm, log)
+            context.add_context_predictions(records, costs_by_context)
     bandwidth = None
     weights = roofline.model_weight_bytes(llm.model)
     if not args.no_roofline:
@@ -333,7 +337,8 @@ def run(args: argparse.Namespace) -> dict:
         "json_schema": {"file": args.json_schema, "schema": json.loads(schema.source)} if schema else None,
         "contexts": args.context,
     }
-    return {"meta": meta, "records": records, "memory": memory, "costs": costs, "bandwidth": bandwidth,
+    return {"meta": meta, "records": records, "memory": memory, "costs": costs, "costs_by_context": costs_by_context,
+            "bandwidth": bandwidth,
             "weights": weights, "peers": peers, "runs": rows}
 
 

@@ -88,6 +88,24 @@ def context_workloads(contexts: list[int], tokenizer, model_context: int, max_pr
                      "context at the end") for n in contexts]
 
 
+def measure_context_costs(model, workloads: list[Workload], draft_model=None, log=print) -> dict[str, dict]:
+    """The cost model after each context's prompt (costmodel.measure_costs without timing prefills): what a step,
+    a verify pass and a draft step cost where these generations decode. Keyed by workload name."""
+    from mtpx.bench.costmodel import measure_costs
+    out = {}
+    for w in workloads:
+        log(f"bench: cost model at {w.name}")
+        out[w.name] = measure_costs(model, context=len(w.prompts[0]), reps=7, draft_model=draft_model, prefills=0)
+    return out
+
+
+def add_context_predictions(records: list[dict], costs_by_context: dict[str, dict]) -> None:
+    """Each context's records predicted from the costs measured at that context."""
+    from mtpx.bench.costmodel import add_predictions
+    for name, costs in costs_by_context.items():
+        add_predictions([r for r in records if r["workload"] == name], costs)
+
+
 def memory_rows(records: list[dict]) -> list[dict]:
     """Per context workload and speculative mode: the main caches and the drafter's bytes of one sequence."""
     out = []
@@ -101,8 +119,23 @@ def memory_rows(records: list[dict]) -> list[dict]:
     return out
 
 
-def context_table(records: list[dict]) -> str:
-    """Acceptance by position and speed per context, then memory per sequence against the context."""
+def costs_table(costs_by_context: dict[str, dict]) -> str:
+    """Per context: a plain step, verify of k drafts and an MTP draft relative to it."""
+    rel = {name: {int(k): v for k, v in c["verify_rel"].items()} for name, c in costs_by_context.items()}
+    ks = sorted({k for r in rel.values() for k in r if k >= 1})
+    lines = ["| workload | step ms | " + " | ".join(f"verify k={k} / step" for k in ks) + " | MTP draft / step |",
+             "|---" * (len(ks) + 3) + "|"]
+    for name, c in costs_by_context.items():
+        draft = c.get("c_mtp_chain", c.get("c_mtp"))
+        cells = [f"{1000 * c['plain_step_s']:.2f}"] + [f"{rel[name][k]:.2f}" if k in rel[name] else "–" for k in ks]
+        cells.append(f"{draft:.3f}" if draft is not None else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def context_table(records: list[dict], costs_by_context: dict[str, dict] | None = None) -> str:
+    """Acceptance by position and speed per context, the costs at each context, then memory per sequence against
+    the context."""
     from mtpx.bench.report import _f, _temp_label
     ctx = [r for r in records if r["workload"].startswith("ctx")]
     lines = ["| workload | T | mode | prompt tokens | decode tok/s | × plain | acceptance | by position | "
@@ -114,6 +147,9 @@ def context_table(records: list[dict]) -> str:
                      f"{_f(100 * r['acceptance_rate'], '.1f') + '%' if spec else '–'} | "
                      f"{' '.join(f'{a:.2f}' for a in r['acceptance_by_position']) if spec else '–'} | "
                      f"{_f(r['mean_acceptance_length'], '.2f') if spec else '–'} |")
+    if costs_by_context:
+        lines += ["", "Costs after each context's prompt (one-row step; verify of k drafts and an MTP draft, the "
+                  "one-call greedy chain where it runs, relative to it):", "", costs_table(costs_by_context)]
     mem = memory_rows(records)
     if mem:
         lines += ["", "Memory of one sequence at the end of its generation (main: the model's attention caches, "

@@ -37,8 +37,11 @@ def _timed(fn, device) -> float:
 
 @torch.inference_mode()
 def measure_costs(model: CausalLM, context: int = 128, reps: int = 15, max_rows: int = 5,
-                  draft_model: CausalLM | None = None, seed: int = 0) -> dict:
-    """Median times of step forwards after a `context`-token prefill (interleaved over row counts)."""
+                  draft_model: CausalLM | None = None, seed: int = 0, prefills: int | None = None) -> dict:
+    """Median times of step forwards after a `context`-token prefill (interleaved over row counts); `prefills`:
+    how many prefills of the context to time (default max(3, reps // 3); 0 at long contexts, where one costs
+    more than all the steps: the prefill figures are then left out)."""
+    prefills = max(3, reps // 3) if prefills is None else prefills
     device = model.lm_head.weight.device
     g = torch.Generator().manual_seed(seed)
     vocab = model.cfg.vocab_size
@@ -115,7 +118,7 @@ def measure_costs(model: CausalLM, context: int = 128, reps: int = 15, max_rows:
             times.setdefault("mtp_chain", []).append(_timed(mtp_chain, device))
         if dm_state is not None:
             times.setdefault("draft_model_step", []).append(_timed(dm_step, device))
-        if i < max(3, reps // 3):
+        if i < prefills:
             times.setdefault("prefill", []).append(_timed(main_prefill, device))
             if mtp_state is not None:
                 times.setdefault("mtp_prefill", []).append(_timed(mtp_prefill, device))
@@ -126,11 +129,13 @@ def measure_costs(model: CausalLM, context: int = 128, reps: int = 15, max_rows:
         "plain_step_s": step,
         "verify_s": {r: med[f"verify_{r}"] for r in range(1, max_rows + 1)},
         "verify_rel": {r - 1: med[f"verify_{r}"] / step for r in range(1, max_rows + 1)},  # key: k drafts
-        "prefill_s": med["prefill"], "prefill_tokens_per_s": context / med["prefill"],
     }
+    if "prefill" in med:
+        out.update(prefill_s=med["prefill"], prefill_tokens_per_s=context / med["prefill"])
     if "mtp_step" in med:
-        out.update(mtp_step_s=med["mtp_step"], c_mtp=med["mtp_step"] / step, mtp_prefill_s=med["mtp_prefill"],
-                   mtp_prefill_rel=med["mtp_prefill"] / med["prefill"])
+        out.update(mtp_step_s=med["mtp_step"], c_mtp=med["mtp_step"] / step)
+    if "mtp_prefill" in med:
+        out.update(mtp_prefill_s=med["mtp_prefill"], mtp_prefill_rel=med["mtp_prefill"] / med["prefill"])
     if "mtp_chain" in med:
         per_draft = med["mtp_chain"] / CHAIN_DRAFTS
         out.update(mtp_chain_draft_s=per_draft, c_mtp_chain=per_draft / step)

@@ -101,13 +101,11 @@ def _vs_llamacpp(report: dict, keys: dict):
     return mine / theirs
 
 
-def _by_position(record: dict, i: int):
-    """The acceptance rate at draft position i (1-based); none where no draft reached it."""
-    rates = record["acceptance_by_position"]
-    return rates[i - 1] if i <= len(rates) else None
-
-
-def _costs(report: dict) -> dict:
+def _costs(report: dict, keys: dict | None = None) -> dict:
+    """The cost model; with a `workload` key, the one measured at that context (`mtpx bench --context`)."""
+    by_context = report.get("costs_by_context") or {}
+    if keys and keys.get("workload") in by_context:
+        return by_context[keys["workload"]]
     if not report.get("costs"):
         raise CheckError("the report has no cost model (it was run with --no-costs)")
     return report["costs"]
@@ -160,8 +158,10 @@ METRICS = {
     "weights gb/s": (0, lambda rep, k: _record(rep, k).get("achieved_GBps")),
     "% of roof": (0, lambda rep, k: 100 * _record(rep, k)["bandwidth_fraction"]
                   if _record(rep, k).get("bandwidth_fraction") is not None else None),
-    "verify / step": (2, lambda rep, k: _costs(rep)["verify_rel"][str(_k(k))]),
-    "verify ms": (1, lambda rep, k: 1000 * _costs(rep)["verify_s"][str(_k(k) + 1)]),
+    "verify / step": (2, lambda rep, k: _costs(rep, k)["verify_rel"][str(_k(k))]),
+    "verify ms": (1, lambda rep, k: 1000 * _costs(rep, k)["verify_s"][str(_k(k) + 1)]),
+    "step ms": (2, lambda rep, k: 1000 * _costs(rep, k)["plain_step_s"]),
+    "mtp draft / step": (2, lambda rep, k: _costs(rep, k).get("c_mtp_chain", _costs(rep, k).get("c_mtp"))),
     "extra peak mib": (1, lambda rep, k: _spec(k, lambda: _memory(rep, k)["extra_peak_bytes"] / MiB)),
     "drafter stat mib": (1, lambda rep, k: _spec(k, lambda: _memory(rep, k)["drafter_memory_bytes"] / MiB)),
     "extra / stat": (2, lambda rep, k: _spec(k, lambda: _memory(rep, k)["extra_peak_bytes"]
@@ -178,7 +178,9 @@ METRICS = {
     "drafter per sequence mib": (1, lambda rep, k: _spec(k, lambda: _record(rep, k)["drafter_sequence_bytes"] / MiB)),
     "drafter / main": (3, lambda rep, k: _spec(k, lambda: _record(rep, k)["drafter_sequence_bytes"]
                                             / _record(rep, k)["cache_bytes"])),
-    **{f"pos {i}": (2, lambda rep, k, i=i: _spec(k, lambda: _by_position(_record(rep, k), i))) for i in range(1, 9)},
+    # acceptance at draft position i; none where no draft reached it
+    **{f"pos {i}": (2, lambda rep, k, i=i: _spec(k, lambda: (_record(rep, k)["acceptance_by_position"] + [None] * i)
+                                                   [i - 1])) for i in range(1, 9)},
     "graph step ms": (2, lambda rep, k: _step_ms(rep, _positions(k))),
     "× one position": (2, lambda rep, k: _step_ms(rep, _positions(k)) / _step_ms(rep, 1)),
 }

@@ -206,7 +206,7 @@ def write_markdown(result: dict, out: Path) -> Path:
                                                                    meta["parallel"]), ""]
     if meta.get("contexts"):
         from mtpx.bench.context import context_table
-        parts += ["### Long contexts", "", context_table(result["records"]), ""]
+        parts += ["### Long contexts", "", context_table(result["records"], result.get("costs_by_context")), ""]
     if meta.get("json_schema"):
         parts += ["### MTP with and without the JSON schema", "", schema_table(result["records"]), ""]
     if result.get("memory"):
