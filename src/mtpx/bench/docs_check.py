@@ -147,6 +147,10 @@ def _cache(report: dict, keys: dict) -> dict:
 
 
 # column -> (minimum decimals, value from (report, keys)); a value of None is shown as "–"
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
+
+
 METRICS = {
     "decode tok/s": (0, lambda rep, k: _record(rep, k)["decode_tokens_per_s"]),
     "prefill tok/s": (0, lambda rep, k: _record(rep, k)["prefill_tokens_per_s"]),
@@ -170,9 +174,9 @@ METRICS = {
     "full k/v bytes/token": (0, lambda rep, k: _cache(rep, k)["full_kv_bytes_per_token"]),
     "cache / full k/v": (3, lambda rep, k: _cache(rep, k)["cache_over_full_kv"]),
     "mtp cache bytes/token": (0, lambda rep, k: _cache(rep, k)["mtp_cache_bytes_per_token"]),
-    "round ms": (1, lambda rep, k: 1000 * _record(rep, k)["round_s"]),
-    "collectives ms / round": (1, lambda rep, k: 1000 * _record(rep, k)["collective_s_per_round"]),
-    "kib moved / round": (1, lambda rep, k: _record(rep, k)["collective_bytes_per_round"] / 1024),
+    "round ms": (1, lambda rep, k: _scaled(_record(rep, k).get("round_s"), 1000)),  # only over several ranks
+    "collectives ms / round": (1, lambda rep, k: _scaled(_record(rep, k).get("collective_s_per_round"), 1000)),
+    "kib moved / round": (1, lambda rep, k: _scaled(_record(rep, k).get("collective_bytes_per_round"), 1 / 1024)),
     "prompt tokens": (0, lambda rep, k: _record(rep, k)["prompt_tokens_mean"]),
     "main caches mib": (1, lambda rep, k: _record(rep, k)["cache_bytes"] / MiB),
     "drafter per sequence mib": (1, lambda rep, k: _spec(k, lambda: _record(rep, k)["drafter_sequence_bytes"] / MiB)),
