@@ -84,6 +84,8 @@ def aggregate(rows: list[dict], modes: list[Mode], synthetic_rates: list[float] 
                     **_spread([v["prefill_with_drafter_tokens_per_s"] for v in reps.values()],
                               "prefill_with_drafter_tokens_per_s"),
                     "time_to_first_token_s": statistics.median(r["time_to_first_token_s"] for r in rs),
+                    # the drafter's pass over the prompt, booked as drafting after the first token
+                    "drafter_prefill_s": statistics.median(r["drafter_prefill_s"] for r in rs),
                     **_spread(speedups, "speedup"),
                     "prefill_ratio": statistics.median(prefill_ratio) if prefill_ratio else 0.0,
                     "prefill_with_drafter_ratio": statistics.median(prefill_d_ratio) if prefill_d_ratio else 0.0,

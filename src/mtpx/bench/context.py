@@ -134,19 +134,20 @@ def costs_table(costs_by_context: dict[str, dict]) -> str:
 
 
 def context_table(records: list[dict], costs_by_context: dict[str, dict] | None = None) -> str:
-    """Acceptance by position and speed per context, the costs at each context, then memory per sequence against
-    the context."""
+    """Acceptance by position and speed per context (decoding includes the drafter's pass over the prompt, which
+    grows with it: shown apart), the costs at each context, then memory per sequence against the context."""
     from mtpx.bench.report import _f, _temp_label
     ctx = [r for r in records if r["workload"].startswith("ctx")]
     lines = ["| workload | T | mode | prompt tokens | decode tok/s | × plain | acceptance | by position | "
-             "mean acc. len |", "|---|---|---|---|---|---|---|---|---|"]
+             "mean acc. len | drafter prompt pass ms |", "|---" * 10 + "|"]
     for r in ctx:
         spec = r["spec_type"] != "none"
         lines.append(f"| {r['workload']} | {_temp_label(r['temperature'])} | {r['mode']} | "
                      f"{r['prompt_tokens_mean']:.0f} | {_f(r['decode_tokens_per_s'])} | {_f(r['speedup'], '.2f')} | "
                      f"{_f(100 * r['acceptance_rate'], '.1f') + '%' if spec else '–'} | "
                      f"{' '.join(f'{a:.2f}' for a in r['acceptance_by_position']) if spec else '–'} | "
-                     f"{_f(r['mean_acceptance_length'], '.2f') if spec else '–'} |")
+                     f"{_f(r['mean_acceptance_length'], '.2f') if spec else '–'} | "
+                     f"{_f(1000 * r['drafter_prefill_s'], '.1f') if spec and 'drafter_prefill_s' in r else '–'} |")
     if costs_by_context:
         lines += ["", "Costs after each context's prompt (one-row step; verify of k drafts and an MTP draft, the "
                   "one-call greedy chain where it runs, relative to it):", "", costs_table(costs_by_context)]

@@ -4,6 +4,8 @@
     python -m mtpx.bench.docs_check --write    # rewrite the cells that disagree with the reports
     python -m mtpx.bench.docs_check FILE ...   # other files; --strict: every table there must cite a report
 
+Longer than 400 lines because every column a report can back (METRICS) is read here, beside the markdown reader.
+
 The rules, for a markdown table:
 - it cites a report with a line ``Report: `PATH` `` between its section's heading and the table (the last such line
   counts), PATH a JSON report under the repository (a directory means its `results.json`); a `report` column
@@ -178,6 +180,7 @@ METRICS = {
     "collectives ms / round": (1, lambda rep, k: _scaled(_record(rep, k).get("collective_s_per_round"), 1000)),
     "kib moved / round": (1, lambda rep, k: _scaled(_record(rep, k).get("collective_bytes_per_round"), 1 / 1024)),
     "prompt tokens": (0, lambda rep, k: _record(rep, k)["prompt_tokens_mean"]),
+    "drafter prompt pass ms": (1, lambda rep, k: _spec(k, lambda: 1000 * _record(rep, k)["drafter_prefill_s"])),
     "main caches mib": (1, lambda rep, k: _record(rep, k)["cache_bytes"] / MiB),
     "drafter per sequence mib": (1, lambda rep, k: _spec(k, lambda: _record(rep, k)["drafter_sequence_bytes"] / MiB)),
     "drafter / main": (3, lambda rep, k: _spec(k, lambda: _record(rep, k)["drafter_sequence_bytes"]
