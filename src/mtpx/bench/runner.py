@@ -25,6 +25,7 @@ from mtpx.models.linear import weight_bytes
 from mtpx.models.qwen3_5 import Experts, Qwen35Model
 
 DEFAULT_K = 3
+WARMUP_PROMPT = 512  # tokens of the first prompt the warm-up runs: enough to pick kernels, cheap at long contexts
 
 
 LOOKUPS = ("ngram", "suffix")  # drafters a mode may chain after its own: adaptive+ngram is spec_type mtp,ngram
@@ -283,8 +284,8 @@ def run_bench(llm, cfg: BenchConfig, log: Callable[[str], None] = print) -> list
             for w0 in warm:
                 for mode in cfg.modes:
                     for temperature in cfg.temperatures:
-                        run_one(llm, mode, ids[w0.name][0], cfg, temperature, min(32, w0.max_tokens), cfg.seed,
-                                None, None, w0.grammar)
+                        run_one(llm, mode, ids[w0.name][0][-WARMUP_PROMPT:], cfg, temperature,
+                                min(32, w0.max_tokens), cfg.seed, None, None, w0.grammar)
         n_total = len(cfg.temperatures) * cfg.repeat * sum(len(w.prompts) for w in cfg.workloads) * len(cfg.modes)
         done, started = 0, time.perf_counter()
         for temperature in cfg.temperatures:
