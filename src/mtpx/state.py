@@ -27,6 +27,7 @@ class SequenceState:
         # per-position snapshots since mark(): layer -> [(conv, recurrent) at the mark, after the next token, ...]
         self.snapshots: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.snapshot_start = 0
+        self._tree_fields()
         conv_dim = 2 * cfg.linear_key_head_dim * cfg.linear_num_key_heads + cfg.linear_value_head_dim * cfg.linear_num_value_heads
         for i, kind in enumerate(layer_types):
             if kind == "full_attention":
@@ -48,8 +49,16 @@ class SequenceState:
         state.max_len, state.device, state.length = max_len, torch.device(device), 0
         state.conv, state.recurrent, state.snapshots, state.snapshot_start = {}, {}, {}, 0
         state.kv = {i: tuple(torch.zeros(s, dtype=dtype, device=device) for s in shapes) for i, shapes in kv.items()}
+        state._tree_fields()
         state.mark()
         return state
+
+    def _tree_fields(self) -> None:
+        # the layout of the next step pass's rows where they form a draft tree (models/common.py TreeRows), and the
+        # keys and values each row of such a pass computed, per attention layer: a verify pass lays each path out in
+        # place, overwriting its siblings' entries, so keep_path takes the accepted rows' from here
+        self.tree = None
+        self.row_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def check_room(self, n_new: int) -> None:
         if self.length + n_new > self.max_len:
@@ -71,6 +80,22 @@ class SequenceState:
         if self.conv:
             self._restore(length - self.snapshot_start)
         self.length = length
+
+    def keep_path(self, start: int, rows: list[int]) -> None:
+        """After a step pass from `start` whose rows formed a tree laid out in place: keep the path of rows `rows`
+        (row 0 first, each the parent of the next), as if only those positions had been decoded, in order. Their
+        keys and values move to positions start, start + 1, ...; the Gated DeltaNet states become those after the
+        path's last row."""
+        idx = torch.tensor(rows, device=self.device)
+        for i, (k, v) in self.row_kv.items():
+            K, V = self.kv[i]
+            K[:, start:start + len(rows)] = k[:, idx]
+            V[:, start:start + len(rows)] = v[:, idx]
+        base = start - self.snapshot_start  # snapshots[i][base + 1 + r]: the states after row r
+        for i, snaps in self.snapshots.items():
+            snaps[base + 1:] = [snaps[base + 1 + r] for r in rows]
+        self.row_kv, self.tree = {}, None
+        self.rollback(start + len(rows))
 
     def _restore(self, n: int) -> None:
         """Make the Gated DeltaNet states those after the first n positions since mark()."""

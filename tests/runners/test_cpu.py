@@ -136,3 +136,45 @@ def test_greedy_speculation_is_plain_decoding_on_each_instruction_set(dense_ckpt
                 assert llm.generate(prompt, **spec).token_ids == plain, (level, prompt)
             finally:
                 del llm.engine.drafter
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_tree_passes_give_each_row_the_bits_of_a_decode_along_its_path(dense_ckpt, dtype):
+    """A verify pass over a draft tree runs on the per-module kernels, a call per chain of the tree (the whole-layer
+    and whole-stack calls take chains only): each row's hidden state is that of one-token decodes along its path on
+    the runner's fastest level, and after keep_path the caches are that path's."""
+    from mtpx.llm import LLM
+    from mtpx.speculative.tree import verify_rows
+    model = LLM(dense_ckpt, dtype=dtype).model
+    assert cpu_runner.step_stack(model) is not None
+    prompt = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(4))
+    tokens, parents = [100, 11, 21, 22, 12, 31, 31], [-1, 0, 1, 1, 0, 4, 4]  # the last row: padding
+
+    def path(row: int) -> list[int]:
+        return path(parents[row]) + [row] if row >= 0 else []
+
+    def decoded(rows: list[int]):
+        state = model.new_state(64)
+        model(prompt, [state], "prefill")
+        return [model(torch.tensor([[tokens[r]]]), [state], "step")[0, 0] for r in rows][-1], state
+
+    with torch.inference_mode():
+        state = model.new_state(64)
+        model(prompt, [state], "prefill")
+        start = state.length
+        state.mark()
+        state.tree = verify_rows(parents, start)
+        hidden = model(torch.tensor([tokens]), [state], "step")[0]
+        state.tree = None
+        for row in range(len(tokens)):
+            assert torch.equal(hidden[row], decoded(path(row))[0]), row
+        state.keep_path(start, [0, 1, 3])
+        ref = decoded([0, 1, 3])[1]
+        assert state.length == ref.length
+        for i in state.kv:
+            assert all(torch.equal(a[:, :ref.length], b[:, :ref.length]) for a, b in zip(state.kv[i], ref.kv[i]))
+        for i in state.conv:
+            assert torch.equal(state.conv[i], ref.conv[i])
+            assert torch.equal(state.recurrent[i], ref.recurrent[i])
+        assert torch.equal(model(torch.tensor([[5]]), [state], "step"), model(torch.tensor([[5]]), [ref], "step"))

@@ -1,6 +1,7 @@
 """Building blocks shared by the hybrid (Gated DeltaNet + attention) families: the (1 + w) and gated RMSNorms,
 rotary tables, the gated delta rule in its chunked (prefill) and per-token (step) forms, the causal conv of a step,
-and `Pass`, what one forward call carries besides activations. Reference math only, like the family files."""
+`Pass`, what one forward call carries besides activations, and `TreeRows`, the layout of a step pass whose rows form
+a draft tree. Reference math only, like the family files."""
 from __future__ import annotations
 
 import math
@@ -76,6 +77,57 @@ class Pass:
     @property
     def step_over_caches(self) -> bool:
         return self.mode == "step" and self.states is not None
+
+    def tree(self, b: int) -> "TreeRows | None":
+        """The draft tree the rows of sequence b form in this step pass; None: a chain (each row follows the last)."""
+        return self.states[b].tree if self.step_over_caches else None
+
+    @property
+    def has_tree(self) -> bool:
+        return self.step_over_caches and any(s.tree is not None for s in self.states)
+
+
+@dataclass(frozen=True)
+class TreeRows:
+    """The rows of one sequence's step pass as nodes of a draft tree (speculative/tree.py lays them out). Row t
+    continues the Gated DeltaNet state of row parents[t] (-1: the sequence's current state), is rotated for position
+    positions[t], writes its key and value at cache position writes[t], and attends over the first `prefix` cached
+    positions and then keys[t] (its ancestors' positions, its own last). Rows come parents first, depth first.
+
+    `in_place`: every row writes at prefix + its depth and sees prefix..writes[t], i.e. its path lies in the cache
+    exactly where a decode of that path would have put it; depth-first order keeps each row's ancestors there when
+    its turn comes, so every row attends as a one-token decode step would (the verify pass). Otherwise rows write at
+    distinct positions and see theirs through a mask (the MTP layer's drafting passes, which need not be exact)."""
+    parents: tuple[int, ...]
+    positions: tuple[int, ...]
+    writes: tuple[int, ...]
+    keys: tuple[tuple[int, ...], ...]
+    prefix: int
+
+    @property
+    def in_place(self) -> bool:
+        return all(k == tuple(range(self.prefix, w + 1)) for k, w in zip(self.keys, self.writes))
+
+    @property
+    def end(self) -> int:
+        """One past the last cache position the pass writes."""
+        return max(self.writes) + 1
+
+    def segments(self) -> list[tuple[int, int]]:
+        """Runs [a, e) of rows each of which is the child of the row before it: chains a step kernel can take whole."""
+        bounds = [t for t in range(1, len(self.parents)) if self.parents[t] != t - 1]
+        return list(zip([0] + bounds, bounds + [len(self.parents)]))
+
+    def windows(self, kernel: int) -> list[list[int]]:
+        """Per row, the K columns of its causal conv window along its path, in an array of the K - 1 inputs the
+        sequence's conv state holds followed by one column per row."""
+        before = {-1: list(range(kernel - 1))}
+        out = []
+        for t, parent in enumerate(self.parents):
+            window = before[parent] + [kernel - 1 + t]
+            before[t] = window[1:]
+            out.append(window)
+        return out
 
 
 _ROTARY: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (theta, dim, dtype, device) -> cos, sin by position
@@ -183,17 +235,50 @@ def causal_conv_step(seq: torch.Tensor, w: torch.Tensor, T: int) -> torch.Tensor
     return F.silu(acc).t().to(seq.dtype)
 
 
+def causal_conv_tree(cols: torch.Tensor, w: torch.Tensor, windows: list[list[int]]) -> torch.Tensor:
+    """causal_conv_step for the rows of a draft tree: row t's window is the columns windows[t] of cols
+    [conv_dim, K - 1 + T] (TreeRows.windows). The same multiply-adds in the same order, so a row gets the bits it
+    would get in a chain along its path. Returns silu(conv) [T, conv_dim]."""
+    x = cols.float()[:, torch.tensor(windows, device=cols.device)]  # [conv_dim, T, K]
+    wf = w.float()
+    acc = x[..., 0] * wf[:, :1]
+    for j in range(1, w.shape[1]):
+        acc = acc + x[..., j] * wf[:, j:j + 1]
+    return F.silu(acc).t().to(cols.dtype)
+
+
+def tree_rotary(cfg: ModelConfig, rotary: Callable, states: list[SequenceState], T: int, dtype: torch.dtype,
+                device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, rotary_dim] of a step pass where some sequences' rows form a tree (each row at its own
+    position), cut from the same tables as a chain's."""
+    cos, sin = [], []
+    for s in states:
+        positions = s.tree.positions if s.tree is not None else range(s.length, s.length + T)
+        low = min(positions)
+        c, n = rotary(cfg, [low], max(positions) - low + 1, dtype, device)
+        rows = torch.tensor([p - low for p in positions], device=device)
+        cos.append(c[0, rows])
+        sin.append(n[0, rows])
+    return torch.stack(cos), torch.stack(sin)
+
+
 def run_stack(cfg: ModelConfig, layers, x: torch.Tensor, states: list[SequenceState] | None, mode: str,
               rotary: Callable = rotary_tables) -> torch.Tensor:
     """Run decoder layers over x [B, T, H] with per-sequence caches (or none), advancing the caches by T. `rotary`:
-    the family's cos / sin tables, as rotary_tables(cfg, starts, length, dtype, device) gives them."""
+    the family's cos / sin tables, as rotary_tables(cfg, starts, length, dtype, device) gives them. A state whose
+    `tree` is set takes the pass's rows as that tree's nodes (TreeRows)."""
     B, T, _ = x.shape
+    tree = states is not None and any(s.tree is not None for s in states)
     if states is not None:
         assert len(states) == B
+        assert not tree or mode == "step", "draft trees run in step passes"
         for s in states:
-            s.check_room(T)
+            s.check_room(s.tree.end - s.length if s.tree is not None else T)
     starts = [s.length for s in states] if states is not None else [0] * B
-    cos, sin = rotary(cfg, starts, T, x.dtype, x.device)
+    if tree:
+        cos, sin = tree_rotary(cfg, rotary, states, T, x.dtype, x.device)
+    else:
+        cos, sin = rotary(cfg, starts, T, x.dtype, x.device)
     p = Pass(states, mode, cos, sin)
     with row_invariant(mode == "step"):
         for layer in layers:

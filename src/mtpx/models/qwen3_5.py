@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpx.config import ModelConfig
-from mtpx.models.common import (GatedRMSNorm, Pass, RMSNorm, apply_rotary, causal_conv_step, chunk_gated_delta_rule,
-                                gdn_gates, gdn_heads, initialised, recurrent_gated_delta_step, rotary_tables,
-                                run_stack)
+from mtpx.models.common import (GatedRMSNorm, Pass, RMSNorm, TreeRows, apply_rotary, causal_conv_step,
+                                causal_conv_tree, chunk_gated_delta_rule, gdn_gates, gdn_heads, initialised,
+                                recurrent_gated_delta_step, rotary_tables, run_stack)
 from mtpx.models.linear import Linear, linear, project, row_invariant
 from mtpx.models.ops import fusible
 from mtpx.state import SequenceState
@@ -63,7 +63,32 @@ class Attention(nn.Module):
         """Attention of the pass's queries over their sequences' caches (written here), or causal without caches."""
         if p.states is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return torch.cat([self._cached(q[b], k[b], v[b], p.states[b], p.mode) for b in range(q.shape[0])])
+        return torch.cat([self._tree(q[b], k[b], v[b], p.states[b], p.tree(b)) if p.tree(b) is not None
+                          else self._cached(q[b], k[b], v[b], p.states[b], p.mode) for b in range(q.shape[0])])
+
+    def _tree(self, q, k, v, state: SequenceState, tree: TreeRows) -> torch.Tensor:
+        """Attention of the rows of a draft tree (see TreeRows)."""
+        K, V = state.kv[self.layer_idx]
+        T = q.shape[1]
+        if tree.in_place:
+            state.row_kv[self.layer_idx] = (k, v)
+            outs = []
+            for t in range(T):  # in order: a row's entry replaces a finished sibling branch's
+                w = tree.writes[t]
+                K[:, w], V[:, w] = k[:, t], v[:, t]
+                outs.append(F.scaled_dot_product_attention(q[None, :, t:t + 1].contiguous(), K[None, :, :w + 1],
+                                                           V[None, :, :w + 1], enable_gqa=True))
+            return torch.cat(outs, dim=2)
+        rows = torch.tensor(tree.writes, device=q.device)
+        K.index_copy_(1, rows, k)
+        V.index_copy_(1, rows, v)
+        end = tree.end
+        mask = torch.zeros(T, end, dtype=torch.bool, device=q.device)
+        mask[:, :tree.prefix] = True
+        for t, keys in enumerate(tree.keys):
+            mask[t, list(keys)] = True
+        return F.scaled_dot_product_attention(q[None], K[None, :, :end], V[None, :, :end], attn_mask=mask,
+                                              enable_gqa=True)
 
     def _cached(self, q, k, v, state: SequenceState, mode: str) -> torch.Tensor:
         T, start = q.shape[1], state.length
@@ -125,7 +150,8 @@ class GatedDeltaNet(nn.Module):
         if p.states is None:
             return self._uncached(qkv, g, beta, w)
         run = self._step if p.mode == "step" else self._prefill
-        return torch.stack([run(qkv[b], g[b], beta[b], w, p.states[b]) for b in range(qkv.shape[0])])
+        return torch.stack([self._tree_step(qkv[b], g[b], beta[b], w, p.states[b], p.tree(b)) if p.tree(b) is not None
+                            else run(qkv[b], g[b], beta[b], w, p.states[b]) for b in range(qkv.shape[0])])
 
     def heads(self, mixed: torch.Tensor):
         """Split conv output [T, conv_dim] into normalized fp32 q, k [T, nv, dk] and v [T, nv, dv]."""
@@ -167,6 +193,25 @@ class GatedDeltaNet(nn.Module):
             states.append(rec)
             outs.append(o)
         self.record_states(state, seq, states)
+        return torch.stack(outs)
+
+    def _tree_step(self, qkv, g, beta, w, state: SequenceState, tree: TreeRows):
+        """_step for the rows of a draft tree: each row's conv window and recurrent state continue its parent's, so
+        a row computes what a one-token decode after its path would (the same ops as _step)."""
+        i = self.layer_idx
+        cols = torch.cat([state.conv[i], qkv.t()], dim=1)  # [conv_dim, K - 1 + T]: conv state, then each row
+        windows = tree.windows(self.kernel)
+        mixed = causal_conv_tree(cols, w, windows)
+        current, outs, states = state.recurrent[i], [], []
+        for t, parent in enumerate(tree.parents):
+            q, k, v = self.heads(mixed[t:t + 1])
+            o, rec = recurrent_gated_delta_step(q[0], k[0], v[0], g[t], beta[t],
+                                                states[parent] if parent >= 0 else current)
+            states.append(rec)
+            outs.append(o)
+        convs = [cols[:, window[1:]] for window in windows]
+        state.snapshots[i].extend(zip(convs, states))
+        state.conv[i], state.recurrent[i] = convs[-1], states[-1]
         return torch.stack(outs)
 
     def record_states(self, state: SequenceState, seq: torch.Tensor, states: list) -> None:

@@ -7,7 +7,9 @@ where the CPU has them. For step passes over caches it replaces the family's sma
 whole main stack of one sequence with one call (kernels.StackStep) and k greedy MTP drafts with one call. Each
 chains the same kernels in the same order as the finer-grained path, so every level gives the same bits
 (tests/runners/test_cpu.py), and each row is computed as if alone, so greedy speculation stays exact. Prefill and
-passes without caches run the family's reference code.
+passes without caches run the family's reference code. A verify pass over a draft tree (models/common.py TreeRows)
+runs on the per-module kernels, one call per chain of the tree, so its rows keep the bits of the chain path that
+plain decoding takes; the MTP layer's tree drafting passes (masked, not exact) run the reference attention.
 """
 from __future__ import annotations
 
@@ -65,14 +67,31 @@ def _mlp(self: q35.MLP, fallback: Callable, x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention(self: q35.Attention, fallback: Callable, x: torch.Tensor, p: q35.Pass) -> torch.Tensor:
-    if not p.step_over_caches:
+    if not p.step_over_caches or any(p.tree(b) is not None and not p.tree(b).in_place for b in range(x.shape[0])):
         return fallback(x, p)
     qkv = project_joined(self, self.FUSED_PROJECTIONS, x)
-    out = torch.stack([kernels.attention_step(qkv[b], self.q_norm.weight, self.k_norm.weight, p.cos[b], p.sin[b],
-                                              *p.states[b].kv[self.layer_idx], p.states[b].length, self.n_heads,
-                                              self.n_kv, self.head_dim, self.q_norm.eps)
+    step = lambda b, rows, start: kernels.attention_step(qkv[b, rows], self.q_norm.weight, self.k_norm.weight,
+                                                         p.cos[b, rows], p.sin[b, rows], *p.states[b].kv[self.layer_idx],
+                                                         start, self.n_heads, self.n_kv, self.head_dim, self.q_norm.eps)
+    out = torch.stack([step(b, slice(None), p.states[b].length) if p.tree(b) is None
+                       else _attention_tree(self, p.states[b], p.tree(b), lambda rows, start: step(b, rows, start))
                        for b in range(x.shape[0])])
     return self.o_proj(out)
+
+
+def _attention_tree(self: q35.Attention, state: SequenceState, tree, step: Callable) -> torch.Tensor:
+    """A tree laid out in place, one attention_step per chain of it (in order, so each finds its ancestors in the
+    cache); each row's key and value are kept for the path that will be accepted."""
+    K, V = state.kv[self.layer_idx]
+    T = len(tree.parents)
+    keys, values = K.new_empty(K.shape[0], T, K.shape[2]), V.new_empty(V.shape[0], T, V.shape[2])
+    outs = []
+    for a, e in tree.segments():
+        w = tree.writes[a]
+        outs.append(step(slice(a, e), w))
+        keys[:, a:e], values[:, a:e] = K[:, w:w + e - a], V[:, w:w + e - a]
+    state.row_kv[self.layer_idx] = (keys, values)
+    return torch.cat(outs)
 
 
 def keep_fused_states(gdn: q35.GatedDeltaNet, state: SequenceState, before: torch.Tensor, seq: torch.Tensor,
@@ -90,11 +109,23 @@ def _gdn(self: q35.GatedDeltaNet, fallback: Callable, x: torch.Tensor, p: q35.Pa
     proj = project_joined(self, self.FUSED_PROJECTIONS, x)
     w, i, outs = self.conv_weight, self.layer_idx, []
     for b, state in enumerate(p.states):
-        before = state.recurrent[i]
-        out, seq, after, replay = kernels.gdn_step(proj[b], state.conv[i], w, self.A_log, self.dt_bias,
-                                                   self.norm.weight, before, self.nk, self.dk, self.dv, self.norm.eps)
-        keep_fused_states(self, state, before, seq, after, replay)
-        outs.append(out)
+        tree = p.tree(b)
+        snaps = state.snapshots[i] if tree is not None else []
+        base = len(snaps)  # snaps[base + t]: the states after row t, as the calls below record them
+        current = state.conv[i], state.recurrent[i]
+        parts = []
+        for a, e in tree.segments() if tree is not None else [(0, proj.shape[1])]:
+            parent = tree.parents[a] if tree is not None else -1
+            conv, before = current if parent < 0 else snaps[base + parent]
+            if callable(before):  # a state between positions of an earlier chain: rebuilt now
+                before = before()
+                snaps[base + parent] = (conv, before)
+            out, seq, after, replay = kernels.gdn_step(proj[b, a:e], conv, w, self.A_log, self.dt_bias,
+                                                       self.norm.weight, before, self.nk, self.dk, self.dv,
+                                                       self.norm.eps)
+            keep_fused_states(self, state, before, seq, after, replay)
+            parts.append(out)
+        outs.append(torch.cat(parts) if len(parts) > 1 else parts[0])
     return self.out_proj(torch.stack(outs))
 
 
@@ -130,7 +161,7 @@ def mixer_dims(layer: q35.DecoderLayer) -> tuple[int, int, int]:
 
 
 def _decoder_layer(self: q35.DecoderLayer, fallback: Callable, x: torch.Tensor, p: q35.Pass) -> torch.Tensor:
-    weights = layer_weights(self) if p.step_over_caches and x.shape[0] == 1 else None
+    weights = layer_weights(self) if p.step_over_caches and x.shape[0] == 1 and not p.has_tree else None
     if weights is None:
         return fallback(x, p)
     state, m, eps = p.states[0], self.mixer, self.input_layernorm.eps
@@ -166,7 +197,8 @@ def step_stack(model: q35.Qwen35Model) -> tuple | None:
 
 def _model_forward(self: q35.Qwen35Model, fallback: Callable, tokens: torch.Tensor, states: list[SequenceState] | None = None,
                    mode: str = "prefill") -> torch.Tensor:
-    stack = step_stack(self) if mode == "step" and states is not None and len(states) == 1 else None
+    stack = (step_stack(self) if mode == "step" and states is not None and len(states) == 1
+             and states[0].tree is None else None)
     if stack is None:
         return fallback(tokens, states, mode)
     kernel, attention, gdn = stack

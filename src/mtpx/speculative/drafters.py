@@ -14,8 +14,9 @@ import torch
 from mtpx import kernels
 from mtpx.engine.constraints import mask_logits
 from mtpx.engine.sequence import Sequence
-from mtpx.models.linear import QuantizedWeight, linear, nbytes, row_invariant, weight_bytes
+from mtpx.models.linear import weight_bytes
 from mtpx.models.interface import CausalLM
+from mtpx.speculative.draft_head import DraftHead  # noqa: F401  (where the engine and tests import it from)
 from mtpx.sampling import apply_penalties, sample, target_probs
 from mtpx.state import SequenceState
 
@@ -28,6 +29,9 @@ class Draft:
     tokens: list[int] = field(default_factory=list)
     probs: torch.Tensor | None = None  # [k, V] draft distribution q when sampling; None = deterministic drafter
     source: str = ""  # the drafter that proposed it, where a chain picks one per round ("": the drafter itself)
+    # a draft tree (speculative/tree.py): the verify row of each token's parent (row 0: the last accepted token,
+    # row i + 1: tokens[i]), tokens depth first; None: a chain (token i follows token i - 1)
+    parents: list[int] | None = None
 
 
 class Drafter(ABC):
@@ -113,13 +117,13 @@ class _StatefulDrafter(Drafter):
     def sequence_bytes(self, seq):
         return seq.draft.nbytes() if seq.draft is not None else 0
 
-    def propose(self, seqs, ks):
-        drafts = [Draft() for _ in seqs]
-        active = [b for b, k in enumerate(ks) if k > 0]
-        if not active:
-            return drafts
-        pend = [self._pending(seqs[b]) for b in active]
-        states = [seqs[b].draft.state for b in active]
+    feeds_hidden = False  # each step takes the drafter's previous output (MTP), not only a token
+
+    def catch_up(self, seqs: list["Sequence"]) -> list[torch.Tensor]:
+        """Feed each sequence's pending positions (batched, padded) to the drafter and commit them: its output at
+        the last one [H] per sequence, from which the first draft is drafted."""
+        pend = [self._pending(s) for s in seqs]
+        states = [s.draft.state for s in seqs]
         device = states[0].device
         m = max(len(t) for _, t in pend)
         tokens = torch.tensor([t + [t[-1]] * (m - len(t)) for _, t in pend], device=device)
@@ -130,12 +134,22 @@ class _StatefulDrafter(Drafter):
             s.mark()
         out = self._forward(hid, tokens, states, "prefill" if m > PREFILL_ROWS else "step")
         x = []
-        for i, b in enumerate(active):
+        for i, seq in enumerate(seqs):
             n_b = len(pend[i][1])
             states[i].rollback(states[i].length - (m - n_b))
-            seqs[b].draft.committed = states[i].length
-            seqs[b].draft.clear_pending()
+            seq.draft.committed = states[i].length
+            seq.draft.clear_pending()
             x.append(out[i, n_b - 1])
+        return x
+
+    def propose(self, seqs, ks):
+        drafts = [Draft() for _ in seqs]
+        active = [b for b, k in enumerate(ks) if k > 0]
+        if not active:
+            return drafts
+        x = self.catch_up([seqs[b] for b in active])
+        states = [seqs[b].draft.state for b in active]
+        device = states[0].device
         live = list(range(len(active)))
         probs: list[list[torch.Tensor]] = [[] for _ in active]
         taken: dict[int, int] = {}  # tokens each constrained sequence's matcher took while drafting
@@ -166,7 +180,7 @@ class _StatefulDrafter(Drafter):
             live = next_live
             if not live:
                 break
-            hid = torch.stack([x[i] for i in live])[:, None] if pend[0][0] is not None else None
+            hid = torch.stack([x[i] for i in live])[:, None] if self.feeds_hidden else None
             toks = torch.tensor([[drafts[active[i]].tokens[-1]] for i in live], device=device)
             out = self._forward(hid, toks, [states[i] for i in live], "step")
             for row, i in enumerate(live):
@@ -179,43 +193,6 @@ class _StatefulDrafter(Drafter):
         return drafts
 
 
-class DraftHead:
-    """lm_head restricted to the first `size` token ids (plus the given always-kept ids, e.g. eos) for drafting, as
-    SGLang's reduced draft vocabulary: a draft step reads size / V of the full head's weights (Qwen3.5's head is
-    248k x H, a third of the 0.8B model). BPE ids follow merge order, so the first ids are the frequent tokens.
-    Outputs stay exact: drafts are only proposals, and verification uses the full head. Logits of the other ids
-    are -inf, so greedy and sampled drafts (q) are over the kept ids only, which rejection sampling allows."""
-
-    def __init__(self, model: CausalLM, size: int, keep: set[int] = frozenset()):
-        vocab = model.cfg.vocab_size
-        if size <= 0 or size > vocab:
-            from mtpx.errors import RequestError
-            raise RequestError(f"spec_draft_vocab must be in 1..{vocab} (the vocabulary), got {size}")
-        head = model.lm_head
-        weight = head.quantized if head.quantized is not None else head.weight.detach()
-        self.ids = torch.tensor(sorted(set(range(size)) | {t for t in keep if size <= t < vocab}),
-                                device=head.weight.device)
-        self.weight = weight.rows(self.ids) if isinstance(weight, QuantizedWeight) else weight[self.ids].contiguous()
-        self.vocab = vocab
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        kept = self._kept(x)
-        logits = kept.new_full((*kept.shape[:-1], self.vocab), float("-inf"))
-        logits[..., self.ids] = kept
-        return logits
-
-    def argmax(self, x: torch.Tensor) -> torch.Tensor:
-        """Greedy draft tokens (full-vocabulary ids, on x's device) for x [R, H], without forming the full logits."""
-        return self.ids[self._kept(x).float().argmax(-1)]
-
-    def _kept(self, x: torch.Tensor) -> torch.Tensor:
-        with row_invariant(True):
-            return linear(x, self.weight)
-
-    def nbytes(self) -> int:
-        return nbytes(self.weight)
-
-
 class MTPDrafter(_StatefulDrafter):
     """Drafts with the model's MTP layer: step 1 takes (main hidden state, accepted token); steps 2..k feed the
     layer its own output. Its KV cache holds pairs (h_i, t_{i+1}) of the accepted sequence. With a DraftHead, its
@@ -223,9 +200,11 @@ class MTPDrafter(_StatefulDrafter):
     do): the argmax chain runs in one call, which pays for its lower acceptance than drafting from q."""
     name = "mtp"
     sampled_drafts = False
+    feeds_hidden = True
 
-    def __init__(self, model: CausalLM, p_min: float = 0.0, head: DraftHead | None = None):
+    def __init__(self, model: CausalLM, p_min: float = 0.0, head: DraftHead | None = None, tree_nodes: int = 0):
         super().__init__(p_min)
+        self.tree_nodes = tree_nodes  # room in the MTP cache for drafting a tree of this many nodes
         if model.mtp is None:
             from mtpx.errors import RequestError
             raise RequestError("spec_type 'mtp' needs a checkpoint with an MTP layer (Qwen3.5's mtp.* tensors, or the "
@@ -238,7 +217,8 @@ class MTPDrafter(_StatefulDrafter):
         # pairs (h_i, t_{i+1}) of the prompt plus (h_last, first generated token): filled by the first propose,
         # after the first token has been emitted, so time-to-first-token is unchanged
         pool = getattr(seq.state, "pool", None)  # a static main state: the MTP layer's caches static too
-        state = pool.acquire("mtp", seq.max_len) if pool is not None else self.model.new_mtp_state(seq.max_len)
+        state = (pool.acquire("mtp", seq.max_len) if pool is not None
+                 else self.model.new_mtp_state(seq.max_len + self.tree_nodes))
         seq.draft = _DraftState(state, prompt_hidden, seq.tokens[1:seq.n_prompt + 1])
 
     def _pending(self, seq):
@@ -279,6 +259,11 @@ class MTPDrafter(_StatefulDrafter):
             d.committed = start + len(tokens)
             d.clear_pending()
         return drafts
+
+    def propose_tree(self, seqs: list["Sequence"], shapes: list[tuple[int, ...]]) -> list[Draft]:
+        """A draft tree of each shape (branches per depth; speculative/tree.py)."""
+        from mtpx.speculative.tree import draft_trees
+        return draft_trees(self, seqs, shapes)
 
     def _forward(self, x_prev, tokens, states, mode):
         return self.model.mtp_forward(x_prev, tokens, states, mode)
