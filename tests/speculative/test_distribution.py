@@ -37,16 +37,18 @@ def peaked(ckpt_factory):
     return llm
 
 
-def joint_counts(llm, prompt, params_kw, drafter, k, seed, samples=SAMPLES, first=3):
-    """Counts of the first `first` of 3 sampled tokens."""
+def joint_counts(llm, prompt, params_kw, drafter, k, seed, samples=SAMPLES, first=3, max_tokens=3):
+    """Counts of the first `first` of max_tokens sampled tokens; k: drafts a round, or a draft tree's shape (a
+    tuple)."""
     counts = Counter()
     rng = random.Random(seed)
-    policy = DraftPolicy(k, 0, adaptive=False) if drafter else None
+    tree = k if isinstance(k, tuple) else None
+    policy = DraftPolicy(len(tree) if tree else k, 0, adaptive=False, tree=tree) if drafter else None
     for _ in range(samples // BATCH):
         seqs = []
         for _ in range(BATCH):
             params = SamplingParams(**params_kw, seed=rng.getrandbits(62))
-            seq = llm.engine.new_sequence(prompt, 3, params, ignore_eos=True)
+            seq = llm.engine.new_sequence(prompt, max_tokens, params, ignore_eos=True)
             prefill(llm.model, drafter, seq)
             seqs.append(seq)
         while any(not s.finished for s in seqs):

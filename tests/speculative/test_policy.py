@@ -101,3 +101,40 @@ def test_a_new_request_keeps_the_backoff_where_drafting_won():
     assert entry[0] == 3 and entry[1] > 16
     policy.new_request()
     assert policy.explore[1] == entry
+
+
+def simulate_tree(policy: DraftPolicy, chain_rate: float, tree_rate: float, cost, rounds: int = 600) -> list:
+    """Rounds whose drafts are accepted position by position with chain_rate (chains) or tree_rate (a tree's
+    depths); cost(nodes) -> seconds of the round."""
+    import random
+    from mtpx.speculative.policy import nodes
+    rng, chosen = random.Random(0), []
+    for _ in range(rounds):
+        k = policy.next_k(1)
+        tree = k if isinstance(k, tuple) else None
+        depth = len(k) if tree else k
+        n, first = 0, 0  # the tree's first children are the chain's drafts: accepted at chain_rate
+        while n < depth:
+            u = rng.random()
+            if u >= (tree_rate if tree else chain_rate):
+                break
+            first += first == n and u < chain_rate
+            n += 1
+        policy.observe(1, [depth], [n], 0.0, cost(nodes(k)), tree=tree,
+                       chains=([depth], [first]) if tree else None)
+        chosen.append(k)
+    return chosen
+
+
+def test_trees_are_chosen_where_their_acceptance_pays_for_their_nodes():
+    """A tree (and its cuts) is one more option: chosen where its measured per-depth acceptance outweighs the
+    measured cost of its nodes, not where nodes are dear, and never where the chain does better."""
+    cheap = simulate_tree(DraftPolicy(3, 0, True, tree=(3, 2, 2)), 0.5, 0.9, lambda n: 1.0 + 0.05 * n)
+    assert cheap[-200:].count((3, 2, 2)) > 170
+    assert {(3,), (3, 2)} <= set(cheap)  # its cuts were measured too
+    dear = simulate_tree(DraftPolicy(3, 0, True, tree=(3, 2, 2)), 0.5, 0.9, lambda n: 1.0 + 0.4 * n)
+    assert not any(isinstance(k, tuple) for k in dear[-200:])
+    useless = simulate_tree(DraftPolicy(3, 0, True, tree=(3, 2, 2)), 0.8, 0.8, lambda n: 1.0 + 0.05 * n)
+    assert useless[-200:].count(3) > 170
+    fixed = DraftPolicy(3, 0, False, tree=(3, 2, 2))
+    assert fixed.next_k(1) == (3, 2, 2) and DraftPolicy(3, 0, False, tree=(1, 1)).next_k(1) == 3  # (1, 1): a chain

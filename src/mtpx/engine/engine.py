@@ -28,6 +28,7 @@ from mtpx.speculative.drafters import DraftHead, Drafter, DraftModelDrafter, MTP
 from mtpx.speculative.suffix import GlobalSuffixStore, SuffixDrafter
 from mtpx.speculative.loop import decode_round, prefill
 from mtpx.speculative.policy import DraftPolicy
+from mtpx.speculative.tree import supports_trees
 from mtpx.threads import ThreadTuner
 from mtpx.tokenizer import Tokenizer
 
@@ -117,7 +118,8 @@ class Engine:
             if self.model.mtp is None and len(spec.drafters) > 1:
                 raise FieldError("spec_type", f"spec_type {spec.spec_type!r}: mtp drafts with the model's MTP layer, "
                                  "and this checkpoint has none (use ngram, suffix or draft in the chain)")
-            drafter = MTPDrafter(self.model, spec.spec_draft_p_min, self.draft_head(spec.spec_draft_vocab))
+            drafter = MTPDrafter(self.model, spec.spec_draft_p_min, self.draft_head(spec.spec_draft_vocab),
+                                 sum(spec.spec_draft_tree or ()))
         else:
             if not spec.spec_draft_model:
                 raise RequestError("spec_type 'draft' needs spec_draft_model (a checkpoint with the same tokenizer)")
@@ -155,6 +157,13 @@ class Engine:
         if spec.speculative and self.max_drafts is not None and spec.spec_draft_n_max > self.max_drafts:
             raise RequestError(f"spec_draft_n_max is at most {self.max_drafts} with static step passes (CUDA "
                                f"graphs), got {spec.spec_draft_n_max}")
+        if spec.spec_draft_tree is not None:
+            if self.max_drafts is not None:
+                raise FieldError("spec_draft_tree", "spec_draft_tree: static step passes (CUDA graphs) verify chains "
+                                 "only; load the model with static_steps=False, or draft chains")
+            if not supports_trees(self.model):
+                raise FieldError("spec_draft_tree", "spec_draft_tree: draft trees run on the Qwen3.5 family (Qwen3.5 "
+                                 f"/ 3.6, Qwen3-Next); this model is {type(self.model).__name__}")
 
     def new_policy(self, spec: SpecConfig) -> DraftPolicy | None:
         """A fresh draft-length policy for `spec` (None without speculation)."""
@@ -162,7 +171,7 @@ class Engine:
             return None
         self.check_spec(spec)
         return DraftPolicy(spec.spec_draft_n_max, spec.spec_draft_n_min, spec.spec_draft_policy == "adaptive",
-                           self.row_block)
+                           self.row_block, spec.spec_draft_tree)
 
     def policy(self, spec: SpecConfig, params: SamplingParams) -> DraftPolicy | None:
         """The policy kept for this setting. What it measured (acceptance per position, the cost of rounds with k

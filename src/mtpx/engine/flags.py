@@ -81,6 +81,10 @@ SPEC_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
     "spec_ngram_max": (("--spec-ngram-max",), dict(type=int, default=4, help="longest n-gram to look up")),
     "spec_draft_vocab": (("--spec-draft-vocab",), dict(type=int, default=0, help="MTP drafts from the first N token "
                                                        "ids only (plus eos); 0 = the full vocabulary")),
+    "spec_draft_tree": (("--spec-draft-tree",), dict(default=None, help="draft a tree with the MTP layer: branches "
+                                                     "per depth, e.g. 3,2,1 (the 3 likeliest first tokens, 2 second "
+                                                     "tokens below them, 1 third), or one number W for W at each of "
+                                                     "--spec-draft-n-max depths; at most 64 nodes")),
     "spec_suffix_cache": (("--spec-suffix-cache",), dict(type=int, default=0, help="suffix drafting also matches the "
                                                          "outputs of earlier requests, up to N tokens of them "
                                                          "(0 = each request's own text only)")),

@@ -61,6 +61,17 @@ class GroupedDrafter(Drafter):
             groups.append([b])
         return groups
 
+    def propose_tree(self, seqs: list[Sequence], shapes: list[tuple[int, ...]]) -> list[Draft]:
+        """Draft trees (MTP), grouped as propose groups chains; a group's room is the tree's node count."""
+        ks = [sum(shape) for shape in shapes]
+        if not any(ks) or any(getattr(s.draft, "state", None) is None for s in seqs):
+            return self.inner.propose_tree(seqs, shapes)
+        drafts = [Draft() for _ in seqs]
+        for g in self.groups(seqs, ks):
+            for b, d in zip(g, self.inner.propose_tree([seqs[b] for b in g], [shapes[b] for b in g])):
+                drafts[b] = d
+        return drafts
+
     def propose(self, seqs, ks):
         if not any(k > 0 for k in ks) or any(getattr(s.draft, "state", None) is None for s in seqs):
             return self.inner.propose(seqs, ks)

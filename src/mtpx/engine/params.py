@@ -19,6 +19,7 @@ from mtpx.errors import RequestError
 DRY_BREAKERS = ("\n", ":", "\"", "*")  # llama.cpp's default dry_sequence_breakers
 MAX_LOGPROBS = 20  # most top_logprobs a request may ask for (OpenAI's cap)
 MAX_SUFFIX_CACHE = 1 << 21  # tokens of earlier outputs the suffix drafter may keep (its index: ~500 bytes a token)
+MAX_TREE_NODES = 64  # draft nodes a tree may hold (speculative/tree.py; the verify pass holds one more row)
 
 
 class FieldError(RequestError):
@@ -180,11 +181,19 @@ class SpecConfig:
     # the suffix drafter also matches the outputs of earlier requests, up to this many tokens of them (the server
     # keeps one store; 0: each request's own prompt and output only)
     spec_suffix_cache: int = 0
+    # a draft tree instead of a chain (speculative/tree.py): branches per depth, e.g. (3, 2, 1); given as one number
+    # W (or "W"): W branches at each of spec_draft_n_max depths; "3,2,1" as a string too. None: chains
+    spec_draft_tree: tuple[int, ...] | None = None
     # SYNTHETIC acceptance for benchmarks: position i accepted with probability P_i (the output is not the model's)
     spec_synth_rates: tuple[float, ...] | None = None
 
     def __post_init__(self):
         parse_spec_type(self.spec_type)
+        if self.spec_draft_tree is not None:
+            object.__setattr__(self, "spec_draft_tree", parse_tree_shape(self.spec_draft_tree, self.spec_draft_n_max))
+            if self.drafters != ("mtp",):
+                raise FieldError("spec_draft_tree", "spec_draft_tree: the MTP layer drafts the tree, so spec_type must "
+                                 f"be mtp, got {self.spec_type!r}")
         if self.spec_draft_policy not in DRAFT_POLICIES:
             raise FieldError("spec_draft_policy",
                              f"spec_draft_policy must be 'adaptive' or 'fixed', got {self.spec_draft_policy!r}")
@@ -214,10 +223,44 @@ class SpecConfig:
         out["spec_type"] = self.kind
         if self.spec_synth_rates is not None:
             out["spec_synth_rates"] = list(self.spec_synth_rates)
+        if self.spec_draft_tree is not None:
+            out["spec_draft_tree"] = list(self.spec_draft_tree)
         return out
 
 
 SPEC_FIELDS = tuple(f.name for f in fields(SpecConfig))
+
+
+def parse_tree_shape(given: Any, depths: int) -> tuple[int, ...]:
+    """A draft tree's branches per depth from one number W (W at each of `depths` depths), a string "W" or
+    "3,2,1", or a sequence of numbers. FieldError naming spec_draft_tree where it is empty, holds a number below 1,
+    or has more than MAX_TREE_NODES nodes in all."""
+    def bad(why: str) -> FieldError:
+        return FieldError("spec_draft_tree", f"spec_draft_tree {given!r}: {why}")
+    value = given
+    if isinstance(value, str):
+        if not value.strip():
+            raise bad("the tree is empty: give at least one depth")
+        parts = [p.strip() for p in value.split(",")]
+        if not all(p.lstrip("-").isdigit() for p in parts):
+            raise bad("give the number of branches at each depth, e.g. 3,2,1, or one number W for W at each depth")
+        value = int(parts[0]) if len(parts) == 1 else [int(p) for p in parts]
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        raise bad("must be a number of branches or a list of them, e.g. [3, 2, 1]")
+    if isinstance(value, int):
+        if depths < 1:
+            raise bad("one number W means W branches at each of spec_draft_n_max depths, and spec_draft_n_max is "
+                      f"{depths}")
+        value = [value] * depths
+    if not value:
+        raise bad("the tree is empty: give at least one depth")
+    if not all(isinstance(w, int) and not isinstance(w, bool) for w in value):
+        raise bad("branches per depth must be whole numbers")
+    if min(value) < 1:
+        raise bad("every depth needs at least 1 branch")
+    if sum(value) > MAX_TREE_NODES:
+        raise bad(f"{sum(value)} nodes is wider than a verify pass takes (at most {MAX_TREE_NODES} nodes in all)")
+    return tuple(value)
 
 
 def spec_config(given: Mapping[str, Any]) -> SpecConfig:
@@ -292,7 +335,8 @@ def sampling_from_json(data: Mapping[str, Any], defaults: Mapping[str, Any] | No
 SPEC_JSON = {"spec_type": "string", "spec_draft_n_max": "integer", "spec_draft_n_min": "integer",
              "spec_draft_p_min": "number", "spec_draft_policy": "string", "spec_draft_model": "string",
              "spec_ngram_min": "integer", "spec_ngram_max": "integer", "spec_draft_vocab": "integer",
-             "spec_suffix_cache": "integer", "spec_synth_rates": "array"}
+             "spec_suffix_cache": "integer", "spec_synth_rates": "array",
+             "spec_draft_tree": ("integer", "string", "array")}
 
 
 def spec_from_json(data: Mapping[str, Any]) -> SpecConfig:

@@ -19,10 +19,11 @@ class DraftCounts:
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
 
-    def add(self, k: int, n: int) -> None:
-        """A round that drafted k > 0 tokens and accepted the first n."""
+    def add(self, k: int, n: int, drafted: int | None = None) -> None:
+        """A round that drafted k > 0 positions and accepted the first n; `drafted`: the tokens drafted, where a
+        draft tree holds more than one at a position (default k)."""
         self.drafts += 1
-        self.drafted_tokens += k
+        self.drafted_tokens += k if drafted is None else drafted
         self.accepted_tokens += n
         while len(self.drafted_by_position) < k:
             self.drafted_by_position.append(0)
@@ -41,13 +42,14 @@ class SpecStats(DraftCounts):
     verify_s: float = 0.0
     by_drafter: dict[str, DraftCounts] = field(default_factory=dict)
 
-    def record(self, k: int, n: int, drafter: str = "") -> None:
-        """A round that drafted k tokens (with `drafter`) and accepted the first n."""
+    def record(self, k: int, n: int, drafter: str = "", drafted: int | None = None) -> None:
+        """A round that drafted k positions (with `drafter`; `drafted` tokens in all, for a tree) and accepted the
+        first n."""
         if k == 0:
             return
-        self.add(k, n)
+        self.add(k, n, drafted)
         if drafter:
-            self.by_drafter.setdefault(drafter, DraftCounts()).add(k, n)
+            self.by_drafter.setdefault(drafter, DraftCounts()).add(k, n, drafted)
 
 
 @dataclass

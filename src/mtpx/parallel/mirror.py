@@ -30,13 +30,13 @@ class Ref:
 
 
 class ChosenK:
-    """A draft policy whose next draft length was already chosen (on rank 0); what the round measured goes to the
-    policy that chose it, where there is one."""
+    """A draft policy whose next choice was already made (on rank 0): a draft length, or a draft tree's shape (a
+    tuple of branches per depth); what the round measured goes to the policy that chose it, where there is one."""
 
-    def __init__(self, k: int, policy: Any = None):
+    def __init__(self, k: int | tuple[int, ...], policy: Any = None):
         self.k, self.policy = k, policy
 
-    def next_k(self, batch: int = 1) -> int:
+    def next_k(self, batch: int = 1) -> int | tuple[int, ...]:
         return self.k
 
     def observe(self, *args: Any, **kw: Any) -> None:

@@ -7,6 +7,8 @@ Plain decoding is the same loop with no drafter (k = 0): verify is then a one-to
   n, tok  = accept(...)                                greedy prefix match or rejection sampling
   state.rollback(L + 1 + n)                            truncate attention, pick the recurrent state at position n
   drafter.on_accept(...)                               keep the drafter in step with what was accepted
+A round where the policy chose a tree shape drafts a tree with the MTP layer instead (tree_round): one forward over
+every node, the accepted path found by tree_accept.py, the caches moved to that path (SequenceState.keep_path).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from mtpx.sampling import accept, apply_penalties, choose
 from mtpx.speculative.chain import ChainDrafter
 from mtpx.speculative.drafters import Draft, Drafter
 from mtpx.speculative.policy import DraftPolicy
+from mtpx.speculative.tree import is_tree, pad_parents, verify_rows
+from mtpx.speculative.tree_accept import accept_tree, first_children
 
 
 def prefill(model: Qwen35Model, drafter: Drafter | None, seq: Sequence) -> list[int]:
@@ -77,6 +81,10 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
     room = [max(min(s.max_new - len(s.generated) - 1, s.max_len - len(s.tokens) - 1), 0) for s in seqs]
     if drafter is not None and policy is not None:
         k = policy.next_k(len(seqs))
+        if is_tree(k):
+            if hasattr(drafter, "propose_tree") and all(s.constraint is None for s in seqs):
+                return tree_round(model, drafter, policy, seqs, k, room, t0)
+            k = len(k)  # a grammar drafts chains (its forced tokens follow one path)
         ks = [min(k, r) for r in room]
     # a chain's lookup drafters (suffix drafting is one, alone) draft where they are confident, as many tokens as
     # their match supports up to n_max, whatever k the policy chose: lengths that vary from round to round leave
@@ -131,4 +139,50 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
                            t1 - t0 + t3 - t2, t2 - t1, started=t0, ended=t3)
         else:  # a round of lookup drafts only: neither a sample of the model drafter's cost nor a gap between its rounds
             policy.skip_gap()
+    return emitted
+
+
+def tree_round(model: Qwen35Model, drafter: Drafter, policy: DraftPolicy, seqs: list[Sequence],
+               shape: tuple[int, ...], room: list[int], t0: float) -> list[list[int]]:
+    """decode_round with a draft tree of `shape` (branches per depth, cut to each sequence's room) per sequence."""
+    drafts = drafter.propose_tree(seqs, [shape[:r] for r in room])
+    t1 = time.perf_counter()
+    parents = [[-1] + (d.parents if d.parents is not None else list(range(len(d.tokens)))) for d in drafts]
+    width = max(map(len, parents))
+    rows = [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)]
+    starts = [s.state.length for s in seqs]
+    for s, p in zip(seqs, parents):
+        s.state.mark()
+        s.state.tree = verify_rows(pad_parents(p, width), s.state.length)
+    batch = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=seqs[0].state.device)
+    try:
+        hidden = model(batch, [s.state for s in seqs], "step")
+    finally:
+        for s in seqs:
+            s.state.tree = None
+    logits = model.logits(hidden, step=True).float()
+    emitted, accepted_hidden, accepted_tokens, depths, n_accepted, chains = [], [], [], [], [], ([], [])
+    for b, (s, d) in enumerate(zip(seqs, drafts)):
+        path, tok, targets = accept_tree(logits[b, :len(rows[b])], d.tokens, parents[b][1:], s)
+        s.state.keep_path(starts[b], path)
+        n = len(path) - 1
+        depth = len(shape[:room[b]]) if d.tokens else 0
+        s.stats.record(depth, n, drafter.name, drafted=len(d.tokens))
+        accepted_tokens.append([rows[b][r] for r in path[1:]] + [tok])
+        emitted.append(s.append(accepted_tokens[-1]))
+        if s.params.logprobs is not None:
+            record_logprobs(s, targets, emitted[-1])
+        accepted_hidden.append(hidden[b, path])
+        depths.append(depth)
+        n_accepted.append(n)
+        for part, value in zip(chains, first_children(parents[b][1:], path)):
+            part.append(value)
+    t2 = time.perf_counter()
+    drafter.on_accept(seqs, accepted_hidden, accepted_tokens, drafts)
+    t3 = time.perf_counter()
+    for s in seqs:
+        s.stats.draft_s += (t1 - t0 + t3 - t2) / len(seqs)
+        s.stats.verify_s += (t2 - t1) / len(seqs)
+    policy.observe(len(seqs), depths, n_accepted, t1 - t0 + t3 - t2, t2 - t1, started=t0, ended=t3, tree=shape,
+                   chains=chains)
     return emitted

@@ -32,6 +32,13 @@ even at the cost of k - 1 drafts is not measured), and now and then the
 policy re-measures the runner-up (k + 1 while not drafting wins, n_min while drafting wins), at intervals that
 double from 16 to 256 rounds while the choice stays the same: a losing measurement pair costs ~2-3 rounds' time,
 ~1% of the time at 256 rounds.
+
+Draft trees (`tree`: branches per depth, speculative/tree.py) are more options of the same kind: the tree cut to
+each of its depths that branches somewhere, beside the chains n_min..n_max. A tree's expected tokens come from its own
+per-depth acceptance (a node of the depth accepted, given the path to it was; before it is measured, the chain's
+rate with each extra branch halving the misses), its cost from whole rounds with that shape, measured as a chain
+length's is. Options are judged in order of their node counts, so a cost floor carries from fewer nodes to more.
+`next_k` returns an int for a chain of k drafts, a tuple for a tree shape.
 """
 from __future__ import annotations
 
@@ -48,17 +55,30 @@ MEASURE_TRIES = 8  # measurement runs per (batch, k); drafts can come out shorte
 RECENT = 8  # rounds remembered for the reference of a ratio sample
 MEASURE_ROUNDS = 3  # rounds per measurement run; only the last one is a sample
 IDLE_GAP = 0.25  # seconds between rounds beyond which the gap is not counted as the round's cost
+TREE_MISS = 0.5  # a tree's prior: each extra branch at a depth halves the chain's misses there
+
+Choice = int | tuple  # a chain's k, or a tree's branches per depth
+
+
+def nodes(option: Choice) -> int:
+    """Draft tokens a round with this option verifies."""
+    return sum(option) if isinstance(option, tuple) else option
 
 
 class DraftPolicy:
-    def __init__(self, n_max: int = 3, n_min: int = 0, adaptive: bool = True, row_block: int | None = None):
+    def __init__(self, n_max: int = 3, n_min: int = 0, adaptive: bool = True, row_block: int | None = None,
+                 tree: tuple[int, ...] | None = None):
         if n_max < 0 or n_min < 0 or n_min > n_max:
             from mtpx.errors import RequestError
             raise RequestError(f"need 0 <= spec_draft_n_min <= spec_draft_n_max, got {n_min}, {n_max}")
         self.n_max, self.n_min, self.adaptive = n_max, n_min, adaptive
         self.row_block = row_block
+        self.tree = tuple(tree) if tree is not None and any(w > 1 for w in tree) else None
         self.tried = [0.0] * n_max  # drafts reaching position i (all earlier accepted)
         self.accepted = [0.0] * n_max
+        depth = len(self.tree) if self.tree else 0
+        self.tree_tried = [0.0] * depth  # tree rounds reaching depth i + 1 (a node of every depth before accepted)
+        self.tree_accepted = [0.0] * depth
         self.ratio: dict[tuple[int, int], float] = {}  # (batch, k) -> round time / round time with k = n_min
         self._ratio_samples: dict[tuple[int, int], list[float]] = {}
         self.recent: list[tuple[int, int, float]] = []  # (batch, k drafted, seconds) of the last rounds
@@ -71,16 +91,30 @@ class DraftPolicy:
         self.repeat_k, self.repeat_left, self.repeat_batch = 0, 0, 0
 
     def rate(self, i: int) -> float:
+        if i >= self.n_max:
+            return PRIOR_RATE
         return (self.accepted[i] + PRIOR_RATE * PRIOR_WEIGHT) / (self.tried[i] + PRIOR_WEIGHT)
 
-    def expected_tokens(self, k: int) -> float:
+    def tree_rate(self, i: int) -> float:
+        """The chance that the tree's depth i + 1 holds the target's token, given its path so far was accepted."""
+        prior = 1 - (1 - self.rate(i)) * TREE_MISS ** (self.tree[i] - 1)
+        return (self.tree_accepted[i] + prior * PRIOR_WEIGHT) / (self.tree_tried[i] + PRIOR_WEIGHT)
+
+    def expected_tokens(self, k: Choice) -> float:
+        """Tokens a round with this option is expected to emit."""
+        rates = [self.tree_rate(i) for i in range(len(k))] if isinstance(k, tuple) else map(self.rate, range(k))
         total, run = 1.0, 1.0
-        for i in range(k):
-            run *= self.rate(i)
+        for r in rates:
+            run *= r
             total += run
         return total
 
-    def round_ratio(self, batch: int, k: int) -> float | None:
+    def options(self) -> list[Choice]:
+        """The chains n_min..n_max and the branching cuts of the tree, by node count (chains first on a tie)."""
+        trees = [self.tree[:d] for d in range(1, len(self.tree) + 1) if max(self.tree[:d]) > 1] if self.tree else []
+        return sorted([*range(self.n_min, self.n_max + 1), *trees], key=lambda o: (nodes(o), isinstance(o, tuple)))
+
+    def round_ratio(self, batch: int, k: Choice) -> float | None:
         """Time of a round with k drafts relative to one with n_min, at this batch size: measured, or interpolated
         between two measured batch sizes; None when it would have to be extrapolated."""
         if k == self.n_min:
@@ -95,20 +129,22 @@ class DraftPolicy:
         lo, hi = max(below), min(above)
         return table[lo] + (table[hi] - table[lo]) * (batch - lo) / (hi - lo)
 
-    def weight_reads(self, batch: int, k: int) -> float:
-        """Lower bound of a round's time with k drafts relative to one with n_min: how many more times its
-        matmuls read the weights (1 where rows are not blocked)."""
+    def weight_reads(self, batch: int, k: Choice) -> float:
+        """Lower bound of a round's time with k drafts (or a tree) relative to one with n_min: how many more times
+        its matmuls read the weights (1 where rows are not blocked)."""
         if not self.row_block:
             return 1.0
         blocks = lambda rows: -(-rows // self.row_block)
-        return blocks(batch * (k + 1)) / blocks(batch * (self.n_min + 1))
+        return blocks(batch * (nodes(k) + 1)) / blocks(batch * (self.n_min + 1))
 
-    def _could_win(self, k: int, cost_floor: float, best: float) -> bool:
+    def _could_win(self, k: Choice, cost_floor: float, best: float) -> bool:
         """Whether k drafts, at a round cost of at least cost_floor, could beat the best value so far."""
         return self.expected_tokens(k) / cost_floor / (1 + MARGIN) > best
 
-    def next_k(self, batch: int = 1) -> int:
-        if not self.adaptive or self.n_max == self.n_min:
+    def next_k(self, batch: int = 1) -> Choice:
+        if not self.adaptive:
+            return self.tree or self.n_max
+        if self.n_max == self.n_min and self.tree is None:
             return self.n_max
         self.rounds += 1
         if self.repeat_left > 0:  # rest of a measurement run ...
@@ -118,9 +154,9 @@ class DraftPolicy:
             self.repeat_left = 0  # ... unless the batch size changed: its rounds would not compare (and a k chosen
             # for 4 sequences may read the weights twice for 8)
         best_k, best, floor = self.n_min, -1.0, 1.0
-        for k in range(self.n_min, self.n_max + 1):
+        for k in self.options():
             ratio = self.round_ratio(batch, k)
-            margin = 1 + MARGIN if k > self.n_min else 1
+            margin = 1 + MARGIN if k != self.n_min else 1
             floor = max(floor, self.weight_reads(batch, k))
             if ratio is None:  # not measured at this batch size yet
                 if not self._could_win(k, floor, best):
@@ -139,14 +175,16 @@ class DraftPolicy:
         explore[2] += 1
         if explore[2] >= explore[1]:  # keep the runner-up's acceptance and cost measured
             explore[1], explore[2] = min(2 * explore[1], EXPLORE_MAX), 0
-            runner_up = self.n_min if best_k > self.n_min else min(best_k + 1, self.n_max)
-            if runner_up > self.n_min and not self._could_win(runner_up, self.weight_reads(batch, runner_up), best):
+            options = self.options()
+            runner_up = self.n_min if best_k != self.n_min else options[min(options.index(self.n_min) + 1,
+                                                                           len(options) - 1)]
+            if runner_up != self.n_min and not self._could_win(runner_up, self.weight_reads(batch, runner_up), best):
                 return best_k  # it cannot win at this batch size whatever it measures
             self.repeat_k, self.repeat_left, self.repeat_batch = runner_up, MEASURE_ROUNDS - 1, batch
             return self.repeat_k
         return best_k
 
-    def _measure(self, batch: int, k: int) -> int:
+    def _measure(self, batch: int, k: Choice) -> Choice:
         """Start a measurement run of k, right after a round whose ratio is known (the reference)."""
         last = self.recent[-1] if self.recent else None
         if last is None or last[:2] != (batch, self.n_min):
@@ -164,6 +202,8 @@ class DraftPolicy:
         cost ratio that does not depend on the text (restarting it there cost the demo's bench 1-6 % at k <= 3)."""
         self.tried = [t / 2 for t in self.tried]
         self.accepted = [a / 2 for a in self.accepted]
+        self.tree_tried = [t / 2 for t in self.tree_tried]
+        self.tree_accepted = [a / 2 for a in self.tree_accepted]
         for entry in self.explore.values():
             if entry[0] == self.n_min:
                 entry[1], entry[2] = EXPLORE_EVERY, 0
@@ -182,12 +222,22 @@ class DraftPolicy:
         self.last_end = None
 
     def observe(self, batch: int, ks: list[int], accepted: list[int], draft_s: float, verify_s: float,
-                started: float | None = None, ended: float | None = None) -> None:
-        for k, n in zip(ks, accepted):
-            for i in range(min(k, n + 1)):
-                self.tried[i] += 1
-                self.accepted[i] += i < n
-        k, t = (max(ks) if ks else 0), draft_s + verify_s
+                started: float | None = None, ended: float | None = None, tree: tuple | None = None,
+                chains: tuple[list[int], list[int]] | None = None) -> None:
+        """A round: ks[b] draft positions (a tree's depth) of which accepted[b] were accepted; `tree`: the shape of
+        a tree round (the option its time is a sample of), `chains`: the length of the chain of likeliest children
+        in each tree and how much of it was accepted (what chain drafting would have got: the chains' acceptance
+        stays measured while trees are chosen)."""
+        counts = [(self.tree_tried, self.tree_accepted, ks, accepted)] if tree is not None else \
+            [(self.tried, self.accepted, ks, accepted)]
+        if chains is not None:
+            counts.append((self.tried, self.accepted, *chains))
+        for tried, hits, lengths, accepted_n in counts:
+            for k, n in zip(lengths, accepted_n):
+                for i in range(min(k, n + 1, len(tried))):
+                    tried[i] += 1
+                    hits[i] += i < n
+        k, t = tree if tree is not None else (max(ks) if ks else 0), draft_s + verify_s
         if started is not None and self.last_end is not None and 0 <= started - self.last_end <= IDLE_GAP:
             t += started - self.last_end
         self.last_end = ended
@@ -209,7 +259,7 @@ class DraftPolicy:
         self.recent.append((batch, k, t))
         del self.recent[:-RECENT]
 
-    def _add_ratio(self, batch: int, k: int, value: float) -> None:
+    def _add_ratio(self, batch: int, k: Choice, value: float) -> None:
         window = self._ratio_samples.setdefault((batch, k), [])
         window.append(value)
         del window[:-WINDOW]
