@@ -210,6 +210,20 @@ def test_parse_chained_and_suffix_modes():
             runner.parse_mode(bad)
 
 
+def test_parse_tree_modes():
+    """treeAxBxC: an MTP draft tree (x, not commas: --modes splits at those); adaptive-treeAxBxC: the policy's."""
+    m = {m.name: m for m in runner.parse_modes(["tree3x2x1", "adaptive-tree3x2x1", "tree2x2v2048"], 6)}
+    assert (m["tree3x2x1"].spec().spec_draft_tree, m["tree3x2x1"].k, m["tree3x2x1"].policy) == ((3, 2, 1), 3, "fixed")
+    adaptive = m["adaptive-tree3x2x1"].spec()
+    assert (adaptive.spec_draft_tree, adaptive.spec_draft_n_max, adaptive.spec_draft_policy) == ((3, 2, 1), 6,
+                                                                                                  "adaptive")
+    assert m["tree2x2v2048"].spec().spec_draft_vocab == 2048
+    for bad, message in (("tree0x2", "at least 1 branch"), ("tree40x30", "wider"), ("tree3x2+ngram", "not a tree"),
+                         ("tree", "unknown mode")):
+        with pytest.raises(Exception, match=message):
+            runner.parse_mode(bad)
+
+
 def test_shipped_prompt_sets():
     for w in prompts.load_workloads(list(prompts.WORKLOADS)):
         assert len(w.prompts) >= 20 and len(set(w.prompts)) == len(w.prompts)

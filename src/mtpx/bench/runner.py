@@ -38,6 +38,7 @@ class Mode:
     k: int  # drafts per round (the maximum for the adaptive policy)
     policy: str = "fixed"  # fixed | adaptive
     draft_vocab: int = 0  # MTP drafts from the first N token ids (DraftHead); 0 = full vocabulary
+    tree: tuple[int, ...] | None = None  # an MTP draft tree's branches per depth (spec_draft_tree)
 
     @property
     def speculative(self) -> bool:
@@ -52,7 +53,7 @@ class Mode:
             raise RequestError(f"mode {self.name!r} needs --spec-draft-model")
         return SpecConfig(self.spec_type, spec_draft_n_max=self.k, spec_draft_policy=self.policy,
                           spec_draft_vocab=self.draft_vocab, spec_synth_rates=synth_rates,
-                          spec_draft_model=draft_model if drafts_with_model else None)
+                          spec_draft_model=draft_model if drafts_with_model else None, spec_draft_tree=self.tree)
 
     @property
     def drafters(self) -> list[str]:
@@ -61,18 +62,29 @@ class Mode:
 
 def parse_mode(name: str, adaptive_n_max: int = 4) -> Mode:
     """none | mtpK | mtp (= mtp3) | adaptive (MTP, adaptive k up to adaptive_n_max) | draft[K] | ngram[K] |
-    suffix[K]; mtp modes take a reduced draft vocabulary as a suffix: mtp3v4096, adaptivev4096. A mode followed by
-    +ngram / +suffix chains those lookup drafters before it (k is then also theirs): adaptive+ngram drafts with
-    spec_type mtp,ngram, suffix+mtp is not a mode (write adaptive+suffix)."""
+    suffix[K] | treeAxBxC (an MTP draft tree of A, B, C branches at depths 1, 2, 3: spec_draft_tree A,B,C; "x"
+    because --modes splits at commas) | adaptive-treeAxBxC (the adaptive policy choosing among chains up to
+    adaptive_n_max and the tree's cuts); mtp and tree modes take a reduced draft vocabulary as a suffix: mtp3v4096,
+    adaptivev4096, tree3x2v4096. A mode followed by +ngram / +suffix chains those lookup drafters before it (k is
+    then also theirs): adaptive+ngram drafts with spec_type mtp,ngram, suffix+mtp is not a mode (write
+    adaptive+suffix)."""
     name = name.strip()
+    m = re.fullmatch(r"(adaptive-)?tree(\d+(?:x\d+)*)(?:v(\d+))?", name)
+    if m:
+        try:
+            tree = SpecConfig("mtp", spec_draft_tree=[int(w) for w in m[2].split("x")]).spec_draft_tree  # checked
+        except RequestError as e:
+            raise RequestError(f"mode {name!r}: {e}") from None
+        k = max(adaptive_n_max, len(tree)) if m[1] else len(tree)
+        return Mode(name, "mtp", k, "adaptive" if m[1] else "fixed", int(m[3] or 0), tree)
     base, *lookups = name.split("+")
     if lookups:
         if any(x not in LOOKUPS for x in lookups) or len(set(lookups)) != len(lookups):
             raise RequestError(f"unknown mode {name!r}: a chain is a mode followed by +ngram and / or +suffix, "
                                "e.g. adaptive+ngram")
         mode = parse_mode(base, adaptive_n_max)
-        if mode.spec_type == "none" or set(mode.drafters) & set(lookups):
-            raise RequestError(f"mode {name!r}: chain ngram / suffix after a drafting mode, each once")
+        if mode.spec_type == "none" or set(mode.drafters) & set(lookups) or mode.tree is not None:
+            raise RequestError(f"mode {name!r}: chain ngram / suffix after a drafting mode (not a tree), each once")
         return Mode(name, ",".join([mode.spec_type, *lookups]), mode.k, mode.policy, mode.draft_vocab)
     if name == "none":
         return Mode("none", "none", 0)
@@ -81,9 +93,9 @@ def parse_mode(name: str, adaptive_n_max: int = 4) -> Mode:
         return Mode(name, "mtp", adaptive_n_max, "adaptive", int(m[1] or 0))
     m = re.fullmatch(r"(mtp|draft|ngram|suffix)(\d*)(?:v(\d+))?", name)
     if not m or (m[3] and m[1] != "mtp"):
-        raise RequestError(f"unknown mode {name!r}: use none, mtp1..mtpK, adaptive, draft[K], ngram[K], suffix[K] "
-                           "(mtp and adaptive with an optional draft vocabulary: mtp3v4096), or chain +ngram / "
-                           "+suffix after one (adaptive+ngram)")
+        raise RequestError(f"unknown mode {name!r}: use none, mtp1..mtpK, adaptive, draft[K], ngram[K], suffix[K], "
+                           "treeAxBxC, adaptive-treeAxBxC (mtp, adaptive and trees with an optional draft vocabulary: "
+                           "mtp3v4096), or chain +ngram / +suffix after one (adaptive+ngram)")
     k = int(m[2]) if m[2] else DEFAULT_K
     if k < 1:
         raise RequestError(f"mode {name!r}: the number of drafts must be >= 1")

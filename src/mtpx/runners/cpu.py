@@ -70,9 +70,9 @@ def _attention(self: q35.Attention, fallback: Callable, x: torch.Tensor, p: q35.
     if not p.step_over_caches or any(p.tree(b) is not None and not p.tree(b).in_place for b in range(x.shape[0])):
         return fallback(x, p)
     qkv = project_joined(self, self.FUSED_PROJECTIONS, x)
-    step = lambda b, rows, start: kernels.attention_step(qkv[b, rows], self.q_norm.weight, self.k_norm.weight,
-                                                         p.cos[b, rows], p.sin[b, rows], *p.states[b].kv[self.layer_idx],
-                                                         start, self.n_heads, self.n_kv, self.head_dim, self.q_norm.eps)
+    step = lambda b, rows, start: kernels.attention_step(
+        qkv[b, rows], self.q_norm.weight, self.k_norm.weight, p.cos[b, rows], p.sin[b, rows],
+        *p.states[b].kv[self.layer_idx], start, self.n_heads, self.n_kv, self.head_dim, self.q_norm.eps)
     out = torch.stack([step(b, slice(None), p.states[b].length) if p.tree(b) is None
                        else _attention_tree(self, p.states[b], p.tree(b), lambda rows, start: step(b, rows, start))
                        for b in range(x.shape[0])])
