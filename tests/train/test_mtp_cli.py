@@ -88,3 +88,10 @@ def test_refining_keeps_the_layout_and_starts_from_the_stored_layer(family_facto
     moved = (after[eh_proj] - before[eh_proj]).abs().max().item()
     assert 0 < moved < 0.05 * before[eh_proj].abs().max().item()  # fine-tuned, not re-initialised
     assert {n for n in after if is_mtp_disk_name(cfg, n)} >= {n for n in before if is_mtp_disk_name(cfg, n)}
+
+
+def test_a_gguf_or_missing_model_is_refused_by_name(corpus, tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    for model in (tmp_path / "model.gguf", tmp_path / "absent"):
+        with pytest.raises(mtp_cli.TrainMTPError, match=f"{model.name} is not one"):
+            train_mtp(model, corpus, tmp_path / "out")
