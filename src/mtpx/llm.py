@@ -18,6 +18,7 @@ from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
 from mtpx.loading.checkpoint import count_mtp_layers
 from mtpx.models.interface import CausalLM
+from mtpx.models.linear import weight_bytes
 from mtpx.parallel.config import ParallelConfig
 from mtpx.parallel.group import Group
 from mtpx.parallel.launch import join
@@ -108,6 +109,10 @@ class LLM:
                              row_block=self.runner.step_row_block, thread_tuner=self.thread_tuner,
                              load_draft_model=self._load_draft_model)
         if self.group is not None:
+            # what each rank's main-model pass reads (the bench reports them; under layer split they differ)
+            self.rank_weight_bytes = self.group.gather_object(
+                weight_bytes(self.model, {id(p) for p in self.model.model.embed_tokens.parameters()} |
+                             ({id(p) for p in self.model.mtp.parameters()} if self.model.mtp is not None else set())))
             if self.group.rank == 0:
                 self.engine.attach(self.group)
                 atexit.register(self.close)

@@ -327,7 +327,8 @@ def run(args: argparse.Namespace) -> dict:
         "git_commit": git_commit(), "torch": torch.__version__, "threads": _threads(llm),
         "device": str(llm.device), "dtype": dtype_name(llm), **cpu_kernels_meta(llm),
         "parallel": {"kind": llm.parallel.kind, "ranks": llm.parallel.world, "stages": list(llm.parallel.stages),
-                     "backend": "nccl" if llm.device.type == "cuda" else "gloo"} if llm.group is not None else None,
+                     "backend": "nccl" if llm.device.type == "cuda" else "gloo",
+                     "rank_weight_bytes": llm.rank_weight_bytes} if llm.group is not None else None,
         "repeat": args.repeat, "temperatures": cfg.temperatures, "sampling": sampling, "ignore_eos": cfg.ignore_eos,
         "synthetic": synth is not None, "synthetic_rates": synth, "draft_model": draft_model,
         "modes": runner.mode_dicts(modes),
@@ -337,6 +338,7 @@ def run(args: argparse.Namespace) -> dict:
         "json_schema": {"file": args.json_schema, "schema": json.loads(schema.source)} if schema else None,
         "contexts": args.context,
     }
+    llm.close()  # stops the other ranks where the model ran over several
     return {"meta": meta, "records": records, "memory": memory, "costs": costs, "costs_by_context": costs_by_context,
             "bandwidth": bandwidth,
             "weights": weights, "peers": peers, "runs": rows}

@@ -157,12 +157,12 @@ def peers_table(peers: list[dict], records: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
-def parallel_table(records: list[dict], weights: dict | None, parallel: dict) -> str:
+def parallel_table(records: list[dict], parallel: dict) -> str:
     """Per mode over several ranks: a decode round's time, the part of it in collectives, what they moved, and the
-    weights rank 0 reads per main-model pass."""
-    per_pass = (weights["main_dense"] + weights["lm_head"]) / MiB if weights else None
-    lines = [f"{parallel['kind']} over {parallel['ranks']} ranks ({parallel['backend']}); rank 0 reads "
-             f"{_f(per_pass)} MiB of weights per main-model pass.", "",
+    weights each rank reads per main-model pass."""
+    per_rank = ", ".join(f"{b / MiB:.1f}" for b in parallel.get("rank_weight_bytes") or [])
+    lines = [f"{parallel['kind']} over {parallel['ranks']} ranks ({parallel['backend']}); each rank reads "
+             f"{per_rank} MiB of weights per main-model pass (rank 0 first).", "",
              "| workload | T | mode | decode tok/s | round ms | collectives ms / round | share | KiB moved / round |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -202,8 +202,7 @@ def write_markdown(result: dict, out: Path) -> Path:
                   "the same schema.", ""]
     parts += ["### Speed and acceptance", "", records_table(result["records"], result.get("memory"))]
     if meta.get("parallel"):
-        parts += ["", "### Over several ranks", "", parallel_table(result["records"], result.get("weights"),
-                                                                   meta["parallel"]), ""]
+        parts += ["", "### Over several ranks", "", parallel_table(result["records"], meta["parallel"]), ""]
     if meta.get("contexts"):
         from mtpx.bench.context import context_table
         parts += ["### Long contexts", "", context_table(result["records"], result.get("costs_by_context")), ""]

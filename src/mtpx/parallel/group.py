@@ -104,6 +104,12 @@ class Group:
         self._timed(lambda: dist.broadcast(out, src), x.numel() * x.element_size())
         return out
 
+    def gather_object(self, value: object) -> list:
+        """Every rank's value, in rank order (a collective: every rank calls it at the same point)."""
+        out: list = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
     # ---- rank 0's commands ------------------------------------------------------------------------------------------
     def tell(self, message: object) -> None:
         """Send a command to every other rank (rank 0 only), in order."""

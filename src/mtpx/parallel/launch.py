@@ -32,8 +32,10 @@ def join(config: ParallelConfig, device: torch.device, spawn: Callable[[], None]
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         store = dist.TCPStore(host, int(port), world, is_master=False, timeout=COMMAND_TIMEOUT)
         store.set(f"joined{rank}", "1")
-    elif "RANK" in os.environ or dist.is_initialized():  # torchrun's
+    elif "RANK" in os.environ:  # torchrun's
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    elif dist.is_initialized():
+        raise RequestError("this process already runs a model over several ranks: close() it before loading another")
     else:
         if spawn is None:
             raise RequestError("this process was not started by torchrun and cannot start the other ranks")
