@@ -4,7 +4,9 @@ at long contexts.
 Each context N is a workload `ctxN` whose prompts are N − max_tokens tokens of real text, so that generation ends at
 N tokens of context: windows of one long document, mtpx's own Python sources in path order (or the prompts of
 `--prompts FILE` joined), taken as token ids so every prompt has exactly that length. The windows of one context
-are consecutive (evenly spread where the document is short; it repeats where it is shorter than one window).
+are consecutive (evenly spread where the document is short; it repeats where it is shorter than one window). The
+sources change from commit to commit, and the prompts with them: compare contexts and modes within one report (it
+records its commit).
 
 Memory per sequence, from the bench's rows (memory.SequenceBytes): the main model's caches (attention caches
 allocated for the sequence's max length, Gated DeltaNet states) against what the drafter holds for that sequence alone
@@ -95,7 +97,7 @@ def measure_context_costs(model, workloads: list[Workload], draft_model=None, lo
     out = {}
     for w in workloads:
         log(f"bench: cost model at {w.name}")
-        out[w.name] = measure_costs(model, context=len(w.prompts[0]), reps=7, draft_model=draft_model, prefills=0)
+        out[w.name] = measure_costs(model, context=len(w.prompts[0]), draft_model=draft_model, prefills=0)
     return out
 
 
