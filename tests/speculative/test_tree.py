@@ -82,7 +82,7 @@ def test_verify_layout_puts_every_row_where_a_decode_of_its_path_would():
     rows = verify_rows(parents, 100)
     assert parents[-1] == 4 and rows.positions == rows.writes == (100, 101, 102, 102, 101, 102, 102)
     assert rows.keys[3] == (100, 101, 102) and rows.prefix == 100 and rows.in_place and rows.end == 103
-    assert rows.segments() == [(0, 3), (3, 4), (4, 6), (6, 7)]
+    assert rows.segments == [(0, 3), (3, 4), (4, 6), (6, 7)]
     # conv windows (kernel 4): columns 0..2 hold the state's inputs, column 3 + t row t's
     windows = rows.windows(4)
     assert windows[0] == [0, 1, 2, 3] and windows[2] == [2, 3, 4, 5] and windows[3] == [2, 3, 4, 6]

@@ -4,6 +4,7 @@ rotary tables, the gated delta rule in its chunked (prefill) and per-token (step
 a draft tree. Reference math only, like the family files."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -104,15 +105,17 @@ class TreeRows:
     keys: tuple[tuple[int, ...], ...]
     prefix: int
 
-    @property
+    # each layer of a pass asks again: computed once (a frozen dataclass keeps cached values in its __dict__)
+    @functools.cached_property
     def in_place(self) -> bool:
         return all(k == tuple(range(self.prefix, w + 1)) for k, w in zip(self.keys, self.writes))
 
-    @property
+    @functools.cached_property
     def end(self) -> int:
         """One past the last cache position the pass writes."""
         return max(self.writes) + 1
 
+    @functools.cached_property
     def segments(self) -> list[tuple[int, int]]:
         """Runs [a, e) of rows each of which is the child of the row before it: chains a step kernel can take whole."""
         bounds = [t for t in range(1, len(self.parents)) if self.parents[t] != t - 1]
@@ -121,13 +124,15 @@ class TreeRows:
     def windows(self, kernel: int) -> list[list[int]]:
         """Per row, the K columns of its causal conv window along its path, in an array of the K - 1 inputs the
         sequence's conv state holds followed by one column per row."""
-        before = {-1: list(range(kernel - 1))}
-        out = []
-        for t, parent in enumerate(self.parents):
-            window = before[parent] + [kernel - 1 + t]
-            before[t] = window[1:]
-            out.append(window)
-        return out
+        cached = self.__dict__.setdefault("_windows", {})
+        if kernel not in cached:
+            before = {-1: list(range(kernel - 1))}
+            out = cached[kernel] = []
+            for t, parent in enumerate(self.parents):
+                window = before[parent] + [kernel - 1 + t]
+                before[t] = window[1:]
+                out.append(window)
+        return cached[kernel]
 
 
 _ROTARY: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (theta, dim, dtype, device) -> cos, sin by position

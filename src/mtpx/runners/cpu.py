@@ -86,7 +86,7 @@ def _attention_tree(self: q35.Attention, state: SequenceState, tree, step: Calla
     T = len(tree.parents)
     keys, values = K.new_empty(K.shape[0], T, K.shape[2]), V.new_empty(V.shape[0], T, V.shape[2])
     outs = []
-    for a, e in tree.segments():
+    for a, e in tree.segments:
         w = tree.writes[a]
         outs.append(step(slice(a, e), w))
         keys[:, a:e], values[:, a:e] = K[:, w:w + e - a], V[:, w:w + e - a]
@@ -114,7 +114,7 @@ def _gdn(self: q35.GatedDeltaNet, fallback: Callable, x: torch.Tensor, p: q35.Pa
         base = len(snaps)  # snaps[base + t]: the states after row t, as the calls below record them
         current = state.conv[i], state.recurrent[i]
         parts = []
-        for a, e in tree.segments() if tree is not None else [(0, proj.shape[1])]:
+        for a, e in tree.segments if tree is not None else [(0, proj.shape[1])]:
             parent = tree.parents[a] if tree is not None else -1
             conv, before = current if parent < 0 else snaps[base + parent]
             if callable(before):  # a state between positions of an earlier chain: rebuilt now
