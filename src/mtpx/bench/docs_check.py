@@ -166,7 +166,7 @@ METRICS = {
                   if _record(rep, k).get("bandwidth_fraction") is not None else None),
     "verify / step": (2, lambda rep, k: _costs(rep, k)["verify_rel"][str(_k(k))]),
     "verify ms": (1, lambda rep, k: 1000 * _costs(rep, k)["verify_s"][str(_k(k) + 1)]),
-    "step ms": (2, lambda rep, k: 1000 * _costs(rep, k)["plain_step_s"]),
+    "step ms": (1, lambda rep, k: 1000 * _costs(rep, k)["plain_step_s"]),
     "mtp draft / step": (2, lambda rep, k: _costs(rep, k).get("c_mtp_chain", _costs(rep, k).get("c_mtp"))),
     "extra peak mib": (1, lambda rep, k: _spec(k, lambda: _memory(rep, k)["extra_peak_bytes"] / MiB)),
     "drafter stat mib": (1, lambda rep, k: _spec(k, lambda: _memory(rep, k)["drafter_memory_bytes"] / MiB)),
@@ -180,7 +180,7 @@ METRICS = {
     "collectives ms / round": (1, lambda rep, k: _scaled(_record(rep, k).get("collective_s_per_round"), 1000)),
     "kib moved / round": (1, lambda rep, k: _scaled(_record(rep, k).get("collective_bytes_per_round"), 1 / 1024)),
     "prompt tokens": (0, lambda rep, k: _record(rep, k)["prompt_tokens_mean"]),
-    "drafter prompt pass ms": (1, lambda rep, k: _spec(k, lambda: 1000 * _record(rep, k)["drafter_prefill_s"])),
+    "drafter prompt pass ms": (0, lambda rep, k: _spec(k, lambda: 1000 * _record(rep, k)["drafter_prefill_s"])),
     "main caches mib": (1, lambda rep, k: _record(rep, k)["cache_bytes"] / MiB),
     "drafter per sequence mib": (1, lambda rep, k: _spec(k, lambda: _record(rep, k)["drafter_sequence_bytes"] / MiB)),
     "drafter / main": (3, lambda rep, k: _spec(k, lambda: _record(rep, k)["drafter_sequence_bytes"]
