@@ -77,6 +77,24 @@ def test_a_long_generation_keeps_drafter_memory_within_the_bound(llm):
     assert out.stats["drafter_memory_bytes"] - weights <= mtp_bound(llm, seq, 200)
 
 
+def test_mtp_reads_only_a_long_prompts_latest_pairs(llm, monkeypatch):
+    """A prompt longer than the window: the MTP layer's cache holds the window's pairs and what follows them, and
+    greedy output is still plain decoding's."""
+    from mtpx.speculative import drafters
+    monkeypatch.setattr(drafters, "MTP_PROMPT_WINDOW", 8)
+    prompt = list(range(5, 45))
+    plain = llm.generate(prompt, max_tokens=30, spec_type="none", ignore_eos=True).token_ids
+    drafter = MTPDrafter(llm.model)
+    seq = llm.engine.new_sequence(prompt, 30, SamplingParams(), ignore_eos=True)
+    prefill(llm.model, drafter, seq)
+    assert seq.draft.pending_tokens == seq.tokens[len(prompt) - 7:len(prompt) + 1]
+    assert seq.draft.state.max_len == seq.max_len - len(prompt) + 8
+    policy = DraftPolicy(3, 0, adaptive=False)
+    while not seq.finished:
+        decode_round(llm.model, drafter, policy, [seq])
+    assert seq.generated == plain and seq.stats.drafts > 0
+
+
 def test_rollback_snapshots_hold_one_round(llm):
     drafter = MTPDrafter(llm.model)
     seq = llm.engine.new_sequence(list(range(5, 25)), 60, SamplingParams(), ignore_eos=True)

@@ -22,6 +22,10 @@ from mtpx.state import SequenceState
 
 PREFILL_ROWS = 8  # catch-up passes longer than this (the prompt) use the parallel prefill path
 MTP_BACKLOG = 16  # after rounds without drafting, the MTP layer catches up on only this many latest positions
+# The MTP layer reads only this many latest pairs of a long prompt: its pass over the whole prompt grew with the
+# context until it cost more than MTP gained (bench --context), while on the demo model windows of 64 to 2048 pairs
+# drafted as well as the whole 4k prompt. Drafts are only proposals, so the output is the same either way.
+MTP_PROMPT_WINDOW = 2048
 
 
 @dataclass
@@ -216,10 +220,12 @@ class MTPDrafter(_StatefulDrafter):
     def start(self, seq, prompt_hidden):
         # pairs (h_i, t_{i+1}) of the prompt plus (h_last, first generated token): filled by the first propose,
         # after the first token has been emitted, so time-to-first-token is unchanged
+        tokens = seq.tokens[1:seq.n_prompt + 1][-MTP_PROMPT_WINDOW:]
         pool = getattr(seq.state, "pool", None)  # a static main state: the MTP layer's caches static too
+        # its cache holds the prompt's window and what follows it
         state = (pool.acquire("mtp", seq.max_len) if pool is not None
-                 else self.model.new_mtp_state(seq.max_len + self.tree_nodes))
-        seq.draft = _DraftState(state, prompt_hidden, seq.tokens[1:seq.n_prompt + 1])
+                 else self.model.new_mtp_state(seq.max_len - seq.n_prompt + len(tokens) + self.tree_nodes))
+        seq.draft = _DraftState(state, prompt_hidden[-len(tokens):], tokens)
 
     def _pending(self, seq):
         d = seq.draft
@@ -281,7 +287,7 @@ class MTPDrafter(_StatefulDrafter):
             d.add_pending(h, e)
             # rounds without drafting would pile up a hidden state per token; the catch-up reads only the last
             # MTP_BACKLOG of them (and the prompt's, before the layer has seen it), so the rest can go
-            d.trim(0 if d.committed else seq.n_prompt, MTP_BACKLOG)
+            d.trim(0 if d.committed else min(seq.n_prompt, MTP_PROMPT_WINDOW), MTP_BACKLOG)
 
     def memory_bytes(self, seq):
         weights = weight_bytes(self.model.mtp) + (self.head.nbytes() if self.head is not None else 0)
