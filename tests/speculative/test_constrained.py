@@ -27,6 +27,7 @@ def test_greedy_constrained_speculation_equals_plain(llm, grammar):
     for prompt in PROMPTS:
         plain = llm.generate(prompt, max_tokens=40, grammar=grammar, logprobs=2, spec_type="none")
         for spec in (dict(spec_type="mtp", spec_draft_n_max=3, spec_draft_policy="fixed"),
+                     dict(spec_type="mtp", spec_draft_tree="2,2", spec_draft_policy="fixed"),  # chains under a grammar
                      dict(spec_type="ngram", spec_ngram_min=1, spec_draft_n_max=4, spec_draft_policy="fixed"),
                      dict(spec_type="draft", spec_draft_model=str(llm.path), spec_draft_n_max=3,
                           spec_draft_policy="fixed")):  # the model as its own draft: its drafts pass the grammar

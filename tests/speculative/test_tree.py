@@ -135,6 +135,29 @@ def test_penalties_follow_each_rows_path(dense_ckpt, penalties):
         assert out.token_ids == ref
 
 
+def test_eos_and_stop_strings_inside_an_accepted_path_end_where_plain_decoding_ends(dense_ckpt):
+    llm = mtpx.LLM(dense_ckpt)
+    for i, p in enumerate(prompts(4, seed=37)):
+        ref = llm.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True, spec_type="none")
+        llm.engine.eos = {ref.token_ids[6 + i]}
+        llm.engine.drafter = lambda spec, batched=False: OracleTree({tuple(p): ref.token_ids}, llm.config.vocab_size,
+                                                                    seed=i)
+        try:
+            plain = llm.generate(p, max_tokens=MAX_TOKENS, spec_type="none")
+            out = llm.generate(p, max_tokens=MAX_TOKENS, spec_type="mtp", spec_draft_tree="3,2,2",
+                               spec_draft_policy="fixed")
+            assert (out.token_ids, out.text, out.finish_reason) == (plain.token_ids, plain.text, "stop")
+            stop = ref.text[len(llm.tokenizer.decode(ref.token_ids[:9])):][1:4]
+            if stop.strip():
+                plain = llm.generate(p, max_tokens=MAX_TOKENS, spec_type="none", ignore_eos=True, stop=[stop])
+                out = llm.generate(p, max_tokens=MAX_TOKENS, spec_type="mtp", spec_draft_tree="3,2,2",
+                                   spec_draft_policy="fixed", ignore_eos=True, stop=[stop])
+                assert (out.token_ids, out.text) == (plain.token_ids, plain.text)
+        finally:
+            llm.engine.eos = set(llm.config.eos_token_id)
+            del llm.engine.drafter
+
+
 def test_caches_after_tree_rounds_equal_plain_decoding(llm):
     """The main model's caches after tree rounds (K/V of the accepted nodes moved into place, the Gated DeltaNet
     states of each accepted path's last node) equal plain decoding's bit for bit, and the MTP layer's cache holds
