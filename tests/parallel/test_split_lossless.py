@@ -21,6 +21,7 @@ def test_speculation_is_token_identical_to_plain_decoding(ranked, ckpt_factory):
                      dict(spec_type="mtp"),  # adaptive: rank 0 picks k, the other rank follows
                      dict(spec_type="mtp", spec_draft_tree="2,2"),  # a tree shape reaches the other rank the same way
                      dict(spec_type="ngram", spec_draft_n_max=4),
+                     dict(spec_type="mtp,ngram", spec_draft_n_max=3),  # a chain: the lookup's limit from rank 0 too
                      dict(spec_type="draft", spec_draft_model=draft, spec_draft_n_max=2, spec_draft_policy="fixed")]:
             assert llm.generate(prompt, max_tokens=20, **spec).token_ids == plain, (prompt, spec)
 

@@ -10,7 +10,8 @@ import mtpx
 from mtpx.sampling import SamplingParams
 from mtpx.speculative.chain import ChainDrafter
 from mtpx.speculative.drafters import Draft, Drafter, MTPDrafter
-from mtpx.speculative.loop import decode_round, prefill
+from mtpx.engine.fork import prefill_shared
+from mtpx.speculative.loop import decode_round
 from mtpx.speculative.policy import DraftPolicy
 from mtpx.speculative.suffix import SuffixDrafter
 
@@ -45,12 +46,9 @@ def joint_counts(llm, prompt, params_kw, drafter, k, seed, samples=SAMPLES, firs
     tree = k if isinstance(k, tuple) else None
     policy = DraftPolicy(len(tree) if tree else k, 0, adaptive=False, tree=tree) if drafter else None
     for _ in range(samples // BATCH):
-        seqs = []
-        for _ in range(BATCH):
-            params = SamplingParams(**params_kw, seed=rng.getrandbits(62))
-            seq = llm.engine.new_sequence(prompt, max_tokens, params, ignore_eos=True)
-            prefill(llm.model, drafter, seq)
-            seqs.append(seq)
+        seqs = [llm.engine.new_sequence(prompt, max_tokens, SamplingParams(**params_kw, seed=rng.getrandbits(62)),
+                                        ignore_eos=True) for _ in range(BATCH)]
+        prefill_shared(llm.model, drafter, seqs)  # one pass of the prompt, copied: each samples on its own
         while any(not s.finished for s in seqs):
             live = [s for s in seqs if not s.finished]
             decode_round(llm.model, drafter, policy, live)

@@ -264,7 +264,7 @@ def test_a_shape_decided_elsewhere_drives_the_round(dense_ckpt):
     llm = mtpx.LLM(dense_ckpt)
     p = prompts(1, seed=36)[0]
     ref = llm.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True, spec_type="none").token_ids
-    chosen = ChosenK((3, 2), DraftPolicy(2, 0, True, tree=(3, 2)))
+    chosen = ChosenK((3, 2), 2, DraftPolicy(2, 0, True, tree=(3, 2)))
     seq = decode(llm, MTPDrafter(llm.model, tree_nodes=5), p, chosen)
     assert seq.generated == ref
     assert chosen.policy.tree_tried[0] > 0 and seq.stats.drafted_tokens > 2 * seq.stats.drafts

@@ -33,11 +33,15 @@ class ChosenK:
     """A draft policy whose next choice was already made (on rank 0): a draft length, or a draft tree's shape (a
     tuple of branches per depth); what the round measured goes to the policy that chose it, where there is one."""
 
-    def __init__(self, k: int | tuple[int, ...], policy: Any = None):
-        self.k, self.policy = k, policy
+    def __init__(self, k: int | tuple[int, ...], n_max: int, policy: Any = None):
+        self.k, self.n_max, self.policy = k, n_max, policy  # n_max: the most a chain's lookup drafter may draft
 
     def next_k(self, batch: int = 1) -> int | tuple[int, ...]:
         return self.k
+
+    def skip_gap(self) -> None:
+        if self.policy is not None:
+            self.policy.skip_gap()
 
     def observe(self, *args: Any, **kw: Any) -> None:
         if self.policy is not None:
@@ -75,7 +79,7 @@ class MirroredEngine(Engine):
         if isinstance(x, (list, tuple)):
             return type(x)(self._ref(v) for v in x)
         if isinstance(x, ChosenK):
-            return ChosenK(x.k)
+            return ChosenK(x.k, x.n_max)
         if id(x) in self._ids:
             return Ref(self._ids[id(x)])
         return x
@@ -128,7 +132,7 @@ class MirroredEngine(Engine):
     def decode_round(self, drafter, policy, seqs):
         if drafter is None or policy is None or self._depth:
             return self._call("decode_round", drafter, policy if drafter is not None else None, seqs)
-        return self._call("decode_round", drafter, ChosenK(policy.next_k(len(seqs)), policy), seqs)
+        return self._call("decode_round", drafter, ChosenK(policy.next_k(len(seqs)), policy.n_max, policy), seqs)
 
     def release(self, seq):
         number = self._ids.get(id(seq))
