@@ -183,10 +183,8 @@ def follow(engine: Engine, group: Group) -> None:
         print(f"mtpx: rank {group.rank}: rank 0 is gone or a collective failed ({e}); exiting", file=sys.stderr,
               flush=True)
         code = 1
-    finally:
-        group._closing = True
-        if code == 0:
-            group.close()
+    if code == 0:
+        group.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # not sys.exit: nothing of the caller's (its own code after LLM(), atexit hooks) is to run here
