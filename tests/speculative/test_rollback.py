@@ -39,11 +39,9 @@ def test_caches_after_rejections_equal_plain_run(ckpt_factory):
             assert_same_caches(spec.state, plain.state)
 
 
-def test_mtp_cache_holds_only_accepted_pairs(dense_ckpt):
-    """The MTP cache after a round equals one built from the accepted sequence's true (h_i, t_{i+1}) pairs."""
-    llm = mtpx.LLM(dense_ckpt)
-    prompt = prompts(1, seed=12)[0]
-    seq = final_state(llm, prompt, MTPDrafter(llm.model), 3, 20)
+def assert_mtp_cache_holds_accepted_pairs(llm, seq) -> int:
+    """The sequence's MTP cache equals one built from its accepted (h_i, t_{i+1}) pairs, up to the bf16 rounding
+    between the prefill and step paths; returns how many positions it holds."""
     mtp_state = seq.draft.state
     with torch.no_grad():
         ids = torch.tensor([seq.tokens])
@@ -53,4 +51,12 @@ def test_mtp_cache_holds_only_accepted_pairs(dense_ckpt):
         llm.model.mtp_forward(hidden[:, :n], ids[:, 1:n + 1], [ref_state], "prefill")
     for i in mtp_state.kv:
         ours, ref = mtp_state.kv[i][0][:, :n].float(), ref_state.kv[i][0][:, :n].float()
-        assert torch.allclose(ours, ref, atol=0.05, rtol=0.05)  # prefill vs step paths differ by bf16 rounding
+        assert torch.allclose(ours, ref, atol=0.05, rtol=0.05)
+    return n
+
+
+def test_mtp_cache_holds_only_accepted_pairs(dense_ckpt):
+    """The MTP cache after a round equals one built from the accepted sequence's true (h_i, t_{i+1}) pairs."""
+    llm = mtpx.LLM(dense_ckpt)
+    seq = final_state(llm, prompts(1, seed=12)[0], MTPDrafter(llm.model), 3, 20)
+    assert_mtp_cache_holds_accepted_pairs(llm, seq)
