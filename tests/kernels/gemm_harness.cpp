@@ -1,6 +1,7 @@
 // A test of the few-row matmul's inner loops (src/mtpx/kernels/gemm_core.h) without PyTorch, so that it can be
 // cross-compiled for an architecture whose PyTorch is not installed and run under qemu-user (test_neon.py):
-// every instruction set built here gives the scalar loops' bits for bf16, int8 and int4 weights, and each row's
+// every instruction set built here gives the scalar loops' bits for bf16, int8, int4 and int8-block weights (scales in
+// two levels, super-blocks of 1 to 8 groups), and each row's
 // result is the same whatever the row count (1..8). Prints "ok <checks>" and exits 0, or the first mismatch and 1.
 #include <algorithm>
 #include <cmath>
@@ -78,6 +79,14 @@ struct Serial {
 // what one instruction set computes: out[M, N] for x [M, K] (row-major, not yet deinterleaved)
 using Matmul = void (*)(int64_t M, const float* x, const void* w, int64_t K, int64_t N, float* out, int kind);
 
+// a grouped weight (int4 or int8 blocks): codes, the groups' (sc, m) and the super-blocks' fp16 (d, dmin)
+struct Grouped {
+  const void* codes;
+  const int8_t* groups;
+  const uint16_t* supers;
+  int64_t n_groups, shift;
+};
+
 
 #define MTPX_RUNNER(ns)                                                                                        \
   void run_##ns(int64_t M, const float* x, const void* w, int64_t K, int64_t N, float* out, int kind) {      \
@@ -88,10 +97,16 @@ using Matmul = void (*)(int64_t M, const float* x, const void* w, int64_t K, int
     } else if (kind == 1) {                                                                                    \
       ns::matmul_rows(M, xs.data(), static_cast<const int8_t*>(w), K, N, out, Serial{});                       \
     } else {                                                                                                   \
-      ns::deinterleave_pairs(xs.data(), M, K);                                                                 \
-      const auto* q = static_cast<const std::pair<const uint8_t*, const float*>*>(w);                         \
-      const ns::Int4 w4{q->first, q->second};                                                                  \
-      ns::matmul_rows(M, xs.data(), &w4, K, N, out, Serial{});                                                 \
+      const auto* g = static_cast<const Grouped*>(w);                                                          \
+      const ns::GroupScales s{g->groups, g->supers, g->n_groups, g->shift};                                   \
+      if (kind == 2) {                                                                                         \
+        ns::deinterleave_pairs(xs.data(), M, K);                                                               \
+        const ns::Int4 w4{static_cast<const uint8_t*>(g->codes), s};                                          \
+        ns::matmul_rows(M, xs.data(), &w4, K, N, out, Serial{});                                               \
+      } else {                                                                                                 \
+        const ns::Int8Blocks w8{static_cast<const int8_t*>(g->codes), s};                                     \
+        ns::matmul_rows(M, xs.data(), &w8, K, N, out, Serial{});                                               \
+      }                                                                                                        \
     }                                                                                                          \
   }
 
@@ -119,8 +134,9 @@ int main() {
       __builtin_cpu_supports("avx512dq"))
     levels.push_back({"avx512", run_isa_avx512});
 #endif
-  const int64_t shapes[][2] = {{37, 64}, {64, 48}, {130, 256}, {16, 1024}, {9, 96}};
-  const char* kinds[] = {"bf16", "int8", "int4"};
+  // 9216: more groups than one chunk of scales (ChunkScales) for int4 and int8 blocks
+  const int64_t shapes[][2] = {{37, 64}, {64, 48}, {130, 256}, {16, 1024}, {9, 96}, {6, 9216}};
+  const char* kinds[] = {"bf16", "int8", "int4", "int8 blocks"};
   int64_t checks = 0;
   for (const auto& shape : shapes) {
     const int64_t N = shape[0], K = shape[1];
@@ -132,13 +148,25 @@ int main() {
     for (auto& v : w8) v = static_cast<int8_t>(static_cast<int>(next() % 255) - 127);
     std::vector<uint8_t> codes(N * K / 2);
     for (auto& v : codes) v = static_cast<uint8_t>(next());
-    std::vector<float> so(N * (K / 32) * 2);
-    for (auto& v : so) v = uniform() * 0.1f;
-    const std::pair<const uint8_t*, const float*> w4{codes.data(), so.data()};
-    for (int kind = 0; kind < 3; ++kind) {
+    // int4 groups of 32 in super-blocks of the most groups up to 8 that divide a row's; int8 blocks: groups of 16
+    // in super-blocks of up to 16 groups (as GGUF's Q6_K), or of 1 (an fp16 scale per group) where N is odd
+    const int64_t groups4 = K / 32, groups8 = K / 16;
+    const int64_t shift4 = groups4 % 8 == 0 ? 3 : groups4 % 4 == 0 ? 2 : groups4 % 2 == 0 ? 1 : 0;
+    int64_t shift8 = 0;
+    while (N % 2 == 0 && shift8 < 4 && groups8 % (int64_t{2} << shift8) == 0) ++shift8;
+    std::vector<int8_t> scales(N * groups8 * 2);
+    for (auto& v : scales) v = static_cast<int8_t>(static_cast<int>(next() % 255) - 127);
+    // fp16 values below 2^-6, subnormals and zeros among them (exponent field 0..8), any mantissa and sign
+    std::vector<uint16_t> supers(N * groups8 * 2);
+    for (auto& v : supers) v = static_cast<uint16_t>(((next() % 9) << 10) | (next() & 0x3FF) | (next() & 0x8000));
+    const Grouped w4{codes.data(), scales.data(), supers.data(), groups4, shift4};
+    const Grouped wg{w8.data(), scales.data(), supers.data(), groups8, shift8};
+    for (int kind = 0; kind < 4; ++kind) {
       if (kind == 2 && K % 32 != 0) continue;
-      const void* w = kind == 0 ? static_cast<const void*>(wb.data())
-                    : kind == 1 ? static_cast<const void*>(w8.data()) : static_cast<const void*>(&w4);
+      const void* w = kind == 0   ? static_cast<const void*>(wb.data())
+                      : kind == 1 ? static_cast<const void*>(w8.data())
+                      : kind == 2 ? static_cast<const void*>(&w4)
+                                  : static_cast<const void*>(&wg);
       std::vector<float> ref(8 * N);
       run_isa_scalar(8, x.data(), w, K, N, ref.data(), kind);
       std::vector<Level> all = levels;

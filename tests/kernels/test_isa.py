@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mtpx import kernels
-from mtpx.models.linear import Int4Weight, Int8Weight
+from mtpx.models.grouped import Int4Weight, Int8BlockWeight
+from mtpx.models.linear import Int8Weight
 
 from isa import LEVELS, isa_levels, running_on
 
@@ -24,7 +25,9 @@ def _matmuls(n: int, k: int, seed: int) -> dict:
     out["int8"] = lambda x: kernels.rowgemm_int8(x, q8.q, q8.scale)
     if k % 32 == 0:
         q4 = Int4Weight(w)
-        out["int4"] = lambda x: kernels.rowgemm_int4(x, q4.codes, q4.scale_offset)
+        out["int4"] = lambda x: kernels.rowgemm_int4(x, q4.codes, q4.groups, q4.supers)
+    qb = Int8BlockWeight(w)
+    out["int8 blocks"] = lambda x: kernels.rowgemm_int8_blocks(x, qb.codes, qb.groups, qb.supers)
     return out
 
 

@@ -1,5 +1,5 @@
 """Prefill matmuls of bf16 weights on CPUs without bf16 dot products run widened to fp32 in slices of the weight;
-int4 weights."""
+bf16 weights as AMX tiles. (int4 and int8 blocks: test_grouped.py.)"""
 import pytest
 import torch
 
@@ -27,51 +27,6 @@ def test_widened_prefill_matmul_is_a_bf16_matmul_and_slices_the_weight(monkeypat
     with torch.enable_grad():  # training keeps PyTorch's matmul (and its autograd graph)
         linear(x, w)
     assert widened == [2 * WIDEN_ROWS]
-
-
-def test_int4_rows_do_not_depend_on_row_count_and_match_dequantized():
-    """Int4Weight on rowgemm_int4: each row's bits independent of the row count (so speculation stays exact on int4
-    weights), values those of the dequantized groups; a long prefill (sliced fp32 sgemm) computes the same function."""
-    from mtpx import kernels
-    from mtpx.models.linear import Int4Weight, linear, row_invariant
-    if not kernels.rowgemm_available():
-        pytest.skip("needs the rowgemm kernel")
-    g = torch.Generator().manual_seed(4)
-    weight = torch.randn(1088, 256, generator=g).bfloat16()  # 1088 rows: quantized in slices, the last one ragged
-    w = Int4Weight(weight)
-    x = torch.randn(11, 256, generator=g).bfloat16()
-    with row_invariant():
-        alone = torch.cat([linear(x[i:i + 1], w) for i in range(11)])
-        for m in range(2, 12):
-            assert torch.equal(linear(x[:m], w), alone[:m])
-    dequantized = w.dequantize(slice(None)).double()
-    groups = weight.double().reshape(1088, -1, Int4Weight.GROUP)
-    step = (groups.amax(-1) - groups.amin(-1)) / 15  # one quantization step per group
-    error = (dequantized.reshape(groups.shape) - groups).abs()
-    # half a step, plus bf16 rounding of the group's scale and offset
-    assert (error <= step[..., None] * 0.5 + groups.abs().amax(-1, keepdim=True) * 2 ** -7).all()
-    ref = x.double() @ dequantized.t()
-    assert (alone.double() - ref).norm() / ref.norm() < 0.005  # bf16 output rounding: measured 0.17 %
-    with row_invariant(False):  # a long prefill: dequantized slices and sgemm
-        xs = torch.randn(Int4Weight.KERNEL_ROWS + 10, 256, generator=g).bfloat16()
-        prefill = linear(xs, w).double()
-    ref = xs.double() @ dequantized.t()
-    assert (prefill - ref).norm() / ref.norm() < 0.005
-    assert torch.equal(w.rows(torch.tensor([3, 1000])), dequantized[[3, 1000]].bfloat16())
-    assert Int4Weight.fits(weight.shape) and not Int4Weight.fits(weight[:, :40].shape)
-
-
-def test_int4_quantizes_what_fits_and_keeps_int8_for_the_rest(dense_ckpt):
-    import mtpx
-    from mtpx import kernels
-    from mtpx.models.linear import Int4Weight, Int8Weight, quantized_weights
-    if not kernels.rowgemm_available():
-        pytest.skip("quantized weights need rowgemm")
-    llm = mtpx.LLM(dense_ckpt, dtype="int4")
-    weights = quantized_weights(llm.model)
-    assert {type(w) for w in weights} == {Int4Weight, Int8Weight}  # Gated DeltaNet's out_proj has K = 48: int8
-    assert all(isinstance(w, Int8Weight) == (not Int4Weight.fits(w.shape)) for w in weights)
-    assert llm.generate([5, 6, 7], max_tokens=8, spec_type="none").token_ids
 
 
 def test_tiles_replace_the_bf16_weights_that_fit_and_compute_what_they_did(dense_ckpt, monkeypatch):

@@ -6,7 +6,7 @@ import mtpx
 from mtpx.errors import ModelLoadError
 from mtpx.models.linear import weight_bytes
 from mtpx.runners import RunnerConfig
-from mtpx.runners.plan import largest_context, parse_bytes, plan, require_fit, smallest_fitting_dtype
+from mtpx.runners.plan import largest_context, meta_model, parse_bytes, plan, require_fit, smallest_fitting_dtype
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
@@ -51,3 +51,15 @@ def test_plan_command(capsys):
     assert main(["plan", "demo", "--device", "cpu", "--json"]) == 0
     assert '"weights_main"' in capsys.readouterr().out
     assert main(["plan"]) == 1
+
+
+def test_a_27b_int4_model_with_its_mtp_layer_fits_a_24_gib_card_at_16k():
+    """int4 at 4.625 bits a weight (models/grouped.py): the Qwen3.6-27B shape's weights, 16k tokens of caches and
+    prefill, and the CUDA runtime within 24 GiB."""
+    from mtpx.bench.gen_checkpoint import shape_config
+    cfg = shape_config("qwen3.6-27b")
+    p = plan(cfg, device="cuda", dtype="int4", context=16384, memory=parse_bytes("24GiB"))
+    assert p.fits
+    embedding = cfg.vocab_size * cfg.hidden_size * 2  # stays bf16
+    params = sum(t.numel() for t in meta_model(cfg, 1, "bf16").parameters()) - cfg.vocab_size * cfg.hidden_size
+    assert abs(p.weights_main + p.weights_mtp - embedding - params * 37 / 64) < 0.01 * params  # int4, int8 for K % 32

@@ -3,8 +3,8 @@
 `rowgemm(x, w)`: x [M <= 8, K] @ w[N, K]^T with bf16 weights, fp32 accumulation. Each output row is computed the
 same way whatever M is (so a verify pass is bit-identical to one-token steps), and the weights are read once for
 all rows (so it costs about what one row costs; on a CPU without AVX512_BF16, oneDNN's bf16 matmul costs several
-times more for 5 rows than for 1). `rowgemm_int8` / `rowgemm_int4`: the same for
-int8 weights and for int4 weights in groups of 32.
+times more for 5 rows than for 1). `rowgemm_int8` / `rowgemm_int4` / `rowgemm_int8_blocks`: the same for
+int8 weights (a scale per row), int4 weights in groups of 32 and int8 weights in groups of 16.
 The small ops of a step forward, fused (step_ops_isa.h): `rms_norm`, `silu_mul`, `attention_step` (q/k norm, RoPE,
 cache write, per-position attention, output gate) and `gdn_step` (conv, gates, delta rule, gated norm; with
 `gdn_replay` to rebuild the state after any of its positions on rollback). A step of a small model is otherwise a
@@ -268,10 +268,18 @@ def rowgemm_tiles(x: torch.Tensor, tiles: torch.Tensor, n: int) -> torch.Tensor:
     return rowgemm_module().rowgemm_tiles(x, tiles, n)
 
 
-def rowgemm_int4(x: torch.Tensor, codes: torch.Tensor, scale_offset: torch.Tensor) -> torch.Tensor:
-    """x [M <= 8, K] @ w.T for int4 weights: codes [N, K / 2] (two a byte, even element low), fp32 scale and offset
-    [N, K / 32, 2] (w = code * scale + offset). Row-invariant like rowgemm."""
-    return rowgemm_module().rowgemm_int4(x, codes, scale_offset)
+def rowgemm_int4(x: torch.Tensor, codes: torch.Tensor, groups: torch.Tensor, supers: torch.Tensor) -> torch.Tensor:
+    """x [M <= 8, K] @ w.T for int4 weights: codes [N, K / 2] (two a byte, even element low), each group of 32 along
+    K with an int8 pair (sc, m) in groups [N, K / 32, 2] and its super-block's fp16 pair (d, dmin) in supers
+    [N, S, 2] (S dividing K / 32 by a power of two): w = code * (d * sc) + dmin * m. Row-invariant like rowgemm."""
+    return rowgemm_module().rowgemm_int4(x, codes, groups, supers)
+
+
+def rowgemm_int8_blocks(x: torch.Tensor, codes: torch.Tensor, groups: torch.Tensor,
+                        supers: torch.Tensor) -> torch.Tensor:
+    """x [M <= 8, K] @ w.T for int8 codes [N, K] in groups of 16 along K, scaled as rowgemm_int4's groups (groups
+    [N, K / 16, 2], supers [N, S, 2]). Row-invariant like rowgemm."""
+    return rowgemm_module().rowgemm_int8_blocks(x, codes, groups, supers)
 
 
 def fused_step_ops(x: torch.Tensor) -> bool:

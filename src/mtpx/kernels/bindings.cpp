@@ -7,6 +7,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rowgemm", &rowgemm, "few-row bf16 matmul, row-invariant", release());
   m.def("rowgemm_int8", &rowgemm_int8, "few-row int8-weight matmul, row-invariant", release());
   m.def("rowgemm_int4", &rowgemm_int4, "few-row int4-weight matmul (groups of 32), row-invariant", release());
+  m.def("rowgemm_int8_blocks", &rowgemm_int8_blocks, "few-row int8-weight matmul (groups of 16), row-invariant",
+        release());
   m.def("amx_available", &amx_available, "whether this process can use AMX tiles (rowgemm_tiles)");
   m.def("rowgemm_tiles", &rowgemm_tiles, "bf16 matmul on AMX with weights in tile order, row-invariant", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows", release());

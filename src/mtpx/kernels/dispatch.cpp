@@ -135,8 +135,13 @@ torch::Tensor rowgemm(const torch::Tensor& x, const torch::Tensor& w) { MTPX_DIS
 torch::Tensor rowgemm_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
   MTPX_DISPATCH(rowgemm_int8, x, q, scale)
 }
-torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale_offset) {
-  MTPX_DISPATCH(rowgemm_int4, x, codes, scale_offset)
+torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& groups,
+                           const torch::Tensor& supers) {
+  MTPX_DISPATCH(rowgemm_int4, x, codes, groups, supers)
+}
+torch::Tensor rowgemm_int8_blocks(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& groups,
+                                  const torch::Tensor& supers) {
+  MTPX_DISPATCH(rowgemm_int8_blocks, x, codes, groups, supers)
 }
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool offset) {
   MTPX_DISPATCH(rms_norm, x, weight, eps, offset)

@@ -2,7 +2,10 @@
 // to call the selected set's) and inside each set's namespace (dispatch.cpp). No include guard, on purpose.
 torch::Tensor rowgemm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor rowgemm_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale);
-torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale_offset);
+torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& groups,
+                           const torch::Tensor& supers);
+torch::Tensor rowgemm_int8_blocks(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& groups,
+                                  const torch::Tensor& supers);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool offset);
 torch::Tensor silu_mul(const torch::Tensor& gate_up);
 torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_norm, const torch::Tensor& k_norm,

@@ -5,8 +5,8 @@
 // row-invariant matmuls, attention_step / gdn_step, silu_mul, the residual adds) in the same order on the same
 // shapes, so they return the same bits; only the Python between them is gone.
 //
-// A weight is given as the tensors of its format: {w} bf16, {q, scale} int8, {codes, scale_offset} int4, {tiles, n}
-// bf16 in AMX tile order.
+// A weight is given as the tensors of its format: {w} bf16, {q, scale} int8, {codes, groups, supers} int4 (uint8
+// codes) or int8 blocks (int8 codes), {tiles, n} bf16 in AMX tile order.
 #include <limits>
 #include "kernels.h"
 
@@ -19,8 +19,10 @@ torch::Tensor matmul(const torch::Tensor& x, const std::vector<torch::Tensor>& w
     return rowgemm_tiles(x, w[0], *w[1].data_ptr<int64_t>());
   auto block = [&](const torch::Tensor& rows) {
     if (w.size() == 1) return rowgemm(rows, w[0]);
-    TORCH_CHECK(w.size() == 2, "layer step: a weight is {w}, {q, scale} or {codes, scale_offset}");
-    return w[0].scalar_type() == at::kChar ? rowgemm_int8(rows, w[0], w[1]) : rowgemm_int4(rows, w[0], w[1]);
+    if (w.size() == 2) return rowgemm_int8(rows, w[0], w[1]);
+    TORCH_CHECK(w.size() == 3, "layer step: a weight is {w}, {q, scale}, {codes, groups, supers} or {tiles, n}");
+    return w[0].scalar_type() == at::kByte ? rowgemm_int4(rows, w[0], w[1], w[2])
+                                           : rowgemm_int8_blocks(rows, w[0], w[1], w[2]);
   };
   const int64_t T = x.size(0);
   if (T <= 8) return block(x);

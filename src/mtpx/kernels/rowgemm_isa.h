@@ -1,5 +1,6 @@
-// y[M, N] = x[M, K] @ w[N, K]^T for a few rows (M <= 8): bf16, int8 or int4 weights, fp32 accumulation, one
-// rounding to x's dtype; and, in the AVX-512 build, the AMX-tile matmul of bf16 weights in tile order.
+// y[M, N] = x[M, K] @ w[N, K]^T for a few rows (M <= 8): bf16, int8, int4 or int8-block weights, fp32
+// accumulation, one rounding to x's dtype; and, in the AVX-512 build, the AMX-tile matmul of bf16 weights in tile
+// order.
 // Compiled once per instruction set, inside that set's namespace (isa_*.cpp); the inner loops are gemm_core.h's.
 //
 // Why: on CPUs without native bf16 dot products (no AVX512_BF16 / AMX) oneDNN's bf16 matmul costs several times more
@@ -57,17 +58,42 @@ torch::Tensor rowgemm_int8(const torch::Tensor& x, const torch::Tensor& q, const
   return run(x, q.data_ptr<int8_t>(), q.size(0), scale.contiguous().data_ptr<float>());
 }
 
-// int4 weights (codes [N, K / 2] uint8, scale and offset [N, K / 32, 2] fp32; see gemm_core.h's Int4)
-torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale_offset) {
+// The two levels of a grouped weight's scales (gemm_core.h's GroupScales): groups int8 [N, G, 2] (sc, m), supers
+// fp16 [N, S, 2] (d, dmin), each super-block 2^shift groups (S divides G).
+inline GroupScales group_scales(const torch::Tensor& groups, const torch::Tensor& supers, int64_t N, int64_t G,
+                                const char* what) {
+  TORCH_CHECK(groups.scalar_type() == at::kChar && groups.is_contiguous() && groups.dim() == 3 &&
+              groups.size(0) == N && groups.size(1) == G && groups.size(2) == 2,
+              what, ": groups must be contiguous int8 [N, ", G, ", 2]");
+  const int64_t S = supers.dim() == 3 ? supers.size(1) : 0;
+  int64_t shift = 0;
+  while (S > 0 && (S << shift) < G) ++shift;
+  TORCH_CHECK(supers.scalar_type() == at::kHalf && supers.is_contiguous() && supers.dim() == 3 &&
+              supers.size(0) == N && supers.size(2) == 2 && S > 0 && (S << shift) == G,
+              what, ": supers must be contiguous fp16 [N, S, 2], S dividing ", G, " by a power of two");
+  return GroupScales{groups.data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(supers.data_ptr<at::Half>()), G,
+                     shift};
+}
+
+// int4 weights: codes [N, K / 2] uint8, scales in groups of 32 (see gemm_core.h's Int4)
+torch::Tensor rowgemm_int4(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& groups,
+                           const torch::Tensor& supers) {
   TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && x.size(1) == 2 * codes.size(1),
               "rowgemm_int4: x [M, K], codes [N, K / 2]");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "rowgemm_int4: contiguous uint8 codes");
   const int64_t N = codes.size(0), K = x.size(1);
   TORCH_CHECK(K % kGroup4 == 0, "rowgemm_int4: K must be a multiple of ", kGroup4, ", got ", K);
-  TORCH_CHECK(scale_offset.scalar_type() == at::kFloat && scale_offset.is_contiguous() &&
-              scale_offset.numel() == N * (K / kGroup4) * 2,
-              "rowgemm_int4: fp32 scale and offset [N, K / ", kGroup4, ", 2]");
-  const Int4 w{codes.data_ptr<uint8_t>(), scale_offset.data_ptr<float>()};
+  const Int4 w{codes.data_ptr<uint8_t>(), group_scales(groups, supers, N, K / kGroup4, "rowgemm_int4")};
+  return run(x, &w, N);
+}
+
+// int8 codes [N, K] with scales in groups of 16 (see gemm_core.h's Int8Blocks)
+torch::Tensor rowgemm_int8_blocks(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& groups,
+                                  const torch::Tensor& supers) {
+  check(x, codes, at::kChar, "int8");
+  const int64_t N = codes.size(0), K = x.size(1);
+  TORCH_CHECK(K % kGroup8 == 0, "rowgemm_int8_blocks: K must be a multiple of ", kGroup8, ", got ", K);
+  const Int8Blocks w{codes.data_ptr<int8_t>(), group_scales(groups, supers, N, K / kGroup8, "rowgemm_int8_blocks")};
   return run(x, &w, N);
 }
 

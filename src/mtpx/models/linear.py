@@ -1,5 +1,6 @@
 """Linear layers of the step and prefill paths: row-invariant step matmuls (rowgemm, or fixed oneDNN row blocks),
-fused projections, weight-only int8 and int4, and counting the weight bytes a forward reads."""
+fused projections, weight-only int8 (int4 and int8 blocks: models/grouped.py), and counting the weight bytes a
+forward reads."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -88,60 +89,6 @@ class Int8Weight(QuantizedWeight):
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.q, self.scale]
-
-
-class Int4Weight(QuantizedWeight):
-    """Weight-only int4: each group of GROUP weights along K has an fp32 scale and offset (asymmetric: w ≈ code *
-    scale + offset, code 0..15 spanning the group's range), codes two a byte [N, K / 2]: 0.75 bytes a weight. Step matmuls run on
-    rowgemm_int4 (row-invariant, weights read once for all rows), and so do prefills of fewer than KERNEL_ROWS rows;
-    longer ones dequantize slices of rows to fp32 for MKL's sgemm, like widened bf16 prefill. Needs K % GROUP == 0 (`fits`); quantize() keeps other weights int8."""
-    GROUP = 32
-    _ROWS = 1024  # rows quantized / dequantized at a time: no fp32 copy of a whole (vocab-sized) weight
-    # below this many input rows, blocks of 8 on the kernel beat dequantizing (measured on the 0.8B body's shapes,
-    # 2 threads: 64 rows 107 against 288 ms, 256 rows 419 against 465, 1024 rows 1777 against 1129)
-    KERNEL_ROWS = 256
-
-    @classmethod
-    def fits(cls, shape: torch.Size) -> bool:
-        return len(shape) == 2 and shape[1] % cls.GROUP == 0
-
-    def __init__(self, weight: torch.Tensor):
-        w = weight.detach()
-        n, k = w.shape
-        g = self.GROUP
-        self.codes = torch.empty(n, k // 2, dtype=torch.uint8)
-        self.scale_offset = torch.empty(n, k // g, 2)  # fp32: the kernel broadcasts them without converting
-        for start in range(0, n, self._ROWS):
-            rows = w[start:start + self._ROWS].float().reshape(-1, k // g, g)
-            low, high = rows.amin(-1), rows.amax(-1)
-            scale = ((high - low) / 15).clamp(min=1e-12)
-            codes = torch.round((rows - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(-1, k)
-            self.codes[start:start + self._ROWS] = codes[:, 0::2] | (codes[:, 1::2] << 4)
-            self.scale_offset[start:start + self._ROWS] = torch.stack([scale, low], dim=-1)
-        self.shape = w.shape
-
-    def dequantize(self, index) -> torch.Tensor:
-        """fp32 weights of the output rows `index` (a slice or an index tensor)."""
-        codes, so = self.codes[index], self.scale_offset[index]
-        values = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1, self.GROUP).float()
-        return torch.addcmul(so[..., 1:], values, so[..., :1]).reshape(codes.shape[0], -1)
-
-    def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
-        if step or rows.shape[0] < self.KERNEL_ROWS:
-            return _in_blocks(rows, lambda b: kernels.rowgemm_int4(b, self.codes, self.scale_offset))
-        x = rows.float()
-        out = torch.empty(rows.shape[0], self.shape[0], dtype=torch.bfloat16)
-        for n in range(0, self.shape[0], self._ROWS):
-            out[:, n:n + self._ROWS] = F.linear(x, self.dequantize(slice(n, n + self._ROWS)))
-        return out
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.codes, self.scale_offset]
-
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """The (dequantized, bf16) weight of the output rows `index`, for a reduced draft head: drafts need not be
-        exact, and bf16 runs on the fast rowgemm."""
-        return self.dequantize(index).to(torch.bfloat16)
 
 
 class TileWeight(QuantizedWeight):
@@ -258,7 +205,8 @@ class Linear(nn.Linear):
 
 def kernel_weight(weight) -> list[torch.Tensor] | None:
     """A weight (tensor or QuantizedWeight) as the tensors a whole-layer step kernel takes (kernels/layer_step.cpp):
-    [w] bf16, [q, scale] int8, [codes, scale_offset] int4; None where the rowgemm kernel cannot read it."""
+    [w] bf16, [q, scale] int8, [codes, groups, supers] int4 / int8 blocks, [tiles, n] AMX tiles; None where the
+    rowgemm kernel cannot read it."""
     if isinstance(weight, QuantizedWeight):
         return weight.tensors()
     return [weight] if weight is not None and uses_rowgemm(weight) else None

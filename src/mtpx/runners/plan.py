@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from mtpx.config import ModelConfig
-from mtpx.models.linear import QuantizedWeight, weight_bytes
+from mtpx.models.grouped import super_size
+from mtpx.models.linear import Linear, QuantizedWeight, fused_projection, weight_bytes
 from mtpx.models.registry import family
 
 CUDA_OVERHEAD = 600 << 20  # CUDA context + cuBLAS workspace; the allocator's slack is ALLOCATOR_SLACK
@@ -36,24 +37,37 @@ class _Sized(QuantizedWeight):
 
 
 def _quantized_on_meta(weight: torch.Tensor, kind: str) -> _Sized:
-    """The tensors runners/weights.quantize would make of `weight` (int4: groups of 32, else per-row int8)."""
+    """The tensors runners/weights.quantize would make of `weight` (int4: models/grouped.py's groups of 32 in
+    super-blocks of up to 8, else per-row int8)."""
     n, k = weight.shape
     meta = dict(device="meta")
     if kind == "int4" and k % 32 == 0:
+        groups = k // 32
         return _Sized([torch.empty(n, k // 2, dtype=torch.uint8, **meta),
-                       torch.empty(n, k // 32, 2, dtype=torch.float32, **meta)], weight.shape)
+                       torch.empty(n, groups, 2, dtype=torch.int8, **meta),
+                       torch.empty(n, groups // super_size(groups), 2, dtype=torch.float16, **meta)], weight.shape)
     return _Sized([torch.empty(n, k, dtype=torch.int8, **meta), torch.empty(n, dtype=torch.float32, **meta)],
                   weight.shape)
 
 
-def meta_model(cfg: ModelConfig, mtp_layers: int, dtype: str) -> nn.Module:
-    """The model as a runner would hold it, on the meta device: bf16 / fp16 / fp32, or int8 / int4 weights."""
-    from mtpx.runners.weights import _replace_weights, fuse_projections
+def meta_model(cfg: ModelConfig, mtp_layers: int, dtype: str, kept: dict[str, str] | None = None) -> nn.Module:
+    """The model as a runner would hold it, on the meta device: bf16 / fp16 / fp32, or int8 / int4 weights (kept:
+    {parameter name: GGUF type} of weights a GGUF file gives quantized as they are, loading/gguf_blocks.py)."""
+    from mtpx.runners.weights import _join_loaded, _replace_weights, fuse_projections
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(dtype, torch.bfloat16)
     with torch.device("meta"):
         model = family(cfg)(cfg, mtp_layers).to(torch_dtype)
     if dtype in ("int8", "int4"):
+        if kept:
+            from mtpx.loading.gguf_blocks import meta_weight
+            for name, module in model.named_modules():
+                if isinstance(module, Linear) and (qtype := kept.get(f"{name}.weight")):
+                    module.quantized = meta_weight(qtype, tuple(module.weight.shape))
+                    module.weight.data = torch.empty(0, dtype=torch_dtype, device="meta")
         fuse_projections(model)
+        for module in model.modules():  # fused projections with kept members, joined as quantize() joins them
+            if getattr(module, "FUSED_PROJECTIONS", None) and fused_projection(module) is None:
+                _join_loaded(module, dtype, {"kept": 0}, lambda w: w)
         _replace_weights(model, lambda w, tied: _quantized_on_meta(w, dtype))
     return model
 
@@ -83,9 +97,10 @@ class Plan:
 
 
 def plan(cfg: ModelConfig, *, device: str = "cuda", dtype: str = "bf16", context: int = 4096, parallel: int = 1,
-         drafts: int = 3, mtp_layers: int = 1, memory: int | None = None) -> Plan:
-    """Bytes a run of this model needs on `device` (see the module docstring); `memory`: what the device has."""
-    model = meta_model(cfg, mtp_layers, dtype)
+         drafts: int = 3, mtp_layers: int = 1, memory: int | None = None, kept: dict[str, str] | None = None) -> Plan:
+    """Bytes a run of this model needs on `device` (see the module docstring); `memory`: what the device has;
+    `kept`: see meta_model."""
+    model = meta_model(cfg, mtp_layers, dtype, kept)
     mtp = getattr(model, "mtp", None)
     weights_mtp = weight_bytes(mtp) if mtp is not None else 0  # the shared embedding / head count as main
     weights_main = weight_bytes(model) - weights_mtp
@@ -130,8 +145,8 @@ def parse_bytes(text: str) -> int:
     return int(float(m[1]) * 1024 ** " KMGT".index(m[2] or " "))
 
 
-def explain(p: Plan, cfg: ModelConfig) -> str:
-    """The plan as lines of text, with what would fit where it does not."""
+def explain(p: Plan, cfg: ModelConfig, kept: dict[str, str] | None = None) -> str:
+    """The plan as lines of text, with what would fit where it does not (kept: as plan's)."""
     gib = lambda b: f"{b / 2**30:8.2f} GiB"  # noqa: E731
     lines = [f"{cfg.model_type} on {p.device}, {p.dtype} weights, context {p.context}, {p.parallel} sequence(s), "
              f"up to {p.drafts} drafts a round",
@@ -147,7 +162,7 @@ def explain(p: Plan, cfg: ModelConfig) -> str:
         lines.append(f"  device memory            {gib(p.memory)}   -> {verdict}")
         if not p.fits:
             kw = dict(device=p.device, parallel=p.parallel, drafts=p.drafts,
-                      mtp_layers=1 if p.weights_mtp else 0)
+                      mtp_layers=1 if p.weights_mtp else 0, kept=kept)
             ctx = largest_context(cfg, p.memory, dtype=p.dtype, **kw)
             lines.append(f"  largest context that fits with {p.dtype}: {ctx}" if ctx else
                          f"  {p.dtype} weights do not fit at any context")
@@ -163,5 +178,5 @@ def require_fit(cfg: ModelConfig, free: int, *, context: int = 256, **kw) -> Pla
     if not p.fits:
         from mtpx.errors import ModelLoadError
         raise ModelLoadError(f"the model does not fit in the {free / 2**30:.2f} GiB free on {p.device}:\n"
-                             + explain(p, cfg))
+                             + explain(p, cfg, kw.get("kept")))
     return p

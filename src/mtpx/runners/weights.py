@@ -6,18 +6,21 @@ import torch
 from torch import nn
 
 from mtpx import kernels
-from mtpx.models.linear import (STEP_ROWS, Int4Weight, Int8Weight, Linear, QuantizedWeight, TileWeight, fused_projection,
-                                nbytes, set_fused_projection)
+from mtpx.models.grouped import GroupedWeight, Int4Weight, Int8BlockWeight, join_rows
+from mtpx.models.linear import (STEP_ROWS, Int8Weight, Linear, QuantizedWeight, TileWeight, fused_projection, nbytes,
+                                set_fused_projection)
 
 def fuse_projections(model: nn.Module) -> list[torch.Tensor]:
     """Fuse the projections of each module that read the same input (its FUSED_PROJECTIONS) into one weight, the
     members' parameters becoming views of it: one matmul instead of several, no memory added. Returns the fused
-    weights."""
+    weights. Groups with weights loaded quantized (a GGUF's blocks kept) are left to `quantize`."""
     fused_weights = []
     for module in model.modules():
         groups = getattr(module, "FUSED_PROJECTIONS", None)
         if groups:
             members = [getattr(module, n) for n in groups]
+            if any(m.quantized is not None for m in members):
+                continue
             weight = torch.cat([m.weight.detach() for m in members])
             fused_weights.append(weight)
             offset = 0
@@ -78,35 +81,73 @@ class GpuInt4Weight(Int4Weight):
 
     @classmethod
     def of(cls, w: Int4Weight, device: torch.device) -> "GpuInt4Weight":
-        gpu = cls.__new__(cls)
-        gpu.codes, gpu.scale_offset, gpu.shape = w.codes.to(device), w.scale_offset.to(device), w.shape
-        return gpu
+        return cls.from_parts(w.codes.to(device), w.groups.to(device), w.supers.to(device), w.shape)
 
     def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
         from mtpx.kernels import triton_matmul
-        return triton_matmul.int4_matmul(rows, self.codes, self.scale_offset)
+        return triton_matmul.int4_matmul(rows, self.codes, self.groups, self.supers)
+
+
+class GpuInt8BlockWeight(Int8BlockWeight):
+    """Int8BlockWeight on the GPU: the Triton kernel (kernels/triton_matmul.py) for every row count."""
+
+    @classmethod
+    def of(cls, w: Int8BlockWeight, device: torch.device) -> "GpuInt8BlockWeight":
+        return cls.from_parts(w.codes.to(device), w.groups.to(device), w.supers.to(device), w.shape)
+
+    def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
+        from mtpx.kernels import triton_matmul
+        return triton_matmul.int8_blocks_matmul(rows, self.codes, self.groups, self.supers)
+
+
+_ON_GPU = {Int8Weight: GpuInt8Weight, Int4Weight: GpuInt4Weight, Int8BlockWeight: GpuInt8BlockWeight}
 
 
 def quantize(model: nn.Module, kind: str, gpu: torch.device | None = None) -> dict[str, int]:
     """Weight-only quantization of every Linear and fused projection (MoE experts and the embedding stay bf16):
-    int8 (per output row), or int4 (groups of 32) with int8 for weights whose K is not a multiple of 32. The bf16
-    copies are released, except the embedding's when lm_head shares it. `gpu`: quantize here (on the CPU) and keep
-    the codes on that device, for the Triton kernels. Returns how many weights got each format."""
+    int8 (per output row), or int4 (models/grouped.py: groups of 32) with int8 for weights whose K is not a multiple
+    of 32. Weights loaded quantized (a GGUF's blocks kept exactly: Linear.quantized already set) stay as they are;
+    a fused projection with such members is joined in their format, its other members quantized to it (int8 blocks
+    where any member is). The bf16 copies are released, except the embedding's when lm_head shares it. `gpu`:
+    quantize here (on the CPU) and keep the codes on that device, for the Triton kernels. Returns how many weights
+    got each format, and how many were kept as loaded."""
     if gpu is None and not kernels.rowgemm_available():
         from mtpx.errors import RequestError
         raise RequestError(f"{kind} weights need the rowgemm CPU kernel, which could not be built here "
                            "(a C++ compiler is required); use dtype bf16")
-    counts = {"int8": 0, "int4": 0}
+    counts = {"int8": 0, "int4": 0, "int8 blocks": 0, "kept": 0}
+
+    def place(w: QuantizedWeight) -> QuantizedWeight:
+        counts[{Int4Weight: "int4", Int8BlockWeight: "int8 blocks"}.get(type(w), "int8")] += 1
+        return w if gpu is None else _ON_GPU[type(w)].of(w, gpu)
 
     def convert(weight: torch.Tensor, tied: bool) -> QuantizedWeight:
-        fmt = "int4" if kind == "int4" and Int4Weight.fits(weight.shape) else "int8"
-        counts[fmt] += 1
         weight = weight.cpu()
-        if fmt == "int4":
-            return Int4Weight(weight) if gpu is None else GpuInt4Weight.of(Int4Weight(weight), gpu)
-        return Int8Weight(weight) if gpu is None else GpuInt8Weight.of(Int8Weight(weight), gpu)
+        return place(Int4Weight(weight) if kind == "int4" and Int4Weight.fits(weight.shape) else Int8Weight(weight))
+    for module in model.modules():
+        if getattr(module, "FUSED_PROJECTIONS", None) and fused_projection(module) is None:
+            _join_loaded(module, kind, counts, place)
+    loaded = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.quantized, GroupedWeight)]
     _replace_weights(model, convert)
+    for module in loaded:
+        counts["kept"] += 1
+        module.quantized = place(module.quantized)
     return counts
+
+
+def _join_loaded(module: nn.Module, kind: str, counts: dict, place) -> None:
+    """A fused projection some of whose members were loaded quantized, as one weight in their format."""
+    members = [getattr(module, n) for n in module.FUSED_PROJECTIONS]
+    loaded = [m.quantized for m in members if isinstance(m.quantized, GroupedWeight)]
+    if not loaded:
+        return
+    fmt = Int4Weight if kind == "int4" and all(isinstance(w, Int4Weight) for w in loaded) else Int8BlockWeight
+    parts = [m.quantized if isinstance(m.quantized, GroupedWeight) else fmt(m.weight.detach()) for m in members]
+    counts["kept"] += len(loaded)
+    set_fused_projection(module, place(join_rows(parts)), None, [p.shape[0] for p in parts])
+    for m in members:
+        m.quantized = None
+        m.weight.data = torch.empty(0, dtype=m.weight.dtype, device=m.weight.device)
 
 
 # A tied lm_head keeps the embedding's bf16 copy (the embedding reads it), so its tiles would be a second copy of
