@@ -16,7 +16,7 @@ from mtpx.engine.params import SamplingParams, SpecConfig, sampling_params, spec
 from mtpx.engine.request import Completion, StreamEvent
 from mtpx.errors import ModelLoadError, RequestError
 from mtpx.loading import build_model, load_checkpoint
-from mtpx.loading.checkpoint import count_mtp_layers
+from mtpx.loading.checkpoint import count_mtp_layers, kept_types
 from mtpx.models.interface import CausalLM
 from mtpx.models.linear import weight_bytes
 from mtpx.parallel.config import ParallelConfig
@@ -90,9 +90,11 @@ class LLM:
         if self.group is not None:
             self.runner = DistributedRunner(self.runner, self.group, self.parallel)
         else:
-            self.runner.check_memory(self.config, count_mtp_layers(ckpt.shapes))
+            self.runner.check_memory(self.config, count_mtp_layers(ckpt.shapes),
+                                     kept_types(ckpt) if self.quantization else None)
         self.model: CausalLM = self.runner.prepare(build_model(
-            ckpt, self.dtype, self.runner.load_device, shard=self.runner.shard if self.group is not None else None))
+            ckpt, self.dtype, self.runner.load_device, shard=self.runner.shard if self.group is not None else None,
+            keep_quantized=self.quantization is not None))
         self.thread_tuner: ThreadTuner | None = self.runner.thread_tuner()
         self.eos = set(self.config.eos_token_id)
         # a decode step allocates hundreds of short-lived tensors, and each of Python's periodic cycle collections
@@ -142,7 +144,8 @@ class LLM:
                                f"({ckpt.tokenizer.vocab_size if ckpt.tokenizer else 'no'} vs "
                                f"{self.tokenizer.vocab_size} tokens)")
         runner = getattr(self.runner, "inner", self.runner)  # whole on every rank, as the main model's engine calls
-        return runner.prepare(build_model(ckpt, self.dtype, runner.load_device, with_mtp=False))
+        return runner.prepare(build_model(ckpt, self.dtype, runner.load_device, with_mtp=False,
+                                          keep_quantized=self.quantization is not None))
 
     def _draft_head(self, size: int):  # for tests/models/test_mtp.py; the engine owns the draft heads
         return self.engine.draft_head(size)

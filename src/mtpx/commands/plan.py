@@ -30,20 +30,22 @@ def main(args: argparse.Namespace) -> int:
         from mtpx.bench.gen_checkpoint import SHAPES, shape_config
         if args.shape not in SHAPES:
             raise RequestError(f"unknown --shape {args.shape!r}: use one of {sorted(SHAPES)}")
-        cfg, mtp_layers = shape_config(args.shape), 1
+        cfg, mtp_layers, kept = shape_config(args.shape), 1, None
     else:
         from mtpx.llm import resolve_model_path
         from mtpx.loading import load_checkpoint
         from mtpx.loading.checkpoint import count_mtp_layers
+        from mtpx.loading.checkpoint import kept_types
         ckpt = load_checkpoint(resolve_model_path(args.model))
-        cfg, mtp_layers = ckpt.config, count_mtp_layers(ckpt.shapes)
+        cfg, mtp_layers, kept = ckpt.config, count_mtp_layers(ckpt.shapes), kept_types(ckpt)
     if args.ctx < 1 or args.parallel < 1 or args.spec_draft_n_max < 0:
         raise RequestError("--ctx and --parallel must be >= 1, --spec-draft-n-max >= 0")
     try:
         memory = parse_bytes(args.memory) if args.memory else None
     except ValueError as e:
         raise RequestError(f"--memory: {e}") from None
+    kept = kept if args.dtype in ("int8", "int4") else None  # a GGUF's blocks loaded as they are
     p = plan(cfg, device=args.device, dtype=args.dtype, context=args.ctx, parallel=args.parallel,
-             drafts=args.spec_draft_n_max, mtp_layers=mtp_layers, memory=memory)
-    print(json.dumps(p.to_json(), indent=2) if args.json else explain(p, cfg))
+             drafts=args.spec_draft_n_max, mtp_layers=mtp_layers, memory=memory, kept=kept)
+    print(json.dumps(p.to_json(), indent=2) if args.json else explain(p, cfg, kept))
     return 0 if p.fits is not False else 3

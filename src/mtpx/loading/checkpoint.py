@@ -39,6 +39,10 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)
     # the sampling its authors recommend (generation_config.json, GGUF general.sampling.*): SamplingParams fields
     sampling_defaults: dict = field(default_factory=dict)
+    # name -> loader of the weight as a GroupedWeight holding the stored values exactly (a GGUF's quantized blocks
+    # kept: loading/gguf_blocks.py), for runs with int4 / int8 weights; a loader with a `refused` reason stands for
+    # a quantized type that cannot be kept
+    quantized: dict[str, Callable] = field(default_factory=dict)
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # the ones vLLM takes too
@@ -246,12 +250,39 @@ def count_mtp_layers(names) -> int:
     return max(idx) + 1 if idx else 0
 
 
+def kept_types(ckpt: Checkpoint) -> dict[str, str]:
+    """{name: GGUF type} of the weights the checkpoint can give quantized as they are (for the memory planner)."""
+    return {name: loader.qtype for name, loader in ckpt.quantized.items() if getattr(loader, "qtype", None)}
+
+
+def _kept_linears(model: nn.Module, ckpt: Checkpoint) -> dict[str, nn.Module]:
+    """{parameter name: Linear} of the Linear weights ckpt.quantized holds; refuses those it cannot keep."""
+    from mtpx.models.linear import Linear
+    kept, refused = {}, []
+    for name, module in model.named_modules():
+        loader = ckpt.quantized.get(f"{name}.weight") if isinstance(module, Linear) else None
+        if loader is None:
+            continue
+        if getattr(loader, "refused", None):
+            refused.append(loader.refused)
+        else:
+            kept[f"{name}.weight"] = module
+    if refused:
+        raise ModelLoadError(f"{ckpt.path.name}: {len(refused)} weight(s) cannot be kept as int4 / int8 blocks, e.g. "
+                             f"{refused[0]}; load it with --dtype bf16 (dequantized)")
+    return kept
+
+
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu",
-                with_mtp: bool = True, shard: Callable[[nn.Module], dict] | None = None) -> CausalLM:
+                with_mtp: bool = True, shard: Callable[[nn.Module], dict] | None = None,
+                keep_quantized: bool = False) -> CausalLM:
     """Check every tensor against the model's expected names and shapes, then build the model from them.
     shard(model), for one rank of a model split over several (runners/distributed.py): cuts the model, still on the
     meta device, to the rank's part and returns {parameter name: slice function} for the checkpoint's tensors,
-    applied as each is read, so the rank never holds more than its share."""
+    applied as each is read, so the rank never holds more than its share.
+    keep_quantized (a run with int4 / int8 weights, unsharded): Linear weights the checkpoint holds quantized
+    (ckpt.quantized) are read as such into Linear.quantized, never widened (runners/weights.quantize keeps them);
+    one of a quantized type that cannot be kept is refused here, before any weight is read."""
     cfg = ckpt.config
     found = count_mtp_layers(ckpt.shapes)
     if cfg.mtp_num_hidden_layers is not None and found not in (0, cfg.mtp_num_hidden_layers):
@@ -287,8 +318,14 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
             raise ModelLoadError(f"tensor {disk_name(cfg, n)} has shape {list(given[n])}, expected {list(shape)}")
     slices = shard(model) if shard is not None else {}
     tied_head = cfg.tie_word_embeddings and "lm_head.weight" not in slices
+    kept = _kept_linears(model, ckpt) if keep_quantized and shard is None else {}
+    for n, module in kept.items():
+        module.quantized = ckpt.quantized[n]()
+        module.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
     state = {}
     for n, _ in model.named_parameters(remove_duplicate=False):
+        if n in kept:
+            continue
         if n == "lm_head.weight" and cfg.tie_word_embeddings:
             if tied_head:
                 continue

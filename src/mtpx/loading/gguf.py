@@ -16,7 +16,9 @@ llama.cpp's layout for arch `qwen35` / `qwen35moe`, as its converter (`convert_h
   dimension is reordered from grouped-by-key-head to tiled order (`_tiled_to_grouped` undoes it).
 
 Tensors are dequantized lazily (F32, F16, BF16 natively; Q8_0, Q4_0/1, Q5_0/1, K-quants, IQ4 through
-`gguf.quants.dequantize`); `build_model` casts them to the run dtype.
+`gguf.quants.dequantize`); `build_model` casts them to the run dtype. Quantized matrices can also be read as they
+are (Checkpoint.quantized, loading/gguf_blocks.py: Q4_0/1, Q4_K as int4, Q8_0, Q5_0/1, Q5_K, Q6_K as int8 blocks,
+exactly) for runs with int4 / int8 weights (archs qwen35 / qwen35moe).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 from mtpx.config import ModelConfig
 from mtpx.errors import ModelLoadError
 from mtpx.loading.checkpoint import Checkpoint, sampling_defaults
+from mtpx.loading.gguf_blocks import Kept, Refused, kept_loader
 from mtpx.models.qwen3_next import split_projections
 from mtpx.tokenizer import Tokenizer
 
@@ -274,8 +277,9 @@ def gguf_config(reader, path: Path) -> tuple[ModelConfig, str, int]:
     return cfg, arch, n_main
 
 
-def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
-    """GGUF tensors -> internal names, loaders (with the converter's transforms undone) and shapes."""
+def _map_tensors(reader, cfg: ModelConfig, n_main: int, quantized: dict | None = None) -> tuple[dict, dict]:
+    """GGUF tensors -> internal names, loaders (with the converter's transforms undone) and shapes; `quantized`
+    gets the loaders of quantized matrices kept as they are (gguf_blocks.kept_loader)."""
     by_name = {t.name: t for t in reader.tensors}
     next_layout = cfg.model_type == "qwen3_next"
     gguf_to_hf_layer = {g: h for h, g in LAYER_NAMES.items()}
@@ -293,6 +297,8 @@ def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
             shape = (shape[0], 1, shape[1])
         elif gguf_suffix == "ffn_gate_inp_shexp.weight" and len(shape) == 1:
             shape = (1, shape[0])  # ggml drops trailing size-1 dims: llama-quantize writes it as 1-D
+        if quantized is not None and not next_layout and (kept := kept_loader(t, shape, hf_suffix, cfg)):
+            quantized[hf] = kept
 
         def load(raw=raw, gguf_suffix=gguf_suffix, hf_suffix=hf_suffix, shape=shape) -> torch.Tensor:
             x = raw()
@@ -334,7 +340,7 @@ def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
             gate_up.setdefault(prefix, {})[suffix] = t
             continue
         if suffix == "attn_qkv.weight" and layer_type == "full_attention":
-            _split_fused_qkv(prefix, t, cfg, tensors, shapes)
+            _split_fused_qkv(prefix, t, cfg, tensors, shapes, quantized)
             continue
         hf_suffix = gguf_to_hf_layer.get(suffix)
         if hf_suffix is None:
@@ -366,15 +372,20 @@ def _map_tensors(reader, cfg: ModelConfig, n_main: int) -> tuple[dict, dict]:
     return tensors, shapes
 
 
-def _split_fused_qkv(prefix: str, t, cfg: ModelConfig, tensors: dict, shapes: dict) -> None:
+def _split_fused_qkv(prefix: str, t, cfg: ModelConfig, tensors: dict, shapes: dict,
+                     quantized: dict | None = None) -> None:
     """A full-attention layer stored with fused `attn_qkv` (rows: q+gate, k, v) -> q_proj, k_proj, v_proj."""
     raw = _raw_loader(t)
     q = 2 * cfg.num_attention_heads * cfg.head_dim
     kv = cfg.num_key_value_heads * cfg.head_dim
     spans = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+    kept = kept_loader(t, (q + 2 * kv, cfg.hidden_size), "self_attn.qkv", cfg) if quantized is not None else None
     for n, (a, b) in spans.items():
         tensors[f"{prefix}self_attn.{n}.weight"] = lambda raw=raw, a=a, b=b: raw()[a:b].clone()
         shapes[f"{prefix}self_attn.{n}.weight"] = (b - a, cfg.hidden_size)
+        if kept:
+            quantized[f"{prefix}self_attn.{n}.weight"] = kept if isinstance(kept, Refused) else \
+                Kept(lambda kept=kept, a=a, b=b: kept().take_rows(slice(a, b)), kept.qtype)
 
 
 def _check_same(t, main, name: str) -> None:
@@ -455,7 +466,7 @@ def load_gguf_checkpoint(path: Path) -> Checkpoint:
     else:
         cfg, arch, n_main = gguf_config(reader, path)
         counts = _check_types(reader)
-        tensors, shapes = _map_tensors(reader, cfg, n_main)
+        tensors, shapes = _map_tensors(reader, cfg, n_main, quantized := {})
     tokenizer = gguf_tokenizer(reader)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ModelLoadError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
@@ -463,4 +474,5 @@ def load_gguf_checkpoint(path: Path) -> Checkpoint:
     extra = {"format": "gguf", "gguf_arch": arch, "tensor_types": dict(counts)}
     sampling = {name: _field(reader, f"general.sampling.{key}") for key, name in GGUF_SAMPLING.items()}
     defaults = sampling_defaults({k: v for k, v in sampling.items() if v is not None}, path.name)
-    return Checkpoint(cfg, tensors, shapes, tokenizer, path, extra, defaults)
+    return Checkpoint(cfg, tensors, shapes, tokenizer, path, extra, defaults,
+                      quantized=quantized if arch not in ROUTED_ARCHS else {})

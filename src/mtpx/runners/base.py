@@ -47,8 +47,9 @@ class Runner:
         """Where a checkpoint's tensors are loaded for prepare() (which may convert them and move them on)."""
         return self.device
 
-    def check_memory(self, cfg, mtp_layers: int) -> None:
-        """Refuse a model that will not fit on the device, before its weights are read (runners/plan.py)."""
+    def check_memory(self, cfg, mtp_layers: int, kept: dict[str, str] | None = None) -> None:
+        """Refuse a model that will not fit on the device, before its weights are read (runners/plan.py; kept:
+        the GGUF types of weights loaded quantized as they are)."""
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Make `model` (just loaded, on self.device) run on this runner; returns it."""

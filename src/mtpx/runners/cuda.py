@@ -117,13 +117,13 @@ class CudaRunner(Runner):
         if not on_cuda:
             tune_cpu_process()
 
-    def check_memory(self, cfg, mtp_layers: int) -> None:
+    def check_memory(self, cfg, mtp_layers: int, kept: dict[str, str] | None = None) -> None:
         if self.device.type != "cuda":
             return
         from mtpx.runners.plan import require_fit
         free, _ = torch.cuda.mem_get_info(self.device)
         dtype = self.quantization or {torch.float16: "fp16", torch.float32: "fp32"}.get(self.dtype, "bf16")
-        require_fit(cfg, free, device="cuda", dtype=dtype, mtp_layers=mtp_layers)
+        require_fit(cfg, free, device="cuda", dtype=dtype, mtp_layers=mtp_layers, kept=kept)
 
     @property
     def load_device(self) -> torch.device:
