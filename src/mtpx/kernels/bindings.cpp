@@ -18,7 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_layer_step", &attention_layer_step, "a full-attention decoder layer of a step, one call", release());
   m.def("gdn_layer_step", &gdn_layer_step, "a Gated DeltaNet decoder layer of a step, one call", release());
   m.def("mtp_greedy_drafts", &mtp_greedy_drafts, "k greedy drafts of a one-layer MTP module, one call", release());
-  pybind11::class_<StackStep>(m, "StackStep")
+  // module-local: an extension compiled on first use (sources edited since the install) is loaded beside the
+  // installed one, which was imported to read its source_hash; two global registrations of one type would clash
+  pybind11::class_<StackStep>(m, "StackStep", pybind11::module_local())
       .def(pybind11::init<torch::Tensor, torch::Tensor, double>())
       .def("add_attention", &StackStep::add_attention)
       .def("add_gdn", &StackStep::add_gdn)
