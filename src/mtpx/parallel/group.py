@@ -7,7 +7,6 @@ falls in the buffer, so there the partials are gathered and added in rank order 
 """
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import subprocess
@@ -21,13 +20,12 @@ import torch.distributed as dist
 
 from mtpx.errors import RankLost
 
-log = logging.getLogger("mtpx.parallel")
 GRACE_S = 3.0  # after a rank is lost: how long rank 0 keeps answering (503) before its process exits
 
 
 @dataclass
 class CollectiveStats:
-    """Time in collectives and bytes moved, since reset(): what `mtpx bench --tensor-parallel` reports per step."""
+    """Time in collectives and bytes moved so far: `mtpx bench --tensor-parallel` takes differences per decode round."""
     seconds: float = 0.0
     calls: int = 0
     bytes: int = 0
@@ -78,8 +76,7 @@ class Group:
         if self.world == 2:
             self._timed(lambda: dist.all_reduce(x), x.numel() * x.element_size())
             return x
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        self._timed(lambda: dist.all_gather(parts, x.contiguous()), x.numel() * x.element_size() * self.world)
+        parts = self._gather(x)
         out = parts[0]
         for p in parts[1:]:
             out = out + p
@@ -87,9 +84,12 @@ class Group:
 
     def gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's x joined along the last dimension, in rank order."""
+        return torch.cat(self._gather(x), dim=-1)
+
+    def _gather(self, x: torch.Tensor) -> list[torch.Tensor]:
         parts = [torch.empty_like(x) for _ in range(self.world)]
         self._timed(lambda: dist.all_gather(parts, x.contiguous()), x.numel() * x.element_size() * self.world)
-        return torch.cat(parts, dim=-1)
+        return parts
 
     def send(self, x: torch.Tensor, dst: int) -> None:
         self._timed(lambda: dist.send(x.contiguous(), dst), x.numel() * x.element_size())

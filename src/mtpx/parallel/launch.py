@@ -9,7 +9,7 @@ import pickle
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -65,11 +65,10 @@ def join(config: ParallelConfig, device: torch.device, spawn: Callable[[], None]
                                     timeout=COLLECTIVE_TIMEOUT)
         else:
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    kinds: list[Any] = [None] * world
-    dist.all_gather_object(kinds, device.type)
+    group = Group(rank, world, device, store if store is not None else _command_store(rank, world, device), processes)
+    kinds = group.gather_object(device.type)
     if len(set(kinds)) > 1:
         raise RequestError(f"every rank must run on the same kind of device; the ranks have {kinds}")
-    group = Group(rank, world, device, store if store is not None else _command_store(rank, world, device), processes)
     if processes:
         group.watch()
     return group

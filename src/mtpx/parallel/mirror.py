@@ -18,7 +18,7 @@ import torch
 from mtpx.engine.engine import Engine
 from mtpx.engine.request import Request
 from mtpx.engine.sequence import Sequence
-from mtpx.errors import MtpxError, RankLost
+from mtpx.errors import MtpxError, RankLost, RequestError
 from mtpx.parallel.group import Group
 
 
@@ -112,8 +112,7 @@ class MirroredEngine(Engine):
 
     # ---- the calls the others repeat ----------------------------------------------------------------------------------
     def drafter(self, spec, batched: bool = False):
-        if spec.spec_draft_vocab and self.group.world > 1:
-            from mtpx.errors import RequestError
+        if spec.spec_draft_vocab:  # a draft head reads rows of the output head, which no rank holds whole
             raise RequestError("spec_draft_vocab (a reduced draft head) is not available with --tensor-parallel / "
                                "--split-layers; leave it 0")
         return self._call("drafter", spec, batched, register=True)

@@ -118,8 +118,8 @@ class DistributedRunner(Runner):
     def __init__(self, inner: Runner, group: Group, config: ParallelConfig):
         super().__init__(group.device, inner.dtype, inner.quantization)
         self.inner, self.group, self.config = inner, group, config
-        self.name = f"{inner.name}, {'tensor parallel' if config.tensor > 1 else 'layer split'} rank {group.rank} " \
-                    f"of {group.world}"
+        self.split = f"{'tensor parallel' if config.tensor > 1 else 'layer split'} rank {group.rank} of {group.world}"
+        self.name = f"{inner.name}, {self.split}"
         if hasattr(inner, "skip_whole"):
             inner.skip_whole(layers=config.tensor > 1)
         self.max_drafts = inner.max_drafts
@@ -169,12 +169,12 @@ class DistributedRunner(Runner):
             model.model.norm.register_forward_hook(from_last)
             if model.mtp is not None:
                 model.mtp.register_forward_hook(from_last)
-        weight = model.lm_head.weight
-        model.new_state = lambda max_len, device=None: SequenceState(cfg, types, max_len, weight.dtype,
-                                                                     device or weight.device)
+        # the head's dtype and device, not the tensor: inner.prepare may replace it (quantized weights)
+        dtype, home = model.lm_head.weight.dtype, model.lm_head.weight.device
+        model.new_state = lambda max_len, device=None: SequenceState(cfg, types, max_len, dtype, device or home)
         if model.mtp is not None:
             model.new_mtp_state = lambda max_len, device=None: SequenceState(cfg, model.mtp.layer_types, max_len,
-                                                                             weight.dtype, device or weight.device)
+                                                                             dtype, device or home)
         return self.inner.prepare(model)
 
     def release_state(self, state: SequenceState) -> None:
@@ -185,4 +185,4 @@ class DistributedRunner(Runner):
         return self.inner.step_row_block
 
     def describe(self) -> str:
-        return f"{self.inner.describe()}, {self.name.split(', ', 1)[1]}"
+        return f"{self.inner.describe()}, {self.split}"
