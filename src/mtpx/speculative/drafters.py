@@ -22,9 +22,9 @@ from mtpx.state import SequenceState
 
 PREFILL_ROWS = 8  # catch-up passes longer than this (the prompt) use the parallel prefill path
 MTP_BACKLOG = 16  # after rounds without drafting, the MTP layer catches up on only this many latest positions
-# The MTP layer reads only this many latest pairs of a long prompt: its pass over the whole prompt grew with the
-# context until it cost more than MTP gained (bench --context), while on the demo model windows of 64 to 2048 pairs
-# drafted as well as the whole 4k prompt. Drafts are only proposals, so the output is the same either way.
+# The MTP layer reads only this many latest pairs of a long prompt: its pass over the prompt is paid at the first
+# draft and grows with the prompt, while its drafts lean on the recent pairs. Drafts are only proposals, so the
+# output is the same either way.
 MTP_PROMPT_WINDOW = 2048
 
 
