@@ -51,13 +51,14 @@ def _quantized_on_meta(weight: torch.Tensor, kind: str) -> _Sized:
 
 
 def meta_model(cfg: ModelConfig, mtp_layers: int, dtype: str, kept: dict[str, str] | None = None) -> nn.Module:
-    """The model as a runner would hold it, on the meta device: bf16 / fp16 / fp32, or int8 / int4 weights (kept:
-    {parameter name: GGUF type} of weights a GGUF file gives quantized as they are, loading/gguf_blocks.py)."""
-    from mtpx.runners.weights import _join_loaded, _replace_weights, fuse_projections
+    """The model as a runner would hold it, on the meta device: bf16 / fp16 / fp32, int8 / int4 weights, or "stored"
+    (bf16 but for the kept ones) (kept: {parameter name: GGUF type} of weights a GGUF file gives quantized as they
+    are, loading/gguf_blocks.py)."""
+    from mtpx.runners.weights import STORED, _join_loaded, _replace_weights, fuse_projections
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(dtype, torch.bfloat16)
     with torch.device("meta"):
         model = family(cfg)(cfg, mtp_layers).to(torch_dtype)
-    if dtype in ("int8", "int4"):
+    if dtype in ("int8", "int4", STORED):
         if kept:
             from mtpx.loading.gguf_blocks import meta_weight
             for name, module in model.named_modules():
@@ -68,7 +69,8 @@ def meta_model(cfg: ModelConfig, mtp_layers: int, dtype: str, kept: dict[str, st
         for module in model.modules():  # fused projections with kept members, joined as quantize() joins them
             if getattr(module, "FUSED_PROJECTIONS", None) and fused_projection(module) is None:
                 _join_loaded(module, dtype, {"kept": 0}, lambda w: w)
-        _replace_weights(model, lambda w, tied: _quantized_on_meta(w, dtype))
+        if dtype != STORED:
+            _replace_weights(model, lambda w, tied: _quantized_on_meta(w, dtype))
     return model
 
 

@@ -57,6 +57,9 @@ def pack_for_cpu(model: nn.Module) -> None:
 
 
 QUANTIZATIONS = ("int8", "int4")
+# a GGUF's quantized weights as the file stores them (loading/gguf_blocks.py), its float ones left as they are: what
+# loading a quantized GGUF does unless --dtype says otherwise (as llama.cpp runs a file)
+STORED = "stored"
 
 
 class GpuInt8Weight(Int8Weight):
@@ -106,11 +109,11 @@ _ON_GPU = {Int8Weight: GpuInt8Weight, Int4Weight: GpuInt4Weight, Int8BlockWeight
 def quantize(model: nn.Module, kind: str, gpu: torch.device | None = None) -> dict[str, int]:
     """Weight-only quantization of every Linear and fused projection (MoE experts and the embedding stay bf16):
     int8 (per output row), or int4 (models/grouped.py: groups of 32) with int8 for weights whose K is not a multiple
-    of 32. Weights loaded quantized (a GGUF's blocks kept exactly: Linear.quantized already set) stay as they are;
-    a fused projection with such members is joined in their format, its other members quantized to it (int8 blocks
-    where any member is). The bf16 copies are released, except the embedding's when lm_head shares it. `gpu`:
-    quantize here (on the CPU) and keep the codes on that device, for the Triton kernels. Returns how many weights
-    got each format, and how many were kept as loaded."""
+    of 32, or STORED (no weight is quantized here). Weights loaded quantized (a GGUF's blocks kept exactly:
+    Linear.quantized already set) stay as they are; a fused projection with such members is joined in their format,
+    its other members quantized to it (int8 blocks where any member is). The bf16 copies are released, except the
+    embedding's when lm_head shares it. `gpu`: quantize here (on the CPU) and keep the codes on that device, for the
+    Triton kernels. Returns how many weights got each format, and how many were kept as loaded."""
     if gpu is None and not kernels.rowgemm_available():
         from mtpx.errors import RequestError
         raise RequestError(f"{kind} weights need the rowgemm CPU kernel, which could not be built here "
@@ -121,7 +124,9 @@ def quantize(model: nn.Module, kind: str, gpu: torch.device | None = None) -> di
         counts[{Int4Weight: "int4", Int8BlockWeight: "int8 blocks"}.get(type(w), "int8")] += 1
         return w if gpu is None else _ON_GPU[type(w)].of(w, gpu)
 
-    def convert(weight: torch.Tensor, tied: bool) -> QuantizedWeight:
+    def convert(weight: torch.Tensor, tied: bool) -> QuantizedWeight | None:
+        if kind == STORED:
+            return None
         weight = weight.cpu()
         return place(Int4Weight(weight) if kind == "int4" and Int4Weight.fits(weight.shape) else Int8Weight(weight))
     for module in model.modules():
@@ -141,7 +146,7 @@ def _join_loaded(module: nn.Module, kind: str, counts: dict, place) -> None:
     loaded = [m.quantized for m in members if isinstance(m.quantized, GroupedWeight)]
     if not loaded:
         return
-    fmt = Int4Weight if kind == "int4" and all(isinstance(w, Int4Weight) for w in loaded) else Int8BlockWeight
+    fmt = Int4Weight if kind in ("int4", STORED) and all(isinstance(w, Int4Weight) for w in loaded) else Int8BlockWeight
     parts = [m.quantized if isinstance(m.quantized, GroupedWeight) else fmt(m.weight.detach()) for m in members]
     counts["kept"] += len(loaded)
     set_fused_projection(module, place(join_rows(parts)), None, [p.shape[0] for p in parts])
