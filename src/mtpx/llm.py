@@ -23,7 +23,7 @@ from mtpx.parallel.config import ParallelConfig
 from mtpx.parallel.group import Group
 from mtpx.parallel.launch import join
 from mtpx.parallel.mirror import MirroredEngine, follow
-from mtpx.runners import RunnerConfig, resolve_device, resolve_dtype, select_runner
+from mtpx.runners import STORED, RunnerConfig, resolve_device, resolve_dtype, select_runner
 from mtpx.runners.distributed import DistributedRunner
 from mtpx.runners.cpu import tune_cpu_process  # noqa: F401 - part of this module's public names
 from mtpx.threads import ThreadTuner
@@ -64,9 +64,9 @@ class LLM:
         other than 0 the constructor does not return: it repeats rank 0's calls until rank 0 closes, then exits."""
         # ---- loading: device and dtype, checkpoint, the runner and the model it prepared --------------------------
         self.device = resolve_device(device)
-        self.dtype, self.quantization = resolve_dtype(dtype)
         self.path = resolve_model_path(model)
         ckpt = load_checkpoint(self.path)
+        self.dtype, self.quantization = resolve_dtype(dtype, stores_quantized=bool(ckpt.quantized))
         if ckpt.tokenizer is None:
             raise ModelLoadError(f"{self.path} has no tokenizer.json")
         self.config = ckpt.config
@@ -76,6 +76,9 @@ class LLM:
         runner_config = runner_config or RunnerConfig.from_env(static_steps=static_steps, threads=threads)
         self.parallel = ParallelConfig.parse(tensor_parallel, split_layers)
         self.parallel.check(self.config, self.device)
+        if self.parallel.enabled and self.quantization == STORED:
+            raise RequestError(f"{self.path.name} stores quantized weights, which are not kept as stored when the "
+                               "model is split over ranks: give --dtype int8 or int4 (requantized) or bf16")
         self.group: Group | None = None
         if self.parallel.enabled:
             spawn = functools.partial(_run_rank, dict(

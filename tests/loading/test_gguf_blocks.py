@@ -142,16 +142,15 @@ def test_a_mixed_gguf_keeps_its_values_and_speculates_losslessly(mixed_gguf):
     assert llm.generate(prompt, max_tokens=24, spec_type="mtp", spec_draft_n_max=3).token_ids == plain
 
 
-def test_types_that_cannot_be_kept_are_refused(mixed_gguf, tmp_path):
-    import mtpx
+@pytest.fixture(scope="module")
+def q3_gguf(mixed_gguf, tmp_path_factory):
+    """mixed_gguf with one matrix in Q3_K, a type mtpx cannot keep."""
     reader = GGUFReader(str(mixed_gguf))
     t = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
     n, k = t.shape[1], t.shape[0]
     q3 = np.random.default_rng(2).integers(0, 256, size=(n, k // 256 * GGML_QUANT_SIZES[Q.Q3_K][1]), dtype=np.uint8)
     q3.reshape(n, k // 256, -1)[..., -2:] = np.full((n, k // 256, 1), 1e-4, np.float16).view(np.uint8)
-    dst = tmp_path / "q3.gguf"
-    src = tmp_path / "src.gguf"
-    shutil.copy(mixed_gguf, src)
+    dst = tmp_path_factory.mktemp("q3") / "q3.gguf"
     writer = GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
     for key, f in reader.fields.items():
         if not key.startswith("GGUF.") and key != "general.architecture":
@@ -164,6 +163,12 @@ def test_types_that_cannot_be_kept_are_refused(mixed_gguf, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return dst
+
+
+def test_types_that_cannot_be_kept_are_refused(q3_gguf):
+    import mtpx
+    dst = q3_gguf
     with pytest.raises(ModelLoadError, match=r"cannot be kept .*blk\.0\.ffn_up\.weight \(Q3_K; mtpx keeps Q4_0"):
         mtpx.LLM(dst, dtype="int4")
     assert mtpx.LLM(dst, dtype="bf16").generate([5, 6], max_tokens=2, spec_type="none").token_ids

@@ -62,7 +62,8 @@ def context_defaults() -> str:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="checkpoint directory, .gguf file, or 'demo'")
-    p.add_argument("--dtype", default=None, help="bf16 (default), fp16, fp32, int8 or int4 (weight-only, CPU)")
+    p.add_argument("--dtype", default=None, help="auto (default: bf16, or a GGUF's quantized weights as stored), bf16, fp16, fp32, "
+                   "int8 or int4 (weight-only)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="CUDA: run step passes eagerly on the ordinary step path (no static passes, no graphs)")

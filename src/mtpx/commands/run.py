@@ -13,7 +13,8 @@ from mtpx.llm import LLM
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, help="checkpoint directory, .gguf file, or 'demo'")
-    p.add_argument("--dtype", default=None, help="bf16 (default), fp16, fp32, int8 or int4 (weight-only, CPU)")
+    p.add_argument("--dtype", default=None, help="auto (default: bf16, or a GGUF's quantized weights as stored), bf16, fp16, fp32, "
+                   "int8 or int4 (weight-only)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: cuda where there is one)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 or all cores, whichever decodes faster, measured as it runs; "

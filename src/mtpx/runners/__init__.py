@@ -10,7 +10,7 @@ import torch
 from mtpx import kernels
 from mtpx.config import ModelConfig
 from mtpx.errors import RequestError
-from mtpx.runners.weights import QUANTIZATIONS
+from mtpx.runners.weights import QUANTIZATIONS, STORED
 from mtpx.runners.base import Runner
 from mtpx.runners.config import RunnerConfig
 
@@ -29,16 +29,17 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> tuple[torch.dtype, str | None]:
-    """(activation / weight dtype, weight quantization or None) for a dtype name."""
-    if dtype is None:
-        return torch.bfloat16, None
+def resolve_dtype(dtype: str | torch.dtype | None, stores_quantized: bool = False) -> tuple[torch.dtype, str | None]:
+    """(activation / weight dtype, weight quantization or None) for a dtype name. None or "auto": bf16, except that
+    a checkpoint which stores weights quantized (`stores_quantized`: a GGUF's blocks) keeps them as stored (STORED)."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16, STORED if stores_quantized else None
     if isinstance(dtype, torch.dtype):
         return dtype, None
     if dtype in QUANTIZED:
         return torch.bfloat16, dtype
     if dtype not in DTYPES:
-        raise RequestError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES) + sorted(QUANTIZED)}")
+        raise RequestError(f"unknown dtype {dtype!r}: use auto or one of {sorted(DTYPES) + sorted(QUANTIZED)}")
     return DTYPES[dtype], None
 
 
@@ -54,4 +55,5 @@ def select_runner(device: torch.device, dtype: torch.dtype, quantization: str | 
     return CpuRunner(device, dtype, quantization, config, fused=dtype == torch.bfloat16 and kernels.rowgemm_available())
 
 
-__all__ = ["Runner", "RunnerConfig", "select_runner", "resolve_device", "resolve_dtype", "DTYPES", "QUANTIZED"]
+__all__ = ["Runner", "RunnerConfig", "select_runner", "resolve_device", "resolve_dtype", "DTYPES", "QUANTIZED",
+           "STORED"]

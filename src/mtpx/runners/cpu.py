@@ -25,7 +25,7 @@ from mtpx.models import qwen3_5 as q35
 from mtpx.models.linear import fused_projection, kernel_weight, project_joined, step_rows, step_weight
 from mtpx.runners.base import Overrides, Runner, install
 from mtpx.runners.config import RunnerConfig
-from mtpx.runners.weights import pack_for_cpu, quantize, to_tiles
+from mtpx.runners.weights import STORED, pack_for_cpu, quantize, to_tiles
 from mtpx.state import SequenceState
 from mtpx.threads import ThreadTuner
 
@@ -259,8 +259,8 @@ def prepare_weights(model: nn.Module, dtype: torch.dtype, quantization: str | No
         pack_for_cpu(model)
     if quantization:
         quantize(model, quantization)
-    elif dtype == torch.bfloat16 and tiles:
-        to_tiles(model)
+    if quantization in (None, STORED) and dtype == torch.bfloat16 and tiles:
+        to_tiles(model)  # (with STORED, the weights the file stores as floats)
 
 
 class CpuRunner(Runner):
@@ -301,7 +301,8 @@ class CpuRunner(Runner):
 
     def describe(self) -> str:
         parts = [f"fused kernels, {kernels.isa()}" if self.fused else "oneDNN",
+                 "quantized as stored" if self.quantization == STORED else
                  self.quantization or str(self.dtype).removeprefix("torch.")]
-        if self.tiles and kernels.amx_available() and not self.quantization:
+        if self.tiles and kernels.amx_available() and self.quantization in (None, STORED):
             parts.append("AMX tiles")
         return f"cpu ({', '.join(parts)})"
