@@ -21,7 +21,7 @@ from mtpx.bench.memory import SequenceBytes
 from mtpx.bench.prompts import Workload
 from mtpx.engine.params import SpecConfig
 from mtpx.errors import RequestError
-from mtpx.models.linear import weight_bytes
+from mtpx.models.linear import nbytes, weight_bytes
 from mtpx.models.qwen3_5 import Experts, Qwen35Model
 
 DEFAULT_K = 3
@@ -130,12 +130,13 @@ class WeightTraffic:
     def sizes(cls, model: Qwen35Model) -> dict:
         expert_params = {id(p) for e in model.modules() if isinstance(e, Experts) for p in e.parameters()}
 
-        def dense(module):
-            return weight_bytes(module, expert_params)
+        def dense(module):  # leaving out the experts' stacks, as tensors or quantized (Experts.quantized)
+            quantized = sum(nbytes(w) for e in module.modules() if isinstance(e, Experts)
+                            for ws in (e.quantized or {}).values() for w in ws)
+            return weight_bytes(module, expert_params) - quantized
         body = dense(model.model.layers) + dense(model.model.norm)
         experts = [e for e in model.modules() if isinstance(e, Experts)]
-        per_expert = (experts[0].gate_up_proj[0].numel() + experts[0].down_proj[0].numel()) \
-            * experts[0].gate_up_proj.element_size() if experts else 0
+        per_expert = sum(nbytes(w) for w in experts[0].expert(0)) if experts else 0
         return {"main_dense": body, "lm_head": weight_bytes(model.lm_head),
                 "mtp_dense": dense(model.mtp) if model.mtp is not None else 0, "per_expert": per_expert,
                 "embedding_row": model.model.embed_tokens.weight[0].numel()

@@ -255,18 +255,22 @@ def kept_types(ckpt: Checkpoint) -> dict[str, str]:
     return {name: loader.qtype for name, loader in ckpt.quantized.items() if getattr(loader, "qtype", None)}
 
 
-def _kept_linears(model: nn.Module, ckpt: Checkpoint) -> dict[str, nn.Module]:
-    """{parameter name: Linear} of the Linear weights ckpt.quantized holds; refuses those it cannot keep."""
+def _kept_linears(model: nn.Module, ckpt: Checkpoint) -> dict[str, tuple[nn.Module, str]]:
+    """{parameter name: (module, attribute)} of the Linear weights and routed experts' stacks ckpt.quantized holds;
+    refuses those it cannot keep."""
     from mtpx.models.linear import Linear
+    from mtpx.models.qwen3_5 import Experts
     kept, refused = {}, []
     for name, module in model.named_modules():
-        loader = ckpt.quantized.get(f"{name}.weight") if isinstance(module, Linear) else None
-        if loader is None:
-            continue
-        if getattr(loader, "refused", None):
-            refused.append(loader.refused)
-        else:
-            kept[f"{name}.weight"] = module
+        attributes = ("weight",) if isinstance(module, Linear) else Experts.STACKS if isinstance(module, Experts) else ()
+        for attribute in attributes:
+            loader = ckpt.quantized.get(f"{name}.{attribute}")
+            if loader is None:
+                continue
+            if getattr(loader, "refused", None):
+                refused.append(loader.refused)
+            else:
+                kept[f"{name}.{attribute}"] = (module, attribute)
     if refused:
         raise ModelLoadError(f"{ckpt.path.name}: {len(refused)} weight(s) cannot be kept as int4 / int8 blocks, e.g. "
                              f"{refused[0]}; load it with --dtype bf16 (dequantized)")
@@ -280,9 +284,10 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     shard(model), for one rank of a model split over several (runners/distributed.py): cuts the model, still on the
     meta device, to the rank's part and returns {parameter name: slice function} for the checkpoint's tensors,
     applied as each is read, so the rank never holds more than its share.
-    keep_quantized (a run with int4 / int8 weights, unsharded): Linear weights the checkpoint holds quantized
-    (ckpt.quantized) are read as such into Linear.quantized, never widened (runners/weights.quantize keeps them);
-    one of a quantized type that cannot be kept is refused here, before any weight is read."""
+    keep_quantized (a run with int4 / int8 weights, unsharded): Linear weights and experts' stacks the checkpoint
+    holds quantized (ckpt.quantized) are read as such into Linear.quantized / Experts.quantized, never widened
+    (runners/weights.quantize keeps them); one of a quantized type that cannot be kept is refused here, before any
+    weight is read."""
     cfg = ckpt.config
     found = count_mtp_layers(ckpt.shapes)
     if cfg.mtp_num_hidden_layers is not None and found not in (0, cfg.mtp_num_hidden_layers):
@@ -319,9 +324,12 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     slices = shard(model) if shard is not None else {}
     tied_head = cfg.tie_word_embeddings and "lm_head.weight" not in slices
     kept = _kept_linears(model, ckpt) if keep_quantized and shard is None else {}
-    for n, module in kept.items():
-        module.quantized = ckpt.quantized[n]()
-        module.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+    for n, (module, attribute) in kept.items():
+        if attribute == "weight":
+            module.quantized = ckpt.quantized[n]()
+        else:
+            module.use_quantized(attribute, ckpt.quantized[n]())
+        setattr(module, attribute, nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False))
     state = {}
     for n, _ in model.named_parameters(remove_duplicate=False):
         if n in kept:

@@ -91,6 +91,10 @@ class GroupedWeight(QuantizedWeight):
         exact, and bf16 runs on the fast rowgemm."""
         return self.dequantize(index).to(torch.bfloat16)
 
+    def row_blocks(self, n: int) -> list["GroupedWeight"]:
+        return [type(self).from_parts(c, g, s, (c.shape[0], self.shape[1]))
+                for c, g, s in zip(self.codes.chunk(n), self.groups.chunk(n), self.supers.chunk(n))]
+
     def take_rows(self, index) -> "GroupedWeight":
         """The same weight's output rows `index`, exactly (copies of their codes and scales)."""
         codes = self.codes[index].contiguous()

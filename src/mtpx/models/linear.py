@@ -3,6 +3,7 @@ fused projections, weight-only int8 (int4 and int8 blocks: models/grouped.py), a
 forward reads."""
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -58,6 +59,11 @@ class QuantizedWeight:
     def rows(self, index: torch.Tensor):
         raise NotImplementedError
 
+    def row_blocks(self, n: int) -> list["QuantizedWeight"]:
+        """The weight as `n` equal blocks of output rows, each a weight of this type (views: no copies); routed
+        experts stored as one stack [E * N, K] are run as E such blocks."""
+        raise NotImplementedError
+
 
 class Int8Weight(QuantizedWeight):
     """Weight-only int8: q [N, K] int8 and one fp32 scale per output row (w ≈ q * scale, symmetric, absmax / 127).
@@ -81,6 +87,16 @@ class Int8Weight(QuantizedWeight):
         part.q, part.scale = self.q[index].contiguous(), self.scale[index].contiguous()
         part.scale_bf16, part.shape = part.scale.to(torch.bfloat16), part.q.shape
         return part
+
+    def row_blocks(self, n: int) -> list["Int8Weight"]:
+        parts = []
+        for q, scale in zip(self.q.chunk(n), self.scale.chunk(n)):
+            part = copy.copy(self)  # keeps the type (a GPU weight stays one)
+            part.q, part.scale, part.shape = q, scale, q.shape
+            if hasattr(self, "scale_bf16"):
+                part.scale_bf16 = scale.to(torch.bfloat16)
+            parts.append(part)
+        return parts
 
     def matmul(self, rows: torch.Tensor, step: bool) -> torch.Tensor:
         if step:
@@ -264,9 +280,13 @@ def weight_tensors(module: nn.Module, skip: set[int] = frozenset()) -> list[torc
 
 
 def quantized_weights(module: nn.Module) -> list[QuantizedWeight]:
+    """Every QuantizedWeight of `module`: fused projections', Linears' and routed experts' (their `quantized`
+    dict of per-expert lists)."""
     found = {}
     for m in module.modules():
-        for w in (m.__dict__.get("_fused", (None,))[0], getattr(m, "quantized", None)):
+        quantized = getattr(m, "quantized", None)
+        stacks = quantized.values() if isinstance(quantized, dict) else [[quantized]]
+        for w in [m.__dict__.get("_fused", (None,))[0], *(w for ws in stacks for w in ws)]:
             if isinstance(w, QuantizedWeight):
                 found[id(w)] = w
     return list(found.values())

@@ -25,7 +25,7 @@ from mtpx.config import ModelConfig
 from mtpx.models.common import (GatedRMSNorm, Pass, RMSNorm, TreeRows, apply_rotary, causal_conv_step,
                                 causal_conv_tree, chunk_gated_delta_rule, gdn_gates, gdn_heads, initialised,
                                 recurrent_gated_delta_step, rotary_tables, run_stack)
-from mtpx.models.linear import Linear, linear, project, row_invariant
+from mtpx.models.linear import Linear, QuantizedWeight, linear, project, row_invariant
 from mtpx.models.ops import fusible
 from mtpx.state import SequenceState
 
@@ -256,20 +256,40 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """Routed experts as stacked weights: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    STACKS = ("gate_up_proj", "down_proj")
+    # {stack name: [E weights]} of stacks held in another format (models/linear.py QuantizedWeight), used in place of
+    # the stack's slices; set by whoever converts them (use_quantized)
+    quantized: dict[str, list[QuantizedWeight]] | None = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.num_experts = e
         self.gate_up_proj = nn.Parameter(initialised(torch.empty(e, 2 * i, h), lambda w: w.normal_(0, 0.02)))
         self.down_proj = nn.Parameter(initialised(torch.empty(e, h, i), lambda w: w.normal_(0, 0.02)))
+
+    def use_quantized(self, name: str, stacked: QuantizedWeight) -> None:
+        """Run the stack `name` from `stacked`, its rows [E * N, K] in the stack's order, one block of rows per
+        expert; the stack's own tensor is released."""
+        stack = getattr(self, name)
+        if stacked.shape[0] % self.num_experts:
+            raise ValueError(f"{name}: {stacked.shape[0]} rows do not split into {self.num_experts} experts")
+        self.quantized = {**(self.quantized or {}), name: stacked.row_blocks(self.num_experts)}
+        setattr(self, name, nn.Parameter(torch.empty(0, dtype=stack.dtype, device=stack.device), requires_grad=False))
+
+    def expert(self, e: int) -> tuple:
+        """Expert e's (gate_up, down) weights: tensors, or QuantizedWeights where the stack is held so."""
+        q = self.quantized or {}
+        return tuple(q[n][e] if n in q else getattr(self, n)[e] for n in self.STACKS)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         # experts in ascending order, each over the rows routed to it: a row's sum order never depends on the others
         for e in torch.unique(idx).tolist():
             rows, slot = torch.where(idx == e)
-            gate, up = linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = linear(F.silu(gate) * up, self.down_proj[e]) * weights[rows, slot, None]
+            gate_up, down = self.expert(e)
+            gate, up = linear(x[rows], gate_up).chunk(2, dim=-1)
+            y = linear(F.silu(gate) * up, down) * weights[rows, slot, None]
             out = out.index_add(0, rows, y.to(out.dtype))
         return out
 

@@ -10,6 +10,7 @@ every position), and the runtime's own overhead (on CUDA: its context, cuBLAS wo
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from mtpx.config import ModelConfig
 from mtpx.models.grouped import super_size
 from mtpx.models.linear import Linear, QuantizedWeight, fused_projection, weight_bytes
+from mtpx.models.qwen3_5 import Experts
 from mtpx.models.registry import family
 
 CUDA_OVERHEAD = 600 << 20  # CUDA context + cuBLAS workspace; the allocator's slack is ALLOCATOR_SLACK
@@ -34,6 +36,10 @@ class _Sized(QuantizedWeight):
 
     def tensors(self) -> list[torch.Tensor]:
         return self._tensors
+
+    def row_blocks(self, n: int) -> list["_Sized"]:
+        return [_Sized(list(parts), torch.Size((parts[0].shape[0], self.shape[1])))
+                for parts in zip(*(t.chunk(n) for t in self._tensors))]
 
 
 def _quantized_on_meta(weight: torch.Tensor, kind: str) -> _Sized:
@@ -54,7 +60,7 @@ def meta_model(cfg: ModelConfig, mtp_layers: int, dtype: str, kept: dict[str, st
     """The model as a runner would hold it, on the meta device: bf16 / fp16 / fp32, int8 / int4 weights, or "stored"
     (bf16 but for the kept ones) (kept: {parameter name: GGUF type} of weights a GGUF file gives quantized as they
     are, loading/gguf_blocks.py)."""
-    from mtpx.runners.weights import STORED, _join_loaded, _replace_weights, fuse_projections
+    from mtpx.runners.weights import STORED, _join_loaded, _quantize_experts, _replace_weights, fuse_projections
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(dtype, torch.bfloat16)
     with torch.device("meta"):
         model = family(cfg)(cfg, mtp_layers).to(torch_dtype)
@@ -65,12 +71,19 @@ def meta_model(cfg: ModelConfig, mtp_layers: int, dtype: str, kept: dict[str, st
                 if isinstance(module, Linear) and (qtype := kept.get(f"{name}.weight")):
                     module.quantized = meta_weight(qtype, tuple(module.weight.shape))
                     module.weight.data = torch.empty(0, dtype=torch_dtype, device="meta")
+                for stack in Experts.STACKS if isinstance(module, Experts) else ():
+                    if qtype := kept.get(f"{name}.{stack}"):
+                        e, n, k = getattr(module, stack).shape
+                        module.use_quantized(stack, meta_weight(qtype, (e * n, k)))
         fuse_projections(model)
         for module in model.modules():  # fused projections with kept members, joined as quantize() joins them
             if getattr(module, "FUSED_PROJECTIONS", None) and fused_projection(module) is None:
                 _join_loaded(module, dtype, {"kept": 0}, lambda w: w)
-        if dtype != STORED:
-            _replace_weights(model, lambda w, tied: _quantized_on_meta(w, dtype))
+        convert = (lambda w, tied: None) if dtype == STORED else (lambda w, tied: _quantized_on_meta(w, dtype))
+        _replace_weights(model, convert)
+        for module in model.modules():
+            if isinstance(module, Experts):
+                _quantize_experts(module, convert, Counter(), lambda w: w)
     return model
 
 

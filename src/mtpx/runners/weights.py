@@ -9,6 +9,7 @@ from mtpx import kernels
 from mtpx.models.grouped import GroupedWeight, Int4Weight, Int8BlockWeight, join_rows
 from mtpx.models.linear import (STEP_ROWS, Int8Weight, Linear, QuantizedWeight, TileWeight, fused_projection, nbytes,
                                 set_fused_projection)
+from mtpx.models.qwen3_5 import Experts
 
 def fuse_projections(model: nn.Module) -> list[torch.Tensor]:
     """Fuse the projections of each module that read the same input (its FUSED_PROJECTIONS) into one weight, the
@@ -107,22 +108,26 @@ _ON_GPU = {Int8Weight: GpuInt8Weight, Int4Weight: GpuInt4Weight, Int8BlockWeight
 
 
 def quantize(model: nn.Module, kind: str, gpu: torch.device | None = None) -> dict[str, int]:
-    """Weight-only quantization of every Linear and fused projection (MoE experts and the embedding stay bf16):
-    int8 (per output row), or int4 (models/grouped.py: groups of 32) with int8 for weights whose K is not a multiple
-    of 32, or STORED (no weight is quantized here). Weights loaded quantized (a GGUF's blocks kept exactly:
-    Linear.quantized already set) stay as they are; a fused projection with such members is joined in their format,
-    its other members quantized to it (int8 blocks where any member is). The bf16 copies are released, except the
-    embedding's when lm_head shares it. `gpu`: quantize here (on the CPU) and keep the codes on that device, for the
-    Triton kernels. Returns how many weights got each format, and how many were kept as loaded."""
+    """Weight-only quantization of every Linear, fused projection and stack of routed experts (models/qwen3_5.py
+    Experts: quantized whole, run per expert; the embedding stays bf16): int8 (per output row), or int4
+    (models/grouped.py: groups of 32) with int8 for weights whose K is not a multiple of 32, or STORED (no weight is
+    quantized here). Weights loaded quantized (a GGUF's blocks kept exactly: Linear.quantized or Experts.quantized
+    already set) stay as they are; a fused projection with such members is joined in their format, its other members
+    quantized to it (int8 blocks where any member is). The bf16 copies are released, except the embedding's when
+    lm_head shares it. `gpu`: quantize here (on the CPU) and keep the codes on that device, for the Triton kernels.
+    Returns how many weights (a stack of experts counting once) got each format, and how many were kept as loaded."""
     if gpu is None and not kernels.rowgemm_available():
         from mtpx.errors import RequestError
         raise RequestError(f"{kind} weights need the rowgemm CPU kernel, which could not be built here "
                            "(a C++ compiler is required); use dtype bf16")
     counts = {"int8": 0, "int4": 0, "int8 blocks": 0, "kept": 0}
 
-    def place(w: QuantizedWeight) -> QuantizedWeight:
-        counts[{Int4Weight: "int4", Int8BlockWeight: "int8 blocks"}.get(type(w), "int8")] += 1
+    def move(w: QuantizedWeight) -> QuantizedWeight:
         return w if gpu is None else _ON_GPU[type(w)].of(w, gpu)
+
+    def place(w: QuantizedWeight) -> QuantizedWeight:
+        counts[_format(w)] += 1
+        return move(w)
 
     def convert(weight: torch.Tensor, tied: bool) -> QuantizedWeight | None:
         if kind == STORED:
@@ -137,7 +142,31 @@ def quantize(model: nn.Module, kind: str, gpu: torch.device | None = None) -> di
     for module in loaded:
         counts["kept"] += 1
         module.quantized = place(module.quantized)
+    for module in model.modules():
+        if isinstance(module, Experts):
+            _quantize_experts(module, convert, counts, move)
     return counts
+
+
+def _format(w: QuantizedWeight) -> str:
+    return {Int4Weight: "int4", Int8BlockWeight: "int8 blocks"}.get(type(w), "int8")
+
+
+def _quantize_experts(experts: Experts, convert, counts: dict, move) -> None:
+    """Each stack of routed experts [E, N, K] quantized as one weight [E * N, K] and run as E blocks of its rows
+    (quantization is row by row: each block holds what quantizing its expert alone gives); a stack loaded quantized
+    (Experts.quantized already set) keeps its blocks, moved to the device."""
+    loaded = experts.quantized or {}
+    for name in Experts.STACKS:
+        if name in loaded:
+            counts[_format(loaded[name][0])] += 1
+            counts["kept"] += 1
+            experts.quantized[name] = [move(w) for w in loaded[name]]
+            continue
+        stack = getattr(experts, name).detach()
+        stacked = convert(stack.reshape(-1, stack.shape[-1]), False)
+        if stacked is not None:
+            experts.use_quantized(name, stacked)
 
 
 def _join_loaded(module: nn.Module, kind: str, counts: dict, place) -> None:
