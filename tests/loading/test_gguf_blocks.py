@@ -89,19 +89,25 @@ def mixed_gguf(dense_ckpt, tmp_path_factory):
     return _retype(plain, root / "mixed.gguf")
 
 
-def _retype(src, dst, types: list[str] = TYPES, block: int = 256):
+def _retype(src, dst, types: list[str] = TYPES, block: int = 256, experts: list[str] = ()):
+    """`src` with its matrices of K a multiple of `block` in `types` in turn, and (`experts`) its routed experts'
+    stacks in those types in turn."""
     reader = GGUFReader(str(src))
     writer = GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
     for key, f in reader.fields.items():
         if not key.startswith("GGUF.") and key != "general.architecture":
             writer.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == GGUFValueType.ARRAY
                                  else None)
-    rng, i = np.random.default_rng(1), 0
+    rng, i, j = np.random.default_rng(1), 0, 0
     for t in reader.tensors:
         data, qtype = np.asarray(t.data), t.tensor_type
         if data.ndim == 2 and data.shape[0] > 4 and data.shape[1] % block == 0 and t.name != "token_embd.weight":
             qtype = Q[types[i % len(types)]]
             data, i = _blocks(qtype.name, data.astype(np.float32), rng), i + 1
+        elif data.ndim == 3 and "_exps." in t.name and experts:
+            qtype = Q[experts[j % len(experts)]]
+            rows = data.reshape(-1, data.shape[-1]).astype(np.float32)
+            data, j = _blocks(qtype.name, rows, rng).reshape(*data.shape[:2], -1), j + 1
         writer.add_tensor(t.name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -220,3 +226,52 @@ def test_kept_blocks_on_the_cuda_runner(dense_ckpt, tmp_path):
     plain = llm.generate(prompt, max_tokens=8, ignore_eos=True, spec_type="none").token_ids
     assert llm.generate(prompt, max_tokens=8, ignore_eos=True, spec_type="mtp", spec_draft_n_max=3,
                         spec_draft_policy="fixed").token_ids == plain
+
+
+# gate and up of a layer both int4 (joined as int4), or int4 and int8 (joined as int8 blocks)
+EXPERT_TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_1", "Q4_1"]
+
+
+@needs_kernel
+def test_a_moe_gguf_keeps_its_experts_blocks(moe_ckpt, tmp_path):
+    """Routed experts' stacks (ffn_gate_exps + ffn_up_exps joined per expert, ffn_down_exps) in quantized types, kept
+    per expert with --dtype int4: the file's values exactly, and greedy MTP output equal to plain decoding's."""
+    import mtpx
+    from mtpx.loading import load_checkpoint
+    from mtpx.loading.checkpoint import kept_types
+    from mtpx.loading.convert import write_gguf
+    from mtpx.models.linear import weight_bytes
+    from mtpx.models.qwen3_5 import Experts
+    from mtpx.runners import RunnerConfig
+    from mtpx.runners.plan import plan
+    from mtpx.runners.weights import GpuInt4Weight, GpuInt8BlockWeight
+    write_gguf(load_checkpoint(moe_ckpt), tmp_path / "plain.gguf", "f32")
+    path = _retype(tmp_path / "plain.gguf", tmp_path / "moe.gguf", ["Q4_0", "Q8_0"], 32, EXPERT_TYPES)
+    ckpt = load_checkpoint(path)
+    kept = {n for n, f in ckpt.quantized.items() if ".mlp.experts." in n and getattr(f, "qtype", None)}
+    llm = mtpx.LLM(path, dtype="int4")
+    formats, checked = set(), 0
+    for name, module in llm.model.named_modules():
+        if isinstance(module, Experts):
+            assert module.gate_up_proj.numel() == module.down_proj.numel() == 0
+            for stack in Experts.STACKS:
+                want = ckpt.tensors[f"{name}.{stack}"]().float()
+                for e, w in enumerate(module.quantized[stack]):
+                    assert torch.equal(w.dequantize(slice(None)), want[e]), f"{name}.{stack}[{e}]"
+                formats.add((stack, type(w)))
+                checked += 1
+    assert checked == len(kept) == 2 * (ckpt.config.num_hidden_layers + 1)
+    assert {t for s, t in formats if s == "gate_up_proj"} == {Int4Weight, Int8BlockWeight}
+    loaded = weight_bytes(llm.model)
+    p = plan(llm.config, device="cpu", dtype="int4", context=300, kept=kept_types(ckpt))
+    assert abs(p.weights_main + p.weights_mtp - loaded) <= 0.02 * loaded
+    prompt = llm.tokenizer.encode("def add(a, b):")
+    plain = llm.generate(prompt, max_tokens=24, ignore_eos=True, spec_type="none").token_ids
+    assert llm.generate(prompt, max_tokens=24, ignore_eos=True, spec_type="mtp", spec_draft_n_max=3,
+                        spec_draft_policy="fixed").token_ids == plain
+    if _interpreting():  # on the CUDA runner the kept blocks go to the device as they are
+        on_gpu = mtpx.LLM(path, dtype="int4", device="cuda" if torch.cuda.is_available() else "cpu",
+                          runner_config=RunnerConfig.from_env(static_steps=not torch.cuda.is_available()))
+        blocks = [w for m in on_gpu.model.modules() if isinstance(m, Experts) for ws in m.quantized.values()
+                  for w in ws]
+        assert {type(w) for w in blocks} == {GpuInt4Weight, GpuInt8BlockWeight}

@@ -33,7 +33,7 @@ import torch
 from mtpx.config import ModelConfig
 from mtpx.errors import ModelLoadError
 from mtpx.loading.checkpoint import Checkpoint, sampling_defaults
-from mtpx.loading.gguf_blocks import Kept, Refused, kept_loader
+from mtpx.loading.gguf_blocks import Kept, Refused, kept_gate_up, kept_loader
 from mtpx.models.qwen3_next import split_projections
 from mtpx.tokenizer import Tokenizer
 
@@ -347,17 +347,26 @@ def _map_tensors(reader, cfg: ModelConfig, n_main: int, quantized: dict | None =
             raise ModelLoadError(f"unexpected GGUF tensor {name} {list(reversed([int(x) for x in t.shape]))}")
         add(prefix + hf_suffix, t, suffix)
 
+    keep = quantized is not None and not next_layout
     for prefix, parts in gate_up.items():
         hf = prefix + GATE_UP_EXPERTS
         if "ffn_gate_up_exps.weight" in parts:
             t = parts["ffn_gate_up_exps.weight"]
             tensors[hf] = _raw_loader(t)
             shapes[hf] = tuple(int(x) for x in reversed(t.shape))
+            if keep and (kept := kept_loader(t, shapes[hf], GATE_UP_EXPERTS, cfg)):
+                quantized[hf] = kept
             continue
         if set(parts) != {"ffn_gate_exps.weight", "ffn_up_exps.weight"}:
             raise ModelLoadError(f"{prefix}: routed experts need both ffn_gate_exps and ffn_up_exps, found "
                                  f"{sorted(parts)}")
         g, u = (_raw_loader(parts[k]) for k in ("ffn_gate_exps.weight", "ffn_up_exps.weight"))
+        if keep:
+            kept = kept_gate_up(*(kept_loader(parts[k], tuple(int(x) for x in reversed(parts[k].shape)),
+                                              GATE_UP_EXPERTS, cfg)
+                                  for k in ("ffn_gate_exps.weight", "ffn_up_exps.weight")), cfg.num_experts)
+            if kept:
+                quantized[hf] = kept
 
         def load_gate_up(g=g, u=u) -> torch.Tensor:
             a, b = g(), u()

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mtpx.models.grouped import GroupedWeight, Int4Weight, Int8BlockWeight
+from mtpx.models.grouped import GroupedWeight, Int4Weight, Int8BlockWeight, join_rows
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT8_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
@@ -138,6 +138,8 @@ def kept_loader(t, shape: tuple[int, ...], hf_suffix: str, cfg) -> Kept | Refuse
     kept GroupedWeight, with loading/gguf.py's re-layout of linear-attention value heads applied to it exactly;
     Refused for a quantized type that cannot be kept; None for float types and for tensors that are not matrices."""
     qtype = t.tensor_type.name
+    if len(shape) == 3 and hf_suffix.startswith("mlp.experts."):  # a stack [E, N, K]: its rows [E * N, K]
+        shape = (shape[0] * shape[1], shape[2])
     if len(shape) != 2 or qtype in ("F32", "F16", "BF16"):
         return None
     if qtype not in KEPT:
@@ -147,6 +149,23 @@ def kept_loader(t, shape: tuple[int, ...], hf_suffix: str, cfg) -> Kept | Refuse
         w = block_weight(np.asarray(t.data), qtype, (int(shape[0]), int(shape[1])))
         return _reorder_heads(w, hf_suffix, cfg) if hf_suffix.startswith("linear_attn.") else w
     return Kept(load, qtype)
+
+
+def kept_gate_up(gate: Kept | Refused | None, up: Kept | Refused | None, experts: int) -> Kept | Refused | None:
+    """Routed experts' ffn_gate_exps and ffn_up_exps, each kept as its rows [E * I, H], as gate_up_proj's rows
+    [E * 2I, H] (each expert's gate rows, then its up rows), exactly, in one format (models/grouped.join_rows); None
+    where either is a float type (both are then read as floats)."""
+    if isinstance(gate, Refused) or isinstance(up, Refused):
+        return gate if isinstance(gate, Refused) else up
+    if gate is None or up is None:
+        return None
+
+    def load() -> GroupedWeight:
+        joined = join_rows([gate(), up()])
+        rows = joined.shape[0] // (2 * experts)
+        return joined.take_rows(torch.arange(joined.shape[0]).reshape(2, experts, rows).transpose(0, 1).reshape(-1))
+    # the planner's format: int8 blocks where either is (join_rows widens int4 to them)
+    return Kept(load, up.qtype if up.qtype in INT8_TYPES else gate.qtype)
 
 
 def meta_weight(qtype: str, shape: tuple[int, int]) -> GroupedWeight:
