@@ -262,8 +262,8 @@ def _kept_linears(model: nn.Module, ckpt: Checkpoint) -> dict[str, tuple[nn.Modu
     from mtpx.models.qwen3_5 import Experts
     kept, refused = {}, []
     for name, module in model.named_modules():
-        attributes = ("weight",) if isinstance(module, Linear) else Experts.STACKS if isinstance(module, Experts) else ()
-        for attribute in attributes:
+        stacks = Experts.STACKS if isinstance(module, Experts) else ()
+        for attribute in ("weight",) if isinstance(module, Linear) else stacks:
             loader = ckpt.quantized.get(f"{name}.{attribute}")
             if loader is None:
                 continue
