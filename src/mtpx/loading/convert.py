@@ -1,11 +1,14 @@
-"""`mtpx convert --to gguf IN OUT [--outtype bf16|f16|q8_0|q4_0|f32]`: write a GGUF that llama.cpp loads, MTP layer included.
+"""`mtpx convert --to gguf IN OUT [--outtype bf16|f16|q8_0|q4_0|q4_k|f32]`: write a GGUF that llama.cpp loads, MTP layer included.
 Longer than 400 lines because the tensor plan, the tensors, the tokenizer and the metadata of one file are written
 together (the routed-MoE families' names and metadata are loading/gguf_routed.py's).
 
 The file follows what llama.cpp's own converter writes for `Qwen3_5ForCausalLM` / `Qwen3_5MoeForCausalLM` (arch
 `qwen35` / `qwen35moe`): the same metadata keys, tensor names and transforms (see `mtpx.loading.gguf`), the MTP block
 as `blk.{n_main}.*` with `nextn.*`, and the same per-tensor types: 1-D tensors, norms, the router (`ffn_gate_inp*`)
-and `ssm_conv1d` are F32; with q8_0 / q4_0, a tensor whose rows are not a multiple of 32 falls back to F16.
+and `ssm_conv1d` are F32; with q8_0 / q4_0, a tensor whose rows are not a multiple of 32 falls back to F16. q4_k
+is llama.cpp's Q4_K_S mix made simple (file type MOSTLY_Q4_K_S): matrices in Q4_K (loading/kquants.py), the output
+head and the embedding in Q6_K, rows that do not split into 256-blocks in Q8_0 (or F16 below 32-blocks); unlike
+llama-quantize's Q4_K_S / _M it gives no layer's attn_v / ffn_down more bits.
 
 Qwen3-Next is written as arch `qwen3next` with its fused `ssm_in` / `ssm_ba`; GLM-4.5 and DeepSeek-V3 as `glm4moe` /
 `deepseek2` (loading/gguf_routed.py).
@@ -35,7 +38,7 @@ from mtpx.loading.gguf import (GATE_UP_EXPERTS, GLOBAL_NAMES, LAYER_NAMES, MTP_N
 from mtpx.models.qwen3_next import join_projections
 from mtpx.tokenizer import Tokenizer
 
-OUTTYPES = ("bf16", "f16", "q8_0", "q4_0", "f32")
+OUTTYPES = ("bf16", "f16", "q8_0", "q4_0", "q4_k", "f32")
 F32_SUFFIXES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", "ssm_conv1d.weight")
 
 
@@ -44,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="checkpoint directory, .gguf file or 'demo' to convert")
     p.add_argument("output", help="output .gguf file")
     p.add_argument("--outtype", default="bf16", choices=OUTTYPES,
-                   help="weight type: bf16 (default), f16, q8_0 (8-bit, about half the size), q4_0 (4-bit), f32")
+                   help="weight type: bf16 (default), f16, q8_0 (8-bit, about half the size), q4_0 (4-bit), q4_k "
+                   "(llama.cpp's K-quants as in its Q4_K_S, simplified: Q4_K matrices, output head and embedding in "
+                   "Q6_K), f32")
     p.add_argument("--no-mtp", action="store_true", help="leave the MTP layer out")
     p.add_argument("--name", default=None, help="general.name written into the file (default: the input's name)")
 
@@ -196,8 +201,12 @@ def tensor_type(gname: str, shape: tuple[int, ...], outtype: str):
     if len(shape) <= 1 or gname.endswith("_norm.weight") or gname.endswith(F32_SUFFIXES) \
             or not gname.endswith(".weight"):
         return Q.F32
-    if outtype in ("q8_0", "q4_0") and shape[-1] % 32:
+    if outtype in ("q8_0", "q4_0", "q4_k") and shape[-1] % 32:
         return Q.F16  # as llama.cpp's converter does when rows don't split into 32-blocks
+    if outtype == "q4_k":
+        if shape[-1] % 256:
+            return Q.Q8_0
+        return Q.Q6_K if gname in ("output.weight", "token_embd.weight") else Q.Q4_K
     return {"bf16": Q.BF16, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "f32": Q.F32}[outtype]
 
 
@@ -214,6 +223,9 @@ def encode_tensor(gname: str, x: torch.Tensor, qtype) -> np.ndarray:
         return data
     if qtype == Q.BF16:
         return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    if qtype in (Q.Q4_K, Q.Q6_K):  # on the GPU where there is one: a 27B-shaped file then takes seconds
+        from mtpx.loading import kquants
+        return kquants.quantize(x, qtype.name, "cuda" if torch.cuda.is_available() else None, gname)
     return quantize(x.numpy(), qtype)
 
 
@@ -366,7 +378,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, outtype: str = "bf16", with_mtp: boo
         arch = export_arch(cfg)
     ftype = {"bf16": gguf.LlamaFileType.MOSTLY_BF16, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-             "f32": gguf.LlamaFileType.ALL_F32}[outtype]
+             "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S, "f32": gguf.LlamaFileType.ALL_F32}[outtype]
 
     w = gguf.GGUFWriter(str(out), arch)
     w.add_type("model")
