@@ -92,6 +92,40 @@ def test_stacks_keep_their_leading_dims_and_bad_input_is_refused():
         quantize(torch.full((1, 256), 1e9), "Q4_K")
 
 
+def _libggml():
+    """llama.cpp's libggml-base (its reference quantizers): $MTPX_LIBGGML, or the one llama-cpp-python ships."""
+    import ctypes
+    import os
+    from pathlib import Path
+    path = os.environ.get("MTPX_LIBGGML")
+    if not path:
+        try:
+            import llama_cpp
+        except ImportError:
+            return None
+        found = sorted(Path(llama_cpp.__file__).parent.rglob("libggml-base.so*"))
+        path = str(found[0]) if found else None
+    return ctypes.CDLL(path) if path else None
+
+
+@pytest.mark.parametrize("qtype,size", [("Q4_K", 144), ("Q6_K", 210)])
+def test_blocks_are_llama_cpp_reference_blocks(qtype, size):
+    """Against llama.cpp's own quantize_row_*_ref (where a libggml is at hand, e.g. MTPX_LIBGGML=.../libggml-base.so
+    of a llama.cpp build): the same blocks but where float sums in another order tip a choice (measured 97 %)."""
+    import ctypes
+    lib = _libggml()
+    if lib is None:
+        pytest.skip("no libggml-base (set MTPX_LIBGGML, or install llama-cpp-python)")
+    w = torch.randn(128, 2048, generator=torch.Generator().manual_seed(5)) * 0.02
+    ref = np.zeros((128, 2048 // 256 * size), np.uint8)
+    fn = getattr(lib, f"quantize_row_{qtype[:2].lower()}_K_ref")
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn(np.ascontiguousarray(w.numpy()).ctypes.data, ref.ctypes.data, w.numel())
+    ours = quantize(w, qtype)
+    assert (ours.reshape(-1, size) == ref.reshape(-1, size)).all(1).mean() >= 0.9
+    assert _rms(_decoded(w, qtype), w) <= 1.01 * _rms(dequantize(ref, Q[qtype]).reshape(w.shape), w)
+
+
 # ---------------------------------------------------------------- mtpx convert --outtype q4_k
 
 @pytest.fixture(scope="module")
@@ -137,8 +171,9 @@ def test_convert_q4_k_types_and_values(q4_k_files, moe):
     ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(2))
     for a, b in zip(forward_both(ref, ids), forward_both(got, ids)):
         rel = ((a - b).norm() / a.norm()).item()
-        # the random model amplifies weight errors: measured 0.18-0.24 (q4_0: 0.27-0.34, q8_0: 0.02)
-        assert 0.05 < rel <= 0.3, rel
+        # the random model amplifies weight errors (and the MoE's routing flips): measured dense 0.18-0.24 (q4_0
+        # 0.27-0.34, q8_0 0.02), MoE 0.25-0.33 (q4_0 0.34-0.45)
+        assert 0.05 < rel <= (0.4 if moe else 0.3), rel
 
 
 @needs_kernel
