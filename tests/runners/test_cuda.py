@@ -156,3 +156,22 @@ def test_quantized_weights_stay_quantized_and_speculation_stays_exact(dense_ckpt
     out = llm.generate(prompt, max_tokens=12, ignore_eos=True, spec_type="mtp", spec_draft_n_max=3,
                        spec_draft_policy="fixed")
     assert out.token_ids == ref
+
+
+@pytest.mark.skipif(not HAS_INTERPRETER and not torch.cuda.is_available(), reason="needs a GPU or Triton's interpreter")
+def test_quantized_experts_on_the_device_and_speculation_stays_exact(moe_ckpt):
+    """int4 routed experts on the CUDA runner (eager: MoE routing picks experts on the host; off a GPU the runner is
+    chosen by its static passes): per-expert codes on the device, on the Triton kernels, greedy MTP output equal to
+    plain decoding's."""
+    from mtpx.models.qwen3_5 import Experts
+    from mtpx.runners.weights import GpuInt4Weight
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    llm = mtpx.LLM(moe_ckpt, dtype="int4", device=device,
+                   runner_config=RunnerConfig.from_env(static_steps=None if device == "cuda" else True))
+    assert llm.runner.name == "cuda"
+    blocks = [w for m in llm.model.modules() if isinstance(m, Experts) for ws in m.quantized.values() for w in ws]
+    assert blocks and all(type(w) is GpuInt4Weight and w.codes.device.type == device for w in blocks)
+    prompt = llm.tokenizer.encode("def add(a, b):")
+    plain = llm.generate(prompt, max_tokens=6, ignore_eos=True, spec_type="none").token_ids
+    assert llm.generate(prompt, max_tokens=6, ignore_eos=True, spec_type="mtp", spec_draft_n_max=3,
+                        spec_draft_policy="fixed").token_ids == plain

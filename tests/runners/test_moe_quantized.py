@@ -1,7 +1,7 @@
 """Routed experts quantized (runners/weights.py quantize, models/qwen3_5.py Experts.quantized): each stack run per
 expert from views of one quantized stack, against dequantized weights; a row's bits independent of the other rows of
 a step pass; the bf16 stacks released and the planner counting the quantized ones; greedy MTP speculation equal to
-plain decoding on the CPU runner and on the CUDA runner (Triton's interpreter off a GPU)."""
+plain decoding on the CPU runner (tests/runners/test_cuda.py: on the CUDA runner)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,28 +100,4 @@ def test_greedy_speculation_is_plain_decoding_with_int4_experts_on_the_cpu_runne
     prompt = llm.tokenizer.encode("def add(a, b):")
     plain = llm.generate(prompt, max_tokens=24, ignore_eos=True, spec_type="none").token_ids
     assert llm.generate(prompt, max_tokens=24, ignore_eos=True, spec_type="mtp", spec_draft_n_max=3,
-                        spec_draft_policy="fixed").token_ids == plain
-
-
-def _interpreting() -> bool:
-    try:
-        import triton
-        return torch.cuda.is_available() or triton.knobs.runtime.interpret
-    except ImportError:
-        return False
-
-
-@pytest.mark.skipif(not _interpreting(), reason="needs a GPU or Triton's interpreter (TRITON_INTERPRET=1)")
-def test_greedy_speculation_is_plain_decoding_with_int4_experts_on_the_cuda_runner(moe_ckpt):
-    from mtpx.runners.weights import GpuInt4Weight
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # off a GPU the CUDA runner is chosen by its static passes (run eagerly); on one, MoE models run it eagerly
-    config = RunnerConfig.from_env(static_steps=None if device == "cuda" else True)
-    llm = mtpx.LLM(moe_ckpt, dtype="int4", device=device, runner_config=config)
-    assert llm.runner.name == "cuda"
-    blocks = _experts(llm)[0].quantized["gate_up_proj"]
-    assert all(type(w) is GpuInt4Weight and w.codes.device.type == device for w in blocks)
-    prompt = llm.tokenizer.encode("def add(a, b):")
-    plain = llm.generate(prompt, max_tokens=6, ignore_eos=True, spec_type="none").token_ids
-    assert llm.generate(prompt, max_tokens=6, ignore_eos=True, spec_type="mtp", spec_draft_n_max=3,
                         spec_draft_policy="fixed").token_ids == plain

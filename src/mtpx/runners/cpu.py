@@ -25,7 +25,7 @@ from mtpx.models import qwen3_5 as q35
 from mtpx.models.linear import fused_projection, kernel_weight, project_joined, step_rows, step_weight
 from mtpx.runners.base import Overrides, Runner, install
 from mtpx.runners.config import RunnerConfig
-from mtpx.runners.weights import STORED, pack_for_cpu, quantize, to_tiles
+from mtpx.runners.weights import QUANTIZATIONS, STORED, fuse_projections, own_copies, pack_for_cpu, quantize, to_tiles
 from mtpx.state import SequenceState
 from mtpx.threads import ThreadTuner
 
@@ -255,10 +255,16 @@ def prepare_weights(model: nn.Module, dtype: torch.dtype, quantization: str | No
                     tiles: bool = True) -> None:
     """Weights in the layouts the CPU kernels read: projections fused (pack), int8 / int4 codes, or bf16 packed as
     AMX tiles where the CPU has them (tiles)."""
-    if pack and dtype == torch.bfloat16:
+    # int8 / int4: the loader's views are copied (own_copies) once quantized, so the bf16 weights it replaces never are
+    converted = quantization in QUANTIZATIONS
+    if pack and dtype == torch.bfloat16 and converted:
+        fuse_projections(model)
+    elif pack and dtype == torch.bfloat16:
         pack_for_cpu(model)
     if quantization:
         quantize(model, quantization)
+    if pack and converted:
+        own_copies(model)
     if quantization in (None, STORED) and dtype == torch.bfloat16 and tiles:
         to_tiles(model)  # (with STORED, the weights the file stores as floats)
 
