@@ -16,27 +16,40 @@
 # Every step has a time limit, and the whole run BUDGET_S (under a device call's 600 s): a step that would start
 # with too little left is skipped and named so. Big files go to WORK, outside OUT; the results are packed into
 # $OUT/gpu-session.tar.gz beside $OUT/summary.txt (a device call brings back at most 8 files). In one call:
-#   run(command="bash scripts/gpu_session.sh", carry=["third_party/llama.cpp.tar.xz"], timeout_s=600)
-# and SHAPES=qwen3.6-35b-a3b (say) in a second call for what the first left.
+#   run(command="bash scripts/gpu_session.sh", carry=["third_party/llama.cpp.tar.xz", "third_party/wheels"],
+#       timeout_s=600)
+# after scripts/fetch_llama_cpp.sh here (llama.cpp's source, and gguf-py's wheel, which the GPU image lacks)
+# and SHAPES=qwen3.6-35b-a3b (say) in a second call for what the first left; STEPS picks and orders the steps (default
+# "plan int4 q4_k peak bf16 peer check"); each is named in the summary with its time, or with why it did not run.
 # DEVICE=cpu SHAPE=tiny LAYERS=4 CHECKS=0 runs the same steps on the CPU, small, as a dry run (no peer build there;
 # tests/bench/test_gpu_session.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-out} DEVICE=${DEVICE:-cuda} PY=${PY:-python} BUDGET_S=${BUDGET_S:-550}
+OUT=${OUT:-gpu-out} DEVICE=${DEVICE:-cuda} PY=${PY:-python3} BUDGET_S=${BUDGET_S:-550}
 WORK=${WORK:-${TMPDIR:-/tmp}/mtpx-gpu-session}
 SHAPES=${SHAPES:-${SHAPE:-qwen3.6-27b qwen3.6-35b-a3b}} LAYERS=${LAYERS:-}
 LAYERS_27B=${LAYERS_27B:-16} LAYERS_35B=${LAYERS_35B:-8}
 MODES=${MODES:-none,mtp1,mtp2,mtp3,mtp4} RATES=${RATES:-0.8,0.8,0.8,0.8}
-MAX_PROMPTS=${MAX_PROMPTS:-3} MAX_TOKENS=${MAX_TOKENS:-128} CHECKS=${CHECKS:-1}
+MAX_PROMPTS=${MAX_PROMPTS:-3} MAX_TOKENS=${MAX_TOKENS:-128}
+STEPS=${STEPS:-plan int4 q4_k peak bf16 peer check}  # what to run, in this order per shape (CHECKS=0: no check)
+[ "${CHECKS:-1}" = 0 ] && STEPS=${STEPS//check/}
 LLAMA_CPP_SRC=${LLAMA_CPP_SRC:-third_party/llama.cpp.tar.xz} PEER_MODES=${PEER_MODES:-none,mtp3}
+WHEELS=${WHEELS:-third_party/wheels}
 CUDA_ARCH=${CUDA_ARCH:-native} PEER_JOBS=${PEER_JOBS:-$(( $(nproc) > 4 ? $(nproc) - 4 : 1 ))}
 MIN_STEP_S=20 RESERVE_S=10  # a step gets at least this long or is skipped; kept back for packing up
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 [ "$DEVICE" = cpu ] && export TRITON_INTERPRET=1  # the GPU's Triton kernels, interpreted (cuda_check)
+# nothing here runs on the CPU kernels: no minutes of compiling them on first use
+[ "$DEVICE" = cuda ] && export MTPX_ROWGEMM=${MTPX_ROWGEMM:-0}
 T0=$(date +%s) RES="$WORK/results"
 rm -rf "$RES" && mkdir -p "$RES" "$OUT" || exit 1
-MTPX=("$PY" -m mtpx.cli) PEERED="" LLAMA_SERVER=""
+if ! "$PY" -c "import gguf" 2> /dev/null && compgen -G "$WHEELS/*.whl" > /dev/null; then  # carried wheels
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$WHEELS"/*.whl &&
+    export PYTHONPATH=$PYTHONPATH:$WORK/site
+fi
+MTPX=("$PY" -m mtpx.cli) PEERED="" LLAMA_SERVER=${LLAMA_SERVER:-}  # LLAMA_SERVER: a llama-server already built
 
+want() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
 note() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$RES/summary.txt" >&2; }
 
 # step NAME LIMIT_S CMD...: CMD with its stdout in $RES/NAME.out and stderr in $RES/NAME.log, for at most LIMIT_S
@@ -81,7 +94,8 @@ pack() {
   [ -n "${BUILD_PID:-}" ] && kill "$BUILD_PID" 2>/dev/null
   [ -n "${PREGEN_PID:-}" ] && kill "$PREGEN_PID" 2>/dev/null
   table >> "$RES/summary.txt" 2>&1
-  note "done in $(( $(date +%s) - T0 ))s; files: $(cd "$RES" && find . -type f ! -name summary.txt | sort | tr '\n' ' ')"
+  note "done in $(( $(date +%s) - T0 ))s; files: $(cd "$RES" && find . -type f ! -name summary.txt | sort |
+    tr '\n' ' ')"
   cp "$RES/summary.txt" "$OUT/summary.txt"
   tar -C "$WORK" -czf "$OUT/gpu-session.tar.gz" results
 }
@@ -111,21 +125,30 @@ note "budget ${BUDGET_S}s, device $DEVICE, shapes: $SHAPES, work in $WORK"
 peer_build() {  # llama-server with CUDA for this GPU's architecture only, from a directory or an archive
   local src=$LLAMA_CPP_SRC
   if [ -f "$src" ]; then tar -C "$WORK" -xJf "$src" && src="$WORK/llama.cpp" || return 1; fi
-  cmake -S "$src" -B "$WORK/llama-build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
-    -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF &&
+  configure() {
+    cmake -S "$src" -B "$WORK/llama-build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+      -DCMAKE_CUDA_ARCHITECTURES="$1" -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+      -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+  }
+  # "native" asks nvcc which GPU is there; an H100 / H200 is sm_90 where that fails
+  configure "$CUDA_ARCH" || { rm -rf "$WORK/llama-build"; configure 90; } || return 1
   nice -n 19 cmake --build "$WORK/llama-build" --target llama-server -j "$PEER_JOBS"
 }
-if [ -x "$WORK/llama-build/bin/llama-server" ]; then
+if ! want peer; then
+  note "peer: not asked for (STEPS=$STEPS)"
+elif [ -n "$LLAMA_SERVER" ]; then
+  note "peer: $LLAMA_SERVER ($("$LLAMA_SERVER" --version 2>&1 | grep -m1 version))"
+elif [ -x "$WORK/llama-build/bin/llama-server" ]; then
   LLAMA_SERVER="$WORK/llama-build/bin/llama-server"
   note "peer: llama-server built by an earlier call on this machine"
 elif [ "$DEVICE" != cuda ]; then
   note "peer: skipped (DEVICE=$DEVICE: llama.cpp is built with CUDA only)"
-elif ! command -v nvcc > /dev/null; then
+elif ! command -v nvcc > /dev/null && ! PATH=$PATH:/usr/local/cuda/bin command -v nvcc > /dev/null; then
   note "peer: skipped (no nvcc on PATH)"
 elif [ ! -e "$LLAMA_CPP_SRC" ]; then
   note "peer: skipped (no llama.cpp source at $LLAMA_CPP_SRC: run scripts/fetch_llama_cpp.sh here and carry it)"
 else
+  command -v nvcc > /dev/null || export PATH=$PATH:/usr/local/cuda/bin
   # niced and a few cores short of all: mtpx's timings run beside it, and say so in the summary
   timeout -k 5 $(( BUDGET_S - 60 )) bash -c "$(declare -f peer_build); WORK='$WORK' LLAMA_CPP_SRC='$LLAMA_CPP_SRC' \
     CUDA_ARCH='$CUDA_ARCH' PEER_JOBS='$PEER_JOBS' peer_build" > "$RES/peer-build.log" 2>&1 &
@@ -187,22 +210,26 @@ for shape in $SHAPES; do
       mv "$gguf.tmp" "$gguf"
     rm -f "$gguf.tmp"
   fi
-  for dtype in bf16 int4; do
-    step "plan-$shape-$dtype" 60 "${MTPX[@]}" plan "$model" --device "$DEVICE" --dtype "$dtype" --ctx 1024 --json
-  done
-  [ -f "$gguf" ] && step "plan-$shape-q4_k" 60 "${MTPX[@]}" plan "$gguf" --device "$DEVICE" --ctx 1024 --json
-  bench "bench-$shape-int4" "$model" "$what, int4" --dtype int4
-  if [ -f "$gguf" ]; then
+  if want plan; then
+    for dtype in bf16 int4; do
+      step "plan-$shape-$dtype" 60 "${MTPX[@]}" plan "$model" --device "$DEVICE" --dtype "$dtype" --ctx 1024 --json
+    done
+    [ -f "$gguf" ] && step "plan-$shape-q4_k" 60 "${MTPX[@]}" plan "$gguf" --device "$DEVICE" --ctx 1024 --json
+  fi
+  want int4 && bench "bench-$shape-int4" "$model" "$what, int4" --dtype int4
+  if want q4_k && [ -f "$gguf" ]; then
     peer=()
-    if peer_ready; then  # llama.cpp on the same file, in the same sitting
+    if want peer && peer_ready; then  # llama.cpp on the same file, in the same sitting
       peer=(--peers llamacpp --peer-modes "$PEER_MODES" --llama-server "$LLAMA_SERVER" --gguf "$gguf")
       PEERED="$PEERED $shape"
     fi
     bench "bench-$shape-q4_k" "$gguf" "$what, Q4_K GGUF as stored" "${peer[@]}"
-    peak "peak-$shape-q4_k" "$gguf"
   fi
-  peak "peak-$shape-int4" "$model" --dtype int4
-  case $shape in *-a3b|*moe*) ;; *) bench "bench-$shape-bf16" "$model" "$what, bf16" --dtype bf16 ;; esac
+  if want peak; then  # each a fresh process, so a load more
+    want q4_k && [ -f "$gguf" ] && peak "peak-$shape-q4_k" "$gguf"
+    want int4 && peak "peak-$shape-int4" "$model" --dtype int4
+  fi
+  case $shape in *-a3b|*moe*) ;; *) want bf16 && bench "bench-$shape-bf16" "$model" "$what, bf16" --dtype bf16 ;; esac
   rm -rf "$model"  # random weights: regenerated by the step above; the GGUF stays for the peer
 done
 
@@ -210,16 +237,17 @@ done
 for shape in $SHAPES; do
   gguf="$(model_of "$shape")-q4_k.gguf" layers=$(layers_of "$shape")
   case " ${PEERED:-} " in *" $shape "*) continue ;; esac
-  [ -f "$gguf" ] && peer_ready wait || continue
+  want peer && [ -f "$gguf" ] && peer_ready wait || continue
   step "peer-$shape" 240 "${MTPX[@]}" bench --model "$gguf" --device "$DEVICE" --workloads code --modes "$PEER_MODES" \
     --temperature 0 --spec-synth-rates "$RATES" --max-prompts "$MAX_PROMPTS" --max-tokens "$MAX_TOKENS" --repeat 1 \
     --no-plots --no-memory --no-costs --no-roofline --peers llamacpp --peer-modes "$PEER_MODES" \
-    --llama-server "$LLAMA_SERVER" --gguf "$gguf" --label "random-weight $shape body${layers:+, $layers layers}, Q4_K GGUF" \
+    --llama-server "$LLAMA_SERVER" --gguf "$gguf" \
+    --label "random-weight $shape body${layers:+, $layers layers}, Q4_K GGUF" \
     --out "$RES/peer-$shape"
 done
 
 # ---------------------------------------------------------------- exactness on the GPU
-if [ "$CHECKS" = 1 ]; then
+if want check; then
   checks="bf16 int4"
   [ "$DEVICE" = cpu ] && checks=bf16  # int4's Triton kernels interpreted would take many minutes here
   for dtype in $checks; do

@@ -24,7 +24,8 @@ from mtpx.errors import ModelLoadError
 
 QK_K = 256  # weights in a K-quant super-block
 TYPES = ("Q4_K", "Q6_K")
-_CHUNK = 1 << 14  # super-blocks quantized at a time: temporaries of a few tens of MB whatever the matrix
+# super-blocks quantized at a time: temporaries of tens of MB (hundreds on a GPU) whatever the matrix
+_CHUNK = {"cpu": 1 << 14, "cuda": 1 << 16}
 
 
 def quantize(x: torch.Tensor, qtype: str, device: str | torch.device | None = None,
@@ -40,11 +41,13 @@ def quantize(x: torch.Tensor, qtype: str, device: str | torch.device | None = No
     blocks = x.detach().reshape(-1, QK_K)
     out = np.empty((blocks.shape[0], size), dtype=np.uint8)
     encode = _q4_k if qtype == "Q4_K" else _q6_k
-    for start in range(0, blocks.shape[0], _CHUNK):
-        part = blocks[start:start + _CHUNK].to(device or blocks.device, torch.float32)
+    device = torch.device(device or blocks.device)
+    chunk = _CHUNK.get(device.type, _CHUNK["cpu"])
+    for start in range(0, blocks.shape[0], chunk):
+        part = blocks[start:start + chunk].to(device, torch.float32)
         if not torch.isfinite(part).all():
             raise ModelLoadError(f"{name} holds non-finite values: it cannot be quantized to {qtype}")
-        out[start:start + _CHUNK] = encode(part, name).cpu().numpy()
+        out[start:start + chunk] = encode(part, name).cpu().numpy()
     return out.reshape(*x.shape[:-1], x.shape[-1] // QK_K * size)
 
 
@@ -83,7 +86,8 @@ def _fit_sub_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = torch.where(positive, 0, m)
         err = (w * (s * q + m - x).pow(2)).sum(-1, keepdim=True)
         better = ok & (err < best)
-        scale, offset, best = torch.where(better, s, scale), torch.where(better, m, offset), torch.where(better, err, best)
+        scale, offset = torch.where(better, s, scale), torch.where(better, m, offset)
+        best = torch.where(better, err, best)
     scale, offset = torch.where(flat, 0, scale), torch.where(flat, low, offset)
     return scale[..., 0], -offset[..., 0]
 
