@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 
 from mtpx.errors import ModelLoadError
 
-QK_K = 256  # weights in a K-quant super-block
 TYPES = ("Q4_K", "Q6_K")
 # super-blocks quantized at a time: temporaries of tens of MB (hundreds on a GPU) whatever the matrix
 _CHUNK = {"cpu": 1 << 14, "cuda": 1 << 16}
@@ -37,7 +37,7 @@ def quantize(x: torch.Tensor, qtype: str, device: str | torch.device | None = No
     if x.ndim == 0 or x.shape[-1] % QK_K:
         raise ModelLoadError(f"{name}: rows of {x.shape[-1] if x.ndim else 0} weights do not split into {qtype}'s "
                              f"super-blocks of {QK_K}")
-    size = 144 if qtype == "Q4_K" else 210
+    size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1]  # bytes a block
     blocks = x.detach().reshape(-1, QK_K)
     out = np.empty((blocks.shape[0], size), dtype=np.uint8)
     encode = _q4_k if qtype == "Q4_K" else _q6_k
