@@ -112,7 +112,7 @@ gen() {  # gen SHAPE: the random-weight checkpoint (kept if a previous call of t
   [ -f "$model/model.safetensors" ] && return 0
   local layers; layers=$(layers_of "$1")
   "$PY" -m mtpx.cli bench gen-checkpoint --shape "$1" ${layers:+--layers "$layers"} --out "$model.tmp" &&
-    mv "$model.tmp" "$model"
+    rm -rf "$model" && mv "$model.tmp" "$model"
 }
 export -f layers_of model_of gen
 export PY WORK LAYERS LAYERS_27B LAYERS_35B
@@ -237,7 +237,11 @@ done
 for shape in $SHAPES; do
   gguf="$(model_of "$shape")-q4_k.gguf" layers=$(layers_of "$shape")
   case " ${PEERED:-} " in *" $shape "*) continue ;; esac
-  want peer && [ -f "$gguf" ] && peer_ready wait || continue
+  want peer && [ -f "$gguf" ] || continue
+  if ! peer_ready wait; then
+    [ -n "${BUILD_PID:-}" ] && note "peer-$shape: skipped (llama-server still building as the budget ran short)"
+    continue
+  fi
   step "peer-$shape" 240 "${MTPX[@]}" bench --model "$gguf" --device "$DEVICE" --workloads code --modes "$PEER_MODES" \
     --temperature 0 --spec-synth-rates "$RATES" --max-prompts "$MAX_PROMPTS" --max-tokens "$MAX_TOKENS" --repeat 1 \
     --no-plots --no-memory --no-costs --no-roofline --peers llamacpp --peer-modes "$PEER_MODES" \
