@@ -1,4 +1,4 @@
-"""`mtpx convert --to gguf IN OUT [--outtype bf16|f16|q8_0|q4_0|q4_k|f32]`: write a GGUF that llama.cpp loads, MTP layer included.
+"""`mtpx convert --to gguf IN OUT [--outtype bf16|f16|q8_0|q4_0|q4_k|f32]`: a GGUF llama.cpp loads, MTP layer and all.
 Longer than 400 lines because the tensor plan, the tensors, the tokenizer and the metadata of one file are written
 together (the routed-MoE families' names and metadata are loading/gguf_routed.py's).
 
