@@ -160,6 +160,78 @@ void weighted_sum(const float* p, const bf16* rows, int64_t n, int64_t D, float*
   }
 }
 
+// weighted_sum for several rows over the same `rows` (a verify pass's positions over one KV cache): acc[r * D ..] =
+// sum over j < n[r] of p[r][j] * rows[j], each of rows[j] read once for all of them. Every lane of every row is the
+// same FMA chain over j, from zero, that weighted_sum computes (vector width and blocking do not change a lane's
+// operations), so a row's result is bit-identical to weighted_sum's.
+#if MTPX_ISA == MTPX_ISA_AVX512 || MTPX_ISA == MTPX_ISA_AVX2
+#if MTPX_ISA == MTPX_ISA_AVX512
+using Lanes = __m512;
+constexpr int64_t kVec = 16;
+inline Lanes lanes_zero() { return _mm512_setzero_ps(); }
+inline Lanes lanes_widen(const Bf16* r) { return widen16(r); }
+inline Lanes lanes_fma(float w, Lanes v, Lanes a) { return _mm512_fmadd_ps(_mm512_set1_ps(w), v, a); }
+inline void lanes_store(float* dst, Lanes a) { _mm512_storeu_ps(dst, a); }
+#else
+using Lanes = __m256;
+constexpr int64_t kVec = 8;
+inline Lanes lanes_zero() { return _mm256_setzero_ps(); }
+inline Lanes lanes_widen(const Bf16* r) { return widen8(r); }
+inline Lanes lanes_fma(float w, Lanes v, Lanes a) { return _mm256_fmadd_ps(_mm256_set1_ps(w), v, a); }
+inline void lanes_store(float* dst, Lanes a) { _mm256_storeu_ps(dst, a); }
+#endif
+// R rows x 2 vectors of lanes at column i, accumulators in registers (2R independent FMA chains)
+template <int R>
+void weighted_block(const float* const* p, const int64_t* n, const bf16* rows, int64_t D, int64_t i, float* acc) {
+  Lanes a[R][2];
+  int64_t last = 0;
+  for (int r = 0; r < R; ++r) {
+    a[r][0] = a[r][1] = lanes_zero();
+    last = std::max(last, n[r]);
+  }
+  for (int64_t j = 0; j < last; ++j) {
+    const Bf16* src = bits(rows + j * D + i);
+    const Lanes v0 = lanes_widen(src), v1 = lanes_widen(src + kVec);
+    for (int r = 0; r < R; ++r) {
+      if (j < n[r]) {
+        a[r][0] = lanes_fma(p[r][j], v0, a[r][0]);
+        a[r][1] = lanes_fma(p[r][j], v1, a[r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    lanes_store(acc + r * D + i, a[r][0]);
+    lanes_store(acc + r * D + i + kVec, a[r][1]);
+  }
+}
+#endif
+
+void weighted_sum_rows(const float* const* p, const int64_t* n, int64_t R, const bf16* rows, int64_t D,
+                       float* acc) {
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const int64_t m = std::min<int64_t>(4, R - r0);
+    if (m == 1) {  // alone, weighted_sum's four chains are faster
+      weighted_sum(p[r0], rows, n[r0], D, acc + r0 * D);
+      continue;
+    }
+    int64_t i = 0;
+#if MTPX_ISA == MTPX_ISA_AVX512 || MTPX_ISA == MTPX_ISA_AVX2
+    for (; i + 2 * kVec <= D; i += 2 * kVec) {
+      if (m == 2) weighted_block<2>(p + r0, n + r0, rows, D, i, acc + r0 * D);
+      else if (m == 3) weighted_block<3>(p + r0, n + r0, rows, D, i, acc + r0 * D);
+      else weighted_block<4>(p + r0, n + r0, rows, D, i, acc + r0 * D);
+    }
+#endif
+    for (; i < D; ++i) {
+      for (int64_t r = r0; r < r0 + m; ++r) {
+        float a = 0.f;
+        for (int64_t j = 0; j < n[r]; ++j) a = std::fma(p[r][j], static_cast<float>(rows[j * D + i]), a);
+        acc[r * D + i] = a;
+      }
+    }
+  }
+}
+
 float inverse_rms(const float* x, int64_t n, double eps) {
   return 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + static_cast<float>(eps));
 }
@@ -417,24 +489,40 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_no
   bf16* op = out.data_ptr<bf16>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t group = nh / nkv;
-  at::parallel_for(0, T * nh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(D), q(D), acc(D), scores;
-    for (int64_t job = begin; job < end; ++job) {
-      const int64_t t = job / nh, h = job % nh, kvh = h / group, n = start + t + 1;
-      const bf16* row = in + t * width;
-      prepare(row + h * 2 * D, qw, t, x.data(), q.data());
-      scores.resize(n);
-      float top = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        scores[j] = dot_bf16(q.data(), Kc + (kvh * max_len + j) * D, D) * scale;
-        top = std::max(top, scores[j]);
+  // one job per query head, over all T positions: each cache row is read once for all of them (a verify pass
+  // costs about a decode step's cache reads, not T times them), and every position's arithmetic is what it would
+  // be alone
+  const int64_t L = start + T;
+  at::parallel_for(0, nh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(D), q(T * D), acc(T * D), scores(T * L), top(T), total(T);
+    std::vector<const float*> weights(T);
+    std::vector<int64_t> seen(T);
+    for (int64_t t = 0; t < T; ++t) {
+      weights[t] = scores.data() + t * L;
+      seen[t] = start + t + 1;  // position t attends to cache positions 0 .. start + t
+    }
+    for (int64_t h = begin; h < end; ++h) {
+      const int64_t kvh = h / group;
+      for (int64_t t = 0; t < T; ++t) {
+        prepare(in + t * width + h * 2 * D, qw, t, x.data(), q.data() + t * D);
+        top[t] = -INFINITY;
       }
-      const float total = exp_shifted(scores.data(), n, top);
-      weighted_sum(scores.data(), Vc + kvh * max_len * D, n, D, acc.data());
-      const bf16* gate = row + h * 2 * D + D;
-      for (int64_t i = 0; i < D; ++i) {
-        const float o = round_bf16(acc[i] / total);
-        op[t * nh * D + h * D + i] = static_cast<bf16>(o * round_bf16(sigmoid(static_cast<float>(gate[i]))));
+      for (int64_t j = 0; j < L; ++j) {
+        const bf16* key = Kc + (kvh * max_len + j) * D;
+        for (int64_t t = std::max<int64_t>(0, j - start); t < T; ++t) {
+          const float s = dot_bf16(q.data() + t * D, key, D) * scale;
+          scores[t * L + j] = s;
+          top[t] = std::max(top[t], s);
+        }
+      }
+      for (int64_t t = 0; t < T; ++t) total[t] = exp_shifted(scores.data() + t * L, seen[t], top[t]);
+      weighted_sum_rows(weights.data(), seen.data(), T, Vc + kvh * max_len * D, D, acc.data());
+      for (int64_t t = 0; t < T; ++t) {
+        const bf16* gate = in + t * width + h * 2 * D + D;
+        for (int64_t i = 0; i < D; ++i) {
+          const float o = round_bf16(acc[t * D + i] / total[t]);
+          op[t * nh * D + h * D + i] = static_cast<bf16>(o * round_bf16(sigmoid(static_cast<float>(gate[i]))));
+        }
       }
     }
   });
