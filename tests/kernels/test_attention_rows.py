@@ -31,3 +31,25 @@ def test_each_position_gets_its_bits_alone(level, D):
                                                past + t, nh, nkv, D, 1e-6)
                 assert torch.equal(alone, together[t:t + 1]), (T, t)
             assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+@needs_kernel
+def test_the_split_of_heads_over_threads_changes_no_bits():
+    """Jobs group a kv head's query heads, split further when threads outnumber kv heads: any split, same bits."""
+    g = torch.Generator().manual_seed(3)
+    nh, nkv, D, T, past = 8, 2, 64, 4, 30
+    qkv = torch.randn(T, 2 * nh * D + 2 * nkv * D, generator=g).bfloat16()
+    norm = (torch.randn(D, generator=g) * 0.1).bfloat16()
+    angles = torch.randn(T, 32, generator=g)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    cache = torch.randn(nkv, past + T, D, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 4, 8):
+            torch.set_num_threads(n)
+            outs.append(kernels.attention_step(qkv, norm, norm, cos, sin, cache.clone(), cache.clone(), past, nh,
+                                               nkv, D, 1e-6))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])

@@ -50,7 +50,8 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-float dot_bf16(const float* a, const bf16* b, int64_t n) {
+// inlined: attention calls it once per key and row, where a call costs as much as the dot product itself
+__attribute__((always_inline)) inline float dot_bf16(const float* a, const bf16* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
 #if MTPX_ISA == MTPX_ISA_AVX512
@@ -180,47 +181,69 @@ inline Lanes lanes_widen(const Bf16* r) { return widen8(r); }
 inline Lanes lanes_fma(float w, Lanes v, Lanes a) { return _mm256_fmadd_ps(_mm256_set1_ps(w), v, a); }
 inline void lanes_store(float* dst, Lanes a) { _mm256_storeu_ps(dst, a); }
 #endif
-// R rows x 2 vectors of lanes at column i, accumulators in registers (2R independent FMA chains)
-template <int R>
+// R rows x V vectors of lanes at column i, accumulators in registers (R * V independent FMA chains)
+template <int R, int V>
 void weighted_block(const float* const* p, const int64_t* n, const bf16* rows, int64_t D, int64_t i, float* acc) {
-  Lanes a[R][2];
-  int64_t last = 0;
+  Lanes a[R][V];
+  int64_t first = n[0], last = n[0];
   for (int r = 0; r < R; ++r) {
-    a[r][0] = a[r][1] = lanes_zero();
+    for (int v = 0; v < V; ++v) a[r][v] = lanes_zero();
+    first = std::min(first, n[r]);
     last = std::max(last, n[r]);
   }
   for (int64_t j = 0; j < last; ++j) {
     const Bf16* src = bits(rows + j * D + i);
-    const Lanes v0 = lanes_widen(src), v1 = lanes_widen(src + kVec);
+    Lanes x[V];
+    for (int v = 0; v < V; ++v) x[v] = lanes_widen(src + v * kVec);
     for (int r = 0; r < R; ++r) {
-      if (j < n[r]) {
-        a[r][0] = lanes_fma(p[r][j], v0, a[r][0]);
-        a[r][1] = lanes_fma(p[r][j], v1, a[r][1]);
+      if (j < first || j < n[r]) {
+        for (int v = 0; v < V; ++v) a[r][v] = lanes_fma(p[r][j], x[v], a[r][v]);
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    lanes_store(acc + r * D + i, a[r][0]);
-    lanes_store(acc + r * D + i + kVec, a[r][1]);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) lanes_store(acc + r * D + i + v * kVec, a[r][v]);
+}
+
+// weighted_block for m rows (2 .. kSumRows), V vectors wide where registers allow
+template <int V>
+void weighted_blocks(int64_t m, const float* const* p, const int64_t* n, const bf16* rows, int64_t D, int64_t i,
+                     float* acc) {
+  switch (m) {
+    case 2: return weighted_block<2, V>(p, n, rows, D, i, acc);
+    case 3: return weighted_block<3, V>(p, n, rows, D, i, acc);
+    case 4: return weighted_block<4, (V > 2 ? 2 : V)>(p, n, rows, D, i, acc);
+#if MTPX_ISA == MTPX_ISA_AVX512
+    case 5: return weighted_block<5, 2>(p, n, rows, D, i, acc);
+    case 6: return weighted_block<6, 2>(p, n, rows, D, i, acc);
+    case 7: return weighted_block<7, 2>(p, n, rows, D, i, acc);
+    default: return weighted_block<8, 2>(p, n, rows, D, i, acc);
+#endif
   }
 }
 #endif
 
+// rows summed together, their accumulators in registers: AVX-512 has 32 of them, AVX2 16
+#if MTPX_ISA == MTPX_ISA_AVX512
+constexpr int64_t kSumRows = 8;
+#else
+constexpr int64_t kSumRows = 4;
+#endif
+
 void weighted_sum_rows(const float* const* p, const int64_t* n, int64_t R, const bf16* rows, int64_t D,
                        float* acc) {
-  for (int64_t r0 = 0; r0 < R; r0 += 4) {
-    const int64_t m = std::min<int64_t>(4, R - r0);
+  for (int64_t r0 = 0; r0 < R; r0 += kSumRows) {
+    const int64_t m = std::min<int64_t>(kSumRows, R - r0);
     if (m == 1) {  // alone, weighted_sum's four chains are faster
       weighted_sum(p[r0], rows, n[r0], D, acc + r0 * D);
       continue;
     }
     int64_t i = 0;
 #if MTPX_ISA == MTPX_ISA_AVX512 || MTPX_ISA == MTPX_ISA_AVX2
-    for (; i + 2 * kVec <= D; i += 2 * kVec) {
-      if (m == 2) weighted_block<2>(p + r0, n + r0, rows, D, i, acc + r0 * D);
-      else if (m == 3) weighted_block<3>(p + r0, n + r0, rows, D, i, acc + r0 * D);
-      else weighted_block<4>(p + r0, n + r0, rows, D, i, acc + r0 * D);
-    }
+    // 4 vectors (two rows: 8 chains) where registers hold them, else 2; a lane's chain is the same either way
+    if (m <= (kVec == 16 ? 3 : 2))
+      for (; i + 4 * kVec <= D; i += 4 * kVec) weighted_blocks<4>(m, p + r0, n + r0, rows, D, i, acc + r0 * D);
+    for (; i + 2 * kVec <= D; i += 2 * kVec) weighted_blocks<2>(m, p + r0, n + r0, rows, D, i, acc + r0 * D);
 #endif
     for (; i < D; ++i) {
       for (int64_t r = r0; r < r0 + m; ++r) {
@@ -489,38 +512,43 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_no
   bf16* op = out.data_ptr<bf16>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t group = nh / nkv;
-  // one job per query head, over all T positions: each cache row is read once for all of them (a verify pass
-  // costs about a decode step's cache reads, not T times them), and every position's arithmetic is what it would
-  // be alone
+  // A job is some query heads of one kv head over all T positions (rows r = head * T + t): each cache row is read
+  // once for all of them, so neither a verify pass's positions nor GQA's heads multiply the cache reads. Heads are
+  // split over jobs only as far as needed to give each thread one; a row's arithmetic is the same in any job.
   const int64_t L = start + T;
-  at::parallel_for(0, nh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(D), q(T * D), acc(T * D), scores(T * L), top(T), total(T);
-    std::vector<const float*> weights(T);
-    std::vector<int64_t> seen(T);
-    for (int64_t t = 0; t < T; ++t) {
-      weights[t] = scores.data() + t * L;
-      seen[t] = start + t + 1;  // position t attends to cache positions 0 .. start + t
+  const int64_t splits = std::min(group, (static_cast<int64_t>(at::get_num_threads()) + nkv - 1) / nkv);
+  const int64_t per_job = (group + splits - 1) / splits, jobs_per_kv = (group + per_job - 1) / per_job;
+  at::parallel_for(0, nkv * jobs_per_kv, 1, [&](int64_t begin, int64_t end) {
+    const int64_t R = per_job * T;
+    std::vector<float> x(D), q(R * D), acc(R * D), scores(R * L), total(R);
+    std::vector<const float*> weights(R);
+    std::vector<int64_t> seen(R);
+    for (int64_t r = 0; r < R; ++r) {
+      weights[r] = scores.data() + r * L;
+      seen[r] = start + r % T + 1;  // position t attends to cache positions 0 .. start + t
     }
-    for (int64_t h = begin; h < end; ++h) {
-      const int64_t kvh = h / group;
-      for (int64_t t = 0; t < T; ++t) {
-        prepare(in + t * width + h * 2 * D, qw, t, x.data(), q.data() + t * D);
-        top[t] = -INFINITY;
-      }
-      for (int64_t j = 0; j < L; ++j) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t kvh = job / jobs_per_kv, h0 = kvh * group + job % jobs_per_kv * per_job;
+      const int64_t heads = std::min(per_job, (kvh + 1) * group - h0), rows = heads * T;
+      for (int64_t r = 0; r < rows; ++r)
+        prepare(in + r % T * width + (h0 + r / T) * 2 * D, qw, r % T, x.data(), q.data() + r * D);
+      for (int64_t j = 0; j < L; ++j) {  // a key, read while in cache by every row that sees it
         const bf16* key = Kc + (kvh * max_len + j) * D;
-        for (int64_t t = std::max<int64_t>(0, j - start); t < T; ++t) {
-          const float s = dot_bf16(q.data() + t * D, key, D) * scale;
-          scores[t * L + j] = s;
-          top[t] = std::max(top[t], s);
-        }
+        for (int64_t r = 0; r < rows; ++r)
+          if (seen[r] > j) scores[r * L + j] = dot_bf16(q.data() + r * D, key, D) * scale;
       }
-      for (int64_t t = 0; t < T; ++t) total[t] = exp_shifted(scores.data() + t * L, seen[t], top[t]);
-      weighted_sum_rows(weights.data(), seen.data(), T, Vc + kvh * max_len * D, D, acc.data());
-      for (int64_t t = 0; t < T; ++t) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = scores.data() + r * L;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < seen[r]; ++j) top = std::max(top, row[j]);
+        total[r] = exp_shifted(scores.data() + r * L, seen[r], top);
+      }
+      weighted_sum_rows(weights.data(), seen.data(), rows, Vc + kvh * max_len * D, D, acc.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = r % T, h = h0 + r / T;
         const bf16* gate = in + t * width + h * 2 * D + D;
         for (int64_t i = 0; i < D; ++i) {
-          const float o = round_bf16(acc[t * D + i] / total[t]);
+          const float o = round_bf16(acc[r * D + i] / total[r]);
           op[t * nh * D + h * D + i] = static_cast<bf16>(o * round_bf16(sigmoid(static_cast<float>(gate[i]))));
         }
       }
