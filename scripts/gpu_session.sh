@@ -125,9 +125,11 @@ note "budget ${BUDGET_S}s, device $DEVICE, shapes: $SHAPES, work in $WORK"
 peer_build() {  # llama-server with CUDA for this GPU's architecture only, from a directory or an archive
   local src=$LLAMA_CPP_SRC
   if [ -f "$src" ]; then tar -C "$WORK" -xJf "$src" && src="$WORK/llama.cpp" || return 1; fi
+  # host code for AVX2, not -march=native: the GPU does the work, and a native build of this llama.cpp died of
+  # illegal instructions on a (virtual) AMX Xeon like these machines'
   configure() {
     cmake -S "$src" -B "$WORK/llama-build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
-      -DCMAKE_CUDA_ARCHITECTURES="$1" -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+      -DCMAKE_CUDA_ARCHITECTURES="$1" -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
       -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
   }
   # "native" asks nvcc which GPU is there; an H100 / H200 is sm_90 where that fails
