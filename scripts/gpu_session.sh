@@ -80,10 +80,10 @@ for f in sorted(res.glob("*/results.json")):
     r = json.loads(f.read_text())
     print(f"{f.parent.name}: {r['meta'].get('dtype')}")
     for x in r["records"] + r.get("peers", []):
-        gbps, roof = x.get("achieved_GBps"), x.get("bandwidth_fraction")
+        gbps, roof, acc = x.get("achieved_GBps"), x.get("bandwidth_fraction"), x.get("acceptance_rate") or 0
         print(f"  {x.get('engine', 'mtpx'):9} {x['mode']:5} {x.get('decode_tokens_per_s') or 0:9.1f} tok/s"
-              f"  x{x.get('speedup') or 1:.2f}" + (f"  weights {gbps:.1f} GB/s ({100 * roof:.0f} % of roof)"
-                                                  if gbps and roof else ""))
+              f"  x{x.get('speedup') or 1:.2f}" + (f"  accepted {100 * acc:.0f} %" if x["mode"] != "none" else "")
+              + (f"  weights {gbps:.1f} GB/s ({100 * roof:.0f} % of roof)" if gbps and roof else ""))
 for f in sorted(res.glob("peak-*.out")):
     m = json.loads(f.read_text().splitlines()[-1])
     print(f"{f.stem}: {m['mode']} peak {m['peak_bytes'] / 2**30:.2f} GiB, loaded {m['loaded_bytes'] / 2**30:.2f} GiB")
