@@ -126,7 +126,7 @@ peer_build() {  # llama-server with CUDA for this GPU's architecture only, from 
   local src=$LLAMA_CPP_SRC
   if [ -f "$src" ]; then tar -C "$WORK" -xJf "$src" && src="$WORK/llama.cpp" || return 1; fi
   # host code for AVX2, not -march=native: the GPU does the work, and a native build of this llama.cpp died of
-  # illegal instructions on a (virtual) AMX Xeon like these machines'
+  # illegal instructions on the project's virtual AMX Xeon (these machines are virtual Xeons too)
   configure() {
     cmake -S "$src" -B "$WORK/llama-build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
       -DCMAKE_CUDA_ARCHITECTURES="$1" -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
