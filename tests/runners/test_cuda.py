@@ -111,6 +111,26 @@ def test_speculation_on_static_passes_is_token_identical_to_plain_decoding(bf16,
                 assert out.token_ids == ref, (n, k, spec)
 
 
+def test_greedy_drafts_stay_on_the_device_for_the_verify_pass(bf16, monkeypatch):
+    """The static MTP chain leaves its drafts on the device with the verify row beside them, so the verify pass is
+    queued behind the drafting passes (no host wait between them); the drafts are read as a list afterwards, and
+    the output stays plain decoding's."""
+    from mtpx.speculative.drafters import MTPDrafter
+    chain, drafts = MTPDrafter._greedy_chain, []
+
+    def watched(self, seq, k):
+        d = chain(self, seq, k)
+        drafts.append((d, d is not None and d.verify_row is not None))
+        return d
+    monkeypatch.setattr(MTPDrafter, "_greedy_chain", watched)
+    prompt = [5, 6, 7, 8, 9]
+    ref = bf16.generate(prompt, max_tokens=16, ignore_eos=True, spec_type="none").token_ids
+    out = bf16.generate(prompt, max_tokens=16, ignore_eos=True, spec_type="mtp", spec_draft_n_max=3,
+                        spec_draft_policy="fixed").token_ids
+    assert out == ref and drafts and all(on_device for _, on_device in drafts)
+    assert all(d.verify_row is None and isinstance(d.tokens, list) and len(d.tokens) <= 3 for d, _ in drafts)
+
+
 def test_static_states_are_reused_and_released(bf16):
     pool = bf16.runner.state_pool(bf16.model)
     bf16.generate([5, 6, 7], max_tokens=4, spec_type="mtp")

@@ -34,9 +34,9 @@ class CausalLM(Protocol):
         """The MTP module over pairs (h_i [B, T, H], t_{i+1} [B, T]): hidden whose logits predict t_{i+2}."""
 
     def mtp_greedy_drafts(self, hidden: torch.Tensor, tokens: torch.Tensor, state: SequenceState, k: int,
-                          head=None, penalty: tuple | None = None) -> list[int] | None:
+                          head=None, penalty: tuple | None = None) -> list[int] | torch.Tensor | None:
         """k greedy MTP drafts of one sequence from its n pending pairs (hidden [n, H], tokens [n]), advancing the
-        MTP state, in one call where a runner provides one; None otherwise (the drafter then loops over mtp_forward
+        MTP state, in one call where a runner provides one (a list, or a tensor left on the device); None otherwise (the drafter then loops over mtp_forward
         and logits, with the same drafts). `head`: a reduced draft head (speculative.drafters.DraftHead) or None for
         lm_head; `penalty`: (counts [V], seen [V], repetition, frequency, presence) to draft by penalised logits."""
 

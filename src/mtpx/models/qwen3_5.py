@@ -391,7 +391,7 @@ class Qwen35Model(nn.Module):
             return self.lm_head(hidden)
 
     def mtp_greedy_drafts(self, hidden: torch.Tensor, tokens: torch.Tensor, state: SequenceState, k: int,
-                          head=None, penalty: tuple | None = None) -> list[int] | None:
+                          head=None, penalty: tuple | None = None) -> list[int] | torch.Tensor | None:
         """k greedy MTP drafts in one call, where a runner provides such a call (models/interface.py); None here:
         the drafter then drafts step by step through mtp_forward and logits, with the same result."""
         return None

@@ -205,10 +205,11 @@ def _mtp_forward(runner: CudaRunner, self: q35.MTP, fallback: Callable, cfg, emb
 
 
 def _mtp_greedy_drafts(self: q35.Qwen35Model, fallback: Callable, hidden: torch.Tensor, tokens: torch.Tensor,
-                       state: SequenceState, k: int, head=None, penalty: tuple | None = None) -> list[int] | None:
+                       state: SequenceState, k: int, head=None, penalty: tuple | None = None) -> torch.Tensor | None:
     """The same passes as the drafter's step-by-step loop (catch-up, then one position per draft), each draft's
-    argmax left on the device as the next pass's input: the passes (CUDA graphs) queue up behind one another and the
-    host waits once, for all k drafts, instead of once per draft. Penalised drafts are left to the drafter's loop."""
+    argmax left on the device as the next pass's input: the passes (CUDA graphs) queue up behind one another, and
+    the drafts stay there for the verify pass, so the host waits once a round, not once per draft nor between
+    drafting and verifying. Penalised drafts are left to the drafter's loop."""
     if not isinstance(state, StaticState) or penalty is not None:
         return fallback(hidden, tokens, state, k, head, penalty)
     x = self.mtp_forward(hidden[None], tokens[None], [state], "step")[:, -1]
@@ -218,7 +219,7 @@ def _mtp_greedy_drafts(self: q35.Qwen35Model, fallback: Callable, hidden: torch.
         drafts.append(token)
         if j + 1 < k:
             x = self.mtp_forward(x[:, None], token[:, None], [state], "step")[:, 0]
-    return torch.cat(drafts).tolist()
+    return torch.cat(drafts)  # left on the device: the verify pass is queued behind these passes (speculative/draft.py)
 
 
 def compile_fusible(fn: Callable) -> Callable:

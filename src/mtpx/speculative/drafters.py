@@ -7,7 +7,6 @@ how many tokens a verify pass can accept, never which tokens are emitted, so dra
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +15,7 @@ from mtpx.engine.constraints import mask_logits
 from mtpx.engine.sequence import Sequence
 from mtpx.models.linear import weight_bytes
 from mtpx.models.interface import CausalLM
+from mtpx.speculative.draft import Draft  # noqa: F401  (where the drafters' users import it from)
 from mtpx.speculative.draft_head import DraftHead  # noqa: F401  (where the engine and tests import it from)
 from mtpx.sampling import apply_penalties, sample, target_probs
 from mtpx.state import SequenceState
@@ -26,16 +26,6 @@ MTP_BACKLOG = 16  # after rounds without drafting, the MTP layer catches up on o
 # draft and grows with the prompt, while its drafts lean on the recent pairs. Drafts are only proposals, so the
 # output is the same either way.
 MTP_PROMPT_WINDOW = 2048
-
-
-@dataclass
-class Draft:
-    tokens: list[int] = field(default_factory=list)
-    probs: torch.Tensor | None = None  # [k, V] draft distribution q when sampling; None = deterministic drafter
-    source: str = ""  # the drafter that proposed it, where a chain picks one per round ("": the drafter itself)
-    # a draft tree (speculative/tree.py): the verify row of each token's parent (row 0: the last accepted token,
-    # row i + 1: tokens[i]), tokens depth first; None: a chain (token i follows token i - 1)
-    parents: list[int] | None = None
 
 
 class Drafter(ABC):
@@ -240,12 +230,12 @@ class MTPDrafter(_StatefulDrafter):
 
     def propose(self, seqs, ks):
         if len(seqs) == 1 and ks[0] > 0:  # one sequence, greedy: all drafts in one kernel call where it can run
-            drafts = self._greedy_chain(seqs[0], ks[0])
-            if drafts is not None:
-                return [Draft(drafts)]
+            draft = self._greedy_chain(seqs[0], ks[0])
+            if draft is not None:
+                return [draft]
         return super().propose(seqs, ks)
 
-    def _greedy_chain(self, seq: "Sequence", k: int) -> list[int] | None:
+    def _greedy_chain(self, seq: "Sequence", k: int) -> Draft | None:
         hidden, tokens = self._pending(seq)
         # the chain's kernel applies the counting penalties but not DRY, which changes few drafts: drafting with DRY
         # step by step raised the demo's mean acceptance length on held-out code by 0.01-0.02 at 25-30 % less speed
@@ -259,12 +249,17 @@ class MTPDrafter(_StatefulDrafter):
             p = seq.params
             penalty = (*seq.penalties.of(seq.tokens, seq.n_prompt, self.model.cfg.vocab_size, hidden.device),
                        p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
+        # on a GPU, copied before the drafting passes are queued (a copy from the host waits for the queue)
+        last = torch.tensor([seq.tokens[-1]], device=hidden.device) if hidden.device.type != "cpu" else None
         drafts = self.model.mtp_greedy_drafts(hidden, torch.tensor(tokens, device=hidden.device), d.state, k,
                                               self.head, penalty)
         if drafts is not None:
             d.committed = start + len(tokens)
             d.clear_pending()
-        return drafts
+        if isinstance(drafts, torch.Tensor):  # still on the device: the verify pass can follow them there
+            last = last if last is not None else torch.tensor([seq.tokens[-1]], device=hidden.device)
+            return Draft(drafts, verify_row=torch.cat([last, drafts]))
+        return Draft(drafts) if drafts is not None else None
 
     def propose_tree(self, seqs: list["Sequence"], shapes: list[tuple[int, ...]]) -> list[Draft]:
         """A draft tree of each shape (branches per depth; speculative/tree.py)."""
