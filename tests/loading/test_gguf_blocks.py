@@ -275,3 +275,19 @@ def test_a_moe_gguf_keeps_its_experts_blocks(moe_ckpt, tmp_path):
         blocks = [w for m in on_gpu.model.modules() if isinstance(m, Experts) for ws in m.quantized.values()
                   for w in ws]
         assert {type(w) for w in blocks} == {GpuInt4Weight, GpuInt8BlockWeight}
+
+
+@pytest.mark.parametrize("qtype", KEPT)
+def test_rows_repacked_in_chunks_equal_one_pass(qtype, monkeypatch):
+    """block_weight splits the rows over threads: any split gives the weight one pass gives."""
+    import mtpx.loading.gguf_blocks as gb
+    n, k = 200, 512
+    block, size = GGML_QUANT_SIZES[Q[qtype]]
+    data = _blocks(qtype, np.random.default_rng(5).standard_normal((n, k)).astype(np.float32) * 0.1,
+                   np.random.default_rng(6))
+    monkeypatch.setattr(gb, "REPACK_ROWS", 10**9)
+    whole = gb.block_weight(data, qtype, (n, k))
+    monkeypatch.setattr(gb, "REPACK_ROWS", 16)
+    monkeypatch.setattr(gb.os, "sched_getaffinity", lambda pid: set(range(7)))  # 7 chunks, the last one short
+    split = gb.block_weight(data, qtype, (n, k))
+    assert all(torch.equal(a, b) for a, b in zip(whole.tensors(), split.tensors()))
