@@ -8,6 +8,7 @@ from mtpx import kernels
 from mtpx.models import linear as linear_module
 from mtpx.models.linear import Int8Weight, TileWeight, linear, row_invariant
 
+from int_dot import reference
 from isa import amx_code_built, amx_skip_reason
 
 # where kernels.kernels_required() (CI), tests/conftest.py fails the run instead of letting these skip
@@ -129,8 +130,11 @@ def test_rowgemm_int8_rows_do_not_depend_on_row_count_and_match_dequantized():
     alone = torch.cat([kernels.rowgemm_int8(x[i:i + 1], w.q, w.scale) for i in range(8)])
     for m in range(2, 9):
         assert torch.equal(kernels.rowgemm_int8(x[:m], w.q, w.scale), alone[:m])
+    assert torch.equal(alone, reference(x, w))  # x's Q8 codes, integer dot products (tests/int_dot.py)
     ref = x.double() @ (w.q.double() * w.scale.double()[:, None]).t()
-    assert ((alone.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-2).all()
+    # x's codes (a step of max|x| / 127 per block of 32) cost 0.55 % of the norm here, 2 % of it at most per element
+    assert (alone.double() - ref).norm() / ref.norm() < 0.01
+    assert ((alone.double() - ref).abs() <= ref.abs() * 2 ** -7 + 0.04 * ref.pow(2).mean().sqrt()).all()
     # and the prefill path (PyTorch's int8 weight-only matmul) computes the same function up to rounding
     with row_invariant(False):
         prefill = linear(x, w)

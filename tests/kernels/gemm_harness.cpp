@@ -134,7 +134,7 @@ int main() {
       __builtin_cpu_supports("avx512dq"))
     levels.push_back({"avx512", run_isa_avx512});
 #endif
-  // 9216: more groups than one chunk of scales (ChunkScales) for int4 and int8 blocks
+  // 9216: more groups than one chunk of scales (kScaleChunk, kDotChunk) for int4 and int8 blocks
   const int64_t shapes[][2] = {{37, 64}, {64, 48}, {130, 256}, {16, 1024}, {9, 96}, {6, 9216}};
   const char* kinds[] = {"bf16", "int8", "int4", "int8 blocks"};
   int64_t checks = 0;

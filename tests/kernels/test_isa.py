@@ -1,7 +1,8 @@
 """The CPU kernels on every instruction set this machine runs (scalar, AVX2, AVX-512, AMX; scalar and NEON on
-aarch64), each skipped only where the CPU lacks it: the matmuls give the scalar loops' bits on every level, each
-row's result is the same whatever the row count (1..8 rows: a verify pass of k + 1 positions), and so are the fused
-step ops'; MTPX_CPU_ISA picks a level at load and refuses one the CPU lacks."""
+aarch64), each skipped only where the CPU lacks it: the matmuls give the scalar loops' bits on every level (the
+quantized ones also int_dot.py's, computed in PyTorch), each row's result is the same whatever the row count (1..8
+rows: a verify pass of k + 1 positions), and so are the fused step ops'; MTPX_CPU_ISA picks a level at load and
+refuses one the CPU lacks."""
 import subprocess
 import sys
 
@@ -12,23 +13,32 @@ from mtpx import kernels
 from mtpx.models.grouped import Int4Weight, Int8BlockWeight
 from mtpx.models.linear import Int8Weight
 
+from int_dot import reference
 from isa import LEVELS, isa_levels, running_on
 
 needs_kernel = pytest.mark.skipif(not kernels.rowgemm_available(), reason="the CPU kernels could not be built here")
 
 
-def _matmuls(n: int, k: int, seed: int) -> dict:
+def _weights(n: int, k: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=g) * 0.1).bfloat16()
-    out = {"bf16": lambda x: kernels.rowgemm(x, w)}
-    q8 = Int8Weight(w)
-    out["int8"] = lambda x: kernels.rowgemm_int8(x, q8.q, q8.scale)
+    out = {"bf16": w, "int8": Int8Weight(w), "int8 blocks": Int8BlockWeight(w)}
     if k % 32 == 0:
-        q4 = Int4Weight(w)
-        out["int4"] = lambda x: kernels.rowgemm_int4(x, q4.codes, q4.groups, q4.supers)
-    qb = Int8BlockWeight(w)
-    out["int8 blocks"] = lambda x: kernels.rowgemm_int8_blocks(x, qb.codes, qb.groups, qb.supers)
+        out["int4"] = Int4Weight(w)
     return out
+
+
+def _matmul(w):
+    if isinstance(w, torch.Tensor):
+        return lambda x: kernels.rowgemm(x, w)
+    if isinstance(w, Int8Weight):
+        return lambda x: kernels.rowgemm_int8(x, w.q, w.scale)
+    f = kernels.rowgemm_int4 if isinstance(w, Int4Weight) else kernels.rowgemm_int8_blocks
+    return lambda x: f(x, w.codes, w.groups, w.supers)
+
+
+def _matmuls(n: int, k: int, seed: int) -> dict:
+    return {name: _matmul(w) for name, w in _weights(n, k, seed).items()}
 
 
 SHAPES = [(37, 64), (64, 48), (130, 512), (8, 1024)]  # 48: bf16 16 at a time, not in pairs of 16
@@ -47,6 +57,24 @@ def test_matmuls_give_the_scalar_bits_and_ignore_the_row_count(level):
                     for first in range(0, 9 - m, m):
                         got = f(x[first:first + m])
                         assert torch.equal(got, reference[name][first:first + m]), (level, name, n, k, m, first)
+
+
+@needs_kernel
+@pytest.mark.parametrize("level", isa_levels())
+def test_quantized_matmuls_are_the_q8_reference(level):
+    """int4, int8 blocks and int8 rows (K a multiple of 32): x quantized to Q8, integer dot products, one float order;
+    offsets and super-blocks of several sizes, more blocks than the kernels' scale chunk (9216), x with a zero block."""
+    for n, k in SHAPES + [(24, 9216), (9, 96)]:
+        if k % 32:
+            continue
+        g = torch.Generator().manual_seed(k + 1)
+        spread = torch.rand(8, k // 32, 1, generator=g).expand(8, k // 32, 32).reshape(8, k) * 4  # per block
+        x = (torch.randn(8, k, generator=g) * spread).bfloat16()
+        x[3, 32:64] = 0
+        with running_on(level):
+            for name, w in _weights(n, k, n).items():
+                if name != "bf16":
+                    assert torch.equal(_matmul(w)(x), reference(x, w)), (level, name, n, k)
 
 
 def _attention_case(g, T: int):

@@ -17,6 +17,8 @@ from mtpx.errors import ModelLoadError
 from mtpx.loading.gguf_blocks import KEPT, block_weight
 from mtpx.models.grouped import GroupedWeight, Int4Weight, Int8BlockWeight
 
+from int_dot import reference
+
 # where each type keeps its fp16 d (and dmin) in a block, for blocks made up rather than quantized (gguf-py has no
 # K-quant quantizer)
 K_QUANT_HALVES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
@@ -46,10 +48,11 @@ def test_kept_blocks_are_gguf_py_values_on_the_kernel(qtype):
     w = block_weight(data, qtype, (n, k))
     assert isinstance(w, Int4Weight if qtype.startswith("Q4") else Int8BlockWeight)
     assert torch.equal(w.dequantize(slice(None)), want)
-    if kernels.rowgemm_available():  # one-hot rows read the kernel's weights back, exactly (fp32 sums of one term)
+    if kernels.rowgemm_available():  # one-hot rows read the kernel's weights back, through x's Q8 codes
         eye = torch.eye(k)
         got = torch.cat([w._kernel(eye[i:i + 8]) for i in range(0, k, 8)])
-        assert torch.equal(got.t(), want)
+        assert torch.equal(got, reference(eye, w))  # the integer kernels' arithmetic (tests/int_dot.py)
+        assert ((got.t() - want).abs() <= 2 ** -20 * want.abs().max()).all()  # the values, to a few fp32 roundings
 
 
 # ---------------------------------------------------------------- a model in mixed GGUF types

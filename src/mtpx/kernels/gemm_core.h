@@ -5,15 +5,17 @@
 //
 // No include guard: included once per instruction set, inside that set's namespace, with MTPX_ISA set to one of
 // the MTPX_ISA_* values below; the includer has included <algorithm>, <cmath>, <cstdint>, <cstring>,
-// <type_traits> and <immintrin.h> (x86) or <arm_neon.h> (aarch64).
+// <type_traits>, <vector> and <immintrin.h> (x86) or <arm_neon.h> (aarch64).
 //
-// One function, every instruction set: each output is a dot product over K in 16 lanes, lane l taking, per block of
-// 16 (int8, int8 blocks, and bf16 where K is not a multiple of 32), element l, or, per block of 32 (bf16, int4),
-// elements 2l then 2l + 1 (x comes deinterleaved to match, deinterleave_pairs), each by one fused multiply-add in
-// order; the lanes are then summed by one fixed tree (pairs 8 apart, then 4, 2, 1). The scalar loop, AVX2's two 8-lane
-// registers, AVX-512's one 16-lane register and NEON's four 4-lane registers hold the same 16 partial sums, so all
-// give the same bits; and nothing depends on how many rows are computed together, so a verify pass over k + 1
-// positions gives each position the bits a one-token step gives.
+// One function, every instruction set. Quantized weights (int4, int8 blocks, int8 rows) where K is a multiple of 32
+// run on integer dot products with x quantized to int8 ("Integer dot products" below). Otherwise each output is a
+// dot product over K in 16 lanes, lane l taking, per block of 16 (int8, int8 blocks, and bf16 where K is not a
+// multiple of 32), element l, or, per block of 32 (bf16), elements 2l then 2l + 1 (x comes deinterleaved to match,
+// deinterleave_pairs; int4's integer kernels read it so too), each by one fused multiply-add in order; the lanes
+// are then summed by one fixed tree (pairs 8 apart, then 4, 2, 1). The scalar loop, AVX2's two 8-lane registers,
+// AVX-512's one 16-lane register and NEON's four 4-lane registers hold the same 16 partial sums, so all give the
+// same bits; and nothing depends on how many rows are computed together, so a verify pass over k + 1 positions
+// gives each position the bits a one-token step gives.
 
 constexpr int kLanes = 16;
 // Quantized weights in groups along K, each group with a scale and an offset in two levels, as llama.cpp's K-quants
@@ -137,10 +139,6 @@ inline float tree16(const float* a) {
 template <int M>
 constexpr int kColumns = MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_NEON ? (M == 1 ? 4 : M <= 3 ? 2 : 1)
                                                                                 : (M == 1 ? 4 : 2);
-// int4 on AVX-512 takes more columns at a time: its table lookups leave the registers for 4 columns up to 4 rows
-// and 3 up to 6 (on one core of the AMX Xeon: 2-9 % faster than 2 columns at 2-6 rows)
-template <int M>
-constexpr int kColumnsInt4 = MTPX_ISA == MTPX_ISA_AVX512 ? (M <= 4 ? 4 : M <= 6 ? 3 : 2) : kColumns<M>;
 template <int M, typename W>
 constexpr int64_t kPrefetchBytes = M == 1 && sizeof(W) == 2 ? 1024 : 4096;
 
@@ -215,42 +213,6 @@ void columns_bf16_pairs(const float* x, const Bf16* w, int64_t K, int64_t n, flo
       for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(lo[c], even[m], acc[c][m]);
     for (int c = 0; c < C; ++c)
       for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(hi[c], odd[m], acc[c][m]);
-  }
-  for (int c = 0; c < C; ++c)
-    for (int m = 0; m < M; ++m) out[m * N + n + c] = reduce16(acc[c][m]);
-}
-
-// A group's 16 possible values are computed once (one FMA) and its 32 codes looked up in them (a permute per 16).
-template <int M, int C>
-void columns_int4(const float* x, const Int4* w, int64_t K, int64_t n, float* out, int64_t N) {
-  __m512 acc[C][M];
-  for (int c = 0; c < C; ++c)
-    for (int m = 0; m < M; ++m) acc[c][m] = _mm512_setzero_ps();
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  float so[C][2 * kScaleChunk];
-  for (int64_t k0 = 0; k0 < K; k0 += kScaleChunk * kGroup4) {
-    const int64_t k1 = std::min(K, k0 + kScaleChunk * kGroup4);
-    for (int c = 0; c < C; ++c) expand_scales(w->s, n + c, k0 / kGroup4, k1 / kGroup4, so[c]);
-    for (int64_t k = k0; k < k1; k += kGroup4) {
-      __m512 even[M], odd[M];
-      for (int m = 0; m < M; ++m) {
-        even[m] = _mm512_loadu_ps(x + m * K + k);
-        odd[m] = _mm512_loadu_ps(x + m * K + k + kLanes);
-      }
-      for (int c = 0; c < C; ++c) {
-        const float* sc = so[c] + 2 * ((k - k0) / kGroup4);
-        const float scale = sc[0], offset = sc[1];
-        const __m512 values = _mm512_fmadd_ps(iota, _mm512_set1_ps(scale), _mm512_set1_ps(offset));
-        const uint8_t* row = w->codes + (n + c) * (K / 2) + k / 2;
-        if (k % 128 == 0) prefetch(row, 4096);  // once per line
-        // codes as permute indices: vpermps reads an index's low 4 bits only, so neither nibble needs a mask
-        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
-        const __m512 lo = _mm512_permutexvar_ps(idx, values);
-        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), values);
-        for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(lo, even[m], acc[c][m]);
-        for (int m = 0; m < M; ++m) acc[c][m] = _mm512_fmadd_ps(hi, odd[m], acc[c][m]);
-      }
-    }
   }
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) out[m * N + n + c] = reduce16(acc[c][m]);
@@ -342,47 +304,6 @@ void columns_bf16_pairs(const float* x, const Bf16* w, int64_t K, int64_t n, flo
         acc[c][m][1] = _mm256_fmadd_ps(lo1, _mm256_loadu_ps(xm + 8), acc[c][m][1]);
         acc[c][m][0] = _mm256_fmadd_ps(hi0, _mm256_loadu_ps(xm + 16), acc[c][m][0]);
         acc[c][m][1] = _mm256_fmadd_ps(hi1, _mm256_loadu_ps(xm + 24), acc[c][m][1]);
-      }
-    }
-  }
-  for (int c = 0; c < C; ++c)
-    for (int m = 0; m < M; ++m) out[m * N + n + c] = reduce16(acc[c][m][0], acc[c][m][1]);
-}
-
-// each code widened and turned into its weight by one FMA (code * scale + offset: the same bits as AVX-512's table
-// of the 16 values)
-inline __m256 int4_values(__m128i codes, __m256 s, __m256 o) {
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), s, o);
-}
-
-template <int M, int C>
-void columns_int4(const float* x, const Int4* w, int64_t K, int64_t n, float* out, int64_t N) {
-  __m256 acc[C][M][2];
-  for (int c = 0; c < C; ++c)
-    for (int m = 0; m < M; ++m) acc[c][m][0] = acc[c][m][1] = _mm256_setzero_ps();
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  float so[C][2 * kScaleChunk];
-  for (int64_t k0 = 0; k0 < K; k0 += kScaleChunk * kGroup4) {
-    const int64_t k1 = std::min(K, k0 + kScaleChunk * kGroup4);
-    for (int c = 0; c < C; ++c) expand_scales(w->s, n + c, k0 / kGroup4, k1 / kGroup4, so[c]);
-    for (int64_t k = k0; k < k1; k += kGroup4) {
-      for (int c = 0; c < C; ++c) {
-        const float* sc = so[c] + 2 * ((k - k0) / kGroup4);
-        const float scale = sc[0], offset = sc[1];
-        const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset);
-        const uint8_t* row = w->codes + (n + c) * (K / 2) + k / 2;
-        if (k % 128 == 0) prefetch(row, 4096);
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
-        const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-        const __m256 lo0 = int4_values(lo, s, o), lo1 = int4_values(_mm_srli_si128(lo, 8), s, o);
-        const __m256 hi0 = int4_values(hi, s, o), hi1 = int4_values(_mm_srli_si128(hi, 8), s, o);
-        for (int m = 0; m < M; ++m) {
-          const float* xm = x + m * K + k;
-          acc[c][m][0] = _mm256_fmadd_ps(lo0, _mm256_loadu_ps(xm), acc[c][m][0]);
-          acc[c][m][1] = _mm256_fmadd_ps(lo1, _mm256_loadu_ps(xm + 8), acc[c][m][1]);
-          acc[c][m][0] = _mm256_fmadd_ps(hi0, _mm256_loadu_ps(xm + 16), acc[c][m][0]);
-          acc[c][m][1] = _mm256_fmadd_ps(hi1, _mm256_loadu_ps(xm + 24), acc[c][m][1]);
-        }
       }
     }
   }
@@ -486,47 +407,6 @@ void columns_bf16_pairs(const float* x, const Bf16* w, int64_t K, int64_t n, flo
     for (int m = 0; m < M; ++m) out[m * N + n + c] = reduce16(acc[c][m]);
 }
 
-// 16 codes -> their weights, code * scale + offset by one FMA each
-inline void int4_values(uint8x16_t codes, float32x4_t s, float32x4_t o, float32x4_t* v) {
-  const uint16x8_t lo = vmovl_u8(vget_low_u8(codes)), hi = vmovl_u8(vget_high_u8(codes));
-  v[0] = vfmaq_f32(o, vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))), s);
-  v[1] = vfmaq_f32(o, vcvtq_f32_u32(vmovl_u16(vget_high_u16(lo))), s);
-  v[2] = vfmaq_f32(o, vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))), s);
-  v[3] = vfmaq_f32(o, vcvtq_f32_u32(vmovl_u16(vget_high_u16(hi))), s);
-}
-
-template <int M, int C>
-void columns_int4(const float* x, const Int4* w, int64_t K, int64_t n, float* out, int64_t N) {
-  float32x4_t acc[C][M][4];
-  for (int c = 0; c < C; ++c)
-    for (int m = 0; m < M; ++m)
-      for (int i = 0; i < 4; ++i) acc[c][m][i] = vdupq_n_f32(0.f);
-  float so[C][2 * kScaleChunk];
-  for (int64_t k0 = 0; k0 < K; k0 += kScaleChunk * kGroup4) {
-    const int64_t k1 = std::min(K, k0 + kScaleChunk * kGroup4);
-    for (int c = 0; c < C; ++c) expand_scales(w->s, n + c, k0 / kGroup4, k1 / kGroup4, so[c]);
-    for (int64_t k = k0; k < k1; k += kGroup4) {
-      for (int c = 0; c < C; ++c) {
-        const float* sc = so[c] + 2 * ((k - k0) / kGroup4);
-        const float scale = sc[0], offset = sc[1];
-        const uint8_t* row = w->codes + (n + c) * (K / 2) + k / 2;
-        if (k % 128 == 0) prefetch(row, 4096);
-        const uint8x16_t raw = vld1q_u8(row);
-        float32x4_t lo[4], hi[4];
-        int4_values(vandq_u8(raw, vdupq_n_u8(0x0F)), vdupq_n_f32(scale), vdupq_n_f32(offset), lo);
-        int4_values(vshrq_n_u8(raw, 4), vdupq_n_f32(scale), vdupq_n_f32(offset), hi);
-        for (int m = 0; m < M; ++m) {
-          const float* xm = x + m * K + k;
-          for (int i = 0; i < 4; ++i) acc[c][m][i] = vfmaq_f32(acc[c][m][i], lo[i], vld1q_f32(xm + 4 * i));
-          for (int i = 0; i < 4; ++i) acc[c][m][i] = vfmaq_f32(acc[c][m][i], hi[i], vld1q_f32(xm + kLanes + 4 * i));
-        }
-      }
-    }
-  }
-  for (int c = 0; c < C; ++c)
-    for (int m = 0; m < M; ++m) out[m * N + n + c] = reduce16(acc[c][m]);
-}
-
 template <int M, int C>
 void columns_int8_blocks(const float* x, const Int8Blocks* w, int64_t K, int64_t n, float* out, int64_t N) {
   float32x4_t acc[C][M][4];
@@ -591,31 +471,6 @@ void columns_bf16_pairs(const float* x, const Bf16* w, int64_t K, int64_t n, flo
 }
 
 template <int M, int C>
-void columns_int4(const float* x, const Int4* w, int64_t K, int64_t n, float* out, int64_t N) {
-  for (int c = 0; c < C; ++c) {
-    float acc[M][kLanes] = {};
-    float so[2 * kScaleChunk];
-    for (int64_t k0 = 0; k0 < K; k0 += kScaleChunk * kGroup4) {
-      const int64_t k1 = std::min(K, k0 + kScaleChunk * kGroup4);
-      expand_scales(w->s, n + c, k0 / kGroup4, k1 / kGroup4, so);
-      for (int64_t k = k0; k < k1; k += kGroup4) {
-        const float scale = so[2 * ((k - k0) / kGroup4)], offset = so[2 * ((k - k0) / kGroup4) + 1];
-        const uint8_t* row = w->codes + (n + c) * (K / 2) + k / 2;
-        for (int l = 0; l < kLanes; ++l) {
-          const float even = std::fma(static_cast<float>(row[l] & 15), scale, offset);
-          const float odd = std::fma(static_cast<float>(row[l] >> 4), scale, offset);
-          for (int m = 0; m < M; ++m) {
-            acc[m][l] = std::fma(even, x[m * K + k + l], acc[m][l]);
-            acc[m][l] = std::fma(odd, x[m * K + k + kLanes + l], acc[m][l]);
-          }
-        }
-      }
-    }
-    for (int m = 0; m < M; ++m) out[m * N + n + c] = tree16(acc[m]);
-  }
-}
-
-template <int M, int C>
 void columns_int8_blocks(const float* x, const Int8Blocks* w, int64_t K, int64_t n, float* out, int64_t N) {
   for (int c = 0; c < C; ++c) {
     float acc[M][kLanes] = {};
@@ -637,10 +492,413 @@ void columns_int8_blocks(const float* x, const Int8Blocks* w, int64_t K, int64_t
 }
 #endif
 
+// ---- Integer dot products of quantized weights (int4, int8 blocks, int8 rows), as llama.cpp does on CPUs ----
+//
+// Why: dequantizing each weight to fp32 and multiplying it in 8-lane FMAs costs several instructions per weight per
+// row, so a few-row verify pass is bound by the arithmetic, not by reading the weights. Here x is quantized once per
+// call, per row and block of 32 elements, to int8 codes with one fp32 scale (llama.cpp's Q8_0: d = max|x| / 127,
+// q = x / d rounded to nearest, ties to even), and the weights' codes meet x's codes in integer dot products (AVX2's
+// vpmaddubsw + vpmaddwd, NEON's widening multiplies and pairwise adds): 32 weights of one row in two or three
+// instructions, exact in int32, so their order does not matter.
+//
+// The float part is one fixed sequence, the same on every instruction set and for any row count. Per output and per
+// block b of 32 elements (in the weights' element order: even then odd elements for int4, as x is deinterleaved),
+// lane l of 8 holds the integer sum I of the block's elements 4l..4l + 3 and accumulates, block after block,
+//   acc[l] = fma(float(I), ds, acc[l]),   ds = (the lane's group's scale) * d_b   (int8 rows: ds = d_b)
+// and the lanes are summed by one fixed tree (4 apart, then 2, 1). A group's offset enters as
+//   fma(offset, s, O[g % 4]) in group order, s = d_b * float(the sum of x's codes over the group),
+// the four sums O added as (O0 + O2) + (O1 + O3), then added to the lanes' sum. (int8 rows: the row's scale
+// multiplies the result afterwards, as on the float path.) tests/int_dot.py computes the same in PyTorch.
+constexpr int64_t kQBlock = 32;
+// Blocks whose (ds, offset term) pairs are made at a time, onto the stack
+constexpr int64_t kDotChunk = 64;
+
+// x's codes, and per weight group and row the pair (d_b, d_b * the sum of the group's codes), groups of `group`
+struct Q8Rows {
+  const int8_t* q;   // [M, K]
+  const float* dq;   // [M, 2 * K / group]
+  int64_t group;
+};
+
+template <typename W>
+constexpr bool kIntDot = std::is_same_v<W, Int4> || std::is_same_v<W, Int8Blocks> || std::is_same_v<W, int8_t>;
+// The weight group of a format, along K (int8 rows: the activation block; its scale is applied after the sum)
+template <typename W>
+constexpr int64_t kDotGroup = std::is_same_v<W, Int8Blocks> ? kGroup8 : kQBlock;
+// whether a format keeps per-group scales and offsets
+template <typename W>
+constexpr bool kGrouped = !std::is_same_v<W, int8_t>;
+
+// x [M, K] (fp32) -> codes and pairs, `group` dividing kQBlock. Division and rounding are IEEE operations, so every
+// instruction set's version gives the same codes and scales.
+inline void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, int8_t* q, float* dq) {
+  const int64_t per = kQBlock / group, G = K / group;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += kQBlock) {
+      const float* xb = x + m * K + k;
+      int8_t* qb = q + m * K + k;
+      float amax = 0.f;
+      int64_t i = 0;
+#if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
+      const __m256 sign = _mm256_set1_ps(-0.f);
+      __m256 mx = _mm256_setzero_ps();
+      for (; i < kQBlock; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, mx);
+      for (float v : lanes) amax = std::max(amax, v);
+      const float d = amax / 127.f;
+      const __m256 dv = _mm256_set1_ps(d);
+      for (i = 0; i < kQBlock; i += 8) {
+        const __m256 r = d > 0.f ? _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xb + i), dv),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                 : _mm256_setzero_ps();
+        const __m128i v = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_cvtps_epi32(r)),
+                                          _mm256_extracti128_si256(_mm256_cvtps_epi32(r), 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(qb + i), _mm_packs_epi16(v, v));
+      }
+#elif MTPX_ISA == MTPX_ISA_NEON
+      float32x4_t mx = vdupq_n_f32(0.f);
+      for (; i < kQBlock; i += 4) mx = vmaxq_f32(mx, vabsq_f32(vld1q_f32(xb + i)));
+      amax = vmaxvq_f32(mx);
+      const float d = amax / 127.f;
+      const float32x4_t dv = vdupq_n_f32(d);
+      for (i = 0; i < kQBlock; i += 8) {
+        // vcvtnq: to nearest, ties to even
+        const int32x4_t r0 = d > 0.f ? vcvtnq_s32_f32(vdivq_f32(vld1q_f32(xb + i), dv)) : vdupq_n_s32(0);
+        const int32x4_t r1 = d > 0.f ? vcvtnq_s32_f32(vdivq_f32(vld1q_f32(xb + i + 4), dv)) : vdupq_n_s32(0);
+        vst1_s8(qb + i, vmovn_s16(vcombine_s16(vmovn_s32(r0), vmovn_s32(r1))));
+      }
+#else
+      for (; i < kQBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float d = amax / 127.f;
+      for (i = 0; i < kQBlock; ++i) qb[i] = d > 0.f ? static_cast<int8_t>(std::nearbyint(xb[i] / d)) : 0;
+#endif
+      for (int64_t p = 0; p < per; ++p) {
+        int32_t sum = 0;
+        for (int64_t j = 0; j < group; ++j) sum += qb[p * group + j];
+        float* pair = dq + m * 2 * G + 2 * (k / group + p);
+        pair[0] = d;
+        pair[1] = d * static_cast<float>(sum);
+      }
+    }
+}
+
+// For the groups of `pairs` / 2 (scale, offset) pairs `so` of one output row and x's (d_b, s) pairs `dq` of one row:
+// ds[2i] = scale * d_b, and O[g % 4] = fma(offset, s, O[g % 4]) in group order, O kept in the odd lanes of
+// o[8] (the even lanes are not used). Groups start at a multiple of 4.
+inline void scale_pairs(const float* so, const float* dq, int64_t pairs, float* ds, float* o) {
+  int64_t i = 0;
+#if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
+  __m256 acc = _mm256_loadu_ps(o);
+  for (; i + 8 <= pairs; i += 8) {
+    const __m256 a = _mm256_loadu_ps(so + i), b = _mm256_loadu_ps(dq + i);
+    _mm256_storeu_ps(ds + i, _mm256_mul_ps(a, b));
+    acc = _mm256_fmadd_ps(a, b, acc);
+  }
+  _mm256_storeu_ps(o, acc);
+#elif MTPX_ISA == MTPX_ISA_NEON
+  float32x4_t lo = vld1q_f32(o), hi = vld1q_f32(o + 4);
+  for (; i + 8 <= pairs; i += 8) {
+    const float32x4_t a0 = vld1q_f32(so + i), b0 = vld1q_f32(dq + i);
+    const float32x4_t a1 = vld1q_f32(so + i + 4), b1 = vld1q_f32(dq + i + 4);
+    vst1q_f32(ds + i, vmulq_f32(a0, b0));
+    vst1q_f32(ds + i + 4, vmulq_f32(a1, b1));
+    lo = vfmaq_f32(lo, a0, b0);
+    hi = vfmaq_f32(hi, a1, b1);
+  }
+  vst1q_f32(o, lo);
+  vst1q_f32(o + 4, hi);
+#endif
+  for (; i < pairs; i += 2) {
+    ds[i] = so[i] * dq[i];
+    o[i % 8 + 1] = std::fma(so[i + 1], dq[i + 1], o[i % 8 + 1]);
+  }
+}
+
+// output row n's codes
+template <typename W>
+const void* dot_row(const W* w, int64_t K, int64_t n) {
+  if constexpr (std::is_same_v<W, Int4>) return w->codes + n * (K / 2);
+  else if constexpr (std::is_same_v<W, Int8Blocks>) return w->codes + n * K;
+  else return w + n * K;
+}
+
+// the lanes' tree (4 apart, then 2, 1) plus the offsets' (O0 + O2) + (O1 + O3)
+inline float dot_total(float lanes, const float* o) { return lanes + ((o[1] + o[5]) + (o[3] + o[7])); }
+
+// Per group of `group` codes along K, the (ds, offset term) pairs of blocks [b0, b1) of output row n and x's rows:
+// so (scratch) and ds [M][2 * kDotChunk * kQBlock / group], o [M][8].
+template <int M, typename W>
+void expand_dot_scales(const W* w, const Q8Rows& x, int64_t K, int64_t n, int64_t b0, int64_t b1, float* so,
+                       float* ds, float* o) {
+  constexpr int64_t per = kQBlock / kDotGroup<W>, stride = 2 * kDotChunk * per;
+  const int64_t G = K / kDotGroup<W>, g0 = b0 * per, g1 = b1 * per;
+  expand_scales(w->s, n, g0, g1, so);
+  for (int m = 0; m < M; ++m) scale_pairs(so, x.dq + m * 2 * G + 2 * g0, 2 * (g1 - g0), ds + m * stride, o + m * 8);
+}
+
+#if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
+// the 8 lanes summed by a fixed tree (4 apart, then 2, 1). (AVX-512 runs these 8-lane loops too: 16 lanes would take
+// two blocks a step and change the order.)
+inline float reduce8(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+// block b's 32 codes of output row n, as bytes in the block's element order
+inline __m256i dot_codes(const Int4* w, int64_t K, int64_t n, int64_t b) {
+  // the 16 bytes in both halves, the upper copy shifted to its high nibbles
+  const __m256i raw = _mm256_broadcastsi128_si256(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(w->codes + n * (K / 2) + b * 16)));
+  return _mm256_and_si256(_mm256_srlv_epi64(raw, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
+}
+inline __m256i dot_codes(const Int8Blocks* w, int64_t K, int64_t n, int64_t b) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w->codes + n * K + b * kQBlock));
+}
+inline __m256i dot_codes(const int8_t* w, int64_t K, int64_t n, int64_t b) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + b * kQBlock));
+}
+
+// The 8 int32 sums of 4 code products each, to fp32 (exact). Signed codes: vpmaddubsw multiplies unsigned by signed
+// bytes, so the weights' magnitudes meet x's codes carrying the weights' signs (no pair sum exceeds int16).
+template <bool Signed>
+inline __m256 dot8(__m256i codes, __m256i q) {
+  const __m256i pairs = Signed ? _mm256_maddubs_epi16(_mm256_abs_epi8(codes), _mm256_sign_epi8(q, codes))
+                               : _mm256_maddubs_epi16(codes, q);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+#if MTPX_ISA == MTPX_ISA_AVX512
+// AVX-512: two output columns a register, lanes 0-7 the first's and 8-15 the second's. Each lane runs the sequence
+// of the 8-lane loop below (columns_dot), so the bits are its bits, for half the instructions.
+// block b's codes of rows n and n + 1 side by side
+inline __m512i dot_codes2(const Int4* w, int64_t K, int64_t n, int64_t b) {
+  const uint8_t* p = w->codes + n * (K / 2) + b * 16;
+  const __m512i raw = _mm512_castsi256_si512(_mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(p + K / 2),
+                                                                 reinterpret_cast<const __m128i*>(p)));
+  // [row n, row n, row n + 1, row n + 1], each second copy shifted to its high nibbles
+  const __m512i both = _mm512_shuffle_i64x2(raw, raw, _MM_SHUFFLE(1, 1, 0, 0));
+  return _mm512_and_si512(_mm512_srlv_epi64(both, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
+}
+template <typename W>
+inline __m512i dot_codes2(const W* w, int64_t K, int64_t n, int64_t b) {
+  const int8_t* p = static_cast<const int8_t*>(dot_row(w, K, n)) + b * kQBlock;
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + K)), 1);
+}
+
+// dot8 of two columns (no vpsignb in AVX-512: x's codes negated under the weights' sign mask; a zero weight
+// multiplies either to zero)
+template <bool Signed>
+inline __m512 dot16(__m512i codes, __m512i q) {
+  __m512i pairs;
+  if constexpr (Signed)
+    pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(codes), _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(codes),
+                                                                              _mm512_setzero_si512(), q));
+  else
+    pairs = _mm512_maddubs_epi16(codes, q);
+  return _mm512_cvtepi32_ps(_mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+}
+
 template <int M, int C, typename W>
-void column_block(const float* x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
-  if constexpr (std::is_same_v<W, Int4>) {
-    columns_int4<M, C>(x, w, K, n, out, N);
+void column_pairs_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
+  constexpr int P = C / 2;
+  constexpr int64_t per = kQBlock / kDotGroup<W>, stride = 2 * kDotChunk * per;
+  constexpr int64_t bytes = std::is_same_v<W, Int4> ? 16 : 32;
+  const int64_t blocks = K / kQBlock, G = K / kDotGroup<W>;
+  __m512 acc[P][M];
+  for (int p = 0; p < P; ++p)
+    for (int m = 0; m < M; ++m) acc[p][m] = _mm512_setzero_ps();
+  alignas(64) float o[C][M][8] = {};
+  alignas(64) float so[2 * kDotChunk * per], ds[C][M][kGrouped<W> ? stride : 1];
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+  for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
+    const int64_t b1 = std::min(blocks, b0 + kDotChunk);
+    if constexpr (kGrouped<W>)
+      for (int c = 0; c < C; ++c) expand_dot_scales<M>(w, x, K, n + c, b0, b1, so, ds[c][0], o[c][0]);
+    for (int64_t b = b0; b < b1; ++b) {
+      __m512i qv[M];
+      for (int m = 0; m < M; ++m)
+        qv[m] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + b * kQBlock)));
+      for (int p = 0; p < P; ++p) {
+        const int c = 2 * p;
+        if ((b * bytes) % 64 == 0)
+          for (int i = 0; i < 2; ++i) prefetch(static_cast<const char*>(dot_row(w, K, n + c + i)) + b * bytes, 4096);
+        const __m512i codes = dot_codes2(w, K, n + c, b);
+        for (int m = 0; m < M; ++m) {
+          __m512 scale;
+          const int64_t r = b - b0;
+          if constexpr (std::is_same_v<W, Int4>) {
+            scale = _mm512_insertf32x8(_mm512_set1_ps(ds[c][m][2 * r]), _mm256_set1_ps(ds[c + 1][m][2 * r]), 1);
+          } else if constexpr (std::is_same_v<W, Int8Blocks>) {
+            const __m256 two = _mm256_set_m128(_mm_loadu_ps(&ds[c + 1][m][4 * r]), _mm_loadu_ps(&ds[c][m][4 * r]));
+            scale = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(two));
+          } else {
+            scale = _mm512_set1_ps(x.dq[m * 2 * G + 2 * b]);
+          }
+          acc[p][m] = _mm512_fmadd_ps(dot16<!std::is_same_v<W, Int4>>(codes, qv[m]), scale, acc[p][m]);
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int m = 0; m < M; ++m)
+      for (int i = 0; i < 2; ++i) {
+        const __m256 half = i == 0 ? _mm512_castps512_ps256(acc[p][m]) : _mm512_extractf32x8_ps(acc[p][m], 1);
+        const float lanes = reduce8(half);
+        out[m * N + n + 2 * p + i] = kGrouped<W> ? dot_total(lanes, o[2 * p + i][m]) : lanes;
+      }
+}
+#endif
+
+template <int M, int C, typename W>
+void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
+#if MTPX_ISA == MTPX_ISA_AVX512
+  if constexpr (C % 2 == 0) return column_pairs_dot<M, C>(x, w, K, n, out, N);
+#endif
+  constexpr int64_t per = kQBlock / kDotGroup<W>, stride = 2 * kDotChunk * per;
+  constexpr int64_t bytes = std::is_same_v<W, Int4> ? 16 : 32;  // codes of a block
+  const int64_t blocks = K / kQBlock, G = K / kDotGroup<W>;
+  __m256 acc[C][M];
+  for (int c = 0; c < C; ++c)
+    for (int m = 0; m < M; ++m) acc[c][m] = _mm256_setzero_ps();
+  alignas(32) float o[C][M][8] = {};
+  alignas(32) float so[2 * kDotChunk * per], ds[C][M][kGrouped<W> ? stride : 1];
+  for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
+    const int64_t b1 = std::min(blocks, b0 + kDotChunk);
+    if constexpr (kGrouped<W>)
+      for (int c = 0; c < C; ++c) expand_dot_scales<M>(w, x, K, n + c, b0, b1, so, ds[c][0], o[c][0]);
+    for (int64_t b = b0; b < b1; ++b) {
+      __m256i qv[M];
+      for (int m = 0; m < M; ++m) qv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + b * kQBlock));
+      for (int c = 0; c < C; ++c) {
+        if ((b * bytes) % 64 == 0) prefetch(static_cast<const char*>(dot_row(w, K, n + c)) + b * bytes, 4096);
+        const __m256i codes = dot_codes(w, K, n + c, b);
+        for (int m = 0; m < M; ++m) {
+          __m256 scale;
+          if constexpr (std::is_same_v<W, Int4>) {
+            scale = _mm256_broadcast_ss(&ds[c][m][2 * (b - b0)]);
+          } else if constexpr (std::is_same_v<W, Int8Blocks>) {  // lanes 0-3 the block's first group, 4-7 its second
+            const __m128 pair = _mm_loadu_ps(&ds[c][m][4 * (b - b0)]);
+            scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+          } else {
+            scale = _mm256_broadcast_ss(x.dq + m * 2 * G + 2 * b);
+          }
+          acc[c][m] = _mm256_fmadd_ps(dot8<!std::is_same_v<W, Int4>>(codes, qv[m]), scale, acc[c][m]);
+        }
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int m = 0; m < M; ++m)
+      out[m * N + n + c] = kGrouped<W> ? dot_total(reduce8(acc[c][m]), o[c][m]) : reduce8(acc[c][m]);
+}
+
+#elif MTPX_ISA == MTPX_ISA_NEON
+// 16 code products summed in fours: int32 lanes of bytes 4l..4l + 3 (widening multiplies, then pairwise adds: no
+// pair sum exceeds int16)
+inline float32x4_t dot4(int8x16_t codes, int8x16_t q) {
+  const int16x8_t lo = vmull_s8(vget_low_s8(codes), vget_low_s8(q)), hi = vmull_high_s8(codes, q);
+  return vcvtq_f32_s32(vpaddlq_s16(vpaddq_s16(lo, hi)));
+}
+
+template <int M, int C, typename W>
+void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
+  constexpr int64_t per = kQBlock / kDotGroup<W>, stride = 2 * kDotChunk * per;
+  const int64_t blocks = K / kQBlock, G = K / kDotGroup<W>;
+  float32x4_t acc[C][M][2];
+  for (int c = 0; c < C; ++c)
+    for (int m = 0; m < M; ++m) acc[c][m][0] = acc[c][m][1] = vdupq_n_f32(0.f);
+  float o[C][M][8] = {};
+  float so[2 * kDotChunk * per], ds[C][M][kGrouped<W> ? stride : 1];
+  for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
+    const int64_t b1 = std::min(blocks, b0 + kDotChunk);
+    if constexpr (kGrouped<W>)
+      for (int c = 0; c < C; ++c) expand_dot_scales<M>(w, x, K, n + c, b0, b1, so, ds[c][0], o[c][0]);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int c = 0; c < C; ++c) {
+        int8x16_t c0, c1;
+        if constexpr (std::is_same_v<W, Int4>) {
+          const uint8x16_t raw = vld1q_u8(w->codes + (n + c) * (K / 2) + b * 16);
+          c0 = vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0F)));
+          c1 = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
+        } else {
+          const int8_t* p = static_cast<const int8_t*>(dot_row(w, K, n + c)) + b * kQBlock;
+          c0 = vld1q_s8(p), c1 = vld1q_s8(p + 16);
+        }
+        for (int m = 0; m < M; ++m) {
+          const int8_t* q = x.q + m * K + b * kQBlock;
+          float s0, s1;
+          if constexpr (std::is_same_v<W, Int4>) s0 = s1 = ds[c][m][2 * (b - b0)];
+          else if constexpr (std::is_same_v<W, Int8Blocks>) s0 = ds[c][m][4 * (b - b0)], s1 = ds[c][m][4 * (b - b0) + 2];
+          else s0 = s1 = x.dq[m * 2 * G + 2 * b];
+          acc[c][m][0] = vfmaq_f32(acc[c][m][0], dot4(c0, vld1q_s8(q)), vdupq_n_f32(s0));
+          acc[c][m][1] = vfmaq_f32(acc[c][m][1], dot4(c1, vld1q_s8(q + 16)), vdupq_n_f32(s1));
+        }
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int m = 0; m < M; ++m) {
+      const float32x4_t s4 = vaddq_f32(acc[c][m][0], acc[c][m][1]);
+      const float lanes = (vgetq_lane_f32(s4, 0) + vgetq_lane_f32(s4, 2)) + (vgetq_lane_f32(s4, 1) + vgetq_lane_f32(s4, 3));
+      out[m * N + n + c] = kGrouped<W> ? dot_total(lanes, o[c][m]) : lanes;
+    }
+}
+
+#else  // scalar: the reference, lane by lane
+template <int M, int C, typename W>
+void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
+  constexpr int64_t per = kQBlock / kDotGroup<W>, stride = 2 * kDotChunk * per;
+  const int64_t blocks = K / kQBlock, G = K / kDotGroup<W>;
+  for (int c = 0; c < C; ++c) {
+    float acc[M][8] = {}, o[M][8] = {};
+    float so[2 * kDotChunk * per], ds[M][kGrouped<W> ? stride : 1];
+    for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
+      const int64_t b1 = std::min(blocks, b0 + kDotChunk);
+      if constexpr (kGrouped<W>) expand_dot_scales<M>(w, x, K, n + c, b0, b1, so, ds[0], o[0]);
+      for (int64_t b = b0; b < b1; ++b) {
+        int32_t codes[kQBlock];  // in the block's element order
+        for (int64_t i = 0; i < kQBlock; ++i) {
+          if constexpr (std::is_same_v<W, Int4>) {
+            const uint8_t byte = w->codes[(n + c) * (K / 2) + b * 16 + i % 16];
+            codes[i] = i < 16 ? byte & 15 : byte >> 4;
+          } else {
+            codes[i] = static_cast<const int8_t*>(dot_row(w, K, n + c))[b * kQBlock + i];
+          }
+        }
+        for (int m = 0; m < M; ++m)
+          for (int l = 0; l < 8; ++l) {
+            int32_t sum = 0;
+            for (int j = 0; j < 4; ++j) sum += codes[4 * l + j] * x.q[m * K + b * kQBlock + 4 * l + j];
+            const float scale = std::is_same_v<W, Int4>         ? ds[m][2 * (b - b0)]
+                                : std::is_same_v<W, Int8Blocks> ? ds[m][4 * (b - b0) + 2 * (l / 4)]
+                                                                : x.dq[m * 2 * G + 2 * b];
+            acc[m][l] = std::fma(static_cast<float>(sum), scale, acc[m][l]);
+          }
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float s4[4];
+      for (int i = 0; i < 4; ++i) s4[i] = acc[m][i] + acc[m][i + 4];
+      const float lanes = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+      out[m * N + n + c] = kGrouped<W> ? dot_total(lanes, o[m]) : lanes;
+    }
+  }
+}
+#endif
+
+// Output columns the integer kernels compute together (AVX-512: in pairs, 32 vector registers)
+template <int M>
+constexpr int kColumnsDot = MTPX_ISA == MTPX_ISA_AVX512 ? (M <= 4 ? 4 : 2) : kColumns<M>;
+
+
+// x: fp32 rows, or their Q8 codes for the integer kernels
+template <int M, int C, typename X, typename W>
+void column_block(const X& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
+  if constexpr (std::is_same_v<X, Q8Rows>) {
+    columns_dot<M, C>(x, w, K, n, out, N);
   } else if constexpr (std::is_same_v<W, Int8Blocks>) {
     columns_int8_blocks<M, C>(x, w, K, n, out, N);
   } else {
@@ -650,11 +908,11 @@ void column_block(const float* x, const W* w, int64_t K, int64_t n, float* out, 
   }
 }
 
-// out[M, N] (fp32) = x[M, K] (fp32, deinterleaved where pairs<W>(K)) @ w.T. parallel(blocks, grain, fn) runs
-// fn(begin, end) over [0, blocks) (on any threads: a block's bits do not depend on which thread computes it).
-template <int M, typename W, typename Parallel>
-void rows(const float* x, const W* w, int64_t K, int64_t N, float* out, const Parallel& parallel) {
-  constexpr int C = std::is_same_v<W, Int4> ? kColumnsInt4<M> : kColumns<M>;
+// parallel(blocks, grain, fn) runs fn(begin, end) over [0, blocks) (on any threads: a block's bits do not depend on
+// which thread computes it)
+template <int M, typename X, typename W, typename Parallel>
+void rows(const X& x, const W* w, int64_t K, int64_t N, float* out, const Parallel& parallel) {
+  constexpr int C = std::is_same_v<X, Q8Rows> ? kColumnsDot<M> : kColumns<M>;
   const int64_t blocks = N / C;
   parallel(blocks, 64 / C, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) column_block<M, C>(x, w, K, b * C, out, N);
@@ -662,8 +920,8 @@ void rows(const float* x, const W* w, int64_t K, int64_t N, float* out, const Pa
   for (int64_t n = blocks * C; n < N; ++n) column_block<M, 1>(x, w, K, n, out, N);
 }
 
-template <typename W, typename Parallel>
-void matmul_rows(int64_t M, const float* x, const W* w, int64_t K, int64_t N, float* out, const Parallel& parallel) {
+template <typename X, typename W, typename Parallel>
+void rows_of(int64_t M, const X& x, const W* w, int64_t K, int64_t N, float* out, const Parallel& parallel) {
   switch (M) {
     case 1: return rows<1>(x, w, K, N, out, parallel);
     case 2: return rows<2>(x, w, K, N, out, parallel);
@@ -674,4 +932,19 @@ void matmul_rows(int64_t M, const float* x, const W* w, int64_t K, int64_t N, fl
     case 7: return rows<7>(x, w, K, N, out, parallel);
     default: return rows<8>(x, w, K, N, out, parallel);
   }
+}
+
+// out[M, N] (fp32) = x[M, K] (fp32, deinterleaved where pairs<W>(K)) @ w.T; quantized weights on the integer
+// kernels where K is a multiple of kQBlock (x quantized here, once for all output columns)
+template <typename W, typename Parallel>
+void matmul_rows(int64_t M, const float* x, const W* w, int64_t K, int64_t N, float* out, const Parallel& parallel) {
+  if constexpr (kIntDot<W>) {
+    if (std::is_same_v<W, Int4> || K % kQBlock == 0) {  // int4: always (its groups are blocks)
+      std::vector<int8_t> q(M * K);
+      std::vector<float> dq(M * 2 * (K / kDotGroup<W>));
+      quantize_rows(x, M, K, kDotGroup<W>, q.data(), dq.data());
+      return rows_of(M, Q8Rows{q.data(), dq.data(), kDotGroup<W>}, w, K, N, out, parallel);
+    }
+  }
+  if constexpr (!std::is_same_v<W, Int4>) rows_of(M, x, w, K, N, out, parallel);
 }

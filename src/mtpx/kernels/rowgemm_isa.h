@@ -1,6 +1,6 @@
-// y[M, N] = x[M, K] @ w[N, K]^T for a few rows (M <= 8): bf16, int8, int4 or int8-block weights, fp32
-// accumulation, one rounding to x's dtype; and, in the AVX-512 build, the AMX-tile matmul of bf16 weights in tile
-// order.
+// y[M, N] = x[M, K] @ w[N, K]^T for a few rows (M <= 8): bf16, int8, int4 or int8-block weights (the quantized ones
+// on integer dot products with x quantized to int8, gemm_core.h), fp32 accumulation, one rounding to x's dtype; and,
+// in the AVX-512 build, the AMX-tile matmul of bf16 weights in tile order.
 // Compiled once per instruction set, inside that set's namespace (isa_*.cpp); the inner loops are gemm_core.h's.
 //
 // Why: on CPUs without native bf16 dot products (no AVX512_BF16 / AMX) oneDNN's bf16 matmul costs several times more

@@ -18,15 +18,6 @@ using bf16 = at::BFloat16;
 
 inline const Bf16* bits(const bf16* p) { return reinterpret_cast<const Bf16*>(p); }
 
-#if MTPX_ISA == MTPX_ISA_AVX2
-// the 8 lanes summed by a fixed tree (4 apart, then 2, 1)
-inline float reduce8(__m256 v) {
-  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-#endif
-
 inline float round_bf16(float x) { return static_cast<float>(static_cast<bf16>(x)); }
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }

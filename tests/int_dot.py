@@ -1,0 +1,85 @@
+"""The CPU kernels' integer matmul of quantized weights (kernels/gemm_core.h, "Integer dot products") computed
+independently in PyTorch, to the bit: x quantized per row and block of 32 to int8 (llama.cpp's Q8_0: d = max|x| / 127,
+codes x / d rounded to nearest even), exact integer sums of 4 code products per lane, then the kernels' one float
+order (lanes accumulated block after block by fused multiply-adds, a fixed tree, the offsets' four sums).
+reference(x, w) returns what kernels.rowgemm_int4 / rowgemm_int8_blocks / rowgemm_int8 return for x [M, K] with K a
+multiple of 32."""
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32
+
+
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 fused multiply-add, a * b + c with one rounding, where a * b is exact in fp64 (significands of at most
+    53 bits together): fp64 sum and its exact error (TwoSum), rounded to fp32; the error decides only a tie."""
+    p, c = a.double() * b.double(), c.double()
+    s = p + c
+    bb = s - p
+    e = (p - (s - bb)) + (c - bb)
+    r = s.float()
+    d = s - r.double()
+    other = torch.nextafter(r, torch.where(d > 0, torch.inf, -torch.inf).float())
+    tie = (d != 0) & (s == (r.double() + other.double()) / 2) & (e != 0)
+    return torch.where(tie & ((e > 0) == (d > 0)), other, r)
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x fp32 [M, K] -> codes (as fp64 integers) [M, K / 32, 32] and scales d fp32 [M, K / 32]."""
+    blocks = x.float().reshape(x.shape[0], -1, BLOCK)
+    d = blocks.abs().amax(-1) / 127
+    live = d > 0
+    q = torch.where(live[..., None], torch.round(blocks / torch.where(live, d, 1)[..., None]), 0)
+    return q.double(), d
+
+
+def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """Each block of 32 as its 16 even elements, then its 16 odd ones (int4's element order in the kernels)."""
+    return t.reshape(t.shape[0], -1, BLOCK // 2, 2).transpose(-1, -2).reshape(t.shape[0], -1, BLOCK)
+
+
+def reference(x: torch.Tensor, w) -> torch.Tensor:
+    """x [M, K] @ w.T on the integer kernels, in x's dtype. w: Int4Weight, Int8BlockWeight or Int8Weight."""
+    from mtpx.models.grouped import Int4Weight, Int8BlockWeight
+    M, K = x.shape
+    int4 = isinstance(w, Int4Weight)
+    xf = x.float()
+    if int4:
+        xf = _deinterleave(xf).reshape(M, K)
+    q, d = quantize(xf)  # [M, B, 32], [M, B]
+    B = K // BLOCK
+    if int4:
+        codes = torch.stack([w.codes & 15, w.codes >> 4], dim=-1).reshape(-1, K)  # natural order
+        codes = _deinterleave(codes.double())
+    elif isinstance(w, Int8BlockWeight):
+        codes = w.codes.double().reshape(-1, B, BLOCK)
+    else:
+        codes = w.q.double().reshape(-1, B, BLOCK)
+    N = codes.shape[0]
+    # lane l of block b: the exact sum of elements 4l..4l + 3's products, [M, N, B, 8]
+    lanes = torch.einsum("nbli,mbli->mnbl", codes.reshape(N, B, 8, 4), q.reshape(M, B, 8, 4)).float()
+    if int4 or isinstance(w, Int8BlockWeight):
+        scale, offset = w.scales(slice(None))  # fp32 [N, G], exact
+        per = BLOCK // w.GROUP  # groups a block
+        group_of_lane = torch.arange(8) // (8 // per)  # int4: 0; int8 blocks: lanes 0-3 the first group, 4-7 the second
+        s = scale.reshape(N, B, per)[:, :, group_of_lane]  # [N, B, 8]
+        ds = s[None] * d[:, None, :, None]  # [M, N, B, 8], one fp32 rounding
+    else:
+        ds = d[:, None, :, None].expand(M, N, B, 8)
+    acc = torch.zeros(M, N, 8)
+    for b in range(B):
+        acc = fma32(lanes[:, :, b], ds[:, :, b], acc)
+    s4 = acc[..., :4] + acc[..., 4:]
+    out = (s4[..., 0] + s4[..., 2]) + (s4[..., 1] + s4[..., 3])
+    if int4 or isinstance(w, Int8BlockWeight):
+        G = offset.shape[1]
+        qsum = q.reshape(M, G, -1).sum(-1).float()  # exact
+        sums = d.repeat_interleave(BLOCK // w.GROUP, dim=1) * qsum  # [M, G]
+        o = torch.zeros(M, N, 4)
+        for g in range(G):
+            o[..., g % 4] = fma32(offset[None, :, g].expand(M, N), sums[:, None, g].expand(M, N), o[..., g % 4])
+        out = out + ((o[..., 0] + o[..., 2]) + (o[..., 1] + o[..., 3]))
+    else:
+        out = out * w.scale.float()[None]
+    return out.to(x.dtype)
