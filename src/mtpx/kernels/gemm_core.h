@@ -623,19 +623,40 @@ const void* dot_row(const W* w, int64_t K, int64_t n) {
   else return w + n * K;
 }
 
-// the lanes' tree (4 apart, then 2, 1) plus the offsets' (O0 + O2) + (O1 + O3)
-inline float dot_total(float lanes, const float* o) { return lanes + ((o[1] + o[5]) + (o[3] + o[7])); }
+// What a kernel of C output rows and M rows of x reads per block besides the codes: (ds, offset term) pairs per
+// group, made a chunk of kDotChunk blocks at a time (scale_pairs), and the offsets' four sums. int8 rows have
+// neither: their lanes' scale is x's d.
+template <int M, int C, typename W>
+struct DotScales {
+  static constexpr int64_t per = kQBlock / kDotGroup<W>;  // groups a block
+  float so[2 * kDotChunk * per];
+  float ds[C][M][kGrouped<W> ? 2 * kDotChunk * per : 1];
+  float o[C][M][8] = {};
+  const Q8Rows& x;
+  int64_t K, G;
 
-// Per group of `group` codes along K, the (ds, offset term) pairs of blocks [b0, b1) of output row n and x's rows:
-// so (scratch) and ds [M][2 * kDotChunk * kQBlock / group], o [M][8].
-template <int M, typename W>
-void expand_dot_scales(const W* w, const Q8Rows& x, int64_t K, int64_t n, int64_t b0, int64_t b1, float* so,
-                       float* ds, float* o) {
-  constexpr int64_t per = kQBlock / kDotGroup<W>, stride = 2 * kDotChunk * per;
-  const int64_t G = K / kDotGroup<W>, g0 = b0 * per, g1 = b1 * per;
-  expand_scales(w->s, n, g0, g1, so);
-  for (int m = 0; m < M; ++m) scale_pairs(so, x.dq + m * 2 * G + 2 * g0, 2 * (g1 - g0), ds + m * stride, o + m * 8);
-}
+  DotScales(const Q8Rows& rows, int64_t k) : x(rows), K(k), G(k / kDotGroup<W>) {}
+  // blocks [b0, b1) of output rows n..n + C - 1
+  void chunk(const W* w, int64_t n, int64_t b0, int64_t b1) {
+    if constexpr (kGrouped<W>) {
+      const int64_t g0 = b0 * per, g1 = b1 * per;
+      for (int c = 0; c < C; ++c) {
+        expand_scales(w->s, n + c, g0, g1, so);
+        for (int m = 0; m < M; ++m) scale_pairs(so, x.dq + m * 2 * G + 2 * g0, 2 * (g1 - g0), ds[c][m], o[c][m]);
+      }
+    }
+  }
+  // block b's scale (b0 its chunk's first): int4 its group's; int8 blocks its first group's, the second's two
+  // floats on; int8 rows x's d
+  const float* scale(int c, int m, int64_t b, int64_t b0) const {
+    if constexpr (kGrouped<W>) return &ds[c][m][2 * per * (b - b0)];
+    else return x.dq + m * 2 * G + 2 * b;
+  }
+  // the lanes' tree plus the offsets' (O0 + O2) + (O1 + O3)
+  float total(int c, int m, float lanes) const {
+    return kGrouped<W> ? lanes + ((o[c][m][1] + o[c][m][5]) + (o[c][m][3] + o[c][m][7])) : lanes;
+  }
+};
 
 #if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
 // the 8 lanes summed by a fixed tree (4 apart, then 2, 1). (AVX-512 runs these 8-lane loops too: 16 lanes would take
@@ -704,19 +725,16 @@ inline __m512 dot16(__m512i codes, __m512i q) {
 template <int M, int C, typename W>
 void column_pairs_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
   constexpr int P = C / 2;
-  constexpr int64_t per = kQBlock / kDotGroup<W>, stride = 2 * kDotChunk * per;
   constexpr int64_t bytes = std::is_same_v<W, Int4> ? 16 : 32;
-  const int64_t blocks = K / kQBlock, G = K / kDotGroup<W>;
+  const int64_t blocks = K / kQBlock;
   __m512 acc[P][M];
   for (int p = 0; p < P; ++p)
     for (int m = 0; m < M; ++m) acc[p][m] = _mm512_setzero_ps();
-  alignas(64) float o[C][M][8] = {};
-  alignas(64) float so[2 * kDotChunk * per], ds[C][M][kGrouped<W> ? stride : 1];
+  DotScales<M, C, W> s(x, K);
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
   for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
     const int64_t b1 = std::min(blocks, b0 + kDotChunk);
-    if constexpr (kGrouped<W>)
-      for (int c = 0; c < C; ++c) expand_dot_scales<M>(w, x, K, n + c, b0, b1, so, ds[c][0], o[c][0]);
+    s.chunk(w, n, b0, b1);
     for (int64_t b = b0; b < b1; ++b) {
       __m512i qv[M];
       for (int m = 0; m < M; ++m)
@@ -728,15 +746,12 @@ void column_pairs_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* 
         const __m512i codes = dot_codes2(w, K, n + c, b);
         for (int m = 0; m < M; ++m) {
           __m512 scale;
-          const int64_t r = b - b0;
-          if constexpr (std::is_same_v<W, Int4>) {
-            scale = _mm512_insertf32x8(_mm512_set1_ps(ds[c][m][2 * r]), _mm256_set1_ps(ds[c + 1][m][2 * r]), 1);
-          } else if constexpr (std::is_same_v<W, Int8Blocks>) {
-            const __m256 two = _mm256_set_m128(_mm_loadu_ps(&ds[c + 1][m][4 * r]), _mm_loadu_ps(&ds[c][m][4 * r]));
-            scale = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(two));
-          } else {
-            scale = _mm512_set1_ps(x.dq[m * 2 * G + 2 * b]);
-          }
+          const float *s0 = s.scale(c, m, b, b0), *s1 = s.scale(c + 1, m, b, b0);
+          if constexpr (std::is_same_v<W, Int8Blocks>)
+            scale = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_set_m128(_mm_loadu_ps(s1),
+                                                                                          _mm_loadu_ps(s0))));
+          else
+            scale = _mm512_insertf32x8(_mm512_set1_ps(*s0), _mm256_set1_ps(*s1), 1);
           acc[p][m] = _mm512_fmadd_ps(dot16<!std::is_same_v<W, Int4>>(codes, qv[m]), scale, acc[p][m]);
         }
       }
@@ -746,8 +761,7 @@ void column_pairs_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* 
     for (int m = 0; m < M; ++m)
       for (int i = 0; i < 2; ++i) {
         const __m256 half = i == 0 ? _mm512_castps512_ps256(acc[p][m]) : _mm512_extractf32x8_ps(acc[p][m], 1);
-        const float lanes = reduce8(half);
-        out[m * N + n + 2 * p + i] = kGrouped<W> ? dot_total(lanes, o[2 * p + i][m]) : lanes;
+        out[m * N + n + 2 * p + i] = s.total(2 * p + i, m, reduce8(half));
       }
 }
 #endif
@@ -757,18 +771,15 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
 #if MTPX_ISA == MTPX_ISA_AVX512
   if constexpr (C % 2 == 0) return column_pairs_dot<M, C>(x, w, K, n, out, N);
 #endif
-  constexpr int64_t per = kQBlock / kDotGroup<W>, stride = 2 * kDotChunk * per;
   constexpr int64_t bytes = std::is_same_v<W, Int4> ? 16 : 32;  // codes of a block
-  const int64_t blocks = K / kQBlock, G = K / kDotGroup<W>;
+  const int64_t blocks = K / kQBlock;
   __m256 acc[C][M];
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) acc[c][m] = _mm256_setzero_ps();
-  alignas(32) float o[C][M][8] = {};
-  alignas(32) float so[2 * kDotChunk * per], ds[C][M][kGrouped<W> ? stride : 1];
+  DotScales<M, C, W> s(x, K);
   for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
     const int64_t b1 = std::min(blocks, b0 + kDotChunk);
-    if constexpr (kGrouped<W>)
-      for (int c = 0; c < C; ++c) expand_dot_scales<M>(w, x, K, n + c, b0, b1, so, ds[c][0], o[c][0]);
+    s.chunk(w, n, b0, b1);
     for (int64_t b = b0; b < b1; ++b) {
       __m256i qv[M];
       for (int m = 0; m < M; ++m) qv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + b * kQBlock));
@@ -777,14 +788,11 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
         const __m256i codes = dot_codes(w, K, n + c, b);
         for (int m = 0; m < M; ++m) {
           __m256 scale;
-          if constexpr (std::is_same_v<W, Int4>) {
-            scale = _mm256_broadcast_ss(&ds[c][m][2 * (b - b0)]);
-          } else if constexpr (std::is_same_v<W, Int8Blocks>) {  // lanes 0-3 the block's first group, 4-7 its second
-            const __m128 pair = _mm_loadu_ps(&ds[c][m][4 * (b - b0)]);
-            scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
-          } else {
-            scale = _mm256_broadcast_ss(x.dq + m * 2 * G + 2 * b);
-          }
+          if constexpr (std::is_same_v<W, Int8Blocks>)  // lanes 0-3 the block's first group, 4-7 its second
+            scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s.scale(c, m, b, b0))),
+                                             _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+          else
+            scale = _mm256_broadcast_ss(s.scale(c, m, b, b0));
           acc[c][m] = _mm256_fmadd_ps(dot8<!std::is_same_v<W, Int4>>(codes, qv[m]), scale, acc[c][m]);
         }
       }
@@ -792,7 +800,7 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
   }
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m)
-      out[m * N + n + c] = kGrouped<W> ? dot_total(reduce8(acc[c][m]), o[c][m]) : reduce8(acc[c][m]);
+      out[m * N + n + c] = s.total(c, m, reduce8(acc[c][m]));
 }
 
 #elif MTPX_ISA == MTPX_ISA_NEON
@@ -805,17 +813,14 @@ inline float32x4_t dot4(int8x16_t codes, int8x16_t q) {
 
 template <int M, int C, typename W>
 void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
-  constexpr int64_t per = kQBlock / kDotGroup<W>, stride = 2 * kDotChunk * per;
-  const int64_t blocks = K / kQBlock, G = K / kDotGroup<W>;
+  const int64_t blocks = K / kQBlock;
   float32x4_t acc[C][M][2];
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) acc[c][m][0] = acc[c][m][1] = vdupq_n_f32(0.f);
-  float o[C][M][8] = {};
-  float so[2 * kDotChunk * per], ds[C][M][kGrouped<W> ? stride : 1];
+  DotScales<M, C, W> s(x, K);
   for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
     const int64_t b1 = std::min(blocks, b0 + kDotChunk);
-    if constexpr (kGrouped<W>)
-      for (int c = 0; c < C; ++c) expand_dot_scales<M>(w, x, K, n + c, b0, b1, so, ds[c][0], o[c][0]);
+    s.chunk(w, n, b0, b1);
     for (int64_t b = b0; b < b1; ++b) {
       for (int c = 0; c < C; ++c) {
         int8x16_t c0, c1;
@@ -829,12 +834,10 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
         }
         for (int m = 0; m < M; ++m) {
           const int8_t* q = x.q + m * K + b * kQBlock;
-          float s0, s1;
-          if constexpr (std::is_same_v<W, Int4>) s0 = s1 = ds[c][m][2 * (b - b0)];
-          else if constexpr (std::is_same_v<W, Int8Blocks>) s0 = ds[c][m][4 * (b - b0)], s1 = ds[c][m][4 * (b - b0) + 2];
-          else s0 = s1 = x.dq[m * 2 * G + 2 * b];
-          acc[c][m][0] = vfmaq_f32(acc[c][m][0], dot4(c0, vld1q_s8(q)), vdupq_n_f32(s0));
-          acc[c][m][1] = vfmaq_f32(acc[c][m][1], dot4(c1, vld1q_s8(q + 16)), vdupq_n_f32(s1));
+          const float* sc = s.scale(c, m, b, b0);  // int8 blocks: the second half's group two floats on
+          acc[c][m][0] = vfmaq_f32(acc[c][m][0], dot4(c0, vld1q_s8(q)), vdupq_n_f32(sc[0]));
+          acc[c][m][1] = vfmaq_f32(acc[c][m][1], dot4(c1, vld1q_s8(q + 16)),
+                                   vdupq_n_f32(sc[std::is_same_v<W, Int8Blocks> ? 2 : 0]));
         }
       }
     }
@@ -843,22 +846,21 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
     for (int m = 0; m < M; ++m) {
       const float32x4_t s4 = vaddq_f32(acc[c][m][0], acc[c][m][1]);
       const float lanes = (vgetq_lane_f32(s4, 0) + vgetq_lane_f32(s4, 2)) + (vgetq_lane_f32(s4, 1) + vgetq_lane_f32(s4, 3));
-      out[m * N + n + c] = kGrouped<W> ? dot_total(lanes, o[c][m]) : lanes;
+      out[m * N + n + c] = s.total(c, m, lanes);
     }
 }
 
 #else  // scalar: the reference, lane by lane
 template <int M, int C, typename W>
 void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
-  constexpr int64_t per = kQBlock / kDotGroup<W>, stride = 2 * kDotChunk * per;
-  const int64_t blocks = K / kQBlock, G = K / kDotGroup<W>;
-  for (int c = 0; c < C; ++c) {
-    float acc[M][8] = {}, o[M][8] = {};
-    float so[2 * kDotChunk * per], ds[M][kGrouped<W> ? stride : 1];
-    for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
-      const int64_t b1 = std::min(blocks, b0 + kDotChunk);
-      if constexpr (kGrouped<W>) expand_dot_scales<M>(w, x, K, n + c, b0, b1, so, ds[0], o[0]);
-      for (int64_t b = b0; b < b1; ++b) {
+  const int64_t blocks = K / kQBlock;
+  float acc[C][M][8] = {};
+  DotScales<M, C, W> s(x, K);
+  for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
+    const int64_t b1 = std::min(blocks, b0 + kDotChunk);
+    s.chunk(w, n, b0, b1);
+    for (int64_t b = b0; b < b1; ++b)
+      for (int c = 0; c < C; ++c) {
         int32_t codes[kQBlock];  // in the block's element order
         for (int64_t i = 0; i < kQBlock; ++i) {
           if constexpr (std::is_same_v<W, Int4>) {
@@ -872,20 +874,17 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
           for (int l = 0; l < 8; ++l) {
             int32_t sum = 0;
             for (int j = 0; j < 4; ++j) sum += codes[4 * l + j] * x.q[m * K + b * kQBlock + 4 * l + j];
-            const float scale = std::is_same_v<W, Int4>         ? ds[m][2 * (b - b0)]
-                                : std::is_same_v<W, Int8Blocks> ? ds[m][4 * (b - b0) + 2 * (l / 4)]
-                                                                : x.dq[m * 2 * G + 2 * b];
-            acc[m][l] = std::fma(static_cast<float>(sum), scale, acc[m][l]);
+            const float scale = s.scale(c, m, b, b0)[std::is_same_v<W, Int8Blocks> ? 2 * (l / 4) : 0];
+            acc[c][m][l] = std::fma(static_cast<float>(sum), scale, acc[c][m][l]);
           }
       }
-    }
+  }
+  for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) {
       float s4[4];
-      for (int i = 0; i < 4; ++i) s4[i] = acc[m][i] + acc[m][i + 4];
-      const float lanes = (s4[0] + s4[2]) + (s4[1] + s4[3]);
-      out[m * N + n + c] = kGrouped<W> ? dot_total(lanes, o[m]) : lanes;
+      for (int i = 0; i < 4; ++i) s4[i] = acc[c][m][i] + acc[c][m][i + 4];
+      out[m * N + n + c] = s.total(c, m, (s4[0] + s4[2]) + (s4[1] + s4[3]));
     }
-  }
 }
 #endif
 
