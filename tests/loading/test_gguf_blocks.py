@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
@@ -16,6 +16,8 @@ from mtpx import kernels
 from mtpx.errors import ModelLoadError
 from mtpx.loading.gguf_blocks import KEPT, block_weight
 from mtpx.models.grouped import GroupedWeight, Int4Weight, Int8BlockWeight
+
+from tests.loading.test_gguf import rewrite_gguf
 
 from int_dot import reference
 
@@ -95,28 +97,17 @@ def mixed_gguf(dense_ckpt, tmp_path_factory):
 def _retype(src, dst, types: list[str] = TYPES, block: int = 256, experts: list[str] = ()):
     """`src` with its matrices of K a multiple of `block` in `types` in turn, and (`experts`) its routed experts'
     stacks in those types in turn."""
-    reader = GGUFReader(str(src))
-    writer = GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
-    for key, f in reader.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            writer.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == GGUFValueType.ARRAY
-                                 else None)
-    rng, i, j = np.random.default_rng(1), 0, 0
-    for t in reader.tensors:
-        data, qtype = np.asarray(t.data), t.tensor_type
+    rng, i, j, retyped = np.random.default_rng(1), 0, 0, {}
+    for t in GGUFReader(str(src)).tensors:
+        data = np.asarray(t.data)
         if data.ndim == 2 and data.shape[0] > 4 and data.shape[1] % block == 0 and t.name != "token_embd.weight":
             qtype = Q[types[i % len(types)]]
-            data, i = _blocks(qtype.name, data.astype(np.float32), rng), i + 1
+            retyped[t.name], i = (_blocks(qtype.name, data.astype(np.float32), rng), qtype), i + 1
         elif data.ndim == 3 and "_exps." in t.name and experts:
             qtype = Q[experts[j % len(experts)]]
             rows = data.reshape(-1, data.shape[-1]).astype(np.float32)
-            data, j = _blocks(qtype.name, rows, rng).reshape(*data.shape[:2], -1), j + 1
-        writer.add_tensor(t.name, data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
+            retyped[t.name], j = (_blocks(qtype.name, rows, rng).reshape(*data.shape[:2], -1), qtype), j + 1
+    return rewrite_gguf(src, dst, tensors=retyped)
 
 
 needs_kernel = pytest.mark.skipif(not kernels.rowgemm_available(), reason="needs the rowgemm kernel")
@@ -159,20 +150,7 @@ def q3_gguf(mixed_gguf, tmp_path_factory):
     n, k = t.shape[1], t.shape[0]
     q3 = np.random.default_rng(2).integers(0, 256, size=(n, k // 256 * GGML_QUANT_SIZES[Q.Q3_K][1]), dtype=np.uint8)
     q3.reshape(n, k // 256, -1)[..., -2:] = np.full((n, k // 256, 1), 1e-4, np.float16).view(np.uint8)
-    dst = tmp_path_factory.mktemp("q3") / "q3.gguf"
-    writer = GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
-    for key, f in reader.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            writer.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == GGUFValueType.ARRAY
-                                 else None)
-    for x in reader.tensors:
-        writer.add_tensor(x.name, q3 if x.name == t.name else np.asarray(x.data),
-                          raw_dtype=Q.Q3_K if x.name == t.name else x.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
+    return rewrite_gguf(mixed_gguf, tmp_path_factory.mktemp("q3") / "q3.gguf", tensors={t.name: (q3, Q.Q3_K)})
 
 
 def test_types_that_cannot_be_kept_are_refused(q3_gguf):
