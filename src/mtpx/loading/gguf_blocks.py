@@ -98,7 +98,7 @@ def _decode(blocks: np.ndarray, qtype: str):
 def block_weight(data: np.ndarray, qtype: str, shape: tuple[int, int]) -> GroupedWeight:
     """A GGUF matrix of type `qtype` (one of KEPT), its raw rows of blocks [N, bytes] for a weight [N, K], as the
     mtpx weight holding the same values (Int4Weight or Int8BlockWeight). Rows are repacked in chunks on every core
-    (numpy releases the GIL in these element-wise ops): on one, a 27B model's Q4_K / Q6_K matrices took minutes."""
+    (numpy releases the GIL in these element-wise ops): on one, a 27B model's Q4_K / Q6_K matrices take minutes."""
     n, k = shape
     rows = np.asarray(data, dtype=np.uint8).reshape(n, -1)
     cores = len(os.sched_getaffinity(0))
@@ -106,12 +106,12 @@ def block_weight(data: np.ndarray, qtype: str, shape: tuple[int, int]) -> Groupe
     chunks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     int4 = qtype in INT4_TYPES
-    block = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
     out = [np.empty((n, k // 2) if int4 else (n, k), np.uint8 if int4 else np.int8),
            np.empty((n, k // (32 if int4 else 16), 2), np.int8), np.empty((n, k // block, 2), np.float16)]
 
     def fill(rows_of: slice) -> None:
-        for whole, part in zip(out, _repack(rows[rows_of], qtype, k)):
+        for whole, part in zip(out, _repack(rows[rows_of], qtype, k, block, size)):
             whole[rows_of] = part
     if len(chunks) == 1:
         fill(chunks[0])
@@ -127,12 +127,10 @@ def block_weight(data: np.ndarray, qtype: str, shape: tuple[int, int]) -> Groupe
 REPACK_ROWS = 256  # the fewest rows worth a thread of their own
 
 
-def _repack(rows: np.ndarray, qtype: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of blocks [n, bytes] -> (int4 codes packed two a byte, or int8 codes; groups [n, groups, 2] int8;
-    supers [n, supers, 2] fp16), the parts of block_weight's weight."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+def _repack(rows: np.ndarray, qtype: str, k: int, block: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of `size`-byte blocks of `block` weights [n, bytes] -> (int4 codes packed two a byte, or int8 codes;
+    groups [n, groups, 2] int8; supers [n, supers, 2] fp16), the parts of block_weight's weight."""
     n = rows.shape[0]
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
     codes, sc, m, d, dmin = _decode(rows.reshape(n, k // block, size), qtype)
     group = 32 if qtype in INT4_TYPES else 16
     codes = codes.reshape(n, k)

@@ -105,16 +105,18 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
     t1 = time.perf_counter()
     for s in seqs:
         s.state.mark()
-    if len(seqs) == 1 and drafts[0].verify_row is not None:  # drafts still on the device: verify them there, the
-        # pass queued behind the drafting passes; the host first waits when it reads the drafts, below
-        batch = drafts[0].verify_row[None]
+    on_device = drafts[0].verify_row if len(seqs) == 1 else None
+    if on_device is not None:  # drafts still on the device: verify them there, the pass queued behind the
+        # drafting passes; the host first waits when it reads the drafts, below
+        batch = on_device[None]
     else:
         rows = [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)]
         width = max(map(len, rows))
         batch = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=seqs[0].state.device)
     hidden = model(batch, [s.state for s in seqs], "step")
     logits = model.logits(hidden, step=True).float()
-    rows, width = [[s.tokens[-1]] + d.tokens for s, d in zip(seqs, drafts)], batch.shape[1]
+    if on_device is not None:
+        rows, width = [[seqs[0].tokens[-1]] + drafts[0].tokens], batch.shape[1]
     emitted, accepted_hidden, n_accepted, accepted_tokens = [], [], [], []
     for b, (s, d) in enumerate(zip(seqs, drafts)):
         start = s.state.length - width
