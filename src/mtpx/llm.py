@@ -15,7 +15,7 @@ from mtpx.engine.engine import Engine
 from mtpx.engine.params import SamplingParams, SpecConfig, sampling_params, spec_config, split_options
 from mtpx.engine.request import Completion, StreamEvent
 from mtpx.errors import ModelLoadError, RequestError
-from mtpx.loading import build_model, load_checkpoint
+from mtpx.loading import load_checkpoint
 from mtpx.loading.checkpoint import count_mtp_layers, kept_types
 from mtpx.models.interface import CausalLM
 from mtpx.models.linear import weight_bytes
@@ -95,9 +95,8 @@ class LLM:
         else:
             self.runner.check_memory(self.config, count_mtp_layers(ckpt.shapes),
                                      kept_types(ckpt) if self.quantization else None)
-        self.model: CausalLM = self.runner.prepare(build_model(
-            ckpt, self.dtype, self.runner.load_device, shard=self.runner.shard if self.group is not None else None,
-            keep_quantized=self.quantization is not None))
+        self.model: CausalLM = self.runner.load(ckpt, shard=self.runner.shard if self.group is not None else None,
+                                                keep_quantized=self.quantization is not None)
         self.thread_tuner: ThreadTuner | None = self.runner.thread_tuner()
         self.eos = set(self.config.eos_token_id)
         # a decode step allocates hundreds of short-lived tensors, and each of Python's periodic cycle collections
@@ -147,8 +146,7 @@ class LLM:
                                f"({ckpt.tokenizer.vocab_size if ckpt.tokenizer else 'no'} vs "
                                f"{self.tokenizer.vocab_size} tokens)")
         runner = getattr(self.runner, "inner", self.runner)  # whole on every rank, as the main model's engine calls
-        return runner.prepare(build_model(ckpt, self.dtype, runner.load_device, with_mtp=False,
-                                          keep_quantized=self.quantization is not None))
+        return runner.load(ckpt, with_mtp=False, keep_quantized=self.quantization is not None)
 
     def _draft_head(self, size: int):  # for tests/models/test_mtp.py; the engine owns the draft heads
         return self.engine.draft_head(size)

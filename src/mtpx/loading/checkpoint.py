@@ -279,7 +279,8 @@ def _kept_linears(model: nn.Module, ckpt: Checkpoint) -> dict[str, tuple[nn.Modu
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str = "cpu",
                 with_mtp: bool = True, shard: Callable[[nn.Module], dict] | None = None,
-                keep_quantized: bool = False) -> CausalLM:
+                keep_quantized: bool = False,
+                quantize_as_read: Callable[[nn.Module, str, torch.Tensor], bool] | None = None) -> CausalLM:
     """Check every tensor against the model's expected names and shapes, then build the model from them.
     shard(model), for one rank of a model split over several (runners/distributed.py): cuts the model, still on the
     meta device, to the rank's part and returns {parameter name: slice function} for the checkpoint's tensors,
@@ -287,7 +288,12 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     keep_quantized (a run with int4 / int8 weights, unsharded): Linear weights and experts' stacks the checkpoint
     holds quantized (ckpt.quantized) are read as such into Linear.quantized / Experts.quantized, never widened
     (runners/weights.quantize keeps them); one of a quantized type that cannot be kept is refused here, before any
-    weight is read."""
+    weight is read.
+    quantize_as_read(model, name, tensor) (a run with int4 / int8 weights, unsharded: runners/weights.py
+    Quantizer.as_read) is offered each tensor as it is read (in the run's dtype), and returns True where it set the
+    parameter `name` itself, quantized, so that loading never holds every weight in bf16 at once."""
+    if shard is not None and quantize_as_read is not None:
+        raise ValueError("quantize_as_read is for whole models; a sharded load quantizes once loaded")
     cfg = ckpt.config
     found = count_mtp_layers(ckpt.shapes)
     if cfg.mtp_num_hidden_layers is not None and found not in (0, cfg.mtp_num_hidden_layers):
@@ -331,7 +337,7 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
             module.use_quantized(attribute, ckpt.quantized[n]())
         setattr(module, attribute, nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False))
     state = {}
-    for n, _ in model.named_parameters(remove_duplicate=False):
+    for n in [n for n, _ in model.named_parameters(remove_duplicate=False)]:  # quantize_as_read replaces some
         if n in kept:
             continue
         if n == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -343,7 +349,10 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
         tensor = ckpt.tensors[source]()
         if n in slices:
             tensor = slices[n](tensor).contiguous()
-        state[n] = tensor.to(device=device, dtype=torch.float32 if n.endswith(FP32_SUFFIXES) else dtype)
+        tensor = tensor.to(device=device, dtype=torch.float32 if n.endswith(FP32_SUFFIXES) else dtype)
+        if quantize_as_read is None or not quantize_as_read(model, n, tensor):
+            state[n] = tensor
+        del tensor  # dropped before the next is read: one quantize_as_read took is freed now
     model.load_state_dict(state, strict=False, assign=True)
     if tied_head:
         model.lm_head.weight = model.model.embed_tokens.weight

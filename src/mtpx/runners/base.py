@@ -10,12 +10,16 @@ runner.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
+from mtpx.loading.checkpoint import Checkpoint, build_model
 from mtpx.state import SequenceState
+
+if TYPE_CHECKING:
+    from mtpx.runners.weights import Quantizer
 
 # (module class, method name) -> implementation(module, fallback, *args): `fallback` is the method it replaces
 # (the family's own, or an override installed before it), called with the same arguments for what it does not handle
@@ -51,8 +55,22 @@ class Runner:
         """Refuse a model that will not fit on the device, before its weights are read (runners/plan.py; kept:
         the GGUF types of weights loaded quantized as they are)."""
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Make `model` (just loaded, on self.device) run on this runner; returns it."""
+    def quantizer(self) -> Quantizer | None:
+        """What quantizes this runner's weights as a checkpoint is read (runners/weights.py), where it has any."""
+        return None
+
+    def load(self, ckpt: Checkpoint, with_mtp: bool = True, shard: Callable | None = None,
+             keep_quantized: bool = False) -> nn.Module:
+        """The model of `ckpt` (loading/checkpoint.py build_model, on load_device), prepared. A whole model this
+        runner quantizes is quantized as its weights are read; a sharded one (runners/distributed.py) once loaded."""
+        quantizer = self.quantizer() if shard is None else None
+        model = build_model(ckpt, self.dtype, self.load_device, with_mtp=with_mtp, shard=shard,
+                            keep_quantized=keep_quantized, quantize_as_read=quantizer.as_read if quantizer else None)
+        return self.prepare(model, quantizer)
+
+    def prepare(self, model: nn.Module, quantizer: Quantizer | None = None) -> nn.Module:
+        """Make `model` (just loaded, on self.device) run on this runner; returns it. `quantizer`: the one that
+        quantized weights as they were read (load), to finish with."""
         return model
 
     def new_state(self, model: nn.Module, max_len: int) -> SequenceState:

@@ -25,7 +25,8 @@ from mtpx.models import qwen3_5 as q35
 from mtpx.models.linear import fused_projection, kernel_weight, project_joined, step_rows, step_weight
 from mtpx.runners.base import Overrides, Runner, install
 from mtpx.runners.config import RunnerConfig
-from mtpx.runners.weights import QUANTIZATIONS, STORED, fuse_projections, own_copies, pack_for_cpu, quantize, to_tiles
+from mtpx.runners.weights import (QUANTIZATIONS, STORED, Quantizer, fuse_projections, own_copies, pack_for_cpu,
+                                  to_tiles)
 from mtpx.state import SequenceState
 from mtpx.threads import ThreadTuner
 
@@ -252,9 +253,9 @@ WHOLE_STACK = [(q35.Qwen35Model, "forward"), (q35.Qwen35Model, "mtp_greedy_draft
 
 
 def prepare_weights(model: nn.Module, dtype: torch.dtype, quantization: str | None, pack: bool,
-                    tiles: bool = True) -> None:
+                    tiles: bool = True, quantizer: Quantizer | None = None) -> None:
     """Weights in the layouts the CPU kernels read: projections fused (pack), int8 / int4 codes, or bf16 packed as
-    AMX tiles where the CPU has them (tiles)."""
+    AMX tiles where the CPU has them (tiles). `quantizer`: the one that quantized weights as they were read."""
     # int8 / int4: the loader's views are copied (own_copies) once quantized, so the bf16 weights it replaces never are
     converted = quantization in QUANTIZATIONS
     if pack and dtype == torch.bfloat16 and converted:
@@ -262,7 +263,7 @@ def prepare_weights(model: nn.Module, dtype: torch.dtype, quantization: str | No
     elif pack and dtype == torch.bfloat16:
         pack_for_cpu(model)
     if quantization:
-        quantize(model, quantization)
+        (quantizer or Quantizer(quantization)).finish(model)
     if pack and converted:
         own_copies(model)
     if quantization in (None, STORED) and dtype == torch.bfloat16 and tiles:
@@ -287,8 +288,14 @@ class CpuRunner(Runner):
         the whole stack and the MTP draft chain, and with `layers` whole decoder layers."""
         self.skipped = set(WHOLE_STACK) | (set(WHOLE_LAYER) if layers else set())
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        prepare_weights(model, self.dtype, self.quantization, self.config.pack, self.tiles)
+    def quantizer(self) -> Quantizer | None:
+        if self.quantization not in QUANTIZATIONS:
+            return None
+        # fused where prepare_weights fuses
+        return Quantizer(self.quantization, fuse=self.config.pack and self.dtype == torch.bfloat16)
+
+    def prepare(self, model: nn.Module, quantizer: Quantizer | None = None) -> nn.Module:
+        prepare_weights(model, self.dtype, self.quantization, self.config.pack, self.tiles, quantizer)
         if self.fused and isinstance(model, q35.Qwen35Model):
             install(model, {key: impl for key, impl in OVERRIDES.items() if key not in self.skipped})
         return model

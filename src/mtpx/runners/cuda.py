@@ -28,7 +28,7 @@ from mtpx.runners.base import Overrides, Runner, install
 from mtpx.runners.config import RunnerConfig
 from mtpx.runners.cpu import prepare_weights, tune_cpu_process
 from mtpx.runners.static import WIDTH, StatePool, StaticState, is_static
-from mtpx.runners.weights import fuse_projections, quantize
+from mtpx.runners.weights import QUANTIZATIONS, Quantizer, fuse_projections
 from mtpx.state import SequenceState
 
 
@@ -130,11 +130,16 @@ class CudaRunner(Runner):
         # quantized weights are made on the CPU, a tensor at a time, and only their codes go to the GPU
         return torch.device("cpu") if self.quantization else self.device
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def quantizer(self) -> Quantizer | None:
+        if self.quantization not in QUANTIZATIONS:
+            return None
+        return Quantizer(self.quantization, gpu=self.device, fuse=self.config.pack)
+
+    def prepare(self, model: nn.Module, quantizer: Quantizer | None = None) -> nn.Module:
         if self.quantization:  # Triton's int8 / int4 kernels (off CUDA: in its interpreter, for the tests)
             if self.config.pack:
                 fuse_projections(model)
-            quantize(model, self.quantization, gpu=self.device)
+            (quantizer or Quantizer(self.quantization, gpu=self.device)).finish(model)
             model.to(self.device)
         elif self.device.type == "cuda":
             if self.config.pack:

@@ -144,7 +144,8 @@ class DistributedRunner(Runner):
             model.mtp.layer_types = [ELSEWHERE] * len(model.mtp.layers)
         return {}
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: nn.Module, quantizer: None = None) -> nn.Module:
+        # quantizer: always None, a sharded load quantizing once loaded (Runner.load)
         group = self.group
         if self.config.tensor > 1:
             reduce = lambda module, args, out: group.reduce_sum(out)  # noqa: E731

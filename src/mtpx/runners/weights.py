@@ -14,23 +14,29 @@ from mtpx.models.qwen3_5 import Experts
 def fuse_projections(model: nn.Module) -> list[torch.Tensor]:
     """Fuse the projections of each module that read the same input (its FUSED_PROJECTIONS) into one weight, the
     members' parameters becoming views of it: one matmul instead of several, no memory added. Returns the fused
-    weights. Groups with weights loaded quantized (a GGUF's blocks kept) are left to `quantize`."""
+    weights. Groups with weights loaded quantized (a GGUF's blocks kept) are left to `quantize`, and groups fused
+    already (Quantizer.as_read) as they are."""
     fused_weights = []
     for module in model.modules():
         groups = getattr(module, "FUSED_PROJECTIONS", None)
-        if groups:
-            members = [getattr(module, n) for n in groups]
-            if any(m.quantized is not None for m in members):
+        if groups and fused_projection(module) is None:
+            if any(getattr(module, n).quantized is not None for n in groups):
                 continue
-            weight = torch.cat([m.weight.detach() for m in members])
-            fused_weights.append(weight)
-            offset = 0
-            for m in members:
-                rows = m.weight.shape[0]
-                m.weight.data = weight[offset:offset + rows]
-                offset += rows
-            set_fused_projection(module, weight, None, [m.weight.shape[0] for m in members])
+            fused_weights.append(_fuse(module))
     return fused_weights
+
+
+def _fuse(module: nn.Module) -> torch.Tensor:
+    """The projections of `module` (its FUSED_PROJECTIONS) joined into one weight, their parameters views of it."""
+    members = [getattr(module, n) for n in module.FUSED_PROJECTIONS]
+    weight = torch.cat([m.weight.detach() for m in members])
+    offset = 0
+    for m in members:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[offset:offset + rows]
+        offset += rows
+    set_fused_projection(module, weight, None, [m.weight.shape[0] for m in members])
+    return weight
 
 
 def pack_for_cpu(model: nn.Module) -> None:
@@ -122,48 +128,105 @@ def quantize(model: nn.Module, kind: str, gpu: torch.device | None = None) -> di
     quantized to it (int8 blocks where any member is). The bf16 copies are released, except the embedding's when
     lm_head shares it. `gpu`: quantize here (on the CPU) and keep the codes on that device, for the Triton kernels.
     Returns how many weights (a stack of experts counting once) got each format, and how many were kept as loaded."""
-    if gpu is None and not kernels.rowgemm_available():
-        from mtpx.errors import RequestError
-        raise RequestError(f"{kind} weights need the rowgemm CPU kernel, which could not be built here "
-                           "(a C++ compiler is required); use dtype bf16")
-    counts = {"int8": 0, "int4": 0, "int8 blocks": 0, "kept": 0}
+    return Quantizer(kind, gpu).finish(model)
 
-    def move(w: QuantizedWeight) -> QuantizedWeight:
-        return w if gpu is None else _ON_GPU[type(w)].of(w, gpu)
 
-    def place(w: QuantizedWeight) -> QuantizedWeight:
-        counts[_format(w)] += 1
-        return move(w)
+class Quantizer:
+    """`quantize`, of a loaded model (`finish`) or weight by weight as build_model reads the checkpoint (`as_read`,
+    then `finish` for the rest), so that loading holds the quantized model and the bf16 of a few weights at a time
+    (at most one fused projection's members) instead of the bf16 model. Each weight gets the format and the bits
+    quantizing after the load gives: the same function of the same bf16 tensor, a fused projection's members
+    (`fuse`: joined, as fuse_projections joins them) quantized once all of them are read, as one weight."""
 
-    def convert(weight: torch.Tensor, tied: bool) -> QuantizedWeight | None:
-        if kind == STORED:
+    def __init__(self, kind: str, gpu: torch.device | None = None, fuse: bool = False):
+        if gpu is None and not kernels.rowgemm_available():
+            from mtpx.errors import RequestError
+            raise RequestError(f"{kind} weights need the rowgemm CPU kernel, which could not be built here "
+                               "(a C++ compiler is required); use dtype bf16")
+        self.kind, self.gpu, self.fuse = kind, gpu, fuse
+        self.counts = {"int8": 0, "int4": 0, "int8 blocks": 0, "kept": 0}
+        self.made: set[int] = set()  # ids of the weights as_read quantized, told apart from those loaded quantized
+
+    def _move(self, w: QuantizedWeight) -> QuantizedWeight:
+        return w if self.gpu is None else _ON_GPU[type(w)].of(w, self.gpu)
+
+    def _place(self, w: QuantizedWeight) -> QuantizedWeight:
+        self.counts[_format(w)] += 1
+        return self._move(w)
+
+    def _convert(self, weight: torch.Tensor, tied: bool) -> QuantizedWeight | None:
+        if self.kind == STORED:
             return None
         weight = weight.cpu()
-        return place(Int4Weight(weight) if kind == "int4" and Int4Weight.fits(weight.shape) else Int8Weight(weight))
-    for module in model.modules():
-        if getattr(module, "FUSED_PROJECTIONS", None) and fused_projection(module) is None:
-            _join_loaded(module, kind, counts, place)
-    loaded = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.quantized, GroupedWeight)]
-    _replace_weights(model, convert)
-    for module in loaded:
-        counts["kept"] += 1
-        module.quantized = place(module.quantized)
-    for module in model.modules():
-        if isinstance(module, Experts):
-            _quantize_experts(module, convert, counts, move)
-    return counts
+        int4 = self.kind == "int4" and Int4Weight.fits(weight.shape)
+        return self._place(Int4Weight(weight) if int4 else Int8Weight(weight))
+
+    def as_read(self, model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
+        """build_model's quantize_as_read: the parameter `name` of `model` (still on the meta device) set from
+        `tensor` and quantized, its bf16 released, where quantize would quantize it; a fused projection's members are
+        held until the last one is read. Returns whether it took `tensor`; one it leaves (not a Linear's weight or a
+        stack of experts, or fused with weights loaded quantized: those are joined by `finish`) is loaded as is."""
+        if self.kind == STORED:
+            return False
+        path, _, attribute = name.rpartition(".")
+        module = model.get_submodule(path)
+        if isinstance(module, Experts) and attribute in Experts.STACKS:
+            stacked = self._convert(tensor.reshape(-1, tensor.shape[-1]), False)
+            setattr(module, attribute, nn.Parameter(tensor, requires_grad=False))
+            module.use_quantized(attribute, stacked)
+            self.made.add(id(module.quantized[attribute][0]))
+            return True
+        if not isinstance(module, Linear) or attribute != "weight":
+            return False
+        owner_path, _, member = path.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        group = getattr(owner, "FUSED_PROJECTIONS", None) or ()
+        members = [getattr(owner, n) for n in group] if member in group else []
+        if any(m.quantized is not None for m in members):
+            return False
+        module.weight = nn.Parameter(tensor, requires_grad=False)
+        if members and self.fuse:
+            if not any(m.weight.is_meta for m in members):
+                _fuse(owner)
+                _replace_fused(owner, self._convert)
+            return True
+        _replace_linear(module, self._convert, tied=False)
+        self.made.add(id(module.quantized))
+        return True
+
+    def finish(self, model: nn.Module) -> dict[str, int]:
+        """Quantize what `as_read` did not (all of a model loaded without it); returns the counts `quantize` does."""
+        made = self.made
+        for module in model.modules():
+            groups = getattr(module, "FUSED_PROJECTIONS", None)
+            if groups and fused_projection(module) is None and \
+                    not any(id(getattr(module, n).quantized) in made for n in groups):
+                _join_loaded(module, self.kind, self.counts, self._place)
+        loaded = [m for m in model.modules()
+                  if isinstance(m, Linear) and isinstance(m.quantized, GroupedWeight) and id(m.quantized) not in made]
+        _replace_weights(model, self._convert)
+        for module in loaded:
+            self.counts["kept"] += 1
+            module.quantized = self._place(module.quantized)
+        for module in model.modules():
+            if isinstance(module, Experts):
+                _quantize_experts(module, self._convert, self.counts, self._move, made)
+        return self.counts
 
 
 def _format(w: QuantizedWeight) -> str:
     return {Int4Weight: "int4", Int8BlockWeight: "int8 blocks"}.get(type(w), "int8")
 
 
-def _quantize_experts(experts: Experts, convert, counts: dict, move) -> None:
+def _quantize_experts(experts: Experts, convert, counts: dict, move, made: set[int] = frozenset()) -> None:
     """Each stack of routed experts [E, N, K] quantized as one weight [E * N, K] and run as E blocks of its rows
     (quantization is row by row: each block holds what quantizing its expert alone gives); a stack loaded quantized
-    (Experts.quantized already set) keeps its blocks, moved to the device."""
+    (Experts.quantized already set) keeps its blocks, moved to the device; one quantized already (its first block's
+    id in `made`) is left as it is."""
     loaded = experts.quantized or {}
     for name in Experts.STACKS:
+        if name in loaded and id(loaded[name][0]) in made:
+            continue
         if name in loaded:
             counts[_format(loaded[name][0])] += 1
             counts["kept"] += 1
@@ -219,19 +282,28 @@ def _replace_weights(model: nn.Module, convert) -> None:
     one the embedding shares."""
     shared = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for module in model.modules():
-        fused = fused_projection(module)
-        if fused is not None and isinstance(fused[0], torch.Tensor):
-            weight, _, sizes = fused
-            new = convert(weight, False)
-            if new is not None:
-                set_fused_projection(module, new, None, sizes)
-                for n in module.FUSED_PROJECTIONS:
-                    getattr(module, n).weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+        _replace_fused(module, convert)
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.numel() and module.quantized is None:
-            tied = id(module.weight) in shared
-            new = convert(module.weight, tied)
-            if new is not None:
-                module.quantized, module.packed = new, None
-                if not tied:
-                    module.weight.data = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
+            _replace_linear(module, convert, tied=id(module.weight) in shared)
+
+
+def _replace_fused(module: nn.Module, convert) -> None:
+    """The fused projection of `module`, if it has one still a tensor, by convert(weight, False)."""
+    fused = fused_projection(module)
+    if fused is not None and isinstance(fused[0], torch.Tensor):
+        weight, _, sizes = fused
+        new = convert(weight, False)
+        if new is not None:
+            set_fused_projection(module, new, None, sizes)
+            for n in module.FUSED_PROJECTIONS:
+                getattr(module, n).weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+
+
+def _replace_linear(module: Linear, convert, tied: bool) -> None:
+    """The weight of `module` by convert(weight, tied), its bf16 released unless tied (the embedding's)."""
+    new = convert(module.weight, tied)
+    if new is not None:
+        module.quantized, module.packed = new, None
+        if not tied:
+            module.weight.data = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
