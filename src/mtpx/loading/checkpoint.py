@@ -5,6 +5,7 @@ tensor, the expected and the found shape. Only safetensors / GGUF are read; pick
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -89,6 +90,13 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def _read_tensor(file: Path, name: str) -> torch.Tensor:
+    """A tensor of a safetensors file: a view of the file mapped for it alone, so that the file's pages it touched
+    leave the process's memory with it (a mapping shared by every tensor of the file would keep every page read
+    resident until the load ends: the whole checkpoint, where weights are quantized as they are read)."""
+    return safe_open(str(file), framework="pt").get_tensor(name)
+
+
 def _internal_name(name: str, prefix: str) -> str | None:
     if name.startswith(IGNORED_PREFIXES):
         return None
@@ -128,7 +136,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             if internal is None:
                 continue
             shapes[internal] = tuple(handle.get_slice(name).get_shape())
-            tensors[internal] = (lambda h=handle, n=name: h.get_tensor(n))
+            tensors[internal] = functools.partial(_read_tensor, file, name)
     _dequantize_fp8_blocks(raw.get("quantization_config"), tensors, shapes)
     if cfg.MTP_IN_LAYERS:
         rename_nextn_layers(cfg, tensors, shapes)

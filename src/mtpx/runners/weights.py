@@ -60,8 +60,8 @@ def pack_for_cpu(model: nn.Module) -> None:
 
 def own_copies(model: nn.Module, owned: list[torch.Tensor] = ()) -> None:
     """Every parameter (but those in `owned`'s storages) as a copy of its own. The loader's tensors are views of the
-    memory-mapped checkpoint: while any of them lives, the file's pages that converting copied stay resident too
-    (RSS ~1.7x the weights on the 0.8B body); own copies let it go. Run after quantizing, so that the weights it
+    memory-mapped checkpoint (a mapping each: loading/checkpoint.py _read_tensor), the file's pages they cover
+    resident and mapped while they live; own copies let them go. Run after quantizing, so that the weights it
     released are not copied."""
     owned = {w.untyped_storage().data_ptr() for w in owned}
     for param in {id(p): p for p in model.parameters()}.values():
