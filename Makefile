@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/pip install -q --no-build-isolation -e .
 	touch $@
 
+# the test extras by name: `pip install -e '.[test]'` would build the kernels a second time
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	$(BIN)/python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))" > $(VENV)/test-requirements.txt
+	$(BIN)/pip install -q -r $(VENV)/test-requirements.txt
 	touch $@
 
 install: $(VENV)/.installed
