@@ -1,6 +1,7 @@
 """Loader: every bad input gets an error naming the problem; the layouts real checkpoints use all load."""
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -140,3 +141,19 @@ def test_sampling_defaults_from_generation_config(copy, caplog):
     assert "ignoring the sampling default min_p = 2" in caplog.text  # out of range: named, not applied
     (p / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7, "top_k": -1}))
     assert load_checkpoint(p).sampling_defaults == {"temperature": 0.0}  # greedy, as transformers reads it
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_tensor_read_takes_its_mapping_of_the_file_with_it(dense_ckpt):
+    """Each tensor maps the file for itself, so the pages it touched leave the process with it (weights quantized as
+    read then never leave the whole file resident)."""
+    ckpt = load_checkpoint(dense_ckpt)
+    file = str(dense_ckpt / "model.safetensors")
+
+    def mappings() -> int:
+        return sum(line.rstrip().endswith(file) for line in open("/proc/self/maps"))
+    before = mappings()
+    tensors = [ckpt.tensors[n]() for n in list(ckpt.tensors)[:3]]
+    assert mappings() == before + 3
+    del tensors
+    assert mappings() == before
