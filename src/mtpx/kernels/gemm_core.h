@@ -132,13 +132,15 @@ inline float tree16(const float* a) {
 
 // Output columns computed together (each loaded x vector is reused that many times), and how far ahead in each
 // weight row to prefetch: with more rows the FMAs take longer per cache line, and fewer streams each prefetched
-// further ahead keep more of the memory bandwidth. AVX2 has 16 vector registers (two per accumulator): one column
-// from 4 rows on (two spill). (Neither changes a result's bits: every column is its own dot product.)
+// further ahead keep more of the memory bandwidth. On x86 one column at a time: a weight's rows lie one after
+// another, so each thread then reads one long contiguous stream, which the hardware prefetchers follow; several
+// columns at once are several streams a row long each (2 KiB of bf16 at K = 1024), too short for them, and the x
+// vectors they would share come from L1 anyway. (Neither changes a result's bits: every column is its own dot
+// product.)
 // AVX2's 8-lane FMAs do half of AVX-512's work each: 4 rows take 16 of them per 64 bytes of bf16 weights, 8 cycles
 // at two a cycle, so on one core a 4-row pass is bound by the FMAs, not by memory, and costs more than one row.
 template <int M>
-constexpr int kColumns = MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_NEON ? (M == 1 ? 4 : M <= 3 ? 2 : 1)
-                                                                                : (M == 1 ? 4 : 2);
+constexpr int kColumns = MTPX_ISA == MTPX_ISA_NEON ? (M == 1 ? 4 : M <= 3 ? 2 : 1) : 1;
 template <int M, typename W>
 constexpr int64_t kPrefetchBytes = M == 1 && sizeof(W) == 2 ? 1024 : 4096;
 
