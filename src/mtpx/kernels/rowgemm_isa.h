@@ -16,16 +16,17 @@ torch::Tensor run(const torch::Tensor& x, const W* wp, int64_t N, const float* s
   TORCH_CHECK(M >= 1 && M <= 8, "rowgemm: 1..8 rows, got ", M);
   TORCH_CHECK(K % kLanes == 0, "rowgemm: K must be a multiple of ", kLanes, ", got ", K);
   // widen x and narrow the result here rather than with tensor ops: two fewer dispatches per matmul
-  std::vector<float> xs(M * K), ys(M * N);
+  std::vector<float> x_storage, ys(M * N);
+  float* xs = cache_aligned(x_storage, M * K);
   if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
     const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < M * K; ++i) xs[i] = static_cast<float>(xb[i]);
   } else {
     auto xf = x.to(at::kFloat).contiguous();
-    std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + M * K, xs.begin());
+    std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + M * K, xs);
   }
-  if (pairs<W>(K)) deinterleave_pairs(xs.data(), M, K);
-  matmul_rows(M, xs.data(), wp, K, N, ys.data(), [](int64_t blocks, int64_t grain, const auto& fn) {
+  if (pairs<W>(K)) deinterleave_pairs(xs, M, K);
+  matmul_rows(M, xs, wp, K, N, ys.data(), [](int64_t blocks, int64_t grain, const auto& fn) {
     at::parallel_for(0, blocks, grain, fn);
   });
   if (scale != nullptr)
