@@ -147,8 +147,9 @@ inline float tree16(const float* a) {
 // columns at once are several streams a row long each (2 KiB of bf16 at K = 1024), too short for them, and the x
 // vectors they would share come from L1 anyway. (Neither changes a result's bits: every column is its own dot
 // product.)
-// AVX2's 8-lane FMAs do half of AVX-512's work each: 4 rows take 16 of them per 64 bytes of bf16 weights, 8 cycles
-// at two a cycle, so on one core a 4-row pass is bound by the FMAs, not by memory, and costs more than one row.
+// AVX2's 8-lane FMAs do half of AVX-512's work each: 4 rows take 16 of them per 64 bytes of bf16 weights, each also
+// loading 8 floats of x, so on one core a 4-row pass is bound by the FMAs and their loads, not by memory, and costs
+// more than one row.
 template <int M>
 constexpr int kColumns = MTPX_ISA == MTPX_ISA_NEON ? (M == 1 ? 4 : M <= 3 ? 2 : 1) : 1;
 template <int M, typename W>

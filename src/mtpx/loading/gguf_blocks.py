@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-
 from typing import Callable
 
 import numpy as np

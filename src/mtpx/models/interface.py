@@ -36,9 +36,10 @@ class CausalLM(Protocol):
     def mtp_greedy_drafts(self, hidden: torch.Tensor, tokens: torch.Tensor, state: SequenceState, k: int,
                           head=None, penalty: tuple | None = None) -> list[int] | torch.Tensor | None:
         """k greedy MTP drafts of one sequence from its n pending pairs (hidden [n, H], tokens [n]), advancing the
-        MTP state, in one call where a runner provides one (a list, or a tensor left on the device); None otherwise (the drafter then loops over mtp_forward
-        and logits, with the same drafts). `head`: a reduced draft head (speculative.drafters.DraftHead) or None for
-        lm_head; `penalty`: (counts [V], seen [V], repetition, frequency, presence) to draft by penalised logits."""
+        MTP state, in one call where a runner provides one (a list, or a tensor left on the device); None otherwise
+        (the drafter then loops over mtp_forward and logits, with the same drafts). `head`: a reduced draft head
+        (speculative.drafters.DraftHead) or None for lm_head; `penalty`: (counts [V], seen [V], repetition,
+        frequency, presence) to draft by penalised logits."""
 
     def new_state(self, max_len: int, device=None) -> SequenceState:
         """Empty caches of the main stack for a sequence of up to max_len tokens."""
