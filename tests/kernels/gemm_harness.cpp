@@ -135,7 +135,10 @@ int main() {
     levels.push_back({"avx512", run_isa_avx512});
 #endif
   // 9216: more groups than one chunk of scales (kScaleChunk, kDotChunk) for int4 and int8 blocks
-  const int64_t shapes[][2] = {{37, 64}, {64, 48}, {130, 256}, {16, 1024}, {9, 96}, {6, 9216}};
+  // super-blocks of every size the loops treat apart: int4 1 (9 x 96, 7 x 160), 2 (37 x 64, 5 x 192), 4 (11 x 128),
+  // 8; int8 blocks 1 (odd N), 2 (12 x 96), 4 (10 x 64), 16; groups left after steps of 4 (7 x 160, 5 x 192, 12 x 96)
+  const int64_t shapes[][2] = {{37, 64}, {64, 48}, {130, 256}, {16, 1024}, {9, 96}, {6, 9216}, {10, 64}, {11, 128},
+                               {7, 160}, {5, 192}, {12, 96}};
   const char* kinds[] = {"bf16", "int8", "int4", "int8 blocks"};
   int64_t checks = 0;
   for (const auto& shape : shapes) {

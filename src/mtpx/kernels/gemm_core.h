@@ -87,8 +87,53 @@ inline float half_to_float(uint16_t h) {
 inline void expand_scales(const GroupScales& s, int64_t n, int64_t g0, int64_t g1, float* out) {
   const int8_t* sm = s.groups + 2 * (n * s.n_groups + g0);
   const uint16_t* sup = s.supers + 2 * ((n * s.n_groups + g0) >> s.shift);
-  const int64_t per = int64_t{1} << s.shift, supers = (g1 - g0) >> s.shift;
-  for (int64_t b = 0; b < supers; ++b) {
+  const int64_t per = int64_t{1} << s.shift, count = g1 - g0;
+  int64_t g = 0;  // groups done, at a super-block's start
+#if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
+  // super-blocks of 1, 2 or 4 groups (GGUF's Q4_0, Q8_0, ...): 4 groups a step, their 4 >> shift (d, dmin) pairs
+  // converted together and spread to their groups' lanes (converting them one at a time cost more than the dots)
+  if (s.shift <= 2) {
+    const __m256i spread = s.shift == 0   ? _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
+                           : s.shift == 1 ? _mm256_setr_epi32(0, 1, 0, 1, 2, 3, 2, 3)
+                                          : _mm256_setr_epi32(0, 1, 0, 1, 0, 1, 0, 1);
+    for (; g + 4 <= count; g += 4) {
+      const uint16_t* p = sup + 2 * (g >> s.shift);
+      __m128i halves;
+      if (s.shift == 0) {
+        halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      } else if (s.shift == 1) {
+        halves = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+      } else {
+        int32_t pair;
+        std::memcpy(&pair, p, sizeof pair);
+        halves = _mm_cvtsi32_si128(pair);
+      }
+      const __m256 dd = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(halves), spread);
+      const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + 2 * g));
+      _mm256_storeu_ps(out + 2 * g, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), dd));
+    }
+  }
+#elif MTPX_ISA == MTPX_ISA_NEON
+  // super-blocks of 1 or 2 groups: 2 groups a step, as above
+  if (s.shift <= 1) {
+    for (; g + 2 <= count; g += 2) {
+      const uint16_t* p = sup + 2 * (g >> s.shift);
+      uint16x4_t halves;
+      if (s.shift == 0) {
+        halves = vld1_u16(p);
+      } else {
+        uint32_t pair;
+        std::memcpy(&pair, p, sizeof pair);
+        halves = vreinterpret_u16_u32(vdup_n_u32(pair));
+      }
+      int32_t codes;
+      std::memcpy(&codes, sm + 2 * g, sizeof codes);
+      const int32x4_t v = vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(codes)))));
+      vst1q_f32(out + 2 * g, vmulq_f32(vcvtq_f32_s32(v), vcvt_f32_f16(vreinterpret_f16_u16(halves))));
+    }
+  }
+#endif
+  for (int64_t b = g >> s.shift; b < count >> s.shift; ++b) {
     const float d = half_to_float(sup[2 * b]), dmin = half_to_float(sup[2 * b + 1]);
     int64_t i = 2 * b * per;
     const int64_t end = i + 2 * per;
@@ -98,11 +143,12 @@ inline void expand_scales(const GroupScales& s, int64_t n, int64_t g0, int64_t g
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sm + i));
       _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), dd));
     }
-#elif MTPX_ISA == MTPX_ISA_AVX2
-    const __m256 dd = _mm256_setr_ps(d, dmin, d, dmin, d, dmin, d, dmin);
+#endif
+#if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
+    const __m256 d8 = _mm256_setr_ps(d, dmin, d, dmin, d, dmin, d, dmin);
     for (; i + 8 <= end; i += 8) {
       const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + i));
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), dd));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d8));
     }
 #endif
     for (; i < end; i += 2) {
@@ -901,9 +947,11 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
 }
 #endif
 
-// Output columns the integer kernels compute together (AVX-512: in pairs, 32 vector registers)
-template <int M>
-constexpr int kColumnsDot = MTPX_ISA == MTPX_ISA_AVX512 ? (M <= 4 ? 4 : 2) : kColumns<M>;
+// Output columns the integer kernels compute together (AVX-512: in pairs, 32 vector registers; int8 blocks one at a
+// time, as their pairs' scales take a cross-lane shuffle per row and block, which cost more than the pairing saves)
+template <int M, typename W>
+constexpr int kColumnsDot =
+    MTPX_ISA == MTPX_ISA_AVX512 && !std::is_same_v<W, Int8Blocks> ? (M <= 4 ? 4 : 2) : kColumns<M>;
 
 
 // x: fp32 rows, or their Q8 codes for the integer kernels
@@ -924,7 +972,7 @@ void column_block(const X& x, const W* w, int64_t K, int64_t n, float* out, int6
 // which thread computes it)
 template <int M, typename X, typename W, typename Parallel>
 void rows(const X& x, const W* w, int64_t K, int64_t N, float* out, const Parallel& parallel) {
-  constexpr int C = std::is_same_v<X, Q8Rows> ? kColumnsDot<M> : kColumns<M>;
+  constexpr int C = std::is_same_v<X, Q8Rows> ? kColumnsDot<M, W> : kColumns<M>;
   const int64_t blocks = N / C;
   parallel(blocks, 64 / C, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) column_block<M, C>(x, w, K, b * C, out, N);
