@@ -1,7 +1,7 @@
 // A test of the few-row matmul's inner loops (src/mtpx/kernels/gemm_core.h) without PyTorch, so that it can be
-// cross-compiled for an architecture whose PyTorch is not installed and run under qemu-user (test_neon.py):
-// every instruction set built here gives the scalar loops' bits for bf16, int8, int4 and int8-block weights (scales in
-// two levels, super-blocks of 1 to 8 groups), and each row's
+// cross-compiled for an architecture whose PyTorch is not installed and run under qemu-user (test_neon.py): every
+// instruction set built here, and the integer loops' VNNI builds where the CPU has VNNI, gives the scalar loops' bits
+// for bf16, int8, int4 and int8-block weights (scales in two levels, super-blocks of 1 to 16 groups), and each row's
 // result is the same whatever the row count (1..8). Prints "ok <checks>" and exits 0, or the first mismatch and 1.
 #include <algorithm>
 #include <cmath>
@@ -17,6 +17,8 @@
 #if defined(__aarch64__)
 #include <arm_neon.h>
 #endif
+
+#include "gemm_types.h"
 
 #define MTPX_ISA_SCALAR 0
 #define MTPX_ISA_AVX2 1
@@ -54,6 +56,25 @@ namespace isa_avx512 {
 }
 #undef MTPX_ISA
 #pragma GCC pop_options
+// the integer loops' VNNI builds, nested as in isa_avx2.cpp and isa_avx512.cpp
+#define MTPX_INT_DOT_VNNI
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+#define MTPX_ISA MTPX_ISA_AVX2
+namespace isa_avx2::vnni {
+#include "gemm_core.h"
+}
+#undef MTPX_ISA
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")
+#define MTPX_ISA MTPX_ISA_AVX512
+namespace isa_avx512::vnni {
+#include "gemm_core.h"
+}
+#undef MTPX_ISA
+#pragma GCC pop_options
+#undef MTPX_INT_DOT_VNNI
 #endif
 
 namespace {
@@ -117,6 +138,23 @@ MTPX_RUNNER(isa_neon)
 #if defined(__x86_64__)
 MTPX_RUNNER(isa_avx2)
 MTPX_RUNNER(isa_avx512)
+#define MTPX_VNNI_RUNNER(ns)                                                                                   \
+  void run_##ns##_vnni(int64_t M, const float* x, const void* w, int64_t K, int64_t N, float* out, int kind) { \
+    if (kind == 0) return run_##ns(M, x, w, K, N, out, kind);                                                  \
+    std::vector<float> xs(x, x + M * K);                                                                       \
+    if (kind == 1) return ns::vnni::matmul_rows(M, xs.data(), static_cast<const int8_t*>(w), K, N, out, Serial{}); \
+    const auto* g = static_cast<const Grouped*>(w);                                                            \
+    const ns::GroupScales s{g->groups, g->supers, g->n_groups, g->shift};                                     \
+    if (kind == 2) {                                                                                           \
+      ns::deinterleave_pairs(xs.data(), M, K);                                                                 \
+      const ns::Int4 w4{static_cast<const uint8_t*>(g->codes), s};                                            \
+      return ns::vnni::matmul_rows(M, xs.data(), &w4, K, N, out, Serial{});                                    \
+    }                                                                                                          \
+    const ns::Int8Blocks w8{static_cast<const int8_t*>(g->codes), s};                                         \
+    ns::vnni::matmul_rows(M, xs.data(), &w8, K, N, out, Serial{});                                             \
+  }
+MTPX_VNNI_RUNNER(isa_avx2)
+MTPX_VNNI_RUNNER(isa_avx512)
 #endif
 
 }  // namespace
@@ -130,9 +168,15 @@ int main() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) levels.push_back({"avx2", run_isa_avx2});
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq"))
-    levels.push_back({"avx512", run_isa_avx512});
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512) levels.push_back({"avx512", run_isa_avx512});
+  // AVX-VNNI: CPUID 7.1 EAX bit 4
+  unsigned a = 0, b, c, d;
+  __asm__("cpuid" : "+a"(a = 7), "=b"(b), "+c"(c = 1), "=d"(d));
+  if ((a >> 4) & 1) levels.push_back({"avx2 vnni", run_isa_avx2_vnni});
+  if (avx512 && __builtin_cpu_supports("avx512vnni"))
+    levels.push_back({"avx512 vnni", run_isa_avx512_vnni});
 #endif
   // 9216: more groups than one chunk of scales (kScaleChunk, kDotChunk) for int4 and int8 blocks
   // super-blocks of every size the loops treat apart: int4 1 (9 x 96, 7 x 160), 2 (37 x 64, 5 x 192), 4 (11 x 128),

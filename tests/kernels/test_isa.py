@@ -1,8 +1,10 @@
 """The CPU kernels on every instruction set this machine runs (scalar, AVX2, AVX-512, AMX; scalar and NEON on
 aarch64), each skipped only where the CPU lacks it: the matmuls give the scalar loops' bits on every level (the
 quantized ones also int_dot.py's, computed in PyTorch), each row's result is the same whatever the row count (1..8
-rows: a verify pass of k + 1 positions), and so are the fused step ops'; MTPX_CPU_ISA picks a level at load and
-refuses one the CPU lacks."""
+rows: a verify pass of k + 1 positions), with the integer matmuls' VNNI builds and without where the CPU has VNNI,
+and so are the fused step ops'; MTPX_CPU_ISA picks a level at load and refuses one the CPU lacks."""
+import contextlib
+import os
 import subprocess
 import sys
 
@@ -44,14 +46,30 @@ def _matmuls(n: int, k: int, seed: int) -> dict:
 SHAPES = [(37, 64), (64, 48), (130, 512), (8, 1024)]  # 48: bf16 16 at a time, not in pairs of 16
 
 
+@contextlib.contextmanager
+def int_dot_vnni(on: bool):
+    """The integer matmuls with VNNI or without, on the level in use; skips where VNNI is asked for and absent."""
+    kernels.set_int_dot_vnni(on)
+    try:
+        if on and not kernels.int_dot_vnni():
+            pytest.skip(f"no VNNI for {kernels.isa()} here (the CPU or the build lacks it, or MTPX_VNNI=0)")
+        yield
+    finally:
+        kernels.set_int_dot_vnni(os.environ.get("MTPX_VNNI") != "0")
+
+
+VNNI = [pytest.param(False, id="no-vnni"), pytest.param(True, id="vnni")]
+
+
 @needs_kernel
+@pytest.mark.parametrize("vnni", VNNI)
 @pytest.mark.parametrize("level", isa_levels())
-def test_matmuls_give_the_scalar_bits_and_ignore_the_row_count(level):
+def test_matmuls_give_the_scalar_bits_and_ignore_the_row_count(level, vnni):
     for n, k in SHAPES:
         x = torch.randn(8, k, generator=torch.Generator().manual_seed(k)).bfloat16()
         with running_on("scalar"):
             reference = {name: f(x) for name, f in _matmuls(n, k, n).items()}
-        with running_on(level):
+        with running_on(level), int_dot_vnni(vnni):
             for name, f in _matmuls(n, k, n).items():
                 for m in range(1, 9):
                     for first in range(0, 9 - m, m):
@@ -60,8 +78,9 @@ def test_matmuls_give_the_scalar_bits_and_ignore_the_row_count(level):
 
 
 @needs_kernel
+@pytest.mark.parametrize("vnni", VNNI)
 @pytest.mark.parametrize("level", isa_levels())
-def test_quantized_matmuls_are_the_q8_reference(level):
+def test_quantized_matmuls_are_the_q8_reference(level, vnni):
     """int4, int8 blocks and int8 rows (K a multiple of 32): x quantized to Q8, integer dot products, one float order;
     offsets and super-blocks of several sizes, more blocks than the kernels' scale chunk (9216), x with a zero block."""
     for n, k in SHAPES + [(24, 9216), (9, 96)]:
@@ -71,7 +90,7 @@ def test_quantized_matmuls_are_the_q8_reference(level):
         spread = torch.rand(8, k // 32, 1, generator=g).expand(8, k // 32, 32).reshape(8, k) * 4  # per block
         x = (torch.randn(8, k, generator=g) * spread).bfloat16()
         x[3, 32:64] = 0
-        with running_on(level):
+        with running_on(level), int_dot_vnni(vnni):
             for name, w in _weights(n, k, n).items():
                 if name != "bf16":
                     assert torch.equal(_matmul(w)(x), reference(x, w)), (level, name, n, k)
@@ -141,7 +160,6 @@ print("isa", kernels.isa(), kernels.amx_available())
 
 
 def _load_with(isa: str) -> subprocess.CompletedProcess:
-    import os
     env = {k: v for k, v in os.environ.items() if k not in ("MTPX_ROWGEMM", "MTPX_KERNEL_MARCH")}
     return subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True, timeout=300,
                           env={**env, "MTPX_CPU_ISA": isa})

@@ -262,6 +262,18 @@ def amx_available() -> bool:
     return rowgemm_available() and rowgemm_module().amx_available()
 
 
+def int_dot_vnni() -> bool:
+    """Whether the integer matmuls (int8, int4, GGUF blocks) run on VNNI dot products now: the instruction set in use
+    has them on this CPU (AVX-VNNI for avx2, AVX512_VNNI for avx512 and amx), the kernels were built with them (GCC
+    11+), and MTPX_VNNI is not 0. The results are the same bits either way."""
+    return rowgemm_available() and rowgemm_module().int_dot_vnni()
+
+
+def set_int_dot_vnni(on: bool) -> None:
+    """Run the integer matmuls on VNNI where int_dot_vnni() would allow it (True), or without (False): tests."""
+    rowgemm_module().set_int_dot_vnni(on)
+
+
 def rowgemm_tiles(x: torch.Tensor, tiles: torch.Tensor, n: int) -> torch.Tensor:
     """x [M, K] (any M) @ w.T on AMX, the bf16 weight w [n, K] packed as tiles [ceil(n / 16), K / 32, 16, 32]
     (models/linear.py TileWeight). Row-invariant like rowgemm; bf16 result."""

@@ -10,6 +10,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rowgemm_int8_blocks", &rowgemm_int8_blocks, "few-row int8-weight matmul (groups of 16), row-invariant",
         release());
   m.def("amx_available", &amx_available, "whether this process can use AMX tiles (rowgemm_tiles)");
+  m.def("int_dot_vnni", &int_dot_vnni, "whether the integer matmuls run on VNNI dot products now");
+  m.def("set_int_dot_vnni", &set_int_dot_vnni, "run the integer matmuls on VNNI where the CPU has it, or not");
   m.def("rowgemm_tiles", &rowgemm_tiles, "bf16 matmul on AMX with weights in tile order, row-invariant", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows", release());
   m.def("silu_mul", &silu_mul, "silu(gate) * up", release());

@@ -107,6 +107,36 @@ void set_isa(const std::string& name) {
 
 bool amx_available() { return current.load() == Isa::kAmx && !amx_switched_off(); }
 
+namespace {
+// AVX-VNNI (CPUID 7.1 EAX bit 4) for the AVX2 level, AVX512_VNNI for AVX-512 and AMX
+bool cpu_vnni(Isa level) {
+#if MTPX_HAVE_VNNI
+  if (level == Isa::kAvx2) {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4));
+  }
+  return (level == Isa::kAvx512 || level == Isa::kAmx) && __builtin_cpu_supports("avx512vnni");
+#else
+  (void)level;
+  return false;
+#endif
+}
+
+std::atomic<bool> vnni_on{[] {
+  const char* v = std::getenv("MTPX_VNNI");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}()};
+}  // namespace
+
+bool int_dot_vnni() {
+  if (!vnni_on.load(std::memory_order_relaxed)) return false;
+  static const bool avx2 = cpu_vnni(Isa::kAvx2), avx512 = cpu_vnni(Isa::kAvx512);
+  const Isa level = current.load(std::memory_order_relaxed);
+  return level == Isa::kAvx2 ? avx2 : (level == Isa::kAvx512 || level == Isa::kAmx) && avx512;
+}
+
+void set_int_dot_vnni(bool on) { vnni_on.store(on); }
+
 torch::Tensor rowgemm_tiles(const torch::Tensor& x, const torch::Tensor& tiles, int64_t n) {
 #if MTPX_HAVE_AMX
   return mtpx_avx512::rowgemm_tiles(x, tiles, n);  // checks the shapes, then amx_available()

@@ -5,7 +5,7 @@
 //
 // No include guard: included once per instruction set, inside that set's namespace, with MTPX_ISA set to one of
 // the MTPX_ISA_* values below; the includer has included <algorithm>, <cmath>, <cstdint>, <cstring>,
-// <type_traits>, <vector> and <immintrin.h> (x86) or <arm_neon.h> (aarch64).
+// <type_traits>, <vector>, "gemm_types.h" and <immintrin.h> (x86) or <arm_neon.h> (aarch64).
 //
 // One function, every instruction set. Quantized weights (int4, int8 blocks, int8 rows) where K is a multiple of 32
 // run on integer dot products with x quantized to int8 ("Integer dot products" below). Otherwise each output is a
@@ -18,30 +18,12 @@
 // gives each position the bits a one-token step gives.
 
 constexpr int kLanes = 16;
-// Quantized weights in groups along K, each group with a scale and an offset in two levels, as llama.cpp's K-quants
-// keep them: the group's int8 pair (sc, m) and its super-block's fp16 pair (d, dmin) give scale = d * sc and
-// offset = dmin * m, both exact in fp32 (products of an 11-bit and an 8-bit integer significand), and each weight is
-// code * scale + offset (one fused multiply-add). A super-block is 2^shift groups: 8 for mtpx's own int4 (4.625
-// bits a weight), others where a GGUF file's blocks are kept as they are (Q4_0: 1, its groups each have an fp16
-// scale).
-struct GroupScales {
-  const int8_t* groups;    // [N, n_groups, 2]: sc, m
-  const uint16_t* supers;  // [N, n_groups >> shift, 2]: d, dmin as fp16 bits
-  int64_t n_groups, shift;
-};
-// int4: two 4-bit codes a byte (the even element of each pair in the low nibble), groups of kGroup4 along K
-constexpr int64_t kGroup4 = 32;
-struct Int4 {
-  const uint8_t* codes;  // [N, K / 2]
-  GroupScales s;         // groups of kGroup4
-};
-// int8 codes in groups of kGroup8 (GGUF's Q8_0, Q5_*, Q6_K blocks kept exactly)
-constexpr int64_t kGroup8 = 16;
-struct Int8Blocks {
-  const int8_t* codes;  // [N, K]
-  GroupScales s;        // groups of kGroup8
-};
-using Bf16 = uint16_t;  // the bits of a bf16 weight
+using mtpx_gemm::Bf16;
+using mtpx_gemm::GroupScales;
+using mtpx_gemm::Int4;
+using mtpx_gemm::Int8Blocks;
+using mtpx_gemm::kGroup4;
+using mtpx_gemm::kGroup8;
 
 // n elements of `storage` starting at a 64-byte boundary. The few-row kernels load x's rows (and their int8 codes) in
 // every multiply; from malloc's 16-byte alignment every other 32-byte load and every 64-byte one straddles two cache
@@ -742,11 +724,17 @@ inline __m256i dot_codes(const int8_t* w, int64_t K, int64_t n, int64_t b) {
 
 // The 8 int32 sums of 4 code products each, to fp32 (exact). Signed codes: vpmaddubsw multiplies unsigned by signed
 // bytes, so the weights' magnitudes meet x's codes carrying the weights' signs (no pair sum exceeds int16).
+// With VNNI one vpdpbusd gives the same int32 sums (no saturation to lose).
 template <bool Signed>
 inline __m256 dot8(__m256i codes, __m256i q) {
-  const __m256i pairs = Signed ? _mm256_maddubs_epi16(_mm256_abs_epi8(codes), _mm256_sign_epi8(q, codes))
-                               : _mm256_maddubs_epi16(codes, q);
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  const __m256i u = Signed ? _mm256_abs_epi8(codes) : codes, s = Signed ? _mm256_sign_epi8(q, codes) : q;
+#if defined(MTPX_INT_DOT_VNNI) && MTPX_ISA == MTPX_ISA_AVX512
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
+#elif defined(MTPX_INT_DOT_VNNI)
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s));
+#else
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
 }
 
 #if MTPX_ISA == MTPX_ISA_AVX512
@@ -772,13 +760,13 @@ inline __m512i dot_codes2(const W* w, int64_t K, int64_t n, int64_t b) {
 // multiplies either to zero)
 template <bool Signed>
 inline __m512 dot16(__m512i codes, __m512i q) {
-  __m512i pairs;
-  if constexpr (Signed)
-    pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(codes), _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(codes),
-                                                                              _mm512_setzero_si512(), q));
-  else
-    pairs = _mm512_maddubs_epi16(codes, q);
-  return _mm512_cvtepi32_ps(_mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+  const __m512i u = Signed ? _mm512_abs_epi8(codes) : codes;
+  const __m512i s = Signed ? _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(codes), _mm512_setzero_si512(), q) : q;
+#ifdef MTPX_INT_DOT_VNNI
+  return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s));
+#else
+  return _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
 }
 
 template <int M, int C, typename W>

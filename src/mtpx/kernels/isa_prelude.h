@@ -2,6 +2,7 @@
 // headers (outside any target pragma, so their inline functions are compiled for the baseline CPU, the same in
 // every object file) and the instruction set names.
 #pragma once
+#include "gemm_types.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -34,9 +35,21 @@
 #define MTPX_ISA_AVX512 2
 #define MTPX_ISA_NEON 3
 
-// the AMX-tile matmul: GCC 11 and later (its target pragmas)
+// the AMX-tile matmul, and the integer matmuls' VNNI build: GCC 11 and later (its target pragmas)
 #if MTPX_X86 && !defined(__clang__) && __GNUC__ >= 11
 #define MTPX_HAVE_AMX 1
+#define MTPX_HAVE_VNNI 1
 #else
 #define MTPX_HAVE_AMX 0
+#define MTPX_HAVE_VNNI 0
 #endif
+
+// The few-row matmuls' parallel loop (gemm_core.h's `parallel`): PyTorch's intra-op pool. A type at global scope, so
+// that a call passing it finds only the calling namespace's functions (each instruction set's build of the loops, and
+// the integer loops' VNNI builds nested in them, define the same names).
+struct AtenParallel {
+  template <typename Fn>
+  void operator()(int64_t blocks, int64_t grain, const Fn& fn) const {
+    at::parallel_for(0, blocks, grain, fn);
+  }
+};

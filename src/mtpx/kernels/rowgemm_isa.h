@@ -26,9 +26,16 @@ torch::Tensor run(const torch::Tensor& x, const W* wp, int64_t N, const float* s
     std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + M * K, xs);
   }
   if (pairs<W>(K)) deinterleave_pairs(xs, M, K);
-  matmul_rows(M, xs, wp, K, N, ys.data(), [](int64_t blocks, int64_t grain, const auto& fn) {
-    at::parallel_for(0, blocks, grain, fn);
-  });
+  const AtenParallel parallel{};
+  bool done = false;
+#if MTPX_HAVE_VNNI && (MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512)
+  if constexpr (kIntDot<W>)
+    if (::int_dot_vnni()) {
+      vnni::matmul_rows(M, xs, wp, K, N, ys.data(), parallel);
+      done = true;
+    }
+#endif
+  if (!done) matmul_rows(M, xs, wp, K, N, ys.data(), parallel);
   if (scale != nullptr)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) ys[m * N + n] *= scale[n];

@@ -313,7 +313,8 @@ class CpuRunner(Runner):
         return kernels.MAX_ROWS if kernels.rowgemm_available() else STEP_ROWS
 
     def describe(self) -> str:
-        parts = [f"fused kernels, {kernels.isa()}" if self.fused else "oneDNN",
+        vnni = " with VNNI" if self.quantization and kernels.int_dot_vnni() else ""
+        parts = [f"fused kernels, {kernels.isa()}{vnni}" if self.fused else "oneDNN",
                  "quantized as stored" if self.quantization == STORED else
                  self.quantization or str(self.dtype).removeprefix("torch.")]
         if self.tiles and kernels.amx_available() and self.quantization in (None, STORED):
