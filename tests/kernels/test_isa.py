@@ -155,14 +155,14 @@ def test_step_ops_give_each_position_the_same_bits_alone_or_together(level):
 
 LOAD = """
 from mtpx import kernels
-print("isa", kernels.isa(), kernels.amx_available())
+print("isa", kernels.isa(), kernels.amx_available(), kernels.int_dot_vnni())
 """
 
 
-def _load_with(isa: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("MTPX_ROWGEMM", "MTPX_KERNEL_MARCH")}
+def _load_with(isa: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MTPX_ROWGEMM", "MTPX_KERNEL_MARCH", "MTPX_VNNI")}
     return subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True, timeout=300,
-                          env={**env, "MTPX_CPU_ISA": isa})
+                          env={**env, "MTPX_CPU_ISA": isa, **env_vars})
 
 
 @needs_kernel
@@ -170,7 +170,7 @@ def test_mtpx_cpu_isa_picks_the_level_and_refuses_one_the_cpu_lacks():
     have = kernels.cpu_isas()
     lowest = have[-1]
     out = _load_with(lowest)
-    assert out.returncode == 0 and out.stdout.split() == ["isa", lowest, "False"], out.stderr
+    assert out.returncode == 0 and out.stdout.split() == ["isa", lowest, "False", "False"], out.stderr
     missing = next((level for level in LEVELS + ("neon", "avx2") if level not in have), None)
     for bad in [b for b in (missing, "sse9") if b]:
         out = _load_with(bad)
@@ -197,3 +197,16 @@ def test_an_installed_build_is_used_only_if_built_from_these_sources(monkeypatch
     fake.source_hash = sources.source_hash()
     monkeypatch.setenv("MTPX_KERNEL_MARCH", "haswell")
     assert kernels._installed() is None
+
+
+@needs_kernel
+def test_mtpx_vnni_0_turns_the_vnni_matmuls_off():
+    best = kernels.cpu_isas()[0]
+    kernels.set_int_dot_vnni(True)
+    with running_on(best):
+        has = kernels.int_dot_vnni()
+    kernels.set_int_dot_vnni(os.environ.get("MTPX_VNNI") != "0")
+    if not has:
+        pytest.skip(f"no VNNI for {best} on this CPU or in this build")
+    assert _load_with(best).stdout.split()[-1] == "True"
+    assert _load_with(best, MTPX_VNNI="0").stdout.split()[-1] == "False"
