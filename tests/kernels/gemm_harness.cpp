@@ -1,8 +1,9 @@
 // A test of the few-row matmul's inner loops (src/mtpx/kernels/gemm_core.h) without PyTorch, so that it can be
 // cross-compiled for an architecture whose PyTorch is not installed and run under qemu-user (test_neon.py): every
-// instruction set built here, and the integer loops' VNNI builds where the CPU has VNNI, gives the scalar loops' bits
-// for bf16, int8, int4 and int8-block weights (scales in two levels, super-blocks of 1 to 16 groups), and each row's
-// result is the same whatever the row count (1..8). Prints "ok <checks>" and exits 0, or the first mismatch and 1.
+// instruction set built here, and the integer loops' VNNI (x86) or SDOT (aarch64) builds where the CPU has them,
+// gives the scalar loops' bits for bf16, int8, int4 and int8-block weights (scales in two levels, super-blocks of 1
+// to 16 groups), and each row's result is the same whatever the row count (1..8). Prints "ok <checks>" and exits 0,
+// or the first mismatch and 1.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,10 +33,21 @@ namespace isa_scalar {
 #undef MTPX_ISA
 
 #if defined(__aarch64__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
 #define MTPX_ISA MTPX_ISA_NEON
 namespace isa_neon {
 #include "gemm_core.h"
 }
+// the integer loops' SDOT build, nested as in isa_neon.cpp
+#pragma GCC push_options
+#pragma GCC target("arch=armv8.2-a+dotprod")
+#define MTPX_INT_DOT_VNNI
+namespace isa_neon::vnni {
+#include "gemm_core.h"
+}
+#undef MTPX_INT_DOT_VNNI
+#pragma GCC pop_options
 #undef MTPX_ISA
 #endif
 
@@ -132,12 +144,6 @@ struct Grouped {
   }
 
 MTPX_RUNNER(isa_scalar)
-#if defined(__aarch64__)
-MTPX_RUNNER(isa_neon)
-#endif
-#if defined(__x86_64__)
-MTPX_RUNNER(isa_avx2)
-MTPX_RUNNER(isa_avx512)
 #define MTPX_VNNI_RUNNER(ns)                                                                                   \
   void run_##ns##_vnni(int64_t M, const float* x, const void* w, int64_t K, int64_t N, float* out, int kind) { \
     if (kind == 0) return run_##ns(M, x, w, K, N, out, kind);                                                  \
@@ -153,6 +159,13 @@ MTPX_RUNNER(isa_avx512)
     const ns::Int8Blocks w8{static_cast<const int8_t*>(g->codes), s};                                         \
     ns::vnni::matmul_rows(M, xs.data(), &w8, K, N, out, Serial{});                                             \
   }
+#if defined(__aarch64__)
+MTPX_RUNNER(isa_neon)
+MTPX_VNNI_RUNNER(isa_neon)
+#endif
+#if defined(__x86_64__)
+MTPX_RUNNER(isa_avx2)
+MTPX_RUNNER(isa_avx512)
 MTPX_VNNI_RUNNER(isa_avx2)
 MTPX_VNNI_RUNNER(isa_avx512)
 #endif
@@ -164,6 +177,7 @@ int main() {
   std::vector<Level> levels;
 #if defined(__aarch64__)
   levels.push_back({"neon", run_isa_neon});
+  if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) levels.push_back({"neon sdot", run_isa_neon_vnni});
 #endif
 #if defined(__x86_64__)
   __builtin_cpu_init();

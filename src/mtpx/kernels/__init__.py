@@ -264,8 +264,9 @@ def amx_available() -> bool:
 
 def int_dot_vnni() -> bool:
     """Whether the integer matmuls (int8, int4, GGUF blocks) run on VNNI dot products now: the instruction set in use
-    has them on this CPU (AVX-VNNI for avx2, AVX512_VNNI for avx512 and amx), the kernels were built with them (GCC
-    11+), and MTPX_VNNI is not 0. The results are the same bits either way."""
+    has them on this CPU (AVX-VNNI for avx2, AVX512_VNNI for avx512 and amx; for neon the dot-product extension,
+    SDOT), the kernels were built with them (GCC 11+, or a compiler whose aarch64 baseline has SDOT), and MTPX_VNNI
+    is not 0 (a baseline's SDOT stays on). The results are the same bits either way."""
     return rowgemm_available() and rowgemm_module().int_dot_vnni()
 
 

@@ -9,6 +9,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
+#if MTPX_ARM && MTPX_HAVE_VNNI
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
 
 namespace mtpx_scalar {
 #include "kernel_decls.h"
@@ -108,14 +112,17 @@ void set_isa(const std::string& name) {
 bool amx_available() { return current.load() == Isa::kAmx && !amx_switched_off(); }
 
 namespace {
-// AVX-VNNI (CPUID 7.1 EAX bit 4) for the AVX2 level, AVX512_VNNI for AVX-512 and AMX
+// AVX-VNNI (CPUID 7.1 EAX bit 4) for the AVX2 level, AVX512_VNNI for AVX-512 and AMX, the dot-product extension
+// (SDOT) for NEON
 bool cpu_vnni(Isa level) {
-#if MTPX_HAVE_VNNI
+#if MTPX_X86 && MTPX_HAVE_VNNI
   if (level == Isa::kAvx2) {
     unsigned a, b, c, d;
     return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4));
   }
   return (level == Isa::kAvx512 || level == Isa::kAmx) && __builtin_cpu_supports("avx512vnni");
+#elif MTPX_ARM && MTPX_HAVE_VNNI
+  return level == Isa::kNeon && (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
 #else
   (void)level;
   return false;
@@ -129,10 +136,19 @@ std::atomic<bool> vnni_on{[] {
 }  // namespace
 
 bool int_dot_vnni() {
-  if (!vnni_on.load(std::memory_order_relaxed)) return false;
-  static const bool avx2 = cpu_vnni(Isa::kAvx2), avx512 = cpu_vnni(Isa::kAvx512);
   const Isa level = current.load(std::memory_order_relaxed);
-  return level == Isa::kAvx2 ? avx2 : (level == Isa::kAvx512 || level == Isa::kAmx) && avx512;
+#if MTPX_ARM && defined(__ARM_FEATURE_DOTPROD)
+  if (level == Isa::kNeon) return true;  // the compiler's baseline: the NEON build has no loops without it
+#endif
+  if (!vnni_on.load(std::memory_order_relaxed)) return false;
+  static const bool avx2 = cpu_vnni(Isa::kAvx2), avx512 = cpu_vnni(Isa::kAvx512), neon = cpu_vnni(Isa::kNeon);
+  switch (level) {
+    case Isa::kAvx2: return avx2;
+    case Isa::kAvx512:
+    case Isa::kAmx: return avx512;
+    case Isa::kNeon: return neon;
+    default: return false;
+  }
 }
 
 void set_int_dot_vnni(bool on) { vnni_on.store(on); }

@@ -851,11 +851,15 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
 }
 
 #elif MTPX_ISA == MTPX_ISA_NEON
-// 16 code products summed in fours: int32 lanes of bytes 4l..4l + 3 (widening multiplies, then pairwise adds: no
-// pair sum exceeds int16)
+// 16 code products summed in fours: int32 lanes of bytes 4l..4l + 3, by widening multiplies and pairwise adds (no
+// pair sum exceeds int16), or by one SDOT where the CPU has the dot-product extension (the same sums)
 inline float32x4_t dot4(int8x16_t codes, int8x16_t q) {
+#if defined(MTPX_INT_DOT_VNNI) || defined(__ARM_FEATURE_DOTPROD)
+  return vcvtq_f32_s32(vdotq_s32(vdupq_n_s32(0), codes, q));
+#else
   const int16x8_t lo = vmull_s8(vget_low_s8(codes), vget_low_s8(q)), hi = vmull_high_s8(codes, q);
   return vcvtq_f32_s32(vpaddlq_s16(vpaddq_s16(lo, hi)));
+#endif
 }
 
 template <int M, int C, typename W>

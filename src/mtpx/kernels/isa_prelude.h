@@ -35,9 +35,13 @@
 #define MTPX_ISA_AVX512 2
 #define MTPX_ISA_NEON 3
 
-// the AMX-tile matmul, and the integer matmuls' VNNI build: GCC 11 and later (its target pragmas)
+// the AMX-tile matmul, and the integer matmuls' build on VNNI (x86) or SDOT (aarch64, where the compiler's baseline
+// lacks it): GCC 11 and later (its target pragmas)
 #if MTPX_X86 && !defined(__clang__) && __GNUC__ >= 11
 #define MTPX_HAVE_AMX 1
+#define MTPX_HAVE_VNNI 1
+#elif MTPX_ARM && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__) && !defined(__ARM_FEATURE_DOTPROD)
+#define MTPX_HAVE_AMX 0
 #define MTPX_HAVE_VNNI 1
 #else
 #define MTPX_HAVE_AMX 0

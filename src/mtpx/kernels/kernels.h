@@ -19,8 +19,9 @@ inline float penalized_logit(float v, float count, bool seen, float r, float f, 
 // the kernels built once per instruction set (isa_*.cpp), these calling the one selected at load (dispatch.cpp)
 #include "kernel_decls.h"
 bool amx_available();
-// whether the integer matmuls run on VNNI dot products now (the level in use has them on this CPU and in this build,
-// and MTPX_VNNI is not 0); the same bits either way. set_int_dot_vnni(false) turns them off (tests), true back on.
+// whether the integer matmuls run on VNNI dot products now (x86; SDOT on aarch64): the level in use has them on this
+// CPU and in this build, and MTPX_VNNI is not 0 (or, on aarch64, the compiler's baseline has SDOT); the same bits
+// either way. set_int_dot_vnni(false) turns them off (tests), true back on.
 bool int_dot_vnni();
 void set_int_dot_vnni(bool on);
 torch::Tensor rowgemm_tiles(const torch::Tensor& x, const torch::Tensor& tiles, int64_t n);

@@ -28,7 +28,7 @@ torch::Tensor run(const torch::Tensor& x, const W* wp, int64_t N, const float* s
   if (pairs<W>(K)) deinterleave_pairs(xs, M, K);
   const AtenParallel parallel{};
   bool done = false;
-#if MTPX_HAVE_VNNI && (MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512)
+#if MTPX_HAVE_VNNI && MTPX_ISA != MTPX_ISA_SCALAR
   if constexpr (kIntDot<W>)
     if (::int_dot_vnni()) {
       vnni::matmul_rows(M, xs, wp, K, N, ys.data(), parallel);
