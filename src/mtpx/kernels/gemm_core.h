@@ -738,8 +738,8 @@ inline __m256 dot8(__m256i codes, __m256i q) {
 }
 
 #if MTPX_ISA == MTPX_ISA_AVX512
-// AVX-512: two output columns a register, lanes 0-7 the first's and 8-15 the second's. Each lane runs the sequence
-// of the 8-lane loop below (columns_dot), so the bits are its bits, for half the instructions.
+// AVX-512, int4: two output columns a register, lanes 0-7 the first's and 8-15 the second's. Each lane runs the
+// sequence of the 8-lane loop below (columns_dot), so the bits are its bits, for half the instructions.
 // block b's codes of rows n and n + 1 side by side
 inline __m512i dot_codes2(const Int4* w, int64_t K, int64_t n, int64_t b) {
   const uint8_t* p = w->codes + n * (K / 2) + b * 16;
@@ -749,36 +749,24 @@ inline __m512i dot_codes2(const Int4* w, int64_t K, int64_t n, int64_t b) {
   const __m512i both = _mm512_shuffle_i64x2(raw, raw, _MM_SHUFFLE(1, 1, 0, 0));
   return _mm512_and_si512(_mm512_srlv_epi64(both, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
 }
-template <typename W>
-inline __m512i dot_codes2(const W* w, int64_t K, int64_t n, int64_t b) {
-  const int8_t* p = static_cast<const int8_t*>(dot_row(w, K, n)) + b * kQBlock;
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + K)), 1);
-}
-
-// dot8 of two columns (no vpsignb in AVX-512: x's codes negated under the weights' sign mask; a zero weight
-// multiplies either to zero)
-template <bool Signed>
+// dot8 of two columns of int4 codes (unsigned)
 inline __m512 dot16(__m512i codes, __m512i q) {
-  const __m512i u = Signed ? _mm512_abs_epi8(codes) : codes;
-  const __m512i s = Signed ? _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(codes), _mm512_setzero_si512(), q) : q;
 #ifdef MTPX_INT_DOT_VNNI
-  return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s));
+  return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, q));
 #else
-  return _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+  return _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(codes, q), _mm512_set1_epi16(1)));
 #endif
 }
 
-template <int M, int C, typename W>
-void column_pairs_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
+template <int M, int C>
+void column_pairs_dot(const Q8Rows& x, const Int4* w, int64_t K, int64_t n, float* out, int64_t N) {
   constexpr int P = C / 2;
-  constexpr int64_t bytes = std::is_same_v<W, Int4> ? 16 : 32;
+  constexpr int64_t bytes = 16;  // codes of a block
   const int64_t blocks = K / kQBlock;
   __m512 acc[P][M];
   for (int p = 0; p < P; ++p)
     for (int m = 0; m < M; ++m) acc[p][m] = _mm512_setzero_ps();
-  DotScales<M, C, W> s(x, K);
-  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+  DotScales<M, C, Int4> s(x, K);
   for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
     const int64_t b1 = std::min(blocks, b0 + kDotChunk);
     s.chunk(w, n, b0, b1);
@@ -792,14 +780,9 @@ void column_pairs_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* 
           for (int i = 0; i < 2; ++i) prefetch(static_cast<const char*>(dot_row(w, K, n + c + i)) + b * bytes, 4096);
         const __m512i codes = dot_codes2(w, K, n + c, b);
         for (int m = 0; m < M; ++m) {
-          __m512 scale;
-          const float *s0 = s.scale(c, m, b, b0), *s1 = s.scale(c + 1, m, b, b0);
-          if constexpr (std::is_same_v<W, Int8Blocks>)
-            scale = _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_set_m128(_mm_loadu_ps(s1),
-                                                                                          _mm_loadu_ps(s0))));
-          else
-            scale = _mm512_insertf32x8(_mm512_set1_ps(*s0), _mm256_set1_ps(*s1), 1);
-          acc[p][m] = _mm512_fmadd_ps(dot16<!std::is_same_v<W, Int4>>(codes, qv[m]), scale, acc[p][m]);
+          const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(*s.scale(c, m, b, b0)),
+                                                  _mm256_set1_ps(*s.scale(c + 1, m, b, b0)), 1);
+          acc[p][m] = _mm512_fmadd_ps(dot16(codes, qv[m]), scale, acc[p][m]);
         }
       }
     }
@@ -816,7 +799,7 @@ void column_pairs_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* 
 template <int M, int C, typename W>
 void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
 #if MTPX_ISA == MTPX_ISA_AVX512
-  if constexpr (C % 2 == 0) return column_pairs_dot<M, C>(x, w, K, n, out, N);
+  if constexpr (std::is_same_v<W, Int4> && C % 2 == 0) return column_pairs_dot<M, C>(x, w, K, n, out, N);
 #endif
   constexpr int64_t bytes = std::is_same_v<W, Int4> ? 16 : 32;  // codes of a block
   const int64_t blocks = K / kQBlock;
@@ -939,11 +922,12 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
 }
 #endif
 
-// Output columns the integer kernels compute together (AVX-512: in pairs, 32 vector registers; int8 blocks one at a
-// time, as their pairs' scales take a cross-lane shuffle per row and block, which cost more than the pairing saves)
+// Output columns the integer kernels compute together: AVX-512 int4 one pair (two weight streams a thread; four
+// were slower), the int8 formats one column in 8 lanes as AVX2 (their pairs take a sign mask and a masked subtract
+// per row and block for vpsignb, and int8 blocks a cross-lane shuffle of the scales, which cost more than pairing
+// saves)
 template <int M, typename W>
-constexpr int kColumnsDot =
-    MTPX_ISA == MTPX_ISA_AVX512 && !std::is_same_v<W, Int8Blocks> ? (M <= 4 ? 4 : 2) : kColumns<M>;
+constexpr int kColumnsDot = MTPX_ISA == MTPX_ISA_AVX512 && std::is_same_v<W, Int4> ? 2 : kColumns<M>;
 
 
 // x: fp32 rows, or their Q8 codes for the integer kernels
