@@ -6,47 +6,8 @@
 #include "isa_prelude.h"
 
 #define MTPX_ISA MTPX_ISA_AVX2
-#ifdef __clang__
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-#endif
-extern "C" __m256 Sleef_expf8_u10avx2(__m256);  // PyTorch's vectorised exp (libtorch_cpu exports it)
-namespace mtpx_avx2 {
-#include "gemm_core.h"
-}  // namespace mtpx_avx2
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-#if MTPX_HAVE_VNNI
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avxvnni")
-#define MTPX_INT_DOT_VNNI
-namespace mtpx_avx2::vnni {
-#include "gemm_core.h"
-}  // namespace mtpx_avx2::vnni
-#undef MTPX_INT_DOT_VNNI
-#pragma GCC pop_options
-#endif
-
-#ifdef __clang__
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-#endif
-namespace mtpx_avx2 {
-#include "rowgemm_isa.h"
-#include "step_ops_isa.h"
-}  // namespace mtpx_avx2
-#undef MTPX_ISA
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#define MTPX_ISA_TARGET "avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"
+#define MTPX_ISA_NAMESPACE mtpx_avx2
+#define MTPX_VNNI_TARGET "avxvnni"
+#include "isa_body.h"
 #endif

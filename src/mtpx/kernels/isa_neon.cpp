@@ -6,24 +6,7 @@
 #include "isa_prelude.h"
 
 #define MTPX_ISA MTPX_ISA_NEON
-namespace mtpx_neon {
-#include "gemm_core.h"
-}  // namespace mtpx_neon
-
-#if MTPX_HAVE_VNNI
-#pragma GCC push_options
-#pragma GCC target("arch=armv8.2-a+dotprod")
-#define MTPX_INT_DOT_VNNI
-namespace mtpx_neon::vnni {
-#include "gemm_core.h"
-}  // namespace mtpx_neon::vnni
-#undef MTPX_INT_DOT_VNNI
-#pragma GCC pop_options
-#endif
-
-namespace mtpx_neon {
-#include "rowgemm_isa.h"
-#include "step_ops_isa.h"
-}  // namespace mtpx_neon
-#undef MTPX_ISA
+#define MTPX_ISA_NAMESPACE mtpx_neon
+#define MTPX_VNNI_TARGET "arch=armv8.2-a+dotprod"
+#include "isa_body.h"
 #endif

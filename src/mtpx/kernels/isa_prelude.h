@@ -30,6 +30,17 @@
 #define MTPX_ARM 0
 #endif
 
+// Compiling what follows for an instruction set whatever the build's flags, and back: GCC's target pragmas, or
+// clang's attribute pragma (which takes one target string)
+#define MTPX_PRAGMA(x) _Pragma(#x)
+#ifdef __clang__
+#define MTPX_TARGET_PUSH(isa) MTPX_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define MTPX_TARGET_POP MTPX_PRAGMA(clang attribute pop)
+#else
+#define MTPX_TARGET_PUSH(...) MTPX_PRAGMA(GCC push_options) MTPX_PRAGMA(GCC target(__VA_ARGS__))
+#define MTPX_TARGET_POP MTPX_PRAGMA(GCC pop_options)
+#endif
+
 #define MTPX_ISA_SCALAR 0
 #define MTPX_ISA_AVX2 1
 #define MTPX_ISA_AVX512 2

@@ -12,6 +12,12 @@
 // PyTorch's own vectorised Sleef (exported by libtorch_cpu) on x86, so the instruction sets' results differ in the
 // last bits of an exp; within one, rows stay invariant.
 
+#if MTPX_ISA == MTPX_ISA_AVX512
+extern "C" __m512 Sleef_expf16_u10avx512f(__m512);  // PyTorch's vectorised exp (libtorch_cpu exports it)
+#elif MTPX_ISA == MTPX_ISA_AVX2
+extern "C" __m256 Sleef_expf8_u10avx2(__m256);
+#endif
+
 namespace {
 
 using bf16 = at::BFloat16;
