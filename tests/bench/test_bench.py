@@ -288,6 +288,14 @@ def test_cost_table_shows_the_mtp_prompt_pass_without_the_draft_chain():
     assert "MTP pass over the prompt / main prefill | 1.100" in table and "draft chain" not in table
 
 
+def test_report_names_the_kernels_and_whether_the_integer_dots_ran_on_vnni():
+    from mtpx.bench.report import _isa
+    assert _isa({"cpu_isa": "avx2", "int_dot_vnni": False}) == " (kernels avx2)"
+    assert _isa({"cpu_isa": "avx2", "int_dot_vnni": True}) == " (kernels avx2, integer dots on VNNI)"
+    assert _isa({"cpu_isa": "avx512"}) == " (kernels avx512)"  # reports from before int_dot_vnni was recorded
+    assert _isa({}) == ""
+
+
 def test_bench_json_schema_runs_each_workload_free_and_constrained(tmp_path, dense_ckpt, prompt_file, capsys):
     out = tmp_path / "out"
     schema = prompts.PROMPT_DIR / "function.schema.json"

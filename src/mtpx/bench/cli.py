@@ -158,13 +158,13 @@ def machine_description() -> dict:
 
 def cpu_kernels_meta(llm) -> dict:
     """The CPU kernels' instruction set this run used (scalar, avx2, avx512, amx, neon; "pytorch" where they are not
-    built), whether the integer matmuls ran on VNNI, and where the kernels came from (built at install, or on first
-    use): the same machine runs several."""
+    built), whether the weights' integer matmuls ran on VNNI (quantized weights only), and where the kernels came
+    from (built at install, or on first use): the same machine runs several."""
     if llm.device.type != "cpu":
         return {}
     from mtpx import kernels
     return {"cpu_isa": kernels.isa(), "cpu_isas": kernels.cpu_isas(), "kernels": kernels.kernel_origin(),
-            "int_dot_vnni": kernels.int_dot_vnni()}
+            "int_dot_vnni": bool(llm.quantization) and kernels.int_dot_vnni()}
 
 
 def machine_state() -> dict:

@@ -176,8 +176,11 @@ def parallel_table(records: list[dict], parallel: dict) -> str:
 
 
 def _isa(meta: dict) -> str:
-    """' (kernels avx2)' where the report records the CPU kernels' instruction set, else nothing."""
-    return f" (kernels {meta['cpu_isa']})" if meta.get("cpu_isa") else ""
+    """' (kernels avx2)', or ' (kernels avx2, integer dots on VNNI)', where the report records the CPU kernels'
+    instruction set, else nothing."""
+    if not meta.get("cpu_isa"):
+        return ""
+    return f" (kernels {meta['cpu_isa']}{', integer dots on VNNI' if meta.get('int_dot_vnni') else ''})"
 
 
 def write_markdown(result: dict, out: Path) -> Path:
