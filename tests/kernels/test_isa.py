@@ -202,16 +202,10 @@ def test_an_installed_build_is_used_only_if_built_from_these_sources(monkeypatch
 @needs_kernel
 def test_mtpx_vnni_0_turns_the_vnni_matmuls_off():
     best = kernels.cpu_isas()[0]
-    kernels.set_int_dot_vnni(True)
-    with running_on(best):
-        has = kernels.int_dot_vnni()
-    kernels.set_int_dot_vnni(os.environ.get("MTPX_VNNI") != "0")
-    if not has:
-        pytest.skip(f"no VNNI for {best} on this CPU or in this build")
-    kernels.set_int_dot_vnni(False)
-    baseline = kernels.int_dot_vnni()
-    kernels.set_int_dot_vnni(os.environ.get("MTPX_VNNI") != "0")
-    if baseline:
-        pytest.skip("SDOT is in this compiler's aarch64 baseline: the NEON build has no loops without it")
+    with running_on(best), int_dot_vnni(True):  # skips where the CPU or build lacks VNNI
+        pass
+    with running_on(best), int_dot_vnni(False):
+        if kernels.int_dot_vnni():
+            pytest.skip("SDOT is in this compiler's aarch64 baseline: the NEON build has no loops without it")
     assert _load_with(best).stdout.split()[-1] == "True"
     assert _load_with(best, MTPX_VNNI="0").stdout.split()[-1] == "False"

@@ -9,6 +9,17 @@
 // the bits a one-token decode step gives, and costs about the same, because the weights (the bandwidth) are read
 // once for all rows.
 
+// gemm_core.h's matmul_rows, on the integer loops' VNNI (SDOT) build where int_dot_vnni() says so
+template <typename W>
+void matmul_rows_picked(int64_t M, const float* x, const W* w, int64_t K, int64_t N, float* out) {
+  const AtenParallel parallel{};
+#if MTPX_HAVE_VNNI && MTPX_ISA != MTPX_ISA_SCALAR
+  if constexpr (kIntDot<W>)
+    if (::int_dot_vnni()) return vnni::matmul_rows(M, x, w, K, N, out, parallel);
+#endif
+  matmul_rows(M, x, w, K, N, out, parallel);
+}
+
 // Returns x's dtype; each result is scaled by scale[n] (int8 weights) before its one rounding.
 template <typename W>
 torch::Tensor run(const torch::Tensor& x, const W* wp, int64_t N, const float* scale = nullptr) {
@@ -26,16 +37,7 @@ torch::Tensor run(const torch::Tensor& x, const W* wp, int64_t N, const float* s
     std::copy(xf.data_ptr<float>(), xf.data_ptr<float>() + M * K, xs);
   }
   if (pairs<W>(K)) deinterleave_pairs(xs, M, K);
-  const AtenParallel parallel{};
-  bool done = false;
-#if MTPX_HAVE_VNNI && MTPX_ISA != MTPX_ISA_SCALAR
-  if constexpr (kIntDot<W>)
-    if (::int_dot_vnni()) {
-      vnni::matmul_rows(M, xs, wp, K, N, ys.data(), parallel);
-      done = true;
-    }
-#endif
-  if (!done) matmul_rows(M, xs, wp, K, N, ys.data(), parallel);
+  matmul_rows_picked(M, xs, wp, K, N, ys.data());
   if (scale != nullptr)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) ys[m * N + n] *= scale[n];
