@@ -1,14 +1,16 @@
 """The CPU kernels' integer matmul of quantized weights (kernels/gemm_core.h, "Integer dot products") computed
-independently in PyTorch, to the bit: x quantized per row and block of 32 to int8 (llama.cpp's Q8_0: d = max|x| / 127,
-codes x / d rounded to nearest even), exact integer sums of 4 code products per lane, then the kernels' one float
-order (lanes accumulated block after block by fused multiply-adds, a fixed tree, the offsets' four sums).
-reference(x, w) returns what kernels.rowgemm_int4 / rowgemm_int8_blocks / rowgemm_int8 return for x [M, K] with K a
-multiple of 32."""
+independently in PyTorch, to the bit: x quantized per row and span to int8 (d = max|x| / 127, codes x / d rounded to
+nearest even; the span is the weight's super-block, 32 to 256 elements, int8 rows 256), exact integer sums of 4
+code products per lane (over a span of several blocks, each block's sum times its group's sub-scale), then the
+kernels' one float order (lanes accumulated span after span by fused multiply-adds, a fixed tree, the offsets' four
+sums). reference(x, w) returns what kernels.rowgemm_int4 / rowgemm_int8_blocks / rowgemm_int8 return for x [M, K]
+with K a multiple of 32."""
 from __future__ import annotations
 
 import torch
 
 BLOCK = 32
+MAX_SPAN = 256
 
 
 def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -25,13 +27,23 @@ def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.where(tie & ((e > 0) == (d > 0)), other, r)
 
 
-def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x fp32 [M, K] -> codes (as fp64 integers) [M, K / 32, 32] and scales d fp32 [M, K / 32]."""
-    blocks = x.float().reshape(x.shape[0], -1, BLOCK)
-    d = blocks.abs().amax(-1) / 127
+def span_of(w, K: int) -> int:
+    """The elements sharing one scale of x for weight w (gemm_core.h's dot_span): its super-block, at least a block
+    of 32, at most 256 (int8 rows: 256), halved until it divides K."""
+    from mtpx.models.grouped import GroupedWeight
+    span = min(MAX_SPAN, max(BLOCK, w.GROUP * w.per_super)) if isinstance(w, GroupedWeight) else MAX_SPAN
+    while K % span:
+        span //= 2
+    return span
+
+
+def quantize(x: torch.Tensor, span: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """x fp32 [M, K] -> codes (as fp64 integers) [M, K / 32, 32] and scales d fp32 [M, K / span]."""
+    spans = x.float().reshape(x.shape[0], -1, span)
+    d = spans.abs().amax(-1) / 127
     live = d > 0
-    q = torch.where(live[..., None], torch.round(blocks / torch.where(live, d, 1)[..., None]), 0)
-    return q.double(), d
+    q = torch.where(live[..., None], torch.round(spans / torch.where(live, d, 1)[..., None]), 0)
+    return q.double().reshape(x.shape[0], -1, BLOCK), d
 
 
 def _deinterleave(t: torch.Tensor) -> torch.Tensor:
@@ -43,12 +55,13 @@ def reference(x: torch.Tensor, w) -> torch.Tensor:
     """x [M, K] @ w.T on the integer kernels, in x's dtype. w: Int4Weight, Int8BlockWeight or Int8Weight."""
     from mtpx.models.grouped import Int4Weight, Int8BlockWeight
     M, K = x.shape
-    int4 = isinstance(w, Int4Weight)
+    int4, grouped = isinstance(w, Int4Weight), isinstance(w, (Int4Weight, Int8BlockWeight))
+    span = span_of(w, K)
     xf = x.float()
     if int4:
         xf = _deinterleave(xf).reshape(M, K)
-    q, d = quantize(xf)  # [M, B, 32], [M, B]
-    B = K // BLOCK
+    q, d = quantize(xf, span)  # [M, B, 32], [M, S]
+    B, S = K // BLOCK, K // span
     if int4:
         codes = torch.stack([w.codes & 15, w.codes >> 4], dim=-1).reshape(-1, K)  # natural order
         codes = _deinterleave(codes.double())
@@ -58,24 +71,32 @@ def reference(x: torch.Tensor, w) -> torch.Tensor:
         codes = w.q.double().reshape(-1, B, BLOCK)
     N = codes.shape[0]
     # lane l of block b: the exact sum of elements 4l..4l + 3's products, [M, N, B, 8]
-    lanes = torch.einsum("nbli,mbli->mnbl", codes.reshape(N, B, 8, 4), q.reshape(M, B, 8, 4)).float()
-    if int4 or isinstance(w, Int8BlockWeight):
-        scale, offset = w.scales(slice(None))  # fp32 [N, G], exact
+    lanes = torch.einsum("nbli,mbli->mnbl", codes.reshape(N, B, 8, 4), q.reshape(M, B, 8, 4))
+    if grouped:
         per = BLOCK // w.GROUP  # groups a block
         group_of_lane = torch.arange(8) // (8 // per)  # int4: 0; int8 blocks: lanes 0-3 the first group, 4-7 the second
-        s = scale.reshape(N, B, per)[:, :, group_of_lane]  # [N, B, 8]
-        ds = s[None] * d[:, None, :, None]  # [M, N, B, 8], one fp32 rounding
+        scale, offset = w.scales(slice(None))  # fp32 [N, G], exact
+    if span == BLOCK and grouped:  # the group's fp32 scale in ds
+        ds = scale.reshape(N, B, per)[:, :, group_of_lane][None] * d[:, None, :, None]  # [M, N, B, 8], one rounding
+    elif grouped:  # the groups' sub-scales on the integer sums, the super-block's d in ds
+        sc = w.groups[..., 0].double().reshape(N, B, per)[:, :, group_of_lane]  # [N, B, 8]
+        lanes = (lanes * sc[None]).reshape(M, N, S, -1, 8).sum(3)  # exact: below 2^53
+        d_super = w.supers[:, torch.arange(S) * span // (w.GROUP * w.per_super), 0].float()  # [N, S]
+        ds = d_super[None, :, :, None] * d[:, None, :, None]  # one rounding
     else:
-        ds = d[:, None, :, None].expand(M, N, B, 8)
+        lanes = lanes.reshape(M, N, S, -1, 8).sum(3)
+        ds = d[:, None, :, None]
+    lanes = lanes.float()  # to nearest, ties to even, as the kernels' int32 conversion
+    ds = ds.expand(M, N, lanes.shape[2], 8)
     acc = torch.zeros(M, N, 8)
-    for b in range(B):
+    for b in range(lanes.shape[2]):
         acc = fma32(lanes[:, :, b], ds[:, :, b], acc)
     s4 = acc[..., :4] + acc[..., 4:]
     out = (s4[..., 0] + s4[..., 2]) + (s4[..., 1] + s4[..., 3])
-    if int4 or isinstance(w, Int8BlockWeight):
+    if grouped:
         G = offset.shape[1]
         qsum = q.reshape(M, G, -1).sum(-1).float()  # exact
-        sums = d.repeat_interleave(BLOCK // w.GROUP, dim=1) * qsum  # [M, G]
+        sums = d.repeat_interleave(span // w.GROUP, dim=1) * qsum  # [M, G]
         o = torch.zeros(M, N, 4)
         for g in range(G):
             o[..., g % 4] = fma32(offset[None, :, g].expand(M, N), sums[:, None, g].expand(M, N), o[..., g % 4])

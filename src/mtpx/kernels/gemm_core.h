@@ -537,45 +537,64 @@ void columns_int8_blocks(const float* x, const Int8Blocks* w, int64_t K, int64_t
 //
 // Why: dequantizing each weight to fp32 and multiplying it in 8-lane FMAs costs several instructions per weight per
 // row, so a few-row verify pass is bound by the arithmetic, not by reading the weights. Here x is quantized once per
-// call, per row and block of 32 elements, to int8 codes with one fp32 scale (llama.cpp's Q8_0: d = max|x| / 127,
-// q = x / d rounded to nearest, ties to even), and the weights' codes meet x's codes in integer dot products (AVX2's
-// vpmaddubsw + vpmaddwd, NEON's widening multiplies and pairwise adds): 32 weights of one row in two or three
-// instructions, exact in int32, so their order does not matter.
+// call, per row and span of elements, to int8 codes with one fp32 scale (d = max|x| / 127, q = x / d rounded to
+// nearest, ties to even: llama.cpp's Q8_0 over 32 elements, its Q8_K over 256), and the weights' codes meet x's codes
+// in integer dot products (AVX2's vpmaddubsw + vpmaddwd, VNNI's vpdpbusd / vpdpwssd, NEON's widening multiplies and
+// pairwise adds or SDOT): 32 weights of one row in one to three instructions, exact in int32, so their order does
+// not matter.
+//
+// The span is a weight's super-block (its groups sharing one fp16 d), at most 256 elements (dot_span): there the
+// groups' integer sub-scales sc multiply the integer sums, so that the float part runs once per span instead of once
+// per block of 32 (K-quants, mtpx's int4 and int8 blocks; int8 rows take spans of 256 with no sub-scales). Where
+// the super-block is one block of 32 (GGUF's Q4_0, Q8_0, ...) the span is that block and sc stays in the fp32 scale.
 //
 // The float part is one fixed sequence, the same on every instruction set and for any row count. Per output and per
-// block b of 32 elements (in the weights' element order: even then odd elements for int4, as x is deinterleaved),
-// lane l of 8 holds the integer sum I of the block's elements 4l..4l + 3 and accumulates, block after block,
-//   acc[l] = fma(float(I), ds, acc[l]),   ds = (the lane's group's scale) * d_b   (int8 rows: ds = d_b)
+// span s (elements in the weights' order: even then odd elements of each block of 32 for int4, as x is
+// deinterleaved), lane l of 8 holds the integer sum I of its elements 4l..4l + 3 of each block of the span (each
+// block's sum times the lane's group's sc, for spans of more than one block) and accumulates, span after span,
+//   acc[l] = fma(float(I), ds, acc[l]),   ds = d * d_s  (spans of one block: (the lane's group's scale) * d_s;
+//                                                        int8 rows: d_s)
 // and the lanes are summed by one fixed tree (4 apart, then 2, 1). A group's offset enters as
-//   fma(offset, s, O[g % 4]) in group order, s = d_b * float(the sum of x's codes over the group),
+//   fma(offset, t, O[g % 4]) in group order, t = d_s * float(the sum of x's codes over the group),
 // the four sums O added as (O0 + O2) + (O1 + O3), then added to the lanes' sum. (int8 rows: the row's scale
 // multiplies the result afterwards, as on the float path.) tests/int_dot.py computes the same in PyTorch.
 constexpr int64_t kQBlock = 32;
-// Blocks whose (ds, offset term) pairs are made at a time, onto the stack
+constexpr int64_t kMaxSpan = 256;
+// Blocks whose (ds, offset term) pairs are made at a time, onto the stack (a whole number of spans)
 constexpr int64_t kDotChunk = 64;
 
-// x's codes, and per weight group and row the pair (d_b, d_b * the sum of the group's codes), groups of `group`
+// x's codes, and per weight group and row the pair (d_s, d_s * the sum of the group's codes), groups of `group`
 struct Q8Rows {
   const int8_t* q;   // [M, K]
   const float* dq;   // [M, 2 * K / group]
-  int64_t group;
+  int64_t group, span;
 };
 
 template <typename W>
 constexpr bool kIntDot = std::is_same_v<W, Int4> || std::is_same_v<W, Int8Blocks> || std::is_same_v<W, int8_t>;
-// The weight group of a format, along K (int8 rows: the activation block; its scale is applied after the sum)
+// The weight group of a format, along K (int8 rows: the block of 32)
 template <typename W>
 constexpr int64_t kDotGroup = std::is_same_v<W, Int8Blocks> ? kGroup8 : kQBlock;
 // whether a format keeps per-group scales and offsets
 template <typename W>
 constexpr bool kGrouped = !std::is_same_v<W, int8_t>;
 
-// x [M, K] (fp32) -> codes and pairs, `group` dividing kQBlock. Division and rounding are IEEE operations, so every
-// instruction set's version gives the same codes and scales.
-inline void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, int8_t* q, float* dq) {
-  const int64_t per = kQBlock / group, G = K / group;
+// The span of x's scales for weight w: its super-block (int8 rows: kMaxSpan), at most kMaxSpan, at least a block,
+// halved until it divides K (a multiple of kQBlock)
+template <typename W>
+int64_t dot_span(const W* w, int64_t K) {
+  int64_t span = kMaxSpan;
+  if constexpr (kGrouped<W>) span = std::min(kMaxSpan, std::max(kQBlock, kDotGroup<W> << w->s.shift));
+  while (K % span) span /= 2;
+  return span;
+}
+
+// x [M, K] (fp32) -> codes and pairs, `group` dividing kQBlock, `span` a multiple of kQBlock dividing K. Division and
+// rounding are IEEE operations, so every instruction set's version gives the same codes and scales.
+inline void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, int64_t span, int8_t* q, float* dq) {
+  const int64_t per = span / group, G = K / group;
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; k += kQBlock) {
+    for (int64_t k = 0; k < K; k += span) {
       const float* xb = x + m * K + k;
       int8_t* qb = q + m * K + k;
       float amax = 0.f;
@@ -583,13 +602,13 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, i
 #if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
       const __m256 sign = _mm256_set1_ps(-0.f);
       __m256 mx = _mm256_setzero_ps();
-      for (; i < kQBlock; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+      for (; i < span; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
       alignas(32) float lanes[8];
       _mm256_store_ps(lanes, mx);
       for (float v : lanes) amax = std::max(amax, v);
       const float d = amax / 127.f;
       const __m256 dv = _mm256_set1_ps(d);
-      for (i = 0; i < kQBlock; i += 8) {
+      for (i = 0; i < span; i += 8) {
         const __m256 r = d > 0.f ? _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xb + i), dv),
                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
                                  : _mm256_setzero_ps();
@@ -599,20 +618,20 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, i
       }
 #elif MTPX_ISA == MTPX_ISA_NEON
       float32x4_t mx = vdupq_n_f32(0.f);
-      for (; i < kQBlock; i += 4) mx = vmaxq_f32(mx, vabsq_f32(vld1q_f32(xb + i)));
+      for (; i < span; i += 4) mx = vmaxq_f32(mx, vabsq_f32(vld1q_f32(xb + i)));
       amax = vmaxvq_f32(mx);
       const float d = amax / 127.f;
       const float32x4_t dv = vdupq_n_f32(d);
-      for (i = 0; i < kQBlock; i += 8) {
+      for (i = 0; i < span; i += 8) {
         // vcvtnq: to nearest, ties to even
         const int32x4_t r0 = d > 0.f ? vcvtnq_s32_f32(vdivq_f32(vld1q_f32(xb + i), dv)) : vdupq_n_s32(0);
         const int32x4_t r1 = d > 0.f ? vcvtnq_s32_f32(vdivq_f32(vld1q_f32(xb + i + 4), dv)) : vdupq_n_s32(0);
         vst1_s8(qb + i, vmovn_s16(vcombine_s16(vmovn_s32(r0), vmovn_s32(r1))));
       }
 #else
-      for (; i < kQBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      for (; i < span; ++i) amax = std::max(amax, std::fabs(xb[i]));
       const float d = amax / 127.f;
-      for (i = 0; i < kQBlock; ++i) qb[i] = d > 0.f ? static_cast<int8_t>(std::nearbyint(xb[i] / d)) : 0;
+      for (i = 0; i < span; ++i) qb[i] = d > 0.f ? static_cast<int8_t>(std::nearbyint(xb[i] / d)) : 0;
 #endif
       for (int64_t p = 0; p < per; ++p) {
         int32_t sum = 0;
@@ -624,8 +643,8 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, i
     }
 }
 
-// For the groups of `pairs` / 2 (scale, offset) pairs `so` of one output row and x's (d_b, s) pairs `dq` of one row:
-// ds[2i] = scale * d_b, and O[g % 4] = fma(offset, s, O[g % 4]) in group order, O kept in the odd lanes of
+// For the groups of `pairs` / 2 (scale, offset) pairs `so` of one output row and x's (d_s, t) pairs `dq` of one row:
+// ds[2i] = scale * d_s, and O[g % 4] = fma(offset, t, O[g % 4]) in group order, O kept in the odd lanes of
 // o[8] (the even lanes are not used). Groups start at a multiple of 4.
 inline void scale_pairs(const float* so, const float* dq, int64_t pairs, float* ds, float* o) {
   int64_t i = 0;
@@ -664,40 +683,66 @@ const void* dot_row(const W* w, int64_t K, int64_t n) {
   else return w + n * K;
 }
 
-// What a kernel of C output rows and M rows of x reads per block besides the codes: (ds, offset term) pairs per
-// group, made a chunk of kDotChunk blocks at a time (scale_pairs), and the offsets' four sums. int8 rows have
-// neither: their lanes' scale is x's d.
+// What a kernel of C output rows and M rows of x reads per block besides the codes, made a chunk of kDotChunk blocks
+// at a time: per group the (ds, offset term) pairs (scale_pairs) and the sub-scale sc (as two int16, the pattern
+// vpmaddwd takes), per span of several blocks its ds, and the offsets' four sums. int8 rows have none of them: their
+// scale is x's d_s.
 template <int M, int C, typename W>
 struct DotScales {
   static constexpr int64_t per = kQBlock / kDotGroup<W>;  // groups a block
-  float so[2 * kDotChunk * per];
-  float ds[C][M][kGrouped<W> ? 2 * kDotChunk * per : 1];
+  static constexpr int64_t kGroups = kGrouped<W> ? kDotChunk * per : 1;  // a chunk's
+  float so[2 * kGroups];
+  float ds[C][M][2 * kGroups];
+  float span_ds[C][M][kGrouped<W> ? kDotChunk : 1];
+  int32_t subs[C][kGroups];
   float o[C][M][8] = {};
   const Q8Rows& x;
-  int64_t K, G;
+  int64_t K, G, span_blocks;
 
-  DotScales(const Q8Rows& rows, int64_t k) : x(rows), K(k), G(k / kDotGroup<W>) {}
-  // blocks [b0, b1) of output rows n..n + C - 1
-  void chunk(const W* w, int64_t n, int64_t b0, int64_t b1) {
+  DotScales(const Q8Rows& rows, int64_t k) : x(rows), K(k), G(k / kDotGroup<W>), span_blocks(rows.span / kQBlock) {}
+  // blocks [b0, b1) of output rows c0..c0 + C - 1
+  void chunk(const W* w, int64_t c0, int64_t b0, int64_t b1) {
     if constexpr (kGrouped<W>) {
       const int64_t g0 = b0 * per, g1 = b1 * per;
       for (int c = 0; c < C; ++c) {
-        expand_scales(w->s, n + c, g0, g1, so);
+        expand_scales(w->s, c0 + c, g0, g1, so);
         for (int m = 0; m < M; ++m) scale_pairs(so, x.dq + m * 2 * G + 2 * g0, 2 * (g1 - g0), ds[c][m], o[c][m]);
+        if (span_blocks == 1) continue;
+        const int64_t row = (c0 + c) * w->s.n_groups;
+        for (int64_t g = g0; g < g1; ++g) {
+          const uint16_t sc = static_cast<uint16_t>(w->s.groups[2 * (row + g)]);
+          subs[c][g - g0] = static_cast<int32_t>(sc | static_cast<uint32_t>(sc) << 16);
+        }
+        for (int64_t b = b0; b < b1; b += span_blocks) {
+          const float d = half_to_float(w->s.supers[2 * ((row + b * per) >> w->s.shift)]);
+          for (int m = 0; m < M; ++m) span_ds[c][m][(b - b0) / span_blocks] = d * x.dq[m * 2 * G + 2 * b * per];
+        }
       }
     }
   }
-  // block b's scale (b0 its chunk's first): int4 its group's; int8 blocks its first group's, the second's two
-  // floats on; int8 rows x's d
+  // block b's scale (b0 its chunk's first) in spans of one block: int4 its group's; int8 blocks its first group's,
+  // the second's two floats on; int8 rows x's d
   const float* scale(int c, int m, int64_t b, int64_t b0) const {
     if constexpr (kGrouped<W>) return &ds[c][m][2 * per * (b - b0)];
     else return x.dq + m * 2 * G + 2 * b;
   }
+  // the ds of the span starting at block b
+  float span_scale(int c, int m, int64_t b, int64_t b0) const {
+    if constexpr (kGrouped<W>) return span_ds[c][m][(b - b0) / span_blocks];
+    else return x.dq[m * 2 * G + 2 * b];
+  }
+  // block b's groups' sub-scales, each as two int16 (int8 blocks: its two groups')
+  const int32_t* sub_scales(int c, int64_t b, int64_t b0) const { return &subs[c][per * (b - b0)]; }
   // the lanes' tree plus the offsets' (O0 + O2) + (O1 + O3)
   float total(int c, int m, float lanes) const {
     return kGrouped<W> ? lanes + ((o[c][m][1] + o[c][m][5]) + (o[c][m][3] + o[c][m][7])) : lanes;
   }
 };
+
+// The loops below take spans of several blocks (Spans) or of one (the sub-scales then in ds); Scaled: the integer
+// sums take sub-scales
+template <bool Spans, typename W>
+constexpr bool kScaled = Spans && kGrouped<W>;
 
 #if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
 // the 8 lanes summed by a fixed tree (4 apart, then 2, 1). (AVX-512 runs these 8-lane loops too: 16 lanes would take
@@ -722,18 +767,29 @@ inline __m256i dot_codes(const int8_t* w, int64_t K, int64_t n, int64_t b) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + b * kQBlock));
 }
 
-// The 8 int32 sums of 4 code products each, to fp32 (exact). Signed codes: vpmaddubsw multiplies unsigned by signed
-// bytes, so the weights' magnitudes meet x's codes carrying the weights' signs (no pair sum exceeds int16).
-// With VNNI one vpdpbusd gives the same int32 sums (no saturation to lose).
-template <bool Signed>
-inline __m256 dot8(__m256i codes, __m256i q) {
+// a block's sub-scales as vpmaddwd's 16-bit pairs, lanes 0-3 the first group's and 4-7 the second's (int4: one)
+template <typename W>
+inline __m256i sub_scales8(const int32_t* sc) {
+  if constexpr (std::is_same_v<W, Int8Blocks>)
+    return _mm256_permutevar8x32_epi32(_mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))),
+                                       _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  else
+    return _mm256_set1_epi32(*sc);
+}
+
+// lanes += the block's 8 int32 sums of 4 code products each, times the lanes' sub-scales where Scaled. Signed codes:
+// vpmaddubsw multiplies unsigned by signed bytes, so the weights' magnitudes meet x's codes carrying the weights'
+// signs (no pair sum exceeds int16). VNNI's vpdpbusd / vpdpwssd give the same int32 sums (no saturation to lose).
+template <bool Signed, bool Scaled>
+inline __m256i dot8(__m256i lanes, __m256i codes, __m256i q, __m256i sc) {
   const __m256i u = Signed ? _mm256_abs_epi8(codes) : codes, s = Signed ? _mm256_sign_epi8(q, codes) : q;
 #if defined(MTPX_INT_DOT_VNNI) && MTPX_ISA == MTPX_ISA_AVX512
-  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
+  return Scaled ? _mm256_dpwssd_epi32(lanes, _mm256_maddubs_epi16(u, s), sc) : _mm256_dpbusd_epi32(lanes, u, s);
 #elif defined(MTPX_INT_DOT_VNNI)
-  return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s));
+  return Scaled ? _mm256_dpwssd_avx_epi32(lanes, _mm256_maddubs_epi16(u, s), sc)
+                : _mm256_dpbusd_avx_epi32(lanes, u, s);
 #else
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+  return _mm256_add_epi32(lanes, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), Scaled ? sc : _mm256_set1_epi16(1)));
 #endif
 }
 
@@ -750,19 +806,21 @@ inline __m512i dot_codes2(const Int4* w, int64_t K, int64_t n, int64_t b) {
   return _mm512_and_si512(_mm512_srlv_epi64(both, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
 }
 // dot8 of two columns of int4 codes (unsigned)
-inline __m512 dot16(__m512i codes, __m512i q) {
+template <bool Scaled>
+inline __m512i dot16(__m512i lanes, __m512i codes, __m512i q, __m512i sc) {
 #ifdef MTPX_INT_DOT_VNNI
-  return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, q));
+  return Scaled ? _mm512_dpwssd_epi32(lanes, _mm512_maddubs_epi16(codes, q), sc) : _mm512_dpbusd_epi32(lanes, codes, q);
 #else
-  return _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(codes, q), _mm512_set1_epi16(1)));
+  return _mm512_add_epi32(lanes, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, q), Scaled ? sc : _mm512_set1_epi16(1)));
 #endif
 }
 
-template <int M, int C>
+template <bool Spans, int M, int C>
 void column_pairs_dot(const Q8Rows& x, const Int4* w, int64_t K, int64_t n, float* out, int64_t N) {
   constexpr int P = C / 2;
+  constexpr bool Scaled = kScaled<Spans, Int4>;
   constexpr int64_t bytes = 16;  // codes of a block
-  const int64_t blocks = K / kQBlock;
+  const int64_t blocks = K / kQBlock, span = Spans ? x.span / kQBlock : 1;
   __m512 acc[P][M];
   for (int p = 0; p < P; ++p)
     for (int m = 0; m < M; ++m) acc[p][m] = _mm512_setzero_ps();
@@ -770,21 +828,36 @@ void column_pairs_dot(const Q8Rows& x, const Int4* w, int64_t K, int64_t n, floa
   for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
     const int64_t b1 = std::min(blocks, b0 + kDotChunk);
     s.chunk(w, n, b0, b1);
-    for (int64_t b = b0; b < b1; ++b) {
-      __m512i qv[M];
-      for (int m = 0; m < M; ++m)
-        qv[m] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + b * kQBlock)));
-      for (int p = 0; p < P; ++p) {
-        const int c = 2 * p;
-        if ((b * bytes) % 64 == 0)
-          for (int i = 0; i < 2; ++i) prefetch(static_cast<const char*>(dot_row(w, K, n + c + i)) + b * bytes, 4096);
-        const __m512i codes = dot_codes2(w, K, n + c, b);
-        for (int m = 0; m < M; ++m) {
-          const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(*s.scale(c, m, b, b0)),
-                                                  _mm256_set1_ps(*s.scale(c + 1, m, b, b0)), 1);
-          acc[p][m] = _mm512_fmadd_ps(dot16(codes, qv[m]), scale, acc[p][m]);
+    for (int64_t b = b0; b < b1; b += span) {
+      __m512i lanes[P][M];
+      for (int p = 0; p < P; ++p)
+        for (int m = 0; m < M; ++m) lanes[p][m] = _mm512_setzero_si512();
+      for (int64_t e = b; e < b + span; ++e) {
+        __m512i qv[M];
+        for (int m = 0; m < M; ++m)
+          qv[m] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + e * kQBlock)));
+        for (int p = 0; p < P; ++p) {
+          const int c = 2 * p;
+          if ((e * bytes) % 64 == 0)
+            for (int i = 0; i < 2; ++i) prefetch(static_cast<const char*>(dot_row(w, K, n + c + i)) + e * bytes, 4096);
+          const __m512i codes = dot_codes2(w, K, n + c, e);
+          __m512i sc = _mm512_setzero_si512();
+          if constexpr (Scaled)
+            sc = _mm512_inserti64x4(_mm512_set1_epi32(*s.sub_scales(c, e, b0)),
+                                    _mm256_set1_epi32(*s.sub_scales(c + 1, e, b0)), 1);
+          for (int m = 0; m < M; ++m) lanes[p][m] = dot16<Scaled>(lanes[p][m], codes, qv[m], sc);
         }
       }
+      for (int p = 0; p < P; ++p)
+        for (int m = 0; m < M; ++m) {
+          const int c = 2 * p;
+          const __m512 scale =
+              Spans ? _mm512_insertf32x8(_mm512_set1_ps(s.span_scale(c, m, b, b0)),
+                                         _mm256_set1_ps(s.span_scale(c + 1, m, b, b0)), 1)
+                    : _mm512_insertf32x8(_mm512_set1_ps(*s.scale(c, m, b, b0)),
+                                         _mm256_set1_ps(*s.scale(c + 1, m, b, b0)), 1);
+          acc[p][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes[p][m]), scale, acc[p][m]);
+        }
     }
   }
   for (int p = 0; p < P; ++p)
@@ -796,13 +869,14 @@ void column_pairs_dot(const Q8Rows& x, const Int4* w, int64_t K, int64_t n, floa
 }
 #endif
 
-template <int M, int C, typename W>
+template <bool Spans, int M, int C, typename W>
 void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
 #if MTPX_ISA == MTPX_ISA_AVX512
-  if constexpr (std::is_same_v<W, Int4> && C % 2 == 0) return column_pairs_dot<M, C>(x, w, K, n, out, N);
+  if constexpr (std::is_same_v<W, Int4> && C % 2 == 0) return column_pairs_dot<Spans, M, C>(x, w, K, n, out, N);
 #endif
+  constexpr bool Signed = !std::is_same_v<W, Int4>, Scaled = kScaled<Spans, W>;
   constexpr int64_t bytes = std::is_same_v<W, Int4> ? 16 : 32;  // codes of a block
-  const int64_t blocks = K / kQBlock;
+  const int64_t blocks = K / kQBlock, span = Spans ? x.span / kQBlock : 1;
   __m256 acc[C][M];
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) acc[c][m] = _mm256_setzero_ps();
@@ -810,22 +884,34 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
   for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
     const int64_t b1 = std::min(blocks, b0 + kDotChunk);
     s.chunk(w, n, b0, b1);
-    for (int64_t b = b0; b < b1; ++b) {
-      __m256i qv[M];
-      for (int m = 0; m < M; ++m) qv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + b * kQBlock));
-      for (int c = 0; c < C; ++c) {
-        if ((b * bytes) % 64 == 0) prefetch(static_cast<const char*>(dot_row(w, K, n + c)) + b * bytes, 4096);
-        const __m256i codes = dot_codes(w, K, n + c, b);
+    for (int64_t b = b0; b < b1; b += span) {
+      __m256i lanes[C][M];
+      for (int c = 0; c < C; ++c)
+        for (int m = 0; m < M; ++m) lanes[c][m] = _mm256_setzero_si256();
+      for (int64_t e = b; e < b + span; ++e) {
+        __m256i qv[M];
+        for (int m = 0; m < M; ++m)
+          qv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + e * kQBlock));
+        for (int c = 0; c < C; ++c) {
+          if ((e * bytes) % 64 == 0) prefetch(static_cast<const char*>(dot_row(w, K, n + c)) + e * bytes, 4096);
+          const __m256i codes = dot_codes(w, K, n + c, e);
+          __m256i sc = _mm256_setzero_si256();
+          if constexpr (Scaled) sc = sub_scales8<W>(s.sub_scales(c, e, b0));
+          for (int m = 0; m < M; ++m) lanes[c][m] = dot8<Signed, Scaled>(lanes[c][m], codes, qv[m], sc);
+        }
+      }
+      for (int c = 0; c < C; ++c)
         for (int m = 0; m < M; ++m) {
           __m256 scale;
-          if constexpr (std::is_same_v<W, Int8Blocks>)  // lanes 0-3 the block's first group, 4-7 its second
+          if constexpr (Spans)
+            scale = _mm256_set1_ps(s.span_scale(c, m, b, b0));
+          else if constexpr (std::is_same_v<W, Int8Blocks>)  // lanes 0-3 the block's first group, 4-7 its second
             scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s.scale(c, m, b, b0))),
                                              _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
           else
             scale = _mm256_broadcast_ss(s.scale(c, m, b, b0));
-          acc[c][m] = _mm256_fmadd_ps(dot8<!std::is_same_v<W, Int4>>(codes, qv[m]), scale, acc[c][m]);
+          acc[c][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes[c][m]), scale, acc[c][m]);
         }
-      }
     }
   }
   for (int c = 0; c < C; ++c)
@@ -836,18 +922,19 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
 #elif MTPX_ISA == MTPX_ISA_NEON
 // 16 code products summed in fours: int32 lanes of bytes 4l..4l + 3, by widening multiplies and pairwise adds (no
 // pair sum exceeds int16), or by one SDOT where the CPU has the dot-product extension (the same sums)
-inline float32x4_t dot4(int8x16_t codes, int8x16_t q) {
+inline int32x4_t dot4(int8x16_t codes, int8x16_t q) {
 #if defined(MTPX_INT_DOT_VNNI) || defined(__ARM_FEATURE_DOTPROD)
-  return vcvtq_f32_s32(vdotq_s32(vdupq_n_s32(0), codes, q));
+  return vdotq_s32(vdupq_n_s32(0), codes, q);
 #else
   const int16x8_t lo = vmull_s8(vget_low_s8(codes), vget_low_s8(q)), hi = vmull_high_s8(codes, q);
-  return vcvtq_f32_s32(vpaddlq_s16(vpaddq_s16(lo, hi)));
+  return vpaddlq_s16(vpaddq_s16(lo, hi));
 #endif
 }
 
-template <int M, int C, typename W>
+template <bool Spans, int M, int C, typename W>
 void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
-  const int64_t blocks = K / kQBlock;
+  constexpr bool Scaled = kScaled<Spans, W>;
+  const int64_t blocks = K / kQBlock, span = Spans ? x.span / kQBlock : 1;
   float32x4_t acc[C][M][2];
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) acc[c][m][0] = acc[c][m][1] = vdupq_n_f32(0.f);
@@ -855,25 +942,44 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
   for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
     const int64_t b1 = std::min(blocks, b0 + kDotChunk);
     s.chunk(w, n, b0, b1);
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int c = 0; c < C; ++c) {
-        int8x16_t c0, c1;
-        if constexpr (std::is_same_v<W, Int4>) {
-          const uint8x16_t raw = vld1q_u8(w->codes + (n + c) * (K / 2) + b * 16);
-          c0 = vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0F)));
-          c1 = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
-        } else {
-          const int8_t* p = static_cast<const int8_t*>(dot_row(w, K, n + c)) + b * kQBlock;
-          c0 = vld1q_s8(p), c1 = vld1q_s8(p + 16);
+    for (int64_t b = b0; b < b1; b += span) {
+      int32x4_t lanes[C][M][2];
+      for (int c = 0; c < C; ++c)
+        for (int m = 0; m < M; ++m) lanes[c][m][0] = lanes[c][m][1] = vdupq_n_s32(0);
+      for (int64_t e = b; e < b + span; ++e)
+        for (int c = 0; c < C; ++c) {
+          int8x16_t c0, c1;
+          if constexpr (std::is_same_v<W, Int4>) {
+            const uint8x16_t raw = vld1q_u8(w->codes + (n + c) * (K / 2) + e * 16);
+            c0 = vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0F)));
+            c1 = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
+          } else {
+            const int8_t* p = static_cast<const int8_t*>(dot_row(w, K, n + c)) + e * kQBlock;
+            c0 = vld1q_s8(p), c1 = vld1q_s8(p + 16);
+          }
+          int32_t sc0 = 1, sc1 = 1;  // the halves' groups' sub-scales
+          if constexpr (Scaled) {
+            const int32_t* sc = s.sub_scales(c, e, b0);
+            sc0 = static_cast<int16_t>(sc[0]), sc1 = static_cast<int16_t>(sc[std::is_same_v<W, Int8Blocks> ? 1 : 0]);
+          }
+          for (int m = 0; m < M; ++m) {
+            const int8_t* q = x.q + m * K + e * kQBlock;
+            lanes[c][m][0] = vmlaq_n_s32(lanes[c][m][0], dot4(c0, vld1q_s8(q)), sc0);
+            lanes[c][m][1] = vmlaq_n_s32(lanes[c][m][1], dot4(c1, vld1q_s8(q + 16)), sc1);
+          }
         }
+      for (int c = 0; c < C; ++c)
         for (int m = 0; m < M; ++m) {
-          const int8_t* q = x.q + m * K + b * kQBlock;
-          const float* sc = s.scale(c, m, b, b0);  // int8 blocks: the second half's group two floats on
-          acc[c][m][0] = vfmaq_f32(acc[c][m][0], dot4(c0, vld1q_s8(q)), vdupq_n_f32(sc[0]));
-          acc[c][m][1] = vfmaq_f32(acc[c][m][1], dot4(c1, vld1q_s8(q + 16)),
-                                   vdupq_n_f32(sc[std::is_same_v<W, Int8Blocks> ? 2 : 0]));
+          float s0, s1;
+          if constexpr (Spans) {
+            s0 = s1 = s.span_scale(c, m, b, b0);
+          } else {
+            const float* sc = s.scale(c, m, b, b0);  // int8 blocks: the second half's group two floats on
+            s0 = sc[0], s1 = sc[std::is_same_v<W, Int8Blocks> ? 2 : 0];
+          }
+          acc[c][m][0] = vfmaq_f32(acc[c][m][0], vcvtq_f32_s32(lanes[c][m][0]), vdupq_n_f32(s0));
+          acc[c][m][1] = vfmaq_f32(acc[c][m][1], vcvtq_f32_s32(lanes[c][m][1]), vdupq_n_f32(s1));
         }
-      }
     }
   }
   for (int c = 0; c < C; ++c)
@@ -885,33 +991,46 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
 }
 
 #else  // scalar: the reference, lane by lane
-template <int M, int C, typename W>
+template <bool Spans, int M, int C, typename W>
 void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
-  const int64_t blocks = K / kQBlock;
+  constexpr bool Scaled = kScaled<Spans, W>;
+  const int64_t blocks = K / kQBlock, span = Spans ? x.span / kQBlock : 1;
   float acc[C][M][8] = {};
   DotScales<M, C, W> s(x, K);
   for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
     const int64_t b1 = std::min(blocks, b0 + kDotChunk);
     s.chunk(w, n, b0, b1);
-    for (int64_t b = b0; b < b1; ++b)
-      for (int c = 0; c < C; ++c) {
-        int32_t codes[kQBlock];  // in the block's element order
-        for (int64_t i = 0; i < kQBlock; ++i) {
-          if constexpr (std::is_same_v<W, Int4>) {
-            const uint8_t byte = w->codes[(n + c) * (K / 2) + b * 16 + i % 16];
-            codes[i] = i < 16 ? byte & 15 : byte >> 4;
-          } else {
-            codes[i] = static_cast<const int8_t*>(dot_row(w, K, n + c))[b * kQBlock + i];
+    for (int64_t b = b0; b < b1; b += span) {
+      int32_t lanes[C][M][8] = {};
+      for (int64_t e = b; e < b + span; ++e)
+        for (int c = 0; c < C; ++c) {
+          int32_t codes[kQBlock];  // in the block's element order
+          for (int64_t i = 0; i < kQBlock; ++i) {
+            if constexpr (std::is_same_v<W, Int4>) {
+              const uint8_t byte = w->codes[(n + c) * (K / 2) + e * 16 + i % 16];
+              codes[i] = i < 16 ? byte & 15 : byte >> 4;
+            } else {
+              codes[i] = static_cast<const int8_t*>(dot_row(w, K, n + c))[e * kQBlock + i];
+            }
           }
+          for (int m = 0; m < M; ++m)
+            for (int l = 0; l < 8; ++l) {
+              int32_t sum = 0;
+              for (int j = 0; j < 4; ++j) sum += codes[4 * l + j] * x.q[m * K + e * kQBlock + 4 * l + j];
+              int32_t sc = 1;
+              if constexpr (Scaled)
+                sc = static_cast<int16_t>(s.sub_scales(c, e, b0)[std::is_same_v<W, Int8Blocks> ? l / 4 : 0]);
+              lanes[c][m][l] += sum * sc;
+            }
         }
+      for (int c = 0; c < C; ++c)
         for (int m = 0; m < M; ++m)
           for (int l = 0; l < 8; ++l) {
-            int32_t sum = 0;
-            for (int j = 0; j < 4; ++j) sum += codes[4 * l + j] * x.q[m * K + b * kQBlock + 4 * l + j];
-            const float scale = s.scale(c, m, b, b0)[std::is_same_v<W, Int8Blocks> ? 2 * (l / 4) : 0];
-            acc[c][m][l] = std::fma(static_cast<float>(sum), scale, acc[c][m][l]);
+            const float scale = Spans ? s.span_scale(c, m, b, b0)
+                                      : s.scale(c, m, b, b0)[std::is_same_v<W, Int8Blocks> ? 2 * (l / 4) : 0];
+            acc[c][m][l] = std::fma(static_cast<float>(lanes[c][m][l]), scale, acc[c][m][l]);
           }
-      }
+    }
   }
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) {
@@ -934,7 +1053,8 @@ constexpr int kColumnsDot = MTPX_ISA == MTPX_ISA_AVX512 && std::is_same_v<W, Int
 template <int M, int C, typename X, typename W>
 void column_block(const X& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
   if constexpr (std::is_same_v<X, Q8Rows>) {
-    columns_dot<M, C>(x, w, K, n, out, N);
+    if (x.span == kQBlock) columns_dot<false, M, C>(x, w, K, n, out, N);
+    else columns_dot<true, M, C>(x, w, K, n, out, N);
   } else if constexpr (std::is_same_v<W, Int8Blocks>) {
     columns_int8_blocks<M, C>(x, w, K, n, out, N);
   } else {
@@ -980,8 +1100,9 @@ void matmul_rows(int64_t M, const float* x, const W* w, int64_t K, int64_t N, fl
       std::vector<int8_t> q_storage;
       int8_t* q = cache_aligned(q_storage, M * K);
       std::vector<float> dq(M * 2 * (K / kDotGroup<W>));
-      quantize_rows(x, M, K, kDotGroup<W>, q, dq.data());
-      return rows_of(M, Q8Rows{q, dq.data(), kDotGroup<W>}, w, K, N, out, parallel);
+      const int64_t span = dot_span(w, K);
+      quantize_rows(x, M, K, kDotGroup<W>, span, q, dq.data());
+      return rows_of(M, Q8Rows{q, dq.data(), kDotGroup<W>, span}, w, K, N, out, parallel);
     }
   }
   if constexpr (!std::is_same_v<W, Int4>) rows_of(M, x, w, K, N, out, parallel);
