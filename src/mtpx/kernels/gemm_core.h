@@ -643,36 +643,48 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, i
     }
 }
 
-// For the groups of `pairs` / 2 (scale, offset) pairs `so` of one output row and x's (d_s, t) pairs `dq` of one row:
-// ds[2i] = scale * d_s, and O[g % 4] = fma(offset, t, O[g % 4]) in group order, O kept in the odd lanes of
-// o[8] (the even lanes are not used). Groups start at a multiple of 4.
-inline void scale_pairs(const float* so, const float* dq, int64_t pairs, float* ds, float* o) {
+// For the groups of `pairs` / 2 (scale, offset) pairs `so` of one output row and x's (d_s, t) pairs `dq` of M rows
+// (`stride` floats apart): ds[m][2i] = scale * d_s (where Scales), and O[m][g % 4] = fma(offset, t, O[m][g % 4]) in
+// group order, O kept in the odd lanes of o[m][8] (the even lanes are not used). Groups start at a multiple of 4.
+// The rows' chains are interleaved: one row's is a chain of dependent FMAs.
+template <int M, bool Scales, int64_t Pairs>
+inline void scale_pairs(const float* so, const float* dq, int64_t stride, int64_t pairs, float (*ds)[Pairs],
+                        float (*o)[8]) {
   int64_t i = 0;
 #if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
-  __m256 acc = _mm256_loadu_ps(o);
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_loadu_ps(o[m]);
   for (; i + 8 <= pairs; i += 8) {
-    const __m256 a = _mm256_loadu_ps(so + i), b = _mm256_loadu_ps(dq + i);
-    _mm256_storeu_ps(ds + i, _mm256_mul_ps(a, b));
-    acc = _mm256_fmadd_ps(a, b, acc);
+    const __m256 a = _mm256_loadu_ps(so + i);
+    for (int m = 0; m < M; ++m) {
+      const __m256 b = _mm256_loadu_ps(dq + m * stride + i);
+      if (Scales) _mm256_storeu_ps(ds[m] + i, _mm256_mul_ps(a, b));
+      acc[m] = _mm256_fmadd_ps(a, b, acc[m]);
+    }
   }
-  _mm256_storeu_ps(o, acc);
+  for (int m = 0; m < M; ++m) _mm256_storeu_ps(o[m], acc[m]);
 #elif MTPX_ISA == MTPX_ISA_NEON
-  float32x4_t lo = vld1q_f32(o), hi = vld1q_f32(o + 4);
+  float32x4_t lo[M], hi[M];
+  for (int m = 0; m < M; ++m) lo[m] = vld1q_f32(o[m]), hi[m] = vld1q_f32(o[m] + 4);
   for (; i + 8 <= pairs; i += 8) {
-    const float32x4_t a0 = vld1q_f32(so + i), b0 = vld1q_f32(dq + i);
-    const float32x4_t a1 = vld1q_f32(so + i + 4), b1 = vld1q_f32(dq + i + 4);
-    vst1q_f32(ds + i, vmulq_f32(a0, b0));
-    vst1q_f32(ds + i + 4, vmulq_f32(a1, b1));
-    lo = vfmaq_f32(lo, a0, b0);
-    hi = vfmaq_f32(hi, a1, b1);
+    const float32x4_t a0 = vld1q_f32(so + i), a1 = vld1q_f32(so + i + 4);
+    for (int m = 0; m < M; ++m) {
+      const float32x4_t b0 = vld1q_f32(dq + m * stride + i), b1 = vld1q_f32(dq + m * stride + i + 4);
+      if (Scales) {
+        vst1q_f32(ds[m] + i, vmulq_f32(a0, b0));
+        vst1q_f32(ds[m] + i + 4, vmulq_f32(a1, b1));
+      }
+      lo[m] = vfmaq_f32(lo[m], a0, b0);
+      hi[m] = vfmaq_f32(hi[m], a1, b1);
+    }
   }
-  vst1q_f32(o, lo);
-  vst1q_f32(o + 4, hi);
+  for (int m = 0; m < M; ++m) vst1q_f32(o[m], lo[m]), vst1q_f32(o[m] + 4, hi[m]);
 #endif
-  for (; i < pairs; i += 2) {
-    ds[i] = so[i] * dq[i];
-    o[i % 8 + 1] = std::fma(so[i + 1], dq[i + 1], o[i % 8 + 1]);
-  }
+  for (; i < pairs; i += 2)
+    for (int m = 0; m < M; ++m) {
+      if (Scales) ds[m][i] = so[i] * dq[m * stride + i];
+      o[m][i % 8 + 1] = std::fma(so[i + 1], dq[m * stride + i + 1], o[m][i % 8 + 1]);
+    }
 }
 
 // output row n's codes
@@ -684,9 +696,9 @@ const void* dot_row(const W* w, int64_t K, int64_t n) {
 }
 
 // What a kernel of C output rows and M rows of x reads per block besides the codes, made a chunk of kDotChunk blocks
-// at a time: per group the (ds, offset term) pairs (scale_pairs) and the sub-scale sc (as two int16, the pattern
-// vpmaddwd takes), per span of several blocks its ds, and the offsets' four sums. int8 rows have none of them: their
-// scale is x's d_s.
+// at a time: the offsets' four sums (scale_pairs), and in spans of one block each group's ds, else each group's
+// sub-scale sc (as two int16, the pattern vpmaddwd takes) and each span's ds (at its first block). int8 rows have
+// none of them: their scale is x's d_s.
 template <int M, int C, typename W>
 struct DotScales {
   static constexpr int64_t per = kQBlock / kDotGroup<W>;  // groups a block
@@ -706,16 +718,27 @@ struct DotScales {
       const int64_t g0 = b0 * per, g1 = b1 * per;
       for (int c = 0; c < C; ++c) {
         expand_scales(w->s, c0 + c, g0, g1, so);
-        for (int m = 0; m < M; ++m) scale_pairs(so, x.dq + m * 2 * G + 2 * g0, 2 * (g1 - g0), ds[c][m], o[c][m]);
+        if (span_blocks == 1) scale_pairs<M, true>(so, x.dq + 2 * g0, 2 * G, 2 * (g1 - g0), ds[c], o[c]);
+        else scale_pairs<M, false>(so, x.dq + 2 * g0, 2 * G, 2 * (g1 - g0), ds[c], o[c]);
         if (span_blocks == 1) continue;
         const int64_t row = (c0 + c) * w->s.n_groups;
-        for (int64_t g = g0; g < g1; ++g) {
+        int64_t g = g0;
+#if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
+        // 8 groups a step: their (sc, m) bytes to sc, sc, widened to int16
+        const __m128i pick = _mm_setr_epi8(0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14);
+        for (; g + 8 <= g1; g += 8) {
+          const __m128i pairs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w->s.groups + 2 * (row + g)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(&subs[c][g - g0]),
+                              _mm256_cvtepi8_epi16(_mm_shuffle_epi8(pairs, pick)));
+        }
+#endif
+        for (; g < g1; ++g) {
           const uint16_t sc = static_cast<uint16_t>(w->s.groups[2 * (row + g)]);
           subs[c][g - g0] = static_cast<int32_t>(sc | static_cast<uint32_t>(sc) << 16);
         }
         for (int64_t b = b0; b < b1; b += span_blocks) {
           const float d = half_to_float(w->s.supers[2 * ((row + b * per) >> w->s.shift)]);
-          for (int m = 0; m < M; ++m) span_ds[c][m][(b - b0) / span_blocks] = d * x.dq[m * 2 * G + 2 * b * per];
+          for (int m = 0; m < M; ++m) span_ds[c][m][b - b0] = d * x.dq[m * 2 * G + 2 * b * per];
         }
       }
     }
@@ -728,7 +751,7 @@ struct DotScales {
   }
   // the ds of the span starting at block b
   float span_scale(int c, int m, int64_t b, int64_t b0) const {
-    if constexpr (kGrouped<W>) return span_ds[c][m][(b - b0) / span_blocks];
+    if constexpr (kGrouped<W>) return span_ds[c][m][b - b0];
     else return x.dq[m * 2 * G + 2 * b];
   }
   // block b's groups' sub-scales, each as two int16 (int8 blocks: its two groups')
@@ -779,18 +802,17 @@ inline __m256i sub_scales8(const int32_t* sc) {
 
 // lanes += the block's 8 int32 sums of 4 code products each, times the lanes' sub-scales where Scaled. Signed codes:
 // vpmaddubsw multiplies unsigned by signed bytes, so the weights' magnitudes meet x's codes carrying the weights'
-// signs (no pair sum exceeds int16). VNNI's vpdpbusd / vpdpwssd give the same int32 sums (no saturation to lose).
+// signs (no pair sum exceeds int16). VNNI's vpdpbusd gives the same int32 sums (no saturation to lose). Each sum is
+// made apart and then added: accumulating in vpdpbusd / vpdpwssd chains the blocks on their latency.
 template <bool Signed, bool Scaled>
 inline __m256i dot8(__m256i lanes, __m256i codes, __m256i q, __m256i sc) {
   const __m256i u = Signed ? _mm256_abs_epi8(codes) : codes, s = Signed ? _mm256_sign_epi8(q, codes) : q;
 #if defined(MTPX_INT_DOT_VNNI) && MTPX_ISA == MTPX_ISA_AVX512
-  return Scaled ? _mm256_dpwssd_epi32(lanes, _mm256_maddubs_epi16(u, s), sc) : _mm256_dpbusd_epi32(lanes, u, s);
+  if (!Scaled) return _mm256_add_epi32(lanes, _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
 #elif defined(MTPX_INT_DOT_VNNI)
-  return Scaled ? _mm256_dpwssd_avx_epi32(lanes, _mm256_maddubs_epi16(u, s), sc)
-                : _mm256_dpbusd_avx_epi32(lanes, u, s);
-#else
-  return _mm256_add_epi32(lanes, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), Scaled ? sc : _mm256_set1_epi16(1)));
+  if (!Scaled) return _mm256_add_epi32(lanes, _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s));
 #endif
+  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), Scaled ? sc : _mm256_set1_epi16(1)), lanes);
 }
 
 #if MTPX_ISA == MTPX_ISA_AVX512
@@ -809,10 +831,9 @@ inline __m512i dot_codes2(const Int4* w, int64_t K, int64_t n, int64_t b) {
 template <bool Scaled>
 inline __m512i dot16(__m512i lanes, __m512i codes, __m512i q, __m512i sc) {
 #ifdef MTPX_INT_DOT_VNNI
-  return Scaled ? _mm512_dpwssd_epi32(lanes, _mm512_maddubs_epi16(codes, q), sc) : _mm512_dpbusd_epi32(lanes, codes, q);
-#else
-  return _mm512_add_epi32(lanes, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, q), Scaled ? sc : _mm512_set1_epi16(1)));
+  if (!Scaled) return _mm512_add_epi32(lanes, _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, q));
 #endif
+  return _mm512_add_epi32(lanes, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, q), Scaled ? sc : _mm512_set1_epi16(1)));
 }
 
 template <bool Spans, int M, int C>
@@ -1046,7 +1067,7 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
 // per row and block for vpsignb, and int8 blocks a cross-lane shuffle of the scales, which cost more than pairing
 // saves)
 template <int M, typename W>
-constexpr int kColumnsDot = MTPX_ISA == MTPX_ISA_AVX512 && std::is_same_v<W, Int4> ? 2 : kColumns<M>;
+constexpr int kColumnsDot = (MTPX_ISA == MTPX_ISA_AVX512 || (MTPX_ISA == MTPX_ISA_AVX2 && M <= 4)) && std::is_same_v<W, Int4> ? 2 : kColumns<M>;
 
 
 // x: fp32 rows, or their Q8 codes for the integer kernels
