@@ -1062,12 +1062,14 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
 }
 #endif
 
-// Output columns the integer kernels compute together: AVX-512 int4 one pair (two weight streams a thread; four
-// were slower), the int8 formats one column in 8 lanes as AVX2 (their pairs take a sign mask and a masked subtract
-// per row and block for vpsignb, and int8 blocks a cross-lane shuffle of the scales, which cost more than pairing
-// saves)
+// Output columns the integer kernels compute together: int4 one pair (AVX-512; AVX2 up to 4 rows, where the pair's
+// 8 row accumulators still fit the 16 registers), as two streams a thread keep more of the bandwidth at one row
+// (four were slower); the int8 formats one column in 8 lanes (their pairs take a sign mask and a masked subtract per
+// row and block for vpsignb on AVX-512, and int8 blocks a cross-lane shuffle of the scales, which cost more than
+// pairing saves)
 template <int M, typename W>
-constexpr int kColumnsDot = (MTPX_ISA == MTPX_ISA_AVX512 || (MTPX_ISA == MTPX_ISA_AVX2 && M <= 4)) && std::is_same_v<W, Int4> ? 2 : kColumns<M>;
+constexpr int kColumnsDot =
+    (MTPX_ISA == MTPX_ISA_AVX512 || (MTPX_ISA == MTPX_ISA_AVX2 && M <= 4)) && std::is_same_v<W, Int4> ? 2 : kColumns<M>;
 
 
 // x: fp32 rows, or their Q8 codes for the integer kernels
