@@ -1062,15 +1062,16 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
 }
 #endif
 
-// Output columns the integer kernels compute together: int4 one pair (AVX-512; AVX2 up to 4 rows, where the pair's
-// 8 row accumulators still fit the 16 registers), as two streams a thread keep more of the bandwidth at one row
-// (four were slower); the int8 formats one column in 8 lanes (their pairs take a sign mask and a masked subtract per
-// row and block for vpsignb on AVX-512, and int8 blocks a cross-lane shuffle of the scales, which cost more than
-// pairing saves)
-template <int M, typename W>
+// Output columns the integer kernels compute together: int4 one pair (AVX-512; AVX2 in spans of several blocks up to
+// 4 rows, where the pair's 8 row accumulators still fit the 16 registers), as two streams a thread keep more of the
+// bandwidth at one row (four were slower); the int8 formats one column in 8 lanes (their pairs take a sign mask and
+// a masked subtract per row and block for vpsignb on AVX-512, and int8 blocks a cross-lane shuffle of the scales,
+// which cost more than pairing saves)
+template <int M, bool Spans, typename W>
 constexpr int kColumnsDot =
-    (MTPX_ISA == MTPX_ISA_AVX512 || (MTPX_ISA == MTPX_ISA_AVX2 && M <= 4)) && std::is_same_v<W, Int4> ? 2 : kColumns<M>;
-
+    (MTPX_ISA == MTPX_ISA_AVX512 || (MTPX_ISA == MTPX_ISA_AVX2 && Spans && M <= 4)) && std::is_same_v<W, Int4>
+        ? 2
+        : kColumns<M>;
 
 // x: fp32 rows, or their Q8 codes for the integer kernels
 template <int M, int C, typename X, typename W>
@@ -1089,14 +1090,23 @@ void column_block(const X& x, const W* w, int64_t K, int64_t n, float* out, int6
 
 // parallel(blocks, grain, fn) runs fn(begin, end) over [0, blocks) (on any threads: a block's bits do not depend on
 // which thread computes it)
-template <int M, typename X, typename W, typename Parallel>
-void rows(const X& x, const W* w, int64_t K, int64_t N, float* out, const Parallel& parallel) {
-  constexpr int C = std::is_same_v<X, Q8Rows> ? kColumnsDot<M, W> : kColumns<M>;
+template <int M, int C, typename X, typename W, typename Parallel>
+void rows_in(const X& x, const W* w, int64_t K, int64_t N, float* out, const Parallel& parallel) {
   const int64_t blocks = N / C;
   parallel(blocks, 64 / C, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) column_block<M, C>(x, w, K, b * C, out, N);
   });
   for (int64_t n = blocks * C; n < N; ++n) column_block<M, 1>(x, w, K, n, out, N);
+}
+
+template <int M, typename X, typename W, typename Parallel>
+void rows(const X& x, const W* w, int64_t K, int64_t N, float* out, const Parallel& parallel) {
+  if constexpr (std::is_same_v<X, Q8Rows>) {
+    if (x.span == kQBlock) return rows_in<M, kColumnsDot<M, false, W>>(x, w, K, N, out, parallel);
+    return rows_in<M, kColumnsDot<M, true, W>>(x, w, K, N, out, parallel);
+  } else {
+    rows_in<M, kColumns<M>>(x, w, K, N, out, parallel);
+  }
 }
 
 template <typename X, typename W, typename Parallel>
