@@ -856,7 +856,8 @@ void column_pairs_dot(const Q8Rows& x, const Int4* w, int64_t K, int64_t n, floa
       for (int64_t e = b; e < b + span; ++e) {
         __m512i qv[M];
         for (int m = 0; m < M; ++m)
-          qv[m] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + e * kQBlock)));
+          qv[m] = _mm512_broadcast_i64x4(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + e * kQBlock)));
         for (int p = 0; p < P; ++p) {
           const int c = 2 * p;
           if ((e * bytes) % 64 == 0)
