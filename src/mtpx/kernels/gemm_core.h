@@ -718,9 +718,11 @@ struct DotScales {
       const int64_t g0 = b0 * per, g1 = b1 * per;
       for (int c = 0; c < C; ++c) {
         expand_scales(w->s, c0 + c, g0, g1, so);
-        if (span_blocks == 1) scale_pairs<M, true>(so, x.dq + 2 * g0, 2 * G, 2 * (g1 - g0), ds[c], o[c]);
-        else scale_pairs<M, false>(so, x.dq + 2 * g0, 2 * G, 2 * (g1 - g0), ds[c], o[c]);
-        if (span_blocks == 1) continue;
+        if (span_blocks == 1) {
+          scale_pairs<M, true>(so, x.dq + 2 * g0, 2 * G, 2 * (g1 - g0), ds[c], o[c]);
+          continue;
+        }
+        scale_pairs<M, false>(so, x.dq + 2 * g0, 2 * G, 2 * (g1 - g0), ds[c], o[c]);
         const int64_t row = (c0 + c) * w->s.n_groups;
         int64_t g = g0;
 #if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
@@ -812,7 +814,7 @@ inline __m256i dot8(__m256i lanes, __m256i codes, __m256i q, __m256i sc) {
 #elif defined(MTPX_INT_DOT_VNNI)
   if (!Scaled) return _mm256_add_epi32(lanes, _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s));
 #endif
-  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), Scaled ? sc : _mm256_set1_epi16(1)), lanes);
+  return _mm256_add_epi32(lanes, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), Scaled ? sc : _mm256_set1_epi16(1)));
 }
 
 #if MTPX_ISA == MTPX_ISA_AVX512
@@ -872,12 +874,9 @@ void column_pairs_dot(const Q8Rows& x, const Int4* w, int64_t K, int64_t n, floa
       }
       for (int p = 0; p < P; ++p)
         for (int m = 0; m < M; ++m) {
-          const int c = 2 * p;
+          const auto scale_of = [&](int c) { return Spans ? s.span_scale(c, m, b, b0) : *s.scale(c, m, b, b0); };
           const __m512 scale =
-              Spans ? _mm512_insertf32x8(_mm512_set1_ps(s.span_scale(c, m, b, b0)),
-                                         _mm256_set1_ps(s.span_scale(c + 1, m, b, b0)), 1)
-                    : _mm512_insertf32x8(_mm512_set1_ps(*s.scale(c, m, b, b0)),
-                                         _mm256_set1_ps(*s.scale(c + 1, m, b, b0)), 1);
+              _mm512_insertf32x8(_mm512_set1_ps(scale_of(2 * p)), _mm256_set1_ps(scale_of(2 * p + 1)), 1);
           acc[p][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes[p][m]), scale, acc[p][m]);
         }
     }
@@ -1074,12 +1073,11 @@ constexpr int kColumnsDot =
         ? 2
         : kColumns<M>;
 
-// x: fp32 rows, or their Q8 codes for the integer kernels
-template <int M, int C, typename X, typename W>
+// x: fp32 rows, or their Q8 codes for the integer kernels (in spans of several blocks where Spans)
+template <int M, int C, bool Spans, typename X, typename W>
 void column_block(const X& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
   if constexpr (std::is_same_v<X, Q8Rows>) {
-    if (x.span == kQBlock) columns_dot<false, M, C>(x, w, K, n, out, N);
-    else columns_dot<true, M, C>(x, w, K, n, out, N);
+    columns_dot<Spans, M, C>(x, w, K, n, out, N);
   } else if constexpr (std::is_same_v<W, Int8Blocks>) {
     columns_int8_blocks<M, C>(x, w, K, n, out, N);
   } else {
@@ -1091,22 +1089,22 @@ void column_block(const X& x, const W* w, int64_t K, int64_t n, float* out, int6
 
 // parallel(blocks, grain, fn) runs fn(begin, end) over [0, blocks) (on any threads: a block's bits do not depend on
 // which thread computes it)
-template <int M, int C, typename X, typename W, typename Parallel>
+template <int M, int C, bool Spans, typename X, typename W, typename Parallel>
 void rows_in(const X& x, const W* w, int64_t K, int64_t N, float* out, const Parallel& parallel) {
   const int64_t blocks = N / C;
   parallel(blocks, 64 / C, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) column_block<M, C>(x, w, K, b * C, out, N);
+    for (int64_t b = begin; b < end; ++b) column_block<M, C, Spans>(x, w, K, b * C, out, N);
   });
-  for (int64_t n = blocks * C; n < N; ++n) column_block<M, 1>(x, w, K, n, out, N);
+  for (int64_t n = blocks * C; n < N; ++n) column_block<M, 1, Spans>(x, w, K, n, out, N);
 }
 
 template <int M, typename X, typename W, typename Parallel>
 void rows(const X& x, const W* w, int64_t K, int64_t N, float* out, const Parallel& parallel) {
   if constexpr (std::is_same_v<X, Q8Rows>) {
-    if (x.span == kQBlock) return rows_in<M, kColumnsDot<M, false, W>>(x, w, K, N, out, parallel);
-    return rows_in<M, kColumnsDot<M, true, W>>(x, w, K, N, out, parallel);
+    if (x.span == kQBlock) return rows_in<M, kColumnsDot<M, false, W>, false>(x, w, K, N, out, parallel);
+    return rows_in<M, kColumnsDot<M, true, W>, true>(x, w, K, N, out, parallel);
   } else {
-    rows_in<M, kColumns<M>>(x, w, K, N, out, parallel);
+    rows_in<M, kColumns<M>, false>(x, w, K, N, out, parallel);
   }
 }
 
