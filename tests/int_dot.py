@@ -3,7 +3,8 @@ independently in PyTorch, to the bit: x quantized per row and span to int8 (d = 
 nearest even; the span is the weight's super-block, 32 to 256 elements, int8 rows 256), exact integer sums of 4
 code products per lane (over a span of several blocks, each block's sum times its group's sub-scale), then the
 kernels' one float order (lanes accumulated span after span by fused multiply-adds, a fixed tree, the offsets' four
-sums). reference(x, w) returns what kernels.rowgemm_int4 / rowgemm_int8_blocks / rowgemm_int8 return for x [M, K]
+sums; int4 in spans of several blocks: the span's whole integer sums, of code products and of the groups' m times
+the sums of x's codes, each accumulated by one fused multiply-add a span). reference(x, w) returns what kernels.rowgemm_int4 / rowgemm_int8_blocks / rowgemm_int8 return for x [M, K]
 with K a multiple of 32."""
 from __future__ import annotations
 
@@ -86,14 +87,26 @@ def reference(x: torch.Tensor, w) -> torch.Tensor:
     else:
         lanes = lanes.reshape(M, N, S, -1, 8).sum(3)
         ds = d[:, None, :, None]
-    lanes = lanes.float()  # to nearest, ties to even, as the kernels' int32 conversion
-    ds = ds.expand(M, N, lanes.shape[2], 8)
-    acc = torch.zeros(M, N, 8)
-    for b in range(lanes.shape[2]):
-        acc = fma32(lanes[:, :, b], ds[:, :, b], acc)
-    s4 = acc[..., :4] + acc[..., 4:]
-    out = (s4[..., 0] + s4[..., 2]) + (s4[..., 1] + s4[..., 3])
-    if grouped:
+    whole = int4 and span > BLOCK
+    if whole:  # a span's whole integer sums of code products and of offsets, one accumulator
+        per_span = span // BLOCK
+        qsum = q.sum(-1).reshape(M, 1, S, per_span)  # [M, 1, S, groups a span], exact
+        u = (w.groups[..., 1].double().reshape(1, N, S, per_span) * qsum).sum(-1).float()  # [M, N, S], exact
+        dmin = w.supers[:, torch.arange(S) * span // (w.GROUP * w.per_super), 1].float()  # [N, S]
+        dm = dmin[None] * d[:, None, :]  # one rounding
+        totals, ds = lanes.sum(-1).float(), ds[..., 0].expand(M, N, S)  # to nearest even, as the int32 conversion
+        out = torch.zeros(M, N)
+        for s_ in range(S):
+            out = fma32(u[:, :, s_], dm[:, :, s_], fma32(totals[:, :, s_], ds[:, :, s_], out))
+    else:
+        lanes = lanes.float()  # to nearest, ties to even, as the kernels' int32 conversion
+        ds = ds.expand(M, N, lanes.shape[2], 8)
+        acc = torch.zeros(M, N, 8)
+        for b in range(lanes.shape[2]):
+            acc = fma32(lanes[:, :, b], ds[:, :, b], acc)
+        s4 = acc[..., :4] + acc[..., 4:]
+        out = (s4[..., 0] + s4[..., 2]) + (s4[..., 1] + s4[..., 3])
+    if grouped and not whole:  # (whole spans have their offsets in the accumulator)
         G = offset.shape[1]
         qsum = q.reshape(M, G, -1).sum(-1).float()  # exact
         sums = d.repeat_interleave(span // w.GROUP, dim=1) * qsum  # [M, G]
@@ -101,6 +114,6 @@ def reference(x: torch.Tensor, w) -> torch.Tensor:
         for g in range(G):
             o[..., g % 4] = fma32(offset[None, :, g].expand(M, N), sums[:, None, g].expand(M, N), o[..., g % 4])
         out = out + ((o[..., 0] + o[..., 2]) + (o[..., 1] + o[..., 3]))
-    else:
+    elif not grouped:
         out = out * w.scale.float()[None]
     return out.to(x.dtype)

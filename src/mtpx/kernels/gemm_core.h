@@ -557,7 +557,14 @@ void columns_int8_blocks(const float* x, const Int8Blocks* w, int64_t K, int64_t
 // and the lanes are summed by one fixed tree (4 apart, then 2, 1). A group's offset enters as
 //   fma(offset, t, O[g % 4]) in group order, t = d_s * float(the sum of x's codes over the group),
 // the four sums O added as (O0 + O2) + (O1 + O3), then added to the lanes' sum. (int8 rows: the row's scale
-// multiplies the result afterwards, as on the float path.) tests/int_dot.py computes the same in PyTorch.
+// multiplies the result afterwards, as on the float path.)
+// int4 in spans of several blocks ("whole" spans) instead keeps every integer sum whole: per span the exact sum I of
+// all its code products times their groups' sc, and the exact sum U of its groups' m times the sums of x's codes
+// over them, then one accumulator,
+//   acc = fma(float(U), dmin * d_s, fma(float(I), d * d_s, acc))   span after span,
+// so that a kernel may gather a span's products in any order (columns_dot_span_order adds 16-bit products of all
+// the span's blocks before applying the sub-scales) and makes no float per group. tests/int_dot.py computes all
+// of this in PyTorch.
 constexpr int64_t kQBlock = 32;
 constexpr int64_t kMaxSpan = 256;
 // Blocks whose (ds, offset term) pairs are made at a time, onto the stack (a whole number of spans)
@@ -565,9 +572,11 @@ constexpr int64_t kDotChunk = 64;
 
 // x's codes, and per weight group and row the pair (d_s, d_s * the sum of the group's codes), groups of `group`
 struct Q8Rows {
-  const int8_t* q;   // [M, K]
-  const float* dq;   // [M, 2 * K / group]
+  const int8_t* q;       // [M, K], in span order where span_order
+  const float* dq;       // [M, 2 * K / group]
+  const int16_t* qsum;   // [M, K / group]: the sums of each group's codes
   int64_t group, span;
+  bool span_order = false;
 };
 
 template <typename W>
@@ -589,9 +598,10 @@ int64_t dot_span(const W* w, int64_t K) {
   return span;
 }
 
-// x [M, K] (fp32) -> codes and pairs, `group` dividing kQBlock, `span` a multiple of kQBlock dividing K. Division and
-// rounding are IEEE operations, so every instruction set's version gives the same codes and scales.
-inline void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, int64_t span, int8_t* q, float* dq) {
+// x [M, K] (fp32) -> codes, pairs and group sums, `group` dividing kQBlock, `span` a multiple of kQBlock dividing K.
+// Division and rounding are IEEE operations, so every instruction set's version gives the same codes and scales.
+inline void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, int64_t span, int8_t* q, float* dq,
+                          int16_t* qsum) {
   const int64_t per = span / group, G = K / group;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; k += span) {
@@ -639,8 +649,21 @@ inline void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, i
         float* pair = dq + m * 2 * G + 2 * (k / group + p);
         pair[0] = d;
         pair[1] = d * static_cast<float>(sum);
+        qsum[m * G + k / group + p] = static_cast<int16_t>(sum);
       }
     }
+}
+
+// x's codes [n] (spans of 8 blocks) rearranged for columns_dot_span_order: 32 bytes t of a span hold, in 4-byte
+// lane i, elements 4t..4t + 3 of its block kSpanOrder[i] (the order AVX2's in-lane unpacks leave the codes in)
+alignas(32) constexpr int32_t kSpanOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+inline void span_order(int8_t* q, int64_t n) {
+  alignas(32) int8_t ordered[8 * kQBlock];
+  for (int64_t k = 0; k < n; k += 8 * kQBlock) {
+    for (int t = 0; t < 8; ++t)
+      for (int i = 0; i < 8; ++i) std::memcpy(ordered + 32 * t + 4 * i, q + k + kQBlock * kSpanOrder[i] + 4 * t, 4);
+    std::memcpy(q + k, ordered, sizeof ordered);
+  }
 }
 
 // For the groups of `pairs` / 2 (scale, offset) pairs `so` of one output row and x's (d_s, t) pairs `dq` of M rows
@@ -698,31 +721,39 @@ const void* dot_row(const W* w, int64_t K, int64_t n) {
 // What a kernel of C output rows and M rows of x reads per block besides the codes, made a chunk of kDotChunk blocks
 // at a time: the offsets' four sums (scale_pairs), and in spans of one block each group's ds, else each group's
 // sub-scale sc (as two int16, the pattern vpmaddwd takes) and each span's ds (at its first block). int8 rows have
-// none of them: their scale is x's d_s.
+// none of them: their scale is x's d_s. int4 in spans of several blocks ("whole" spans) takes its offsets a span at
+// a time too: the exact integer sum U of the groups' m times the sums of x's codes over them, and dm = dmin * d_s.
 template <int M, int C, typename W>
 struct DotScales {
   static constexpr int64_t per = kQBlock / kDotGroup<W>;  // groups a block
   static constexpr int64_t kGroups = kGrouped<W> ? kDotChunk * per : 1;  // a chunk's
+  static constexpr int64_t kSpans = kGrouped<W> ? kDotChunk : 1;
+  static constexpr int64_t kWholeSpans = std::is_same_v<W, Int4> ? kDotChunk : 1;
   float so[2 * kGroups];
   float ds[C][M][2 * kGroups];
-  float span_ds[C][M][kGrouped<W> ? kDotChunk : 1];
+  float span_ds[C][kSpans][M];  // each at its span's first block, the rows' side by side
+  float span_dm[C][kWholeSpans][M];
+  int32_t span_u[C][kWholeSpans][M];
   int32_t subs[C][kGroups];
   float o[C][M][8] = {};
   const Q8Rows& x;
   int64_t K, G, span_blocks;
+  bool whole;
 
-  DotScales(const Q8Rows& rows, int64_t k) : x(rows), K(k), G(k / kDotGroup<W>), span_blocks(rows.span / kQBlock) {}
+  DotScales(const Q8Rows& rows, int64_t k)
+      : x(rows), K(k), G(k / kDotGroup<W>), span_blocks(rows.span / kQBlock),
+        whole(std::is_same_v<W, Int4> && span_blocks > 1) {}
   // blocks [b0, b1) of output rows c0..c0 + C - 1
   void chunk(const W* w, int64_t c0, int64_t b0, int64_t b1) {
     if constexpr (kGrouped<W>) {
       const int64_t g0 = b0 * per, g1 = b1 * per;
       for (int c = 0; c < C; ++c) {
-        expand_scales(w->s, c0 + c, g0, g1, so);
+        if (!whole) expand_scales(w->s, c0 + c, g0, g1, so);
         if (span_blocks == 1) {
           scale_pairs<M, true>(so, x.dq + 2 * g0, 2 * G, 2 * (g1 - g0), ds[c], o[c]);
           continue;
         }
-        scale_pairs<M, false>(so, x.dq + 2 * g0, 2 * G, 2 * (g1 - g0), ds[c], o[c]);
+        if (!whole) scale_pairs<M, false>(so, x.dq + 2 * g0, 2 * G, 2 * (g1 - g0), ds[c], o[c]);
         const int64_t row = (c0 + c) * w->s.n_groups;
         int64_t g = g0;
 #if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
@@ -739,11 +770,49 @@ struct DotScales {
           subs[c][g - g0] = static_cast<int32_t>(sc | static_cast<uint32_t>(sc) << 16);
         }
         for (int64_t b = b0; b < b1; b += span_blocks) {
-          const float d = half_to_float(w->s.supers[2 * ((row + b * per) >> w->s.shift)]);
-          for (int m = 0; m < M; ++m) span_ds[c][m][b - b0] = d * x.dq[m * 2 * G + 2 * b * per];
+          const uint16_t* dd = w->s.supers + 2 * ((row + b * per) >> w->s.shift);
+          const float d = half_to_float(dd[0]);
+          for (int m = 0; m < M; ++m) span_ds[c][b - b0][m] = d * x.dq[m * 2 * G + 2 * b * per];
+          if constexpr (std::is_same_v<W, Int4>) {
+            const float dmin = half_to_float(dd[1]);
+            for (int m = 0; m < M; ++m) span_dm[c][b - b0][m] = dmin * x.dq[m * 2 * G + 2 * b * per];
+            offset_sums(w->s.groups + 2 * (row + b), b, span_u[c][b - b0]);
+          }
         }
       }
     }
+  }
+  // u[m] = the sum over the span's groups (from group g, `pairs` their (sc, m) bytes) of m times row m's code sum
+  void offset_sums(const int8_t* pairs, int64_t g, int32_t* u) const {
+    int m = 0;
+#if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
+    if (span_blocks == 8) {  // 8 groups' m as int16, against each row's 8 sums by vpmaddwd
+      const __m128i odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs));
+      const __m128i ms = _mm_cvtepi8_epi16(_mm_shuffle_epi8(bytes, odd));
+      const auto products = [&](int r) {
+        return _mm_madd_epi16(ms, _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.qsum + r * G + g)));
+      };
+      for (; m + 4 <= M; m += 4)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(u + m),
+                         _mm_hadd_epi32(_mm_hadd_epi32(products(m), products(m + 1)),
+                                        _mm_hadd_epi32(products(m + 2), products(m + 3))));
+      for (; m < M; ++m) {
+        const __m128i p = _mm_hadd_epi32(products(m), products(m));
+        u[m] = _mm_cvtsi128_si32(_mm_hadd_epi32(p, p));
+      }
+    }
+#endif
+    for (; m < M; ++m) {
+      int32_t sum = 0;
+      for (int64_t i = 0; i < span_blocks; ++i) sum += pairs[2 * i + 1] * x.qsum[m * G + g + i];
+      u[m] = sum;
+    }
+  }
+  // a whole span's float part for the integer sum of its code products, onto acc
+  float whole_span(int c, int m, int64_t b, int64_t b0, int32_t sum, float acc) const {
+    acc = std::fma(static_cast<float>(sum), span_ds[c][b - b0][m], acc);
+    return std::fma(static_cast<float>(span_u[c][b - b0][m]), span_dm[c][b - b0][m], acc);
   }
   // block b's scale (b0 its chunk's first) in spans of one block: int4 its group's; int8 blocks its first group's,
   // the second's two floats on; int8 rows x's d
@@ -753,21 +822,23 @@ struct DotScales {
   }
   // the ds of the span starting at block b
   float span_scale(int c, int m, int64_t b, int64_t b0) const {
-    if constexpr (kGrouped<W>) return span_ds[c][m][b - b0];
+    if constexpr (kGrouped<W>) return span_ds[c][b - b0][m];
     else return x.dq[m * 2 * G + 2 * b];
   }
   // block b's groups' sub-scales, each as two int16 (int8 blocks: its two groups')
   const int32_t* sub_scales(int c, int64_t b, int64_t b0) const { return &subs[c][per * (b - b0)]; }
-  // the lanes' tree plus the offsets' (O0 + O2) + (O1 + O3)
+  // the lanes' tree plus the offsets' (O0 + O2) + (O1 + O3) (whole spans: their accumulator, offsets in it)
   float total(int c, int m, float lanes) const {
-    return kGrouped<W> ? lanes + ((o[c][m][1] + o[c][m][5]) + (o[c][m][3] + o[c][m][7])) : lanes;
+    return kGrouped<W> && !whole ? lanes + ((o[c][m][1] + o[c][m][5]) + (o[c][m][3] + o[c][m][7])) : lanes;
   }
 };
 
 // The loops below take spans of several blocks (Spans) or of one (the sub-scales then in ds); Scaled: the integer
-// sums take sub-scales
+// sums take sub-scales; Whole: a span's lanes are summed exactly before the float part
 template <bool Spans, typename W>
 constexpr bool kScaled = Spans && kGrouped<W>;
+template <bool Spans, typename W>
+constexpr bool kWhole = Spans && std::is_same_v<W, Int4>;
 
 #if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
 // the 8 lanes summed by a fixed tree (4 apart, then 2, 1). (AVX-512 runs these 8-lane loops too: 16 lanes would take
@@ -776,6 +847,12 @@ inline float reduce8(__m256 v) {
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+// the 8 int32 lanes' exact sum
+inline int32_t sum8(__m256i v) {
+  const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
 }
 
 // block b's 32 codes of output row n, as bytes in the block's element order
@@ -841,9 +918,10 @@ inline __m512i dot16(__m512i lanes, __m512i codes, __m512i q, __m512i sc) {
 template <bool Spans, int M, int C>
 void column_pairs_dot(const Q8Rows& x, const Int4* w, int64_t K, int64_t n, float* out, int64_t N) {
   constexpr int P = C / 2;
-  constexpr bool Scaled = kScaled<Spans, Int4>;
+  constexpr bool Scaled = kScaled<Spans, Int4>, Whole = kWhole<Spans, Int4>;
   constexpr int64_t bytes = 16;  // codes of a block
   const int64_t blocks = K / kQBlock, span = Spans ? x.span / kQBlock : 1;
+  float whole[C][M] = {};
   __m512 acc[P][M];
   for (int p = 0; p < P; ++p)
     for (int m = 0; m < M; ++m) acc[p][m] = _mm512_setzero_ps();
@@ -874,6 +952,14 @@ void column_pairs_dot(const Q8Rows& x, const Int4* w, int64_t K, int64_t n, floa
       }
       for (int p = 0; p < P; ++p)
         for (int m = 0; m < M; ++m) {
+          if constexpr (Whole) {
+            for (int i = 0; i < 2; ++i) {
+              const __m256i half =
+                  i == 0 ? _mm512_castsi512_si256(lanes[p][m]) : _mm512_extracti64x4_epi64(lanes[p][m], 1);
+              whole[2 * p + i][m] = s.whole_span(2 * p + i, m, b, b0, sum8(half), whole[2 * p + i][m]);
+            }
+            continue;
+          }
           const auto scale_of = [&](int c) { return Spans ? s.span_scale(c, m, b, b0) : *s.scale(c, m, b, b0); };
           const __m512 scale =
               _mm512_insertf32x8(_mm512_set1_ps(scale_of(2 * p)), _mm256_set1_ps(scale_of(2 * p + 1)), 1);
@@ -885,19 +971,95 @@ void column_pairs_dot(const Q8Rows& x, const Int4* w, int64_t K, int64_t n, floa
     for (int m = 0; m < M; ++m)
       for (int i = 0; i < 2; ++i) {
         const __m256 half = i == 0 ? _mm512_castps512_ps256(acc[p][m]) : _mm512_extractf32x8_ps(acc[p][m], 1);
-        out[m * N + n + 2 * p + i] = s.total(2 * p + i, m, reduce8(half));
+        out[m * N + n + 2 * p + i] = s.total(2 * p + i, m, Whole ? whole[2 * p + i][m] : reduce8(half));
       }
+}
+#endif
+
+#if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
+// int4 in spans of 8 blocks, x's codes in span order (span_order), in AVX2 registers (the AVX-512 build too, where
+// it beat the column pairs). Block by block, applying the sub-scales takes a vpmaddwd and an add per block and row;
+// here each 32 bytes of codes hold 4 of every block's 32, so that 16-bit lane pair i always belongs to block
+// kSpanOrder[i]: a span's products add up in 16 bits (8 * 2 * 15 * 127 < 2^15) and take one vpmaddwd a span and
+// row. The span's 128 bytes of codes are regrouped by 8 in-lane unpacks.
+template <int M, int C>
+void columns_dot_span_order(const Q8Rows& x, const Int4* w, int64_t K, int64_t n, float* out, int64_t N) {
+  const int64_t blocks = K / kQBlock;
+  float whole[C][M] = {};
+  DotScales<M, C, Int4> s(x, K);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSpanOrder));
+  for (int64_t b0 = 0; b0 < blocks; b0 += kDotChunk) {
+    const int64_t b1 = std::min(blocks, b0 + kDotChunk);
+    s.chunk(w, n, b0, b1);
+    for (int64_t b = b0; b < b1; b += 8) {
+      __m256i lanes[C * M];  // per column and row: the span's sums, as 8 int32
+      for (int c = 0; c < C; ++c) {
+        // the span's 8 blocks of 16 bytes as 4 registers, register u holding bytes 4u..4u + 3 of every block
+        const uint8_t* p = w->codes + (n + c) * (K / 2) + b * 16;
+        prefetch(reinterpret_cast<const char*>(p), 4096);
+        prefetch(reinterpret_cast<const char*>(p) + 64, 4096);
+        __m256i a[4];
+        for (int i = 0; i < 4; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * i));
+        const __m256i lo01 = _mm256_unpacklo_epi32(a[0], a[1]), hi01 = _mm256_unpackhi_epi32(a[0], a[1]);
+        const __m256i lo23 = _mm256_unpacklo_epi32(a[2], a[3]), hi23 = _mm256_unpackhi_epi32(a[2], a[3]);
+        const __m256i r[4] = {_mm256_unpacklo_epi64(lo01, lo23), _mm256_unpackhi_epi64(lo01, lo23),
+                              _mm256_unpacklo_epi64(hi01, hi23), _mm256_unpackhi_epi64(hi01, hi23)};
+        // elements 4t..4t + 3 of each block: the low nibbles of bytes 4t.., then (t >= 4) the high ones
+        __m256i codes[8];
+        for (int t = 0; t < 4; ++t) {
+          codes[t] = _mm256_and_si256(r[t], low);
+          codes[t + 4] = _mm256_and_si256(_mm256_srli_epi16(r[t], 4), low);
+        }
+        const __m256i sc = _mm256_permutevar8x32_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.sub_scales(c, b, b0))), order);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* q = x.q + m * K + b * kQBlock;
+          const auto products = [&](int t) {
+            return _mm256_maddubs_epi16(codes[t], _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32 * t)));
+          };
+          __m256i even = products(0), odd = products(1);
+          for (int t = 2; t < 8; t += 2) {
+            even = _mm256_add_epi16(even, products(t));
+            odd = _mm256_add_epi16(odd, products(t + 1));
+          }
+          lanes[c * M + m] = _mm256_madd_epi16(_mm256_add_epi16(even, odd), sc);
+        }
+      }
+      // the sums of 4 rows at a time by horizontal adds, and their float part (whole_span) as vectors
+      for (int c = 0; c < C; ++c) {
+        const int64_t i = b - b0;
+        constexpr int fours = M / 4 * 4;
+        for (int m = 0; m < fours; m += 4) {
+          const __m256i* v = lanes + c * M + m;
+          const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+          const __m128 sums = _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+          const __m128 acc = _mm_fmadd_ps(sums, _mm_loadu_ps(&s.span_ds[c][i][m]), _mm_loadu_ps(&whole[c][m]));
+          const __m128 u = _mm_cvtepi32_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(&s.span_u[c][i][m])));
+          _mm_storeu_ps(&whole[c][m], _mm_fmadd_ps(u, _mm_loadu_ps(&s.span_dm[c][i][m]), acc));
+        }
+        for (int m = fours; m < M; ++m) whole[c][m] = s.whole_span(c, m, b, b0, sum8(lanes[c * M + m]), whole[c][m]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int m = 0; m < M; ++m) out[m * N + n + c] = s.total(c, m, whole[c][m]);
 }
 #endif
 
 template <bool Spans, int M, int C, typename W>
 void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
+#if MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512
+  if constexpr (kWhole<Spans, W>)
+    if (x.span_order) return columns_dot_span_order<M, C>(x, w, K, n, out, N);
+#endif
 #if MTPX_ISA == MTPX_ISA_AVX512
   if constexpr (std::is_same_v<W, Int4> && C % 2 == 0) return column_pairs_dot<Spans, M, C>(x, w, K, n, out, N);
 #endif
-  constexpr bool Signed = !std::is_same_v<W, Int4>, Scaled = kScaled<Spans, W>;
+  constexpr bool Signed = !std::is_same_v<W, Int4>, Scaled = kScaled<Spans, W>, Whole = kWhole<Spans, W>;
   constexpr int64_t bytes = std::is_same_v<W, Int4> ? 16 : 32;  // codes of a block
   const int64_t blocks = K / kQBlock, span = Spans ? x.span / kQBlock : 1;
+  float whole[C][M] = {};
   __m256 acc[C][M];
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) acc[c][m] = _mm256_setzero_ps();
@@ -923,6 +1085,10 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
       }
       for (int c = 0; c < C; ++c)
         for (int m = 0; m < M; ++m) {
+          if constexpr (Whole) {
+            whole[c][m] = s.whole_span(c, m, b, b0, sum8(lanes[c][m]), whole[c][m]);
+            continue;
+          }
           __m256 scale;
           if constexpr (Spans)
             scale = _mm256_set1_ps(s.span_scale(c, m, b, b0));
@@ -936,8 +1102,7 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
     }
   }
   for (int c = 0; c < C; ++c)
-    for (int m = 0; m < M; ++m)
-      out[m * N + n + c] = s.total(c, m, reduce8(acc[c][m]));
+    for (int m = 0; m < M; ++m) out[m * N + n + c] = s.total(c, m, Whole ? whole[c][m] : reduce8(acc[c][m]));
 }
 
 #elif MTPX_ISA == MTPX_ISA_NEON
@@ -954,8 +1119,9 @@ inline int32x4_t dot4(int8x16_t codes, int8x16_t q) {
 
 template <bool Spans, int M, int C, typename W>
 void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
-  constexpr bool Scaled = kScaled<Spans, W>;
+  constexpr bool Scaled = kScaled<Spans, W>, Whole = kWhole<Spans, W>;
   const int64_t blocks = K / kQBlock, span = Spans ? x.span / kQBlock : 1;
+  float whole[C][M] = {};
   float32x4_t acc[C][M][2];
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) acc[c][m][0] = acc[c][m][1] = vdupq_n_f32(0.f);
@@ -991,6 +1157,10 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
         }
       for (int c = 0; c < C; ++c)
         for (int m = 0; m < M; ++m) {
+          if constexpr (Whole) {
+            whole[c][m] = s.whole_span(c, m, b, b0, vaddvq_s32(vaddq_s32(lanes[c][m][0], lanes[c][m][1])), whole[c][m]);
+            continue;
+          }
           float s0, s1;
           if constexpr (Spans) {
             s0 = s1 = s.span_scale(c, m, b, b0);
@@ -1007,14 +1177,14 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
     for (int m = 0; m < M; ++m) {
       const float32x4_t s4 = vaddq_f32(acc[c][m][0], acc[c][m][1]);
       const float lanes = (vgetq_lane_f32(s4, 0) + vgetq_lane_f32(s4, 2)) + (vgetq_lane_f32(s4, 1) + vgetq_lane_f32(s4, 3));
-      out[m * N + n + c] = s.total(c, m, lanes);
+      out[m * N + n + c] = s.total(c, m, Whole ? whole[c][m] : lanes);
     }
 }
 
 #else  // scalar: the reference, lane by lane
 template <bool Spans, int M, int C, typename W>
 void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, int64_t N) {
-  constexpr bool Scaled = kScaled<Spans, W>;
+  constexpr bool Scaled = kScaled<Spans, W>, Whole = kWhole<Spans, W>;
   const int64_t blocks = K / kQBlock, span = Spans ? x.span / kQBlock : 1;
   float acc[C][M][8] = {};
   DotScales<M, C, W> s(x, K);
@@ -1045,16 +1215,27 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
             }
         }
       for (int c = 0; c < C; ++c)
-        for (int m = 0; m < M; ++m)
+        for (int m = 0; m < M; ++m) {
+          if constexpr (Whole) {
+            int32_t sum = 0;
+            for (int l = 0; l < 8; ++l) sum += lanes[c][m][l];
+            acc[c][m][0] = s.whole_span(c, m, b, b0, sum, acc[c][m][0]);
+            continue;
+          }
           for (int l = 0; l < 8; ++l) {
             const float scale = Spans ? s.span_scale(c, m, b, b0)
                                       : s.scale(c, m, b, b0)[std::is_same_v<W, Int8Blocks> ? 2 * (l / 4) : 0];
             acc[c][m][l] = std::fma(static_cast<float>(lanes[c][m][l]), scale, acc[c][m][l]);
           }
+        }
     }
   }
   for (int c = 0; c < C; ++c)
     for (int m = 0; m < M; ++m) {
+      if constexpr (Whole) {
+        out[m * N + n + c] = s.total(c, m, acc[c][m][0]);
+        continue;
+      }
       float s4[4];
       for (int i = 0; i < 4; ++i) s4[i] = acc[c][m][i] + acc[c][m][i + 4];
       out[m * N + n + c] = s.total(c, m, (s4[0] + s4[2]) + (s4[1] + s4[3]));
@@ -1132,9 +1313,13 @@ void matmul_rows(int64_t M, const float* x, const W* w, int64_t K, int64_t N, fl
       std::vector<int8_t> q_storage;
       int8_t* q = cache_aligned(q_storage, M * K);
       std::vector<float> dq(M * 2 * (K / kDotGroup<W>));
+      std::vector<int16_t> qsum(M * (K / kDotGroup<W>));
       const int64_t span = dot_span(w, K);
-      quantize_rows(x, M, K, kDotGroup<W>, span, q, dq.data());
-      return rows_of(M, Q8Rows{q, dq.data(), kDotGroup<W>, span}, w, K, N, out, parallel);
+      quantize_rows(x, M, K, kDotGroup<W>, span, q, dq.data(), qsum.data());
+      const bool ordered = (MTPX_ISA == MTPX_ISA_AVX2 || MTPX_ISA == MTPX_ISA_AVX512) && std::is_same_v<W, Int4> &&
+                           span == 8 * kQBlock;
+      if (ordered) span_order(q, M * K);
+      return rows_of(M, Q8Rows{q, dq.data(), qsum.data(), kDotGroup<W>, span, ordered}, w, K, N, out, parallel);
     }
   }
   if constexpr (!std::is_same_v<W, Int4>) rows_of(M, x, w, K, N, out, parallel);
