@@ -4,8 +4,8 @@ nearest even; the span is the weight's super-block, 32 to 256 elements, int8 row
 code products per lane (over a span of several blocks, each block's sum times its group's sub-scale), then the
 kernels' one float order (lanes accumulated span after span by fused multiply-adds, a fixed tree, the offsets' four
 sums; int4 in spans of several blocks: the span's whole integer sums, of code products and of the groups' m times
-the sums of x's codes, each accumulated by one fused multiply-add a span). reference(x, w) returns what kernels.rowgemm_int4 / rowgemm_int8_blocks / rowgemm_int8 return for x [M, K]
-with K a multiple of 32."""
+the sums of x's codes, each accumulated by one fused multiply-add a span). reference(x, w) returns what
+kernels.rowgemm_int4 / rowgemm_int8_blocks / rowgemm_int8 return for x [M, K] with K a multiple of 32."""
 from __future__ import annotations
 
 import torch
