@@ -281,117 +281,150 @@ class Floats {
   const bf16* b_ = nullptr;
 };
 
-// One row of a delta-rule state update, the only place its arithmetic is written:
-//   dst = decay * row + ki * delta, and (when kS, qS are given) kS += kn * dst, qS += qn * dst.
-// Explicit FMAs, so a verify pass, a decode step and a rollback replay round every element identically. With
-// `stream` the row goes straight to memory (no read-for-ownership of a line the next step reads from DRAM anyway).
-inline void update_row(const float* __restrict__ row, float* __restrict__ dst, const float* __restrict__ delta,
-                       float decay, float ki, float kn, float qn, float* __restrict__ kS, float* __restrict__ qS,
-                       int64_t n, bool stream) {
-  int64_t j = 0;
+// Sixteen columns of a state row: one 64-byte line, in registers (one zmm on AVX-512, two ymm on AVX2, four q
+// registers on NEON). `float` is the one-column form, for columns past the last whole line.
+#if MTPX_ISA == MTPX_ISA_AVX2
+struct Line {
+  __m256 lo, hi;
+};
+// (free functions, not friends: GCC does not give functions defined in a class the enclosing target pragma)
+inline Line operator-(const Line& a, const Line& b) { return {a.lo - b.lo, a.hi - b.hi}; }
+inline Line operator+(const Line& a, const Line& b) { return {a.lo + b.lo, a.hi + b.hi}; }
+inline Line operator*(float a, const Line& b) { return {_mm256_set1_ps(a) * b.lo, _mm256_set1_ps(a) * b.hi}; }
+inline Line operator*(const Line& b, float a) { return {b.lo * _mm256_set1_ps(a), b.hi * _mm256_set1_ps(a)}; }
+inline Line fmadd(float a, const Line& b, const Line& c) {
+  const __m256 av = _mm256_set1_ps(a);
+  return {_mm256_fmadd_ps(av, b.lo, c.lo), _mm256_fmadd_ps(av, b.hi, c.hi)};
+}
+inline Line load_line(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void store_line(float* p, const Line& x) {
+  _mm256_storeu_ps(p, x.lo);
+  _mm256_storeu_ps(p + 8, x.hi);
+}
+#else
+typedef float Line __attribute__((vector_size(64)));
+inline Line fmadd(float a, Line b, Line c) {
 #if MTPX_ISA == MTPX_ISA_AVX512
-  stream = stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0;  // streaming stores need aligned addresses
-  const __m512 dv = _mm512_set1_ps(decay), kv = _mm512_set1_ps(ki), knv = _mm512_set1_ps(kn),
-               qnv = _mm512_set1_ps(qn);
-  for (; j + 16 <= n; j += 16) {
-    const __m512 s = _mm512_fmadd_ps(kv, _mm512_loadu_ps(delta + j), _mm512_mul_ps(dv, _mm512_loadu_ps(row + j)));
-    if (stream)
-      _mm512_stream_ps(dst + j, s);
-    else
-      _mm512_storeu_ps(dst + j, s);
-    if (kS != nullptr) {
-      _mm512_storeu_ps(kS + j, _mm512_fmadd_ps(knv, s, _mm512_loadu_ps(kS + j)));
-      _mm512_storeu_ps(qS + j, _mm512_fmadd_ps(qnv, s, _mm512_loadu_ps(qS + j)));
-    }
-  }
-#elif MTPX_ISA == MTPX_ISA_AVX2
-  stream = stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
-  const __m256 dv = _mm256_set1_ps(decay), kv = _mm256_set1_ps(ki), knv = _mm256_set1_ps(kn),
-               qnv = _mm256_set1_ps(qn);
-  for (; j + 8 <= n; j += 8) {
-    const __m256 s = _mm256_fmadd_ps(kv, _mm256_loadu_ps(delta + j), _mm256_mul_ps(dv, _mm256_loadu_ps(row + j)));
-    if (stream)
-      _mm256_stream_ps(dst + j, s);
-    else
-      _mm256_storeu_ps(dst + j, s);
-    if (kS != nullptr) {
-      _mm256_storeu_ps(kS + j, _mm256_fmadd_ps(knv, s, _mm256_loadu_ps(kS + j)));
-      _mm256_storeu_ps(qS + j, _mm256_fmadd_ps(qnv, s, _mm256_loadu_ps(qS + j)));
-    }
-  }
+  return (Line)_mm512_fmadd_ps(_mm512_set1_ps(a), (__m512)b, (__m512)c);
+#else
+  for (int i = 0; i < 16; ++i) c[i] = std::fma(a, b[i], c[i]);
+  return c;
 #endif
-  for (; j < n; ++j) {
-    const float s = std::fma(ki, delta[j], decay * row[j]);
-    dst[j] = s;
-    if (kS != nullptr) {
-      kS[j] = std::fma(kn, s, kS[j]);
-      qS[j] = std::fma(qn, s, qS[j]);
+}
+inline Line load_line(const float* p) {
+  Line x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+inline void store_line(float* p, const Line& x) { std::memcpy(p, &x, sizeof x); }
+#endif
+inline float fmadd(float a, float b, float c) { return std::fma(a, b, c); }
+template <typename V> V load_cols(const float* p) {
+  if constexpr (std::is_same_v<V, Line>) return load_line(p); else return *p;
+}
+template <typename V> void store_cols(float* p, const V& x) {
+  if constexpr (std::is_same_v<V, Line>) store_line(p, x); else *p = x;
+}
+// A state row's line that the next step reads from DRAM anyway: straight to memory, no read-for-ownership.
+template <typename V> void stream_cols(float* p, const V& x) {
+  if constexpr (std::is_same_v<V, Line>) {
+    if (reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+#if MTPX_ISA == MTPX_ISA_AVX512
+      return _mm512_stream_ps(p, (__m512)x);
+#elif MTPX_ISA == MTPX_ISA_AVX2
+      _mm256_stream_ps(p, x.lo);
+      return _mm256_stream_ps(p + 8, x.hi);
+#endif
     }
+  }
+  store_cols(p, x);
+}
+
+// The gated delta rule on one tile of columns [j0, j0 + width of V) of value head h's state, over T tokens, the
+// only place its arithmetic is written. Per token t, with kS = k^T S_{t-1} and qS = q^T S_{t-1} on the tile:
+//   delta = (v - decay * kS) * beta,   out = q^T S_t = decay * qS + (q.k) delta,   S_t = decay * S_{t-1} + k delta.
+// Each column of the state evolves on its own, so the tile stays in `tile` (dk lines, in L1) for all T tokens: the
+// state is read once per call and written once, and the next token's kS and qS are summed in registers while S_t
+// is made. Explicit FMAs in a fixed order per column: a verify pass, a decode step and a rollback replay compute
+// every element alike, whatever T.
+template <typename V>
+void delta_rule_tile(const float* q_all, const float* k_all, const float* v_all, const float* decay_all,
+                     const float* beta_all, const float* qk, int64_t T, int64_t nv, int64_t h, int64_t dk, int64_t dv,
+                     int64_t j0, const float* s0, float* s_final, float* tile, float* out) {
+  constexpr int64_t kLine = 16, W = sizeof(V) / sizeof(float);
+  V kS{}, qS{};
+  const float* q0 = q_all != nullptr ? q_all + h * dk : nullptr;
+  const float* k0 = k_all + h * dk;
+  const bool ahead = std::is_same_v<V, Line> && j0 + kLine < dv;  // the next tile's lines, while this one is summed
+  for (int64_t i = 0; i < dk; ++i) {
+    const V r = load_cols<V>(s0 + i * dv + j0);
+    if (ahead) __builtin_prefetch(s0 + i * dv + j0 + kLine, 0, 3);
+    if (T > 1) store_cols(tile + i * W, r);  // one token reads s0's lines again, still in L1
+    kS = fmadd(k0[i], r, kS);
+    if (q0 != nullptr) qS = fmadd(q0[i], r, qS);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t at = t * nv + h;
+    const float* k = k_all + at * dk;
+    const float decay = decay_all[at], beta = beta_all[at];
+    const V delta = (load_cols<V>(v_all + at * dv + j0) - decay * kS) * beta;
+    if (out != nullptr) store_cols(out + at * dv + j0, decay * qS + qk[t] * delta);
+    if (t + 1 == T) {
+      for (int64_t i = 0; i < dk; ++i) {
+        const V before = load_cols<V>(T > 1 ? tile + i * W : s0 + i * dv + j0);
+        stream_cols(s_final + i * dv + j0, fmadd(k[i], delta, decay * before));
+      }
+      break;
+    }
+    const float* kn = k + nv * dk;
+    const float* qn = q_all != nullptr ? q_all + (at + nv) * dk : nullptr;
+    V kS_next{}, qS_next{};
+    for (int64_t i = 0; i < dk; ++i) {
+      const V s = fmadd(k[i], delta, decay * load_cols<V>(tile + i * W));
+      store_cols(tile + i * W, s);
+      kS_next = fmadd(kn[i], s, kS_next);
+      if (qn != nullptr) qS_next = fmadd(qn[i], s, qS_next);
+    }
+    kS = kS_next;
+    qS = qS_next;
   }
 }
 
-// Gated DeltaNet recurrence of one value head h over T tokens. q, k [T, nv, dk] (l2-normalised, q scaled),
-// v [T, nv, dv], decay, beta [T, nv]; s0 and s_final point at this head's state before the first token and after
-// the last; scratch holds 2 * dk * dv floats; out [T, nv, dv] receives q^T S_t (q and out may be null: a replay).
-// Per token t: S_t = decay * S_{t-1} + k ⊗ delta with delta = (v - decay * k^T S_{t-1}) * beta, and the output
-// q^T S_t = decay * q^T S_{t-1} + (q.k) delta. So one pass that writes S_t can also accumulate k^T S_t and q^T S_t
-// for token t + 1: the state is read once per call and written once per token, the states between tokens stay
-// in this thread's cache (scratch), and only the last one goes to memory. Not inlined: every caller must run
-// these exact instructions, since a replay has to reproduce a verify pass's states bit for bit.
-__attribute__((noinline)) void delta_rule_head(const float* q_all, const float* k_all, const float* v_all,
-                                               const float* decay_all, const float* beta_all, int64_t T,
-                                               int64_t nv, int64_t h, int64_t dk, int64_t dv, const float* s0,
-                                               float* s_final, float* scratch, float* out) {
-  std::vector<float> kS_buf(dv, 0.f), qS_buf(dv, 0.f), delta_buf(dv);
-  float* kS = kS_buf.data();
-  float* qS = qS_buf.data();
-  float* delta = delta_buf.data();
-  const float* q0 = q_all != nullptr ? q_all + h * dk : nullptr;
-  const float* k0 = k_all + h * dk;
-  for (int64_t i = 0; i < dk; ++i) {
-    const float* row = s0 + i * dv;
-    for (int64_t j = 0; j < dv; ++j) {
-      kS[j] = std::fma(k0[i], row[j], kS[j]);
-      if (q0 != nullptr) qS[j] = std::fma(q0[i], row[j], qS[j]);
-    }
+// Per-thread room for one tile (dk lines, 64-byte aligned), reused across calls.
+struct DeltaRuleTiles {
+  std::vector<float> floats;
+  float* tile(int64_t dk) {
+    if (static_cast<int64_t>(floats.size()) < dk * 16 + 16) floats.resize(dk * 16 + 16);
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(floats.data()) + 63) & ~uintptr_t{63});
   }
-  const float* S = s0;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* k = k_all + (t * nv + h) * dk;
-    const float* v = v_all + (t * nv + h) * dv;
-    const float decay = decay_all[t * nv + h], b = beta_all[t * nv + h];
-    for (int64_t j = 0; j < dv; ++j) delta[j] = (v[j] - decay * kS[j]) * b;
-    if (out != nullptr) {
-      const float* q = q_all + (t * nv + h) * dk;
-      const float qk = dot(q, k, dk);
-      float* o = out + (t * nv + h) * dv;
-      for (int64_t j = 0; j < dv; ++j) o[j] = decay * qS[j] + qk * delta[j];
-    }
-    const bool last = t + 1 == T;
-    float* S_new = last ? s_final : scratch + (t % 2) * dk * dv;
-    const float* kn = last ? nullptr : k + nv * dk;
-    const float* qn = last || q_all == nullptr ? nullptr : q_all + ((t + 1) * nv + h) * dk;
-    if (!last) {
-      std::fill(kS, kS + dv, 0.f);
-      std::fill(qS, qS + dv, 0.f);
-    }
-    for (int64_t i = 0; i < dk; ++i)
-      update_row(S + i * dv, S_new + i * dv, delta, decay, k[i], last ? 0.f : kn[i], qn != nullptr ? qn[i] : 0.f,
-                 last ? nullptr : kS, qS, dv, last);
-    S = S_new;
-  }
+};
+
+// Gated DeltaNet recurrence of one value head h over T tokens, tile by tile (delta_rule_tile). q, k [T, nv, dk]
+// (l2-normalised, q scaled), v [T, nv, dv], decay, beta [T, nv]; s0 and s_final point at this head's state before
+// the first token and after the last; out [T, nv, dv] receives q^T S_t (q and out may be null: a replay). Not
+// inlined: a verify pass and a rollback replay must run the same instructions.
+__attribute__((noinline)) void delta_rule_head(const float* q_all, const float* k_all, const float* v_all, const float* decay_all,
+                     const float* beta_all, int64_t T, int64_t nv, int64_t h, int64_t dk, int64_t dv, const float* s0,
+                     float* s_final, DeltaRuleTiles& room, float* out) {
+  std::vector<float> qk(T, 0.f);
+  if (q_all != nullptr)
+    for (int64_t t = 0; t < T; ++t) qk[t] = dot(q_all + (t * nv + h) * dk, k_all + (t * nv + h) * dk, dk);
+  int64_t j0 = 0;
+  for (; j0 + 16 <= dv; j0 += 16)
+    delta_rule_tile<Line>(q_all, k_all, v_all, decay_all, beta_all, qk.data(), T, nv, h, dk, dv, j0, s0, s_final,
+                          room.tile(dk), out);
+  for (; j0 < dv; ++j0)
+    delta_rule_tile<float>(q_all, k_all, v_all, decay_all, beta_all, qk.data(), T, nv, h, dk, dv, j0, s0, s_final,
+                           room.tile(dk), out);
 }
 
 // Runs delta_rule_head for every value head (threads split the heads); states are [nv, dk, dv] fp32.
 void delta_rule(const float* q, const float* k, const float* v, const float* decay, const float* beta, int64_t T,
                 int64_t nv, int64_t dk, int64_t dv, const float* s0, float* s_final, float* out) {
   at::parallel_for(0, nv, 1, [&](int64_t begin, int64_t end) {
-    // per thread and reused: a fresh 128 KiB buffer per call would be mmap-ed and page-faulted in every time
-    thread_local std::vector<float> scratch;
-    if (T > 1 && scratch.size() < static_cast<size_t>(2 * dk * dv)) scratch.resize(2 * dk * dv);
+    thread_local DeltaRuleTiles room;
     for (int64_t h = begin; h < end; ++h)
-      delta_rule_head(q, k, v, decay, beta, T, nv, h, dk, dv, s0 + h * dk * dv, s_final + h * dk * dv,
-                      scratch.data(), out);
+      delta_rule_head(q, k, v, decay, beta, T, nv, h, dk, dv, s0 + h * dk * dv, s_final + h * dk * dv, room, out);
   });
 #if MTPX_ISA == MTPX_ISA_AVX512 || MTPX_ISA == MTPX_ISA_AVX2
   _mm_sfence();  // streamed stores are visible before the state is used
@@ -554,14 +587,44 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& q_no
   return out;
 }
 
+// Causal depthwise conv + silu of channels [c0, c0 + n) over T positions: out [T, n], rounded to bf16 like the
+// PyTorch path's `mixed`. Channel c's window is its K - 1 conv-state inputs (cs, strides cs0, cs1) and then its T
+// new inputs (proj rows, stride width); with `keep` the window also goes to conv_in's row c (len = K - 1 + T).
+// The conv state was written a whole step ago, so it is read from memory: prefetched for all n channels first, so
+// that the misses overlap instead of stalling one small channel at a time.
+void conv_channels(const bf16* cs, int64_t cs0, int64_t cs1, const bf16* pp, int64_t width, const Floats& w,
+                   int64_t K, int64_t T, int64_t c0, int64_t n, bf16* conv_in, bool keep, float* out) {
+  const int64_t len = K - 1 + T;
+  for (int64_t c = c0; c < c0 + n; ++c) __builtin_prefetch(cs + c * cs0, 0, 3);
+  std::vector<float> win(len);
+  for (int64_t c = c0; c < c0 + n; ++c) {
+    for (int64_t j = 0; j < K - 1; ++j) win[j] = static_cast<float>(cs[c * cs0 + j * cs1]);
+    for (int64_t t = 0; t < T; ++t) win[K - 1 + t] = static_cast<float>(pp[t * width + c]);
+    if (keep)
+      for (int64_t j = 0; j < len; ++j) conv_in[c * len + j] = static_cast<bf16>(win[j]);
+    for (int64_t t = 0; t < T; ++t) {
+      float acc = win[t] * w[c * K];
+      for (int64_t j = 1; j < K; ++j) acc = acc + win[t + j] * w[c * K + j];
+      out[t * n + c - c0] = acc;
+    }
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    float* row = out + t * n;
+    silu_row(row, n);
+    for (int64_t c = 0; c < n; ++c) row[c] = round_bf16(row[c]);
+  }
+}
+
 // Gated DeltaNet layer core for T new positions of one sequence. proj [T, conv_dim + nv * dv + 2 * nv] is the fused
 // projection output (q|k|v before the conv, then z, b, a); conv_state [conv_dim, K - 1] the last K - 1 conv inputs.
 // Per token: causal depthwise conv + silu, l2-normalised q (scaled) and k, g = -exp(A_log) * softplus(a + dt_bias),
 // beta = sigmoid(b), the gated delta rule (two passes over the state instead of the six of separate ops), then the
 // gated RMSNorm (weight norm_weight, gate silu(z)). Returns out [T, nv * dv] bf16 (the out_proj input), the conv
 // inputs [conv_dim, K - 1 + T] (the state followed by this call's columns: the conv state after token t is columns
-// t + 1 .. t + K - 1), then the T states [nv, dk, dv] after each token (separate tensors: a snapshot kept for
-// rollback holds only itself).
+// t + 1 .. t + K - 1), the state after the last position, and `replay` (see gdn_replay).
+// One job per value head does all of it for that head (its key head's q and k channels, its v channels, its
+// state): one parallel region instead of one per stage, and each head's values stay in its thread's cache.
+// Every value is computed by the same code whatever T and the thread count, so positions stay row-invariant.
 std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tensor& conv_state,
                                     const torch::Tensor& conv_weight, const torch::Tensor& A_log,
                                     const torch::Tensor& dt_bias, const torch::Tensor& norm_weight,
@@ -583,85 +646,73 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
   const bf16* zp = pp + conv_dim;
   const bf16* bp = zp + nv * dv;
   const bf16* ap = bp + nv;
-  const int64_t len = K - 1 + T;
-  auto conv_in = torch::empty({conv_dim, len}, proj.options());
+  auto conv_in = torch::empty({conv_dim, K - 1 + T}, proj.options());
   bf16* xp = conv_in.data_ptr<bf16>();
   const bf16* cs = conv_state.data_ptr<bf16>();
   const int64_t cs0 = conv_state.stride(0), cs1 = conv_state.stride(1);
-  // conv + silu, rounded to bf16 like the PyTorch path's `mixed`, laid out [T, conv_dim]; channel blocks at fixed
-  // offsets, so a position's bits do not depend on T
-  std::vector<float> mixed(T * conv_dim);
-  constexpr int64_t kChannels = 256;
-  at::parallel_for(0, (conv_dim + kChannels - 1) / kChannels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t c0 = block * kChannels, c1 = std::min(conv_dim, c0 + kChannels);
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t j = 0; j < K - 1; ++j) xp[c * len + j] = cs[c * cs0 + j * cs1];
-        for (int64_t t = 0; t < T; ++t) xp[c * len + K - 1 + t] = pp[t * width + c];
-        for (int64_t t = 0; t < T; ++t) {
-          float acc = static_cast<float>(xp[c * len + t]) * w[c * K];
-          for (int64_t j = 1; j < K; ++j) acc = acc + static_cast<float>(xp[c * len + t + j]) * w[c * K + j];
-          mixed[t * conv_dim + c] = acc;
-        }
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        float* row = mixed.data() + t * conv_dim + c0;
-        silu_row(row, c1 - c0);
-        for (int64_t c = 0; c < c1 - c0; ++c) row[c] = round_bf16(row[c]);
-      }
-    }
-  });
   const int64_t group = nv / nk;
   const float q_scale = 1.0f / std::sqrt(static_cast<float>(dk));
-  // per value head: q, k (of its key head), v, laid out [T, nv, d] so heads are independent. k, v, decay and beta
-  // are returned (`replay`): with the state before this call they rebuild the state after any of its positions.
-  std::vector<float> q(T * nv * dk);
+  // q per value head, and what `replay` returns (k, v, decay, beta: with the state before this call they rebuild
+  // the state after any of its positions), laid out [T, nv, d]
+  std::vector<float> q(T * nv * dk), core(T * nv * dv);
   auto replay = torch::empty({T, nv * (dk + dv + 2)}, state.options());
   float* k = replay.data_ptr<float>();
   float* v = k + T * nv * dk;
   float* decay = v + T * nv * dv;
   float* beta = decay + T * nv;
-  at::parallel_for(0, T * nv, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t job = begin; job < end; ++job) {
-      const int64_t t = job / nv, h = job % nv;
-      const float* row = mixed.data() + t * conv_dim;
-      float* qh = q.data() + (t * nv + h) * dk;
-      float* kh = k + (t * nv + h) * dk;
-      for (int64_t i = 0; i < dk; ++i) {
-        qh[i] = row[(h / group) * dk + i];
-        kh[i] = row[key_dim + (h / group) * dk + i];
-      }
-      l2_normalise(qh, dk, q_scale);
-      l2_normalise(kh, dk, 1.0f);
-      for (int64_t j = 0; j < dv; ++j) v[(t * nv + h) * dv + j] = row[2 * key_dim + h * dv + j];
-      const float a = static_cast<float>(ap[t * width + h]), b = static_cast<float>(bp[t * width + h]);
-      decay[t * nv + h] = std::exp(-std::exp(A[h]) * softplus(a + dt[h]));
-      beta[t * nv + h] = round_bf16(sigmoid(b));
-    }
-  });
   std::vector<torch::Tensor> result{torch::empty({T, nv * dv}, proj.options()), conv_in, torch::empty_like(state),
                                     replay};
-  std::vector<float> core(T * nv * dv);
-  delta_rule(q.data(), k, v, decay, beta, T, nv, dk, dv, state.data_ptr<float>(), result[2].data_ptr<float>(),
-             core.data());
-  // gated RMSNorm over each head's dv values: weight * norm(core) (bf16) * silu(z)
+  const float* s0 = state.data_ptr<float>();
+  float* s_final = result[2].data_ptr<float>();
   bf16* op = result[0].data_ptr<bf16>();
-  at::parallel_for(0, T * nv, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nv, 1, [&](int64_t begin, int64_t end) {
+    thread_local DeltaRuleTiles room;
+    thread_local std::vector<float> mixed;
+    mixed.resize(T * (2 * dk + dv));
+    float* mq = mixed.data();
+    float* mk = mq + T * dk;
+    float* mv = mk + T * dk;
     std::vector<float> x(dv), gate(dv);
-    for (int64_t r = begin; r < end; ++r) {
-      const bf16* z = zp + (r / nv) * width + (r % nv) * dv;
-      for (int64_t j = 0; j < dv; ++j) {
-        x[j] = round_bf16(core[r * dv + j]);
-        gate[j] = static_cast<float>(z[j]);
+    for (int64_t h = begin; h < end; ++h) {
+      const int64_t kh = h / group;
+      const bool first = h % group == 0;  // the first value head of a key head keeps its q and k conv inputs
+      conv_channels(cs, cs0, cs1, pp, width, w, K, T, kh * dk, dk, xp, first, mq);
+      conv_channels(cs, cs0, cs1, pp, width, w, K, T, key_dim + kh * dk, dk, xp, first, mk);
+      conv_channels(cs, cs0, cs1, pp, width, w, K, T, 2 * key_dim + h * dv, dv, xp, true, mv);
+      for (int64_t t = 0; t < T; ++t) {
+        float* qh = q.data() + (t * nv + h) * dk;
+        float* kh_ = k + (t * nv + h) * dk;
+        std::copy(mq + t * dk, mq + (t + 1) * dk, qh);
+        std::copy(mk + t * dk, mk + (t + 1) * dk, kh_);
+        l2_normalise(qh, dk, q_scale);
+        l2_normalise(kh_, dk, 1.0f);
+        std::copy(mv + t * dv, mv + (t + 1) * dv, v + (t * nv + h) * dv);
+        const float a = static_cast<float>(ap[t * width + h]), b = static_cast<float>(bp[t * width + h]);
+        decay[t * nv + h] = std::exp(-std::exp(A[h]) * softplus(a + dt[h]));
+        beta[t * nv + h] = round_bf16(sigmoid(b));
       }
-      silu_row(gate.data(), dv);
-      const float inv = inverse_rms(x.data(), dv, eps);
-      for (int64_t j = 0; j < dv; ++j) {
-        const float normed = round_bf16(nw[j] * round_bf16(x[j] * inv));
-        op[r * dv + j] = static_cast<bf16>(normed * gate[j]);
+      delta_rule_head(q.data(), k, v, decay, beta, T, nv, h, dk, dv, s0 + h * dk * dv, s_final + h * dk * dv, room,
+                      core.data());
+      // gated RMSNorm over the head's dv values: weight * norm(core) (bf16) * silu(z)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = t * nv + h;
+        const bf16* z = zp + t * width + h * dv;
+        for (int64_t j = 0; j < dv; ++j) {
+          x[j] = round_bf16(core[r * dv + j]);
+          gate[j] = static_cast<float>(z[j]);
+        }
+        silu_row(gate.data(), dv);
+        const float inv = inverse_rms(x.data(), dv, eps);
+        for (int64_t j = 0; j < dv; ++j) {
+          const float normed = round_bf16(nw[j] * round_bf16(x[j] * inv));
+          op[r * dv + j] = static_cast<bf16>(normed * gate[j]);
+        }
       }
     }
   });
+#if MTPX_ISA == MTPX_ISA_AVX512 || MTPX_ISA == MTPX_ISA_AVX2
+  _mm_sfence();  // streamed state stores are visible before the state is used
+#endif
   return result;
 }
 
