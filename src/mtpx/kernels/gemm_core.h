@@ -1244,13 +1244,14 @@ void columns_dot(const Q8Rows& x, const W* w, int64_t K, int64_t n, float* out, 
 #endif
 
 // Output columns the integer kernels compute together: int4 one pair (AVX-512; AVX2 in spans of several blocks up to
-// 4 rows, where the pair's 8 row accumulators still fit the 16 registers), as two streams a thread keep more of the
-// bandwidth at one row (four were slower); the int8 formats one column in 8 lanes (their pairs take a sign mask and
-// a masked subtract per row and block for vpsignb on AVX-512, and int8 blocks a cross-lane shuffle of the scales,
-// which cost more than pairing saves)
+// 4 rows, where the pair's 8 row accumulators still fit the 16 registers, and in spans of one block at one row: from
+// two rows on, the second column's float part per block costs more than the shared x loads save), as two streams a
+// thread keep more of the bandwidth at one row (four were slower); the int8 formats one column in 8 lanes (their
+// pairs take a sign mask and a masked subtract per row and block for vpsignb on AVX-512, and int8 blocks a
+// cross-lane shuffle of the scales, which cost more than pairing saves)
 template <int M, bool Spans, typename W>
 constexpr int kColumnsDot =
-    (MTPX_ISA == MTPX_ISA_AVX512 || (MTPX_ISA == MTPX_ISA_AVX2 && Spans && M <= 4)) && std::is_same_v<W, Int4>
+    (MTPX_ISA == MTPX_ISA_AVX512 || (MTPX_ISA == MTPX_ISA_AVX2 && M <= (Spans ? 4 : 1))) && std::is_same_v<W, Int4>
         ? 2
         : kColumns<M>;
 
