@@ -403,9 +403,10 @@ struct DeltaRuleTiles {
 // (l2-normalised, q scaled), v [T, nv, dv], decay, beta [T, nv]; s0 and s_final point at this head's state before
 // the first token and after the last; out [T, nv, dv] receives q^T S_t (q and out may be null: a replay). Not
 // inlined: a verify pass and a rollback replay must run the same instructions.
-__attribute__((noinline)) void delta_rule_head(const float* q_all, const float* k_all, const float* v_all, const float* decay_all,
-                     const float* beta_all, int64_t T, int64_t nv, int64_t h, int64_t dk, int64_t dv, const float* s0,
-                     float* s_final, DeltaRuleTiles& room, float* out) {
+__attribute__((noinline)) void delta_rule_head(const float* q_all, const float* k_all, const float* v_all,
+                                               const float* decay_all, const float* beta_all, int64_t T, int64_t nv,
+                                               int64_t h, int64_t dk, int64_t dv, const float* s0, float* s_final,
+                                               DeltaRuleTiles& room, float* out) {
   std::vector<float> qk(T, 0.f);
   if (q_all != nullptr)
     for (int64_t t = 0; t < T; ++t) qk[t] = dot(q_all + (t * nv + h) * dk, k_all + (t * nv + h) * dk, dk);
@@ -618,10 +619,10 @@ void conv_channels(const bf16* cs, int64_t cs0, int64_t cs1, const bf16* pp, int
 // Gated DeltaNet layer core for T new positions of one sequence. proj [T, conv_dim + nv * dv + 2 * nv] is the fused
 // projection output (q|k|v before the conv, then z, b, a); conv_state [conv_dim, K - 1] the last K - 1 conv inputs.
 // Per token: causal depthwise conv + silu, l2-normalised q (scaled) and k, g = -exp(A_log) * softplus(a + dt_bias),
-// beta = sigmoid(b), the gated delta rule (two passes over the state instead of the six of separate ops), then the
-// gated RMSNorm (weight norm_weight, gate silu(z)). Returns out [T, nv * dv] bf16 (the out_proj input), the conv
-// inputs [conv_dim, K - 1 + T] (the state followed by this call's columns: the conv state after token t is columns
-// t + 1 .. t + K - 1), the state after the last position, and `replay` (see gdn_replay).
+// beta = sigmoid(b), the gated delta rule (the state read once and written once, where separate ops would pass
+// over it six times), then the gated RMSNorm (weight norm_weight, gate silu(z)). Returns out [T, nv * dv] bf16 (the
+// out_proj input), the conv inputs [conv_dim, K - 1 + T] (the state followed by this call's columns: the conv state
+// after token t is columns t + 1 .. t + K - 1), the state after the last position, and `replay` (see gdn_replay).
 // One job per value head does all of it for that head (its key head's q and k channels, its v channels, its
 // state): one parallel region instead of one per stage, and each head's values stay in its thread's cache.
 // Every value is computed by the same code whatever T and the thread count, so positions stay row-invariant.
@@ -674,18 +675,18 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
     float* mv = mk + T * dk;
     std::vector<float> x(dv), gate(dv);
     for (int64_t h = begin; h < end; ++h) {
-      const int64_t kh = h / group;
+      const int64_t key_head = h / group;
       const bool first = h % group == 0;  // the first value head of a key head keeps its q and k conv inputs
-      conv_channels(cs, cs0, cs1, pp, width, w, K, T, kh * dk, dk, xp, first, mq);
-      conv_channels(cs, cs0, cs1, pp, width, w, K, T, key_dim + kh * dk, dk, xp, first, mk);
+      conv_channels(cs, cs0, cs1, pp, width, w, K, T, key_head * dk, dk, xp, first, mq);
+      conv_channels(cs, cs0, cs1, pp, width, w, K, T, key_dim + key_head * dk, dk, xp, first, mk);
       conv_channels(cs, cs0, cs1, pp, width, w, K, T, 2 * key_dim + h * dv, dv, xp, true, mv);
       for (int64_t t = 0; t < T; ++t) {
-        float* qh = q.data() + (t * nv + h) * dk;
-        float* kh_ = k + (t * nv + h) * dk;
-        std::copy(mq + t * dk, mq + (t + 1) * dk, qh);
-        std::copy(mk + t * dk, mk + (t + 1) * dk, kh_);
-        l2_normalise(qh, dk, q_scale);
-        l2_normalise(kh_, dk, 1.0f);
+        float* q_row = q.data() + (t * nv + h) * dk;
+        float* k_row = k + (t * nv + h) * dk;
+        std::copy(mq + t * dk, mq + (t + 1) * dk, q_row);
+        std::copy(mk + t * dk, mk + (t + 1) * dk, k_row);
+        l2_normalise(q_row, dk, q_scale);
+        l2_normalise(k_row, dk, 1.0f);
         std::copy(mv + t * dv, mv + (t + 1) * dv, v + (t * nv + h) * dv);
         const float a = static_cast<float>(ap[t * width + h]), b = static_cast<float>(bp[t * width + h]);
         decay[t * nv + h] = std::exp(-std::exp(A[h]) * softplus(a + dt[h]));
