@@ -318,6 +318,7 @@ inline Line load_line(const float* p) {
 }
 inline void store_line(float* p, const Line& x) { std::memcpy(p, &x, sizeof x); }
 #endif
+constexpr int64_t kLineFloats = sizeof(Line) / sizeof(float);  // 16
 inline float fmadd(float a, float b, float c) { return std::fma(a, b, c); }
 template <typename V> V load_cols(const float* p) {
   if constexpr (std::is_same_v<V, Line>) return load_line(p); else return *p;
@@ -351,14 +352,15 @@ template <typename V>
 void delta_rule_tile(const float* q_all, const float* k_all, const float* v_all, const float* decay_all,
                      const float* beta_all, const float* qk, int64_t T, int64_t nv, int64_t h, int64_t dk, int64_t dv,
                      int64_t j0, const float* s0, float* s_final, float* tile, float* out) {
-  constexpr int64_t kLine = 16, W = sizeof(V) / sizeof(float);
+  constexpr int64_t W = sizeof(V) / sizeof(float);
   V kS{}, qS{};
   const float* q0 = q_all != nullptr ? q_all + h * dk : nullptr;
   const float* k0 = k_all + h * dk;
-  const bool ahead = std::is_same_v<V, Line> && j0 + kLine < dv;  // the next tile's lines, while this one is summed
+  // the next tile's lines are fetched while this one is summed
+  const bool ahead = std::is_same_v<V, Line> && j0 + kLineFloats < dv;
   for (int64_t i = 0; i < dk; ++i) {
     const V r = load_cols<V>(s0 + i * dv + j0);
-    if (ahead) __builtin_prefetch(s0 + i * dv + j0 + kLine, 0, 3);
+    if (ahead) __builtin_prefetch(s0 + i * dv + j0 + kLineFloats, 0, 3);
     if (T > 1) store_cols(tile + i * W, r);  // one token reads s0's lines again, still in L1
     kS = fmadd(k0[i], r, kS);
     if (q0 != nullptr) qS = fmadd(q0[i], r, qS);
@@ -390,15 +392,6 @@ void delta_rule_tile(const float* q_all, const float* k_all, const float* v_all,
   }
 }
 
-// Per-thread room for one tile (dk lines, 64-byte aligned), reused across calls.
-struct DeltaRuleTiles {
-  std::vector<float> floats;
-  float* tile(int64_t dk) {
-    if (static_cast<int64_t>(floats.size()) < dk * 16 + 16) floats.resize(dk * 16 + 16);
-    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(floats.data()) + 63) & ~uintptr_t{63});
-  }
-};
-
 // Gated DeltaNet recurrence of one value head h over T tokens, tile by tile (delta_rule_tile). q, k [T, nv, dk]
 // (l2-normalised, q scaled), v [T, nv, dv], decay, beta [T, nv]; s0 and s_final point at this head's state before
 // the first token and after the last; out [T, nv, dv] receives q^T S_t (q and out may be null: a replay). Not
@@ -406,30 +399,33 @@ struct DeltaRuleTiles {
 __attribute__((noinline)) void delta_rule_head(const float* q_all, const float* k_all, const float* v_all,
                                                const float* decay_all, const float* beta_all, int64_t T, int64_t nv,
                                                int64_t h, int64_t dk, int64_t dv, const float* s0, float* s_final,
-                                               DeltaRuleTiles& room, float* out) {
-  std::vector<float> qk(T, 0.f);
+                                               float* out) {
+  // per thread and reused: the tile (dk lines, 64-byte aligned) and q.k per token
+  thread_local std::vector<float> room, qk;
+  room.resize(dk * kLineFloats + kLineFloats);
+  float* tile = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(room.data()) + 63) & ~uintptr_t{63});
+  qk.assign(T, 0.f);
   if (q_all != nullptr)
     for (int64_t t = 0; t < T; ++t) qk[t] = dot(q_all + (t * nv + h) * dk, k_all + (t * nv + h) * dk, dk);
   int64_t j0 = 0;
-  for (; j0 + 16 <= dv; j0 += 16)
+  for (; j0 + kLineFloats <= dv; j0 += kLineFloats)
     delta_rule_tile<Line>(q_all, k_all, v_all, decay_all, beta_all, qk.data(), T, nv, h, dk, dv, j0, s0, s_final,
-                          room.tile(dk), out);
+                          tile, out);
   for (; j0 < dv; ++j0)
     delta_rule_tile<float>(q_all, k_all, v_all, decay_all, beta_all, qk.data(), T, nv, h, dk, dv, j0, s0, s_final,
-                           room.tile(dk), out);
+                           tile, out);
+#if MTPX_ISA == MTPX_ISA_AVX512 || MTPX_ISA == MTPX_ISA_AVX2
+  _mm_sfence();  // this thread's streamed state stores are visible before anyone reads the state
+#endif
 }
 
 // Runs delta_rule_head for every value head (threads split the heads); states are [nv, dk, dv] fp32.
 void delta_rule(const float* q, const float* k, const float* v, const float* decay, const float* beta, int64_t T,
                 int64_t nv, int64_t dk, int64_t dv, const float* s0, float* s_final, float* out) {
   at::parallel_for(0, nv, 1, [&](int64_t begin, int64_t end) {
-    thread_local DeltaRuleTiles room;
     for (int64_t h = begin; h < end; ++h)
-      delta_rule_head(q, k, v, decay, beta, T, nv, h, dk, dv, s0 + h * dk * dv, s_final + h * dk * dv, room, out);
+      delta_rule_head(q, k, v, decay, beta, T, nv, h, dk, dv, s0 + h * dk * dv, s_final + h * dk * dv, out);
   });
-#if MTPX_ISA == MTPX_ISA_AVX512 || MTPX_ISA == MTPX_ISA_AVX2
-  _mm_sfence();  // streamed stores are visible before the state is used
-#endif
 }
 
 void l2_normalise(float* x, int64_t n, float scale) {
@@ -597,7 +593,8 @@ void conv_channels(const bf16* cs, int64_t cs0, int64_t cs1, const bf16* pp, int
                    int64_t K, int64_t T, int64_t c0, int64_t n, bf16* conv_in, bool keep, float* out) {
   const int64_t len = K - 1 + T;
   for (int64_t c = c0; c < c0 + n; ++c) __builtin_prefetch(cs + c * cs0, 0, 3);
-  std::vector<float> win(len);
+  thread_local std::vector<float> win;
+  win.resize(len);
   for (int64_t c = c0; c < c0 + n; ++c) {
     for (int64_t j = 0; j < K - 1; ++j) win[j] = static_cast<float>(cs[c * cs0 + j * cs1]);
     for (int64_t t = 0; t < T; ++t) win[K - 1 + t] = static_cast<float>(pp[t * width + c]);
@@ -667,7 +664,6 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
   float* s_final = result[2].data_ptr<float>();
   bf16* op = result[0].data_ptr<bf16>();
   at::parallel_for(0, nv, 1, [&](int64_t begin, int64_t end) {
-    thread_local DeltaRuleTiles room;
     thread_local std::vector<float> mixed;
     mixed.resize(T * (2 * dk + dv));
     float* mq = mixed.data();
@@ -692,7 +688,7 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
         decay[t * nv + h] = std::exp(-std::exp(A[h]) * softplus(a + dt[h]));
         beta[t * nv + h] = round_bf16(sigmoid(b));
       }
-      delta_rule_head(q.data(), k, v, decay, beta, T, nv, h, dk, dv, s0 + h * dk * dv, s_final + h * dk * dv, room,
+      delta_rule_head(q.data(), k, v, decay, beta, T, nv, h, dk, dv, s0 + h * dk * dv, s_final + h * dk * dv,
                       core.data());
       // gated RMSNorm over the head's dv values: weight * norm(core) (bf16) * silu(z)
       for (int64_t t = 0; t < T; ++t) {
@@ -711,9 +707,6 @@ std::vector<torch::Tensor> gdn_step(const torch::Tensor& proj, const torch::Tens
       }
     }
   });
-#if MTPX_ISA == MTPX_ISA_AVX512 || MTPX_ISA == MTPX_ISA_AVX2
-  _mm_sfence();  // streamed state stores are visible before the state is used
-#endif
   return result;
 }
 
