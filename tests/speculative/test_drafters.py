@@ -69,6 +69,35 @@ def test_greedy_output_unchanged_by_trimmed_catch_up(llm):
     assert seq.generated == plain and seq.stats.drafts > 0
 
 
+def test_the_prompt_catch_up_is_priced_from_the_last_one_and_skipped_where_it_cannot_pay(llm):
+    """The policy prices a request's catch-up on its prompt from the last one the drafter timed, and never starts
+    drafting where its gain cannot earn that back (the output is plain decoding's either way); it drafts when the
+    catch-up is cheap."""
+    prompt = list(range(5, 45))
+    plain = llm.generate(prompt, max_tokens=40, spec_type="none", ignore_eos=True).token_ids
+
+    def run(policy):
+        drafter = MTPDrafter(llm.model)  # a new one per request, as the engine makes them; the policy is kept
+        policy.new_request()
+        seq = llm.engine.new_sequence(prompt, 40, SamplingParams(), ignore_eos=True)
+        prefill(llm.model, drafter, seq)
+        assert drafter.catch_up_positions([seq]) == len(prompt)
+        while not seq.finished:
+            decode_round(llm.model, drafter, policy, [seq])
+        assert seq.generated == plain
+        return seq
+
+    policy = DraftPolicy(3, 0, adaptive=True)
+    seq = run(policy)  # the first catch-up: nothing to price it by, so the policy measures drafting
+    assert policy.position_s > 0 and seq.stats.drafts > 0 and seq.draft.committed > 0
+    policy.position_s = 1.0  # a second a position: no gain on 40 tokens pays for that
+    seq = run(policy)
+    assert seq.stats.drafted_tokens == 0 and seq.draft.committed == 0 and policy.position_s == 1.0
+    cheap = DraftPolicy(3, 0, adaptive=True)  # unmeasured, drafting is worth measuring where the catch-up is cheap
+    cheap.position_s = 1e-9
+    assert run(cheap).stats.drafted_tokens > 0
+
+
 def test_a_long_generation_keeps_drafter_memory_within_the_bound(llm):
     out = llm.generate(list(range(5, 205)), max_tokens=250, spec_type="mtp", spec_draft_n_max=3, ignore_eos=True)
     weights = weight_bytes(llm.model.mtp)

@@ -103,6 +103,35 @@ def test_a_new_request_keeps_the_backoff_where_drafting_won():
     assert policy.explore[1] == entry
 
 
+def test_a_catch_up_on_the_prompt_is_paid_only_where_drafting_earns_it_back():
+    """Drafting 2 tokens a round at 1.5x a plain round's time saves a quarter of a plain round a token: 10 plain
+    rounds of catch-up pay off over more than 40 tokens; an unmeasured option and the exploration of the runner-up
+    are held to the same test."""
+    policy = DraftPolicy(1, 0, True)
+    simulate(policy, 1, lambda k, run: 1.0 + 0.5 * k, rounds=300)  # every draft accepted: k = 1 wins
+    assert policy.next_k(1, catch_up=100, remaining=30) == 1  # no catch-up timed yet: nothing to weigh
+    policy.observe_catch_up((200, 20.0))  # 0.1 plain rounds a position
+    assert policy.next_k(1, catch_up=100, remaining=30) == 0
+    assert policy.next_k(1, catch_up=100, remaining=60) == 1
+    assert policy.next_k(1, catch_up=0, remaining=30) == 1  # nothing to catch up on
+    with_min = DraftPolicy(2, 1, True)  # n_min > 0: every round drafts, the catch-up is paid whatever k
+    simulate(with_min, 1, lambda k, run: 1.0 + 0.5 * k, rounds=300)
+    with_min.observe_catch_up((200, 20.0))
+    assert with_min.next_k(1, catch_up=100, remaining=2) >= 1
+    fresh = DraftPolicy(1, 0, True)  # k = 1 never measured: at best 1.6 tokens a round at no extra cost
+    simulate(fresh, 1, lambda k, run: 1.0, rounds=1)  # a plain round to measure against
+    fresh.observe_catch_up((200, 20.0))
+    assert fresh.next_k(1, catch_up=100, remaining=20) == 0 and fresh.measure_tries == {}
+    assert fresh.next_k(1, catch_up=100, remaining=40) == 1
+    losing = DraftPolicy(1, 0, True)  # plain wins; after new_request the runner-up is re-measured within 16 rounds ...
+    simulate(losing, 1, lambda k, run: 1.0 + 2.0 * k, rounds=300)
+    losing.new_request()
+    losing.observe_catch_up((200, 20.0))
+    # ... but not where the catch-up costs more than MARGIN of the rest (10 of 50 plain rounds) ...
+    assert {losing.next_k(1, catch_up=100, remaining=50) for _ in range(40)} == {0}
+    assert 1 in [losing.next_k(1, catch_up=100, remaining=100) for _ in range(40)]  # ... where it costs less, it is
+
+
 def simulate_tree(policy: DraftPolicy, chain_rate: float, tree_rate: float, cost, rounds: int = 600) -> list:
     """Rounds whose drafts are accepted position by position with chain_rate (chains) or tree_rate (a tree's
     depths); cost(nodes) -> seconds of the round."""

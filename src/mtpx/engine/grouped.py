@@ -35,6 +35,12 @@ class GroupedDrafter(Drafter):
     def memory_bytes(self, seq):
         return self.inner.memory_bytes(seq)
 
+    def catch_up_positions(self, seqs):
+        return self.inner.catch_up_positions(seqs)
+
+    def take_catch_up(self):
+        return self.inner.take_catch_up()
+
     def sequence_bytes(self, seq):
         return self.inner.sequence_bytes(seq)
 

@@ -20,6 +20,7 @@ from mtpx.engine.request import Request
 from mtpx.engine.sequence import Sequence
 from mtpx.errors import MtpxError, RankLost, RequestError
 from mtpx.parallel.group import Group
+from mtpx.speculative.loop import choose_k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +37,16 @@ class ChosenK:
     def __init__(self, k: int | tuple[int, ...], n_max: int, policy: Any = None):
         self.k, self.n_max, self.policy = k, n_max, policy  # n_max: the most a chain's lookup drafter may draft
 
-    def next_k(self, batch: int = 1) -> int | tuple[int, ...]:
+    def next_k(self, batch: int = 1, catch_up: int = 0, remaining: int | None = None) -> int | tuple[int, ...]:
         return self.k
 
     def skip_gap(self) -> None:
         if self.policy is not None:
             self.policy.skip_gap()
+
+    def observe_catch_up(self, done: tuple[int, float] | None) -> None:
+        if self.policy is not None:
+            self.policy.observe_catch_up(done)
 
     def observe(self, *args: Any, **kw: Any) -> None:
         if self.policy is not None:
@@ -131,7 +136,7 @@ class MirroredEngine(Engine):
     def decode_round(self, drafter, policy, seqs):
         if drafter is None or policy is None or self._depth:
             return self._call("decode_round", drafter, policy if drafter is not None else None, seqs)
-        return self._call("decode_round", drafter, ChosenK(policy.next_k(len(seqs)), policy.n_max, policy), seqs)
+        return self._call("decode_round", drafter, ChosenK(choose_k(policy, drafter, seqs), policy.n_max, policy), seqs)
 
     def release(self, seq):
         number = self._ids.get(id(seq))

@@ -66,6 +66,12 @@ class ChainDrafter(Drafter):
                 drafts[b] = d
         return drafts
 
+    def catch_up_positions(self, seqs):
+        return self.model.catch_up_positions(seqs) if self.model is not None else 0
+
+    def take_catch_up(self):
+        return self.model.take_catch_up() if self.model is not None else None
+
     def is_lookup(self, draft: Draft) -> bool:
         """Whether a lookup drafter (not the model drafter) proposed `draft`."""
         return any(draft.source == d.name for d in self.lookups)

@@ -6,6 +6,7 @@ how many tokens a verify pass can accept, never which tokens are emitted, so dra
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 
 import torch
@@ -46,6 +47,16 @@ class Drafter(ABC):
         """After verify: hidden [n + 1, H] at the positions of the last token and the n accepted drafts;
         emitted: the n accepted drafts plus the target's token."""
 
+    def catch_up_positions(self, seqs: list["Sequence"]) -> int:
+        """Positions a drafting round over `seqs` would now feed this drafter in prompt-size catch-up passes (a
+        prompt it has not seen yet), beyond a round's usual work; 0 where there are none."""
+        return 0
+
+    def take_catch_up(self) -> tuple[int, float] | None:
+        """(positions, seconds) of the prompt-size catch-up passes since the last call, if any: what the policy
+        prices the next one from."""
+        return None
+
     def memory_bytes(self, seq: "Sequence") -> int:
         """The drafter's weights and what it holds for `seq` (sequence_bytes)."""
         return self.sequence_bytes(seq)
@@ -83,6 +94,19 @@ class _StatefulDrafter(Drafter):
 
     def __init__(self, p_min: float = 0.0):
         self.p_min = p_min
+        self.caught_up: list = [0, 0.0]  # positions and seconds of prefill-mode catch-ups not yet taken
+
+    def _pending_count(self, seq: "Sequence") -> int:
+        """Positions the next catch-up feeds for `seq`: len(self._pending(seq)[1]), without joining the states."""
+        return len(seq.draft.pending_tokens)
+
+    def catch_up_positions(self, seqs):
+        counts = [self._pending_count(s) for s in seqs if s.draft is not None]
+        return sum(n for n in counts if n > PREFILL_ROWS)
+
+    def take_catch_up(self):
+        done, self.caught_up = self.caught_up, [0, 0.0]
+        return tuple(done) if done[0] else None
 
     @abstractmethod
     def _forward(self, x_prev: torch.Tensor | None, tokens: torch.Tensor, states: list[SequenceState],
@@ -126,7 +150,13 @@ class _StatefulDrafter(Drafter):
             hid = torch.stack([torch.cat([h, h[-1:].expand(m - len(h), -1)]) for h, _ in pend])
         for s in states:
             s.mark()
+        started = time.perf_counter()
         out = self._forward(hid, tokens, states, "prefill" if m > PREFILL_ROWS else "step")
+        if m > PREFILL_ROWS:
+            if out.device.type == "cuda":  # rare (a prompt's catch-up): its time, not its launch's
+                torch.cuda.synchronize(out.device)
+            self.caught_up[0] += sum(len(t) for _, t in pend)
+            self.caught_up[1] += time.perf_counter() - started
         x = []
         for i, seq in enumerate(seqs):
             n_b = len(pend[i][1])
@@ -217,16 +247,19 @@ class MTPDrafter(_StatefulDrafter):
                  else self.model.new_mtp_state(seq.max_len - seq.n_prompt + len(tokens) + self.tree_nodes))
         seq.draft = _DraftState(state, prompt_hidden[-len(tokens):], tokens)
 
+    def _pending_count(self, seq):
+        n = len(seq.draft.pending_tokens)
+        # the policy chose not to draft for a while: catching up on every skipped position would cost an MTP pass
+        # per generated token (measured: a quarter of the throughput at 4 streams on the demo model). Its cache
+        # keeps its own positions, so it sees the recent pairs right after the older ones; drafts may be a little
+        # worse, outputs are unchanged (verification decides)
+        return min(n, MTP_BACKLOG) if seq.draft.committed > 0 else n
+
     def _pending(self, seq):
         d = seq.draft
         hidden, tokens = d.pending_hidden, d.pending_tokens
-        if d.committed > 0 and len(tokens) > MTP_BACKLOG:
-            # the policy chose not to draft for a while: catching up on every skipped position would cost an MTP
-            # pass per generated token (measured: a quarter of the throughput at 4 streams on the demo model). Its
-            # cache keeps its own positions, so it sees the recent pairs right after the older ones; drafts may be
-            # a little worse, outputs are unchanged (verification decides)
-            hidden, tokens = hidden[-MTP_BACKLOG:], tokens[-MTP_BACKLOG:]
-        return hidden, tokens
+        n = self._pending_count(seq)
+        return (hidden[-n:], tokens[-n:]) if n < len(tokens) else (hidden, tokens)
 
     def propose(self, seqs, ks):
         if len(seqs) == 1 and ks[0] > 0:  # one sequence, greedy: all drafts in one kernel call where it can run

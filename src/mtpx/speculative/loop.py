@@ -73,25 +73,35 @@ def record_logprobs(seq: Sequence, target: torch.Tensor, tokens: list[int]) -> N
         seq.logprobs.append((float(row[t]), best))
 
 
+def room(seqs: list[Sequence]) -> list[int]:
+    """Drafts each sequence can still take: tokens it may generate after this round's own, within its caches."""
+    return [max(min(s.max_new - len(s.generated) - 1, s.max_len - len(s.tokens) - 1), 0) for s in seqs]
+
+
+def choose_k(policy: DraftPolicy, drafter: Drafter, seqs: list[Sequence]) -> int | tuple:
+    """The policy's option for the next round, given what the drafter would pay up front and the tokens left."""
+    return policy.next_k(len(seqs), drafter.catch_up_positions(seqs), max(room(seqs)) + 1)
+
+
 def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolicy | None,
                  seqs: list[Sequence]) -> list[list[int]]:
     """One draft → verify → accept → rollback round for every sequence; returns the tokens each one emitted."""
     t0 = time.perf_counter()
     ks = [0] * len(seqs)
-    room = [max(min(s.max_new - len(s.generated) - 1, s.max_len - len(s.tokens) - 1), 0) for s in seqs]
+    room_left = room(seqs)
     if drafter is not None and policy is not None:
-        k = policy.next_k(len(seqs))
+        k = choose_k(policy, drafter, seqs)
         if is_tree(k):
             if hasattr(drafter, "propose_tree") and all(s.constraint is None for s in seqs):
-                return tree_round(model, drafter, policy, seqs, k, room, t0)
+                return tree_round(model, drafter, policy, seqs, k, room_left, t0)
             k = len(k)  # a grammar drafts chains (its forced tokens follow one path)
-        ks = [min(k, r) for r in room]
+        ks = [min(k, r) for r in room_left]
     # a chain's lookup drafters (suffix drafting is one, alone) draft where they are confident, as many tokens as
     # their match supports up to n_max, whatever k the policy chose: lengths that vary from round to round leave
     # the policy nothing to measure, so it sees only the model drafter's rounds (see below)
     chain = drafter if isinstance(drafter, ChainDrafter) and policy is not None else None
     if chain is not None:
-        drafts = chain.propose(seqs, ks, [min(policy.n_max, r) for r in room])
+        drafts = chain.propose(seqs, ks, [min(policy.n_max, r) for r in room_left])
     else:
         drafts = drafter.propose(seqs, ks) if drafter is not None and any(ks) else [Draft() for _ in seqs]
     masks = [None] * len(seqs)
@@ -140,6 +150,7 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
         s.stats.draft_s += (t1 - t0 + t3 - t2) / len(seqs)
         s.stats.verify_s += (t2 - t1) / len(seqs)
     if policy is not None and drafter is not None:
+        policy.observe_catch_up(drafter.take_catch_up())
         ruled = [b for b, d in enumerate(drafts) if chain is None or not chain.is_lookup(d)]
         if ruled:
             policy.observe(len(seqs), [len(drafts[b].tokens) for b in ruled], [n_accepted[b] for b in ruled],
@@ -150,9 +161,9 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
 
 
 def tree_round(model: Qwen35Model, drafter: Drafter, policy: DraftPolicy, seqs: list[Sequence],
-               shape: tuple[int, ...], room: list[int], t0: float) -> list[list[int]]:
+               shape: tuple[int, ...], room_left: list[int], t0: float) -> list[list[int]]:
     """decode_round with a draft tree of `shape` (branches per depth, cut to each sequence's room) per sequence."""
-    drafts = drafter.propose_tree(seqs, [shape[:r] for r in room])
+    drafts = drafter.propose_tree(seqs, [shape[:r] for r in room_left])
     t1 = time.perf_counter()
     parents = [[-1] + (d.parents if d.parents is not None else list(range(len(d.tokens)))) for d in drafts]
     width = max(map(len, parents))
@@ -173,7 +184,7 @@ def tree_round(model: Qwen35Model, drafter: Drafter, policy: DraftPolicy, seqs: 
         path, tok, targets = accept_tree(logits[b, :len(rows[b])], d.tokens, parents[b][1:], s)
         s.state.keep_path(starts[b], path)
         n = len(path) - 1
-        depth = len(shape[:room[b]]) if d.tokens else 0
+        depth = len(shape[:room_left[b]]) if d.tokens else 0
         s.stats.record(depth, n, drafter.name, drafted=len(d.tokens))
         accepted_tokens.append([rows[b][r] for r in path[1:]] + [tok])
         emitted.append(s.append(accepted_tokens[-1]))
@@ -190,6 +201,7 @@ def tree_round(model: Qwen35Model, drafter: Drafter, policy: DraftPolicy, seqs: 
     for s in seqs:
         s.stats.draft_s += (t1 - t0 + t3 - t2) / len(seqs)
         s.stats.verify_s += (t2 - t1) / len(seqs)
+    policy.observe_catch_up(drafter.take_catch_up())
     policy.observe(len(seqs), depths, n_accepted, t1 - t0 + t3 - t2, t2 - t1, started=t0, ended=t3, tree=shape,
                    chains=chains)
     return emitted

@@ -33,6 +33,13 @@ policy re-measures the runner-up (k + 1 while not drafting wins, n_min while dra
 double from 16 to 256 rounds while the choice stays the same: a losing measurement pair costs ~2-3 rounds' time,
 ~1% of the time at 256 rounds.
 
+A drafter that has not yet seen the prompt (the MTP layer's pass over it is paid at the first draft) makes the
+first drafting round of a request cost that pass on top: `catch_up` positions, priced per position from the last
+such pass (observe_catch_up).
+Drafting (or measuring, or exploring) then starts only if its gain over the request's remaining tokens, at the
+option's value against plain rounds, would earn that back; otherwise the request decodes without drafts and never pays
+it (on the demo at 4k context the pass costs ~20 plain steps, more than drafting could win on a short answer).
+
 Draft trees (`tree`: branches per depth, speculative/tree.py) are more options of the same kind: the tree cut to
 each of its depths that branches somewhere, beside the chains n_min..n_max. A tree's expected tokens come from its own
 per-depth acceptance (a node of the depth accepted, given the path to it was; before it is measured, the chain's
@@ -89,6 +96,7 @@ class DraftPolicy:
         self.explore: dict[int, list] = {}
         self.measure_tries: dict[tuple[int, int], int] = {}
         self.repeat_k, self.repeat_left, self.repeat_batch = 0, 0, 0
+        self.position_s: float | None = None  # seconds a position of the drafter's last prompt catch-up took
 
     def rate(self, i: int) -> float:
         if i >= self.n_max:
@@ -141,7 +149,42 @@ class DraftPolicy:
         """Whether k drafts, at a round cost of at least cost_floor, could beat the best value so far."""
         return self.expected_tokens(k) / cost_floor / (1 + MARGIN) > best
 
-    def next_k(self, batch: int = 1) -> Choice:
+    def _plain_round_s(self, batch: int) -> float | None:
+        """Seconds of a round without drafts at this batch size, from the recent rounds (drafting rounds divided by
+        their measured ratio where no plain round is among them)."""
+        times = [t for b, k, t in self.recent if b == batch and k == self.n_min]
+        if not times:
+            times = [t / self.ratio[(b, k)] for b, k, t in self.recent if b == batch and (b, k) in self.ratio]
+        return statistics.median(times) if times else None
+
+    def _pays_back(self, batch: int, k: Choice, value: float, upfront_s: float, remaining: int | None,
+                   bet: bool = False) -> bool:
+        """Whether drafting k, at `value` tokens per plain round's time, saves more than upfront_s over the
+        `remaining` tokens (each a plain round). bet: re-measuring a losing option, whose value may have changed
+        with the text: also where upfront_s is within MARGIN of the remaining time (the margin drafting must win
+        by anyway)."""
+        if upfront_s <= 0 or remaining is None or k == self.n_min or self.n_min > 0:  # with n_min > 0 every
+            return True  # round drafts: the catch-up is paid whatever k
+        plain = self._plain_round_s(batch)
+        if plain is None:
+            return True
+        left_s = remaining * plain
+        return left_s * (1 - 1 / value) > upfront_s or (bet and upfront_s <= MARGIN * left_s)
+
+    def _value(self, batch: int, k: Choice) -> float:
+        """Tokens per plain round's time of option k, from its measured round ratio (the cost floor where none)."""
+        ratio = self.round_ratio(batch, k)
+        return self.expected_tokens(k) / max(ratio if ratio is not None else 1.0, self.weight_reads(batch, k))
+
+    def observe_catch_up(self, done: tuple[int, float] | None) -> None:
+        """(positions, seconds) of a drafter's prompt-size catch-up passes, as Drafter.take_catch_up gives them."""
+        if done is not None:
+            self.position_s = done[1] / done[0]
+
+    def next_k(self, batch: int = 1, catch_up: int = 0, remaining: int | None = None) -> Choice:
+        """The option for the next round over `batch` sequences; catch_up: positions a drafting round would feed
+        the drafter now beyond its usual work (a prompt it has not seen), remaining: tokens left to generate."""
+        upfront_s = catch_up * self.position_s if self.position_s is not None else 0.0
         if not self.adaptive:
             return self.tree or self.n_max
         if self.n_max == self.n_min and self.tree is None:
@@ -161,13 +204,16 @@ class DraftPolicy:
             if ratio is None:  # not measured at this batch size yet
                 if not self._could_win(k, floor, best):
                     continue  # cannot win even if it cost no more than k - 1 drafts: do not pay to measure it
-                if self.measure_tries.get((batch, k), 0) < MEASURE_TRIES:
+                if (self.measure_tries.get((batch, k), 0) < MEASURE_TRIES
+                        and self._pays_back(batch, k, self.expected_tokens(k) / floor, upfront_s, remaining)):
                     return self._measure(batch, k)
                 continue
             floor = ratio = max(floor, ratio)
             value = self.expected_tokens(k) / ratio / margin
             if value > best:
                 best_k, best = k, value
+        if not self._pays_back(batch, best_k, self._value(batch, best_k), upfront_s, remaining):
+            return self.n_min  # the exploration state is left as it is: this is not a change of the best option
         explore = self.explore.setdefault(batch, [None, EXPLORE_EVERY, 0])
         if best_k != explore[0]:
             explore[:] = [best_k, EXPLORE_EVERY, 0]
@@ -178,8 +224,12 @@ class DraftPolicy:
             options = self.options()
             runner_up = self.n_min if best_k != self.n_min else options[min(options.index(self.n_min) + 1,
                                                                            len(options) - 1)]
-            if runner_up != self.n_min and not self._could_win(runner_up, self.weight_reads(batch, runner_up), best):
-                return best_k  # it cannot win at this batch size whatever it measures
+            if runner_up != self.n_min and (
+                    not self._could_win(runner_up, self.weight_reads(batch, runner_up), best)
+                    or not self._pays_back(batch, runner_up, self._value(batch, runner_up), upfront_s, remaining,
+                                           bet=True)):
+                return best_k  # it cannot win at this batch size whatever it measures, or not enough to pay the
+                # catch-up
             self.repeat_k, self.repeat_left, self.repeat_batch = runner_up, MEASURE_ROUNDS - 1, batch
             return self.repeat_k
         return best_k
