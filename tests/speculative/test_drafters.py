@@ -85,6 +85,9 @@ def test_the_prompt_catch_up_is_priced_from_the_last_one_and_skipped_where_it_ca
         while not seq.finished:
             decode_round(llm.model, drafter, policy, [seq])
         assert seq.generated == plain
+        # once the prompt is in, a backlog of rounds without drafting is not priced (it is MTP_BACKLOG at most)
+        assert drafter.catch_up_positions([seq]) == 0 if seq.draft.committed else \
+            drafter.catch_up_positions([seq]) >= len(prompt)
         return seq
 
     policy = DraftPolicy(3, 0, adaptive=True)

@@ -48,12 +48,12 @@ class Drafter(ABC):
         emitted: the n accepted drafts plus the target's token."""
 
     def catch_up_positions(self, seqs: list["Sequence"]) -> int:
-        """Positions a drafting round over `seqs` would now feed this drafter in prompt-size catch-up passes (a
-        prompt it has not seen yet), beyond a round's usual work; 0 where there are none."""
+        """Positions a drafting round over `seqs` would now feed this drafter in catch-up passes over prompts it has
+        not seen yet, beyond a round's usual work; 0 where there are none."""
         return 0
 
     def take_catch_up(self) -> tuple[int, float] | None:
-        """(positions, seconds) of the prompt-size catch-up passes since the last call, if any: what the policy
+        """(positions, seconds) of the catch-up passes over prompts since the last call, if any: what the policy
         prices the next one from."""
         return None
 
@@ -94,14 +94,14 @@ class _StatefulDrafter(Drafter):
 
     def __init__(self, p_min: float = 0.0):
         self.p_min = p_min
-        self.caught_up: list = [0, 0.0]  # positions and seconds of prefill-mode catch-ups not yet taken
+        self.caught_up: list = [0, 0.0]  # positions and seconds of catch-ups on prompts not yet taken
 
     def _pending_count(self, seq: "Sequence") -> int:
         """Positions the next catch-up feeds for `seq`: len(self._pending(seq)[1]), without joining the states."""
         return len(seq.draft.pending_tokens)
 
     def catch_up_positions(self, seqs):
-        counts = [self._pending_count(s) for s in seqs if s.draft is not None]
+        counts = [self._pending_count(s) for s in seqs if s.draft is not None and s.draft.committed == 0]
         return sum(n for n in counts if n > PREFILL_ROWS)
 
     def take_catch_up(self):
@@ -150,9 +150,11 @@ class _StatefulDrafter(Drafter):
             hid = torch.stack([torch.cat([h, h[-1:].expand(m - len(h), -1)]) for h, _ in pend])
         for s in states:
             s.mark()
+        # priced only over prompts: a short backlog's pass costs more a position (its fixed part)
+        prompts = m > PREFILL_ROWS and all(seq.draft.committed == 0 for seq in seqs)
         started = time.perf_counter()
         out = self._forward(hid, tokens, states, "prefill" if m > PREFILL_ROWS else "step")
-        if m > PREFILL_ROWS:
+        if prompts:
             if out.device.type == "cuda":  # rare (a prompt's catch-up): its time, not its launch's
                 torch.cuda.synchronize(out.device)
             self.caught_up[0] += sum(len(t) for _, t in pend)
