@@ -351,9 +351,12 @@ def check_table(root: Path, t: Table, res: Result, lines: list[str], strict: boo
             if value is None:
                 if m:
                     res.errors.append(f"{label}: shows {m.group(0)}, but {ref} has no value there (write –)")
+                    new_cells[j] = "–"
                 continue
             if not m:
-                res.errors.append(f"{label}: shows {cell!r}, {ref} gives {value:.{max(min_dec, 2)}f}")
+                expect = f"{value:.{min_dec}f}"
+                res.errors.append(f"{label}: shows {cell!r}, {ref} gives {value:.4g} -> {expect}")
+                new_cells[j] = expect
                 continue
             shown = m.group(0)
             dec = len(shown.split(".")[1]) if "." in shown else 0
