@@ -21,10 +21,7 @@
 
 #include "gemm_types.h"
 
-#define MTPX_ISA_SCALAR 0
-#define MTPX_ISA_AVX2 1
-#define MTPX_ISA_AVX512 2
-#define MTPX_ISA_NEON 3
+#include "isa_names.h"
 
 #define MTPX_ISA MTPX_ISA_SCALAR
 namespace isa_scalar {

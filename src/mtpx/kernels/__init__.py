@@ -5,7 +5,7 @@ same way whatever M is (so a verify pass is bit-identical to one-token steps), a
 all rows (so it costs about what one row costs; on a CPU without AVX512_BF16, oneDNN's bf16 matmul costs several
 times more for 5 rows than for 1). `rowgemm_int8` / `rowgemm_int4` / `rowgemm_int8_blocks`: the same for
 int8 weights (a scale per row), int4 weights in groups of 32 and int8 weights in groups of 16.
-The small ops of a step forward, fused (step_ops_isa.h): `rms_norm`, `silu_mul`, `attention_step` (q/k norm, RoPE,
+The small ops of a step forward, fused (step_core_isa.h, on tensors in step_ops_isa.h): `rms_norm`, `silu_mul`, `attention_step` (q/k norm, RoPE,
 cache write, per-position attention, output gate) and `gdn_step` (conv, gates, delta rule, gated norm; with
 `gdn_replay` to rebuild the state after any of its positions on rollback). A step of a small model is otherwise a
 few hundred PyTorch ops of a few microseconds' overhead each. `attention_layer_step` / `gdn_layer_step`
@@ -375,7 +375,7 @@ def mtp_greedy_drafts(hidden: torch.Tensor, tokens: torch.Tensor, embed: torch.T
 
 def argmax_rows(x: torch.Tensor) -> list[int]:
     """The index of the first largest value of each row of x [R, V] (any float type, any device), as
-    x.argmax(-1).tolist() gives it (a NaN counts as the largest); vectorised on the CPU (step_ops.cpp)."""
+    x.argmax(-1).tolist() gives it (a NaN counts as the largest); vectorised on the CPU (step_ops_isa.h)."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and rowgemm_available():
         return rowgemm_module().argmax_rows(x.reshape(-1, x.shape[-1]))
     return x.reshape(-1, x.shape[-1]).argmax(-1).tolist()

@@ -41,10 +41,7 @@
 #define MTPX_TARGET_POP MTPX_PRAGMA(GCC pop_options)
 #endif
 
-#define MTPX_ISA_SCALAR 0
-#define MTPX_ISA_AVX2 1
-#define MTPX_ISA_AVX512 2
-#define MTPX_ISA_NEON 3
+#include "isa_names.h"
 
 // the AMX-tile matmul, and the integer matmuls' build on VNNI (x86) or SDOT (aarch64, where the compiler's baseline
 // lacks it): GCC 11 and later (its target pragmas)
@@ -68,3 +65,14 @@ struct AtenParallel {
     at::parallel_for(0, blocks, grain, fn);
   }
 };
+
+// What the step ops' loops (step_core_isa.h) take from their host: PyTorch's bf16 type and intra-op pool here, the
+// test harness's own under qemu.
+namespace mtpx_host {
+using bf16 = at::BFloat16;
+template <typename Fn>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
+  at::parallel_for(begin, end, grain, fn);
+}
+inline int64_t num_threads() { return at::get_num_threads(); }
+}  // namespace mtpx_host

@@ -1,6 +1,6 @@
 // mtpx's CPU kernels: few-row matmuls (rowgemm_isa.h, gemm_core.h), the fused small ops of a step forward
-// (step_ops_isa.h), both built once per instruction set (isa_*.cpp) and picked at load (dispatch.cpp), and whole
-// decoder layers of a step chained from them (layer_step.cpp).
+// (step_core_isa.h, on tensors in step_ops_isa.h), both built once per instruction set (isa_*.cpp) and picked at
+// load (dispatch.cpp), and whole decoder layers of a step chained from them (layer_step.cpp).
 #pragma once
 #include <torch/extension.h>
 

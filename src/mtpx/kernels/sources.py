@@ -11,8 +11,8 @@ HERE = Path(__file__).resolve().parent
 # compiled, in this order; the instruction sets' object files are built from one body each (isa_*.cpp)
 SOURCES = ("dispatch.cpp", "isa_scalar.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_neon.cpp", "layer_step.cpp",
            "bindings.cpp")
-HEADERS = ("kernels.h", "kernel_decls.h", "isa_prelude.h", "isa_body.h", "gemm_types.h", "gemm_core.h", "rowgemm_isa.h",
-           "step_ops_isa.h")
+HEADERS = ("kernels.h", "kernel_decls.h", "isa_names.h", "isa_prelude.h", "isa_body.h", "gemm_types.h", "gemm_core.h",
+           "rowgemm_isa.h", "step_core_isa.h", "step_ops_isa.h")
 EXTENSION = "mtpx.kernels._C"
 # no -march: the baseline CPU; each instruction set's code is compiled for it by target pragmas (isa_*.cpp)
 CFLAGS = ["-O3", "-fopenmp"]

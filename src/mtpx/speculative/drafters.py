@@ -18,6 +18,7 @@ from mtpx.models.linear import weight_bytes
 from mtpx.models.interface import CausalLM
 from mtpx.speculative.draft import Draft  # noqa: F401  (where the drafters' users import it from)
 from mtpx.speculative.draft_head import DraftHead  # noqa: F401  (where the engine and tests import it from)
+from mtpx.speculative.draft_state import DraftState
 from mtpx.sampling import apply_penalties, sample, target_probs
 from mtpx.state import SequenceState
 
@@ -247,7 +248,7 @@ class MTPDrafter(_StatefulDrafter):
         # its cache holds the prompt's window and what follows it
         state = (pool.acquire("mtp", seq.max_len) if pool is not None
                  else self.model.new_mtp_state(seq.max_len - seq.n_prompt + len(tokens) + self.tree_nodes))
-        seq.draft = _DraftState(state, prompt_hidden[-len(tokens):], tokens)
+        seq.draft = DraftState(state, prompt_hidden[-len(tokens):], tokens)
 
     def _pending_count(self, seq):
         n = len(seq.draft.pending_tokens)
@@ -336,7 +337,7 @@ class DraftModelDrafter(_StatefulDrafter):
     def start(self, seq, prompt_hidden):
         state = self.model.new_state(seq.max_len)
         self.model(torch.tensor([seq.tokens[:seq.n_prompt]], device=state.device), [state], "prefill")
-        seq.draft = _DraftState(state, None, [seq.tokens[-1]])
+        seq.draft = DraftState(state, None, [seq.tokens[-1]])
 
     def _pending(self, seq):
         return None, seq.draft.pending_tokens
@@ -387,47 +388,3 @@ class NgramDrafter(Drafter):
                 if tokens[start:start + n] == tail:
                     return tokens[start + n:start + n + k], n
         return [], 0
-
-
-class _DraftState:
-    def __init__(self, state: SequenceState, hidden: torch.Tensor | None, tokens: list[int]):
-        self.state = state
-        self.committed = 0
-        # MTP: main hidden states whose pairs the MTP cache has not seen, in pieces (joined when drafting: while the
-        # policy is not drafting they pile up every round, and joining them each round would cost O(n^2))
-        self._hidden: list[torch.Tensor] = [hidden] if hidden is not None else []
-        self.pending_tokens = list(tokens)  # the token after each of those positions (draft model: not yet fed)
-
-    @property
-    def pending_hidden(self) -> torch.Tensor | None:
-        if len(self._hidden) > 1:
-            self._hidden = [torch.cat(self._hidden)]
-        return self._hidden[0] if self._hidden else None
-
-    def clear_pending(self):
-        self._hidden, self.pending_tokens = [], []
-
-    def add_pending(self, hidden: torch.Tensor | None, tokens: list[int]):
-        if hidden is not None:
-            self._hidden.append(hidden)
-        self.pending_tokens.extend(tokens)
-
-    def trim(self, head: int, tail: int) -> None:
-        """Drop the pending pairs between the first `head` and the last `tail` once more than 2 x tail lie beyond
-        the head (so the lists are rebuilt once per `tail` pairs, not every round): at most head + 2 x tail stay."""
-        n = len(self.pending_tokens)
-        if n - head <= 2 * tail:
-            return
-        self.pending_tokens = self.pending_tokens[:head] + self.pending_tokens[n - tail:]
-        kept, start = [], 0
-        for h in self._hidden:  # whole pieces where they fall inside a kept range; a copy of a straddling part
-            end = start + len(h)
-            for lo, hi in ((start, min(end, head)), (max(start, n - tail), end)):
-                if lo < hi:
-                    kept.append(h if hi - lo == len(h) else h[lo - start:hi - start].clone())
-            start = end
-        self._hidden = kept
-
-    def nbytes(self) -> int:
-        """Its caches and its pending hidden states."""
-        return self.state.nbytes() + sum(h.numel() * h.element_size() for h in self._hidden)
