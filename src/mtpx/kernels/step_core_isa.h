@@ -52,21 +52,15 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// inlined: attention calls it once per key and row, where a call costs as much as the dot product itself
-__attribute__((always_inline)) inline float dot_bf16(const float* a, const bf16* b, int64_t n) {
+// dst[D] = the bf16 row src as floats (exact)
+void widen_row(const bf16* src, int64_t D, float* dst) {
   int64_t i = 0;
-  float s = 0.f;
 #if MTPX_ISA == MTPX_ISA_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), widen16(bits(b + i)), acc);
-  s = reduce16(acc);
+  for (; i + 16 <= D; i += 16) _mm512_storeu_ps(dst + i, widen16(bits(src + i)));
 #elif MTPX_ISA == MTPX_ISA_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), widen8(bits(b + i)), acc);
-  s = reduce8(acc);
+  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(dst + i, widen8(bits(src + i)));
 #endif
-  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
-  return s;
+  for (; i < D; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 // x <- silu(x) over one row
@@ -120,58 +114,16 @@ float exp_shifted(float* s, int64_t n, float top) {
 #endif
 }
 
-// acc[D] = sum over j < n of p[j] * rows[j] (bf16 rows of D), in order of j
-void weighted_sum(const float* p, const bf16* rows, int64_t n, int64_t D, float* acc) {
-  int64_t i = 0;
-#if MTPX_ISA == MTPX_ISA_AVX512
-  for (; i + 64 <= D; i += 64) {  // four lanes of 16 at a time: four independent FMA chains
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t j = 0; j < n; ++j) {
-      const Bf16* r = bits(rows + j * D + i);
-      const __m512 w = _mm512_set1_ps(p[j]);
-      a0 = _mm512_fmadd_ps(w, widen16(r), a0);
-      a1 = _mm512_fmadd_ps(w, widen16(r + 16), a1);
-      a2 = _mm512_fmadd_ps(w, widen16(r + 32), a2);
-      a3 = _mm512_fmadd_ps(w, widen16(r + 48), a3);
-    }
-    _mm512_storeu_ps(acc + i, a0);
-    _mm512_storeu_ps(acc + i + 16, a1);
-    _mm512_storeu_ps(acc + i + 32, a2);
-    _mm512_storeu_ps(acc + i + 48, a3);
-  }
-#elif MTPX_ISA == MTPX_ISA_AVX2
-  for (; i + 32 <= D; i += 32) {  // four lanes of 8 at a time: four independent FMA chains
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t j = 0; j < n; ++j) {
-      const Bf16* r = bits(rows + j * D + i);
-      const __m256 w = _mm256_set1_ps(p[j]);
-      a0 = _mm256_fmadd_ps(w, widen8(r), a0);
-      a1 = _mm256_fmadd_ps(w, widen8(r + 8), a1);
-      a2 = _mm256_fmadd_ps(w, widen8(r + 16), a2);
-      a3 = _mm256_fmadd_ps(w, widen8(r + 24), a3);
-    }
-    _mm256_storeu_ps(acc + i, a0);
-    _mm256_storeu_ps(acc + i + 8, a1);
-    _mm256_storeu_ps(acc + i + 16, a2);
-    _mm256_storeu_ps(acc + i + 24, a3);
-  }
-#endif
-  for (; i < D; ++i) {
-    float a = 0.f;
-    for (int64_t j = 0; j < n; ++j) a = std::fma(p[j], static_cast<float>(rows[j * D + i]), a);
-    acc[i] = a;
-  }
-}
-
-// weighted_sum for several rows over the same `rows` (a verify pass's positions over one KV cache): acc[r * D ..] =
-// sum over j < n[r] of p[r][j] * rows[j], each of rows[j] read once for all of them. Every lane of every row is the
-// same FMA chain over j, from zero, that weighted_sum computes (vector width and blocking do not change a lane's
-// operations), so a row's result is bit-identical to weighted_sum's.
+// acc[r * D ..] = sum over j < n[r] of p[r][j] * rows[j] (bf16 rows of D, a KV cache's values) for R rows (a verify
+// pass's positions and a kv head's query heads), each lane of each row one FMA chain over j in order, from zero:
+// vector width, row grouping and the tiling below do not change a lane's operations, so a row's result is
+// bit-identical whatever R.
 #if MTPX_ISA == MTPX_ISA_AVX512 || MTPX_ISA == MTPX_ISA_AVX2
 #if MTPX_ISA == MTPX_ISA_AVX512
 using Lanes = __m512;
 constexpr int64_t kVec = 16;
 inline Lanes lanes_zero() { return _mm512_setzero_ps(); }
+inline Lanes lanes_load(const float* src) { return _mm512_loadu_ps(src); }
 inline Lanes lanes_widen(const Bf16* r) { return widen16(r); }
 inline Lanes lanes_fma(float w, Lanes v, Lanes a) { return _mm512_fmadd_ps(_mm512_set1_ps(w), v, a); }
 inline void lanes_store(float* dst, Lanes a) { _mm512_storeu_ps(dst, a); }
@@ -179,21 +131,24 @@ inline void lanes_store(float* dst, Lanes a) { _mm512_storeu_ps(dst, a); }
 using Lanes = __m256;
 constexpr int64_t kVec = 8;
 inline Lanes lanes_zero() { return _mm256_setzero_ps(); }
+inline Lanes lanes_load(const float* src) { return _mm256_loadu_ps(src); }
 inline Lanes lanes_widen(const Bf16* r) { return widen8(r); }
 inline Lanes lanes_fma(float w, Lanes v, Lanes a) { return _mm256_fmadd_ps(_mm256_set1_ps(w), v, a); }
 inline void lanes_store(float* dst, Lanes a) { _mm256_storeu_ps(dst, a); }
 #endif
-// R rows x V vectors of lanes at column i, accumulators in registers (R * V independent FMA chains)
+// R rows x V vectors of lanes at column i over keys [j0, j1), the accumulators in registers (R * V independent FMA
+// chains), continued from acc (from zero at j0 = 0)
 template <int R, int V>
-void weighted_block(const float* const* p, const int64_t* n, const bf16* rows, int64_t D, int64_t i, float* acc) {
+void weighted_block(const float* const* p, const int64_t* n, const bf16* rows, int64_t D, int64_t i, int64_t j0,
+                    int64_t j1, float* acc) {
   Lanes a[R][V];
   int64_t first = n[0], last = n[0];
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < V; ++v) a[r][v] = lanes_zero();
+    for (int v = 0; v < V; ++v) a[r][v] = j0 == 0 ? lanes_zero() : lanes_load(acc + r * D + i + v * kVec);
     first = std::min(first, n[r]);
     last = std::max(last, n[r]);
   }
-  for (int64_t j = 0; j < last; ++j) {
+  for (int64_t j = j0; j < std::min(last, j1); ++j) {
     const Bf16* src = bits(rows + j * D + i);
     Lanes x[V];
     for (int v = 0; v < V; ++v) x[v] = lanes_widen(src + v * kVec);
@@ -207,19 +162,20 @@ void weighted_block(const float* const* p, const int64_t* n, const bf16* rows, i
     for (int v = 0; v < V; ++v) lanes_store(acc + r * D + i + v * kVec, a[r][v]);
 }
 
-// weighted_block for m rows (2 .. kSumRows), V vectors wide where registers allow
+// weighted_block for m rows (1 .. kSumRows), V vectors wide where registers allow
 template <int V>
 void weighted_blocks(int64_t m, const float* const* p, const int64_t* n, const bf16* rows, int64_t D, int64_t i,
-                     float* acc) {
+                     int64_t j0, int64_t j1, float* acc) {
   switch (m) {
-    case 2: return weighted_block<2, V>(p, n, rows, D, i, acc);
-    case 3: return weighted_block<3, V>(p, n, rows, D, i, acc);
-    case 4: return weighted_block<4, (V > 2 ? 2 : V)>(p, n, rows, D, i, acc);
+    case 1: return weighted_block<1, V>(p, n, rows, D, i, j0, j1, acc);
+    case 2: return weighted_block<2, V>(p, n, rows, D, i, j0, j1, acc);
+    case 3: return weighted_block<3, V>(p, n, rows, D, i, j0, j1, acc);
+    case 4: return weighted_block<4, (V > 2 ? 2 : V)>(p, n, rows, D, i, j0, j1, acc);
 #if MTPX_ISA == MTPX_ISA_AVX512
-    case 5: return weighted_block<5, 2>(p, n, rows, D, i, acc);
-    case 6: return weighted_block<6, 2>(p, n, rows, D, i, acc);
-    case 7: return weighted_block<7, 2>(p, n, rows, D, i, acc);
-    default: return weighted_block<8, 2>(p, n, rows, D, i, acc);
+    case 5: return weighted_block<5, 2>(p, n, rows, D, i, j0, j1, acc);
+    case 6: return weighted_block<6, 2>(p, n, rows, D, i, j0, j1, acc);
+    case 7: return weighted_block<7, 2>(p, n, rows, D, i, j0, j1, acc);
+    default: return weighted_block<8, 2>(p, n, rows, D, i, j0, j1, acc);
 #endif
   }
 }
@@ -231,27 +187,34 @@ constexpr int64_t kSumRows = 8;
 #else
 constexpr int64_t kSumRows = 4;
 #endif
+// Keys are taken in tiles of about this many bytes, every column of a tile's rows summed while they are in L1: a
+// column block at a time over the whole cache would stride through memory a row apart, which the hardware
+// prefetcher does not follow across pages (a long context's cache read at a fraction of the memory's speed).
+constexpr int64_t kKeyTileBytes = 16384;
 
 void weighted_sum_rows(const float* const* p, const int64_t* n, int64_t R, const bf16* rows, int64_t D,
                        float* acc) {
-  for (int64_t r0 = 0; r0 < R; r0 += kSumRows) {
-    const int64_t m = std::min<int64_t>(kSumRows, R - r0);
-    if (m == 1) {  // alone, weighted_sum's four chains are faster
-      weighted_sum(p[r0], rows, n[r0], D, acc + r0 * D);
-      continue;
-    }
-    int64_t i = 0;
+  const int64_t longest = *std::max_element(n, n + R);
+  const int64_t tile = std::max<int64_t>(8, kKeyTileBytes / (D * static_cast<int64_t>(sizeof(bf16))));
+  for (int64_t j0 = 0; j0 == 0 || j0 < longest; j0 += tile) {
+    const int64_t j1 = std::min(j0 + tile, longest);
+    for (int64_t r0 = 0; r0 < R; r0 += kSumRows) {
+      const int64_t m = std::min<int64_t>(kSumRows, R - r0);
+      float* out = acc + r0 * D;
+      int64_t i = 0;
 #if MTPX_ISA == MTPX_ISA_AVX512 || MTPX_ISA == MTPX_ISA_AVX2
-    // 4 vectors (two rows: 8 chains) where registers hold them, else 2; a lane's chain is the same either way
-    if (m <= (kVec == 16 ? 3 : 2))
-      for (; i + 4 * kVec <= D; i += 4 * kVec) weighted_blocks<4>(m, p + r0, n + r0, rows, D, i, acc + r0 * D);
-    for (; i + 2 * kVec <= D; i += 2 * kVec) weighted_blocks<2>(m, p + r0, n + r0, rows, D, i, acc + r0 * D);
+      // 4 vectors (up to three rows on AVX-512, two on AVX2: 12 or 8 chains) where registers hold them, else 2
+      if (m <= (kVec == 16 ? 3 : 2))
+        for (; i + 4 * kVec <= D; i += 4 * kVec) weighted_blocks<4>(m, p + r0, n + r0, rows, D, i, j0, j1, out);
+      for (; i + 2 * kVec <= D; i += 2 * kVec) weighted_blocks<2>(m, p + r0, n + r0, rows, D, i, j0, j1, out);
 #endif
-    for (; i < D; ++i) {
-      for (int64_t r = r0; r < r0 + m; ++r) {
-        float a = 0.f;
-        for (int64_t j = 0; j < n[r]; ++j) a = std::fma(p[r][j], static_cast<float>(rows[j * D + i]), a);
-        acc[r * D + i] = a;
+      for (; i < D; ++i) {
+        for (int64_t r = r0; r < r0 + m; ++r) {
+          float a = j0 == 0 ? 0.f : acc[r * D + i];
+          for (int64_t j = j0; j < std::min(j1, n[r]); ++j)
+            a = std::fma(p[r][j], static_cast<float>(rows[j * D + i]), a);
+          acc[r * D + i] = a;
+        }
       }
     }
   }
@@ -498,7 +461,7 @@ void attention_rows(const bf16* in, int64_t T, const Floats& qw, const Floats& k
   const int64_t per_job = (group + splits - 1) / splits, jobs_per_kv = (group + per_job - 1) / per_job;
   parallel_for(0, nkv * jobs_per_kv, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = per_job * T;
-    std::vector<float> x(D), q(R * D), acc(R * D), scores(R * L), total(R);
+    std::vector<float> x(D), key(D), q(R * D), acc(R * D), scores(R * L), total(R);
     std::vector<const float*> weights(R);
     std::vector<int64_t> seen(R);
     for (int64_t r = 0; r < R; ++r) {
@@ -510,10 +473,10 @@ void attention_rows(const bf16* in, int64_t T, const Floats& qw, const Floats& k
       const int64_t heads = std::min(per_job, (kvh + 1) * group - h0), rows = heads * T;
       for (int64_t r = 0; r < rows; ++r)
         prepare(in + r % T * width + (h0 + r / T) * 2 * D, qw, r % T, x.data(), q.data() + r * D);
-      for (int64_t j = 0; j < L; ++j) {  // a key, read while in cache by every row that sees it
-        const bf16* key = Kc + (kvh * max_len + j) * D;
+      for (int64_t j = 0; j < L; ++j) {  // a key, widened once for every row that sees it
+        widen_row(Kc + (kvh * max_len + j) * D, D, key.data());
         for (int64_t r = 0; r < rows; ++r)
-          if (seen[r] > j) scores[r * L + j] = dot_bf16(q.data() + r * D, key, D) * scale;
+          if (seen[r] > j) scores[r * L + j] = dot(q.data() + r * D, key.data(), D) * scale;
       }
       for (int64_t r = 0; r < rows; ++r) {
         const float* row = scores.data() + r * L;
