@@ -102,7 +102,8 @@ bool same(const char* what, const T* a, const T* b, int64_t n) {
 struct Gdn {
   static constexpr int64_t nk = 2, nv = 4, dk = 16, dv = 24, K = 4, conv_dim = 2 * nk * dk + nv * dv;
   static constexpr int64_t width = conv_dim + nv * dv + 2 * nv, T_max = 5;
-  std::vector<bf16> proj = randoms<bf16>(T_max * width, -1.5f, 1.5f), conv_state = randoms<bf16>(conv_dim * (K - 1), -1, 1);
+  std::vector<bf16> proj = randoms<bf16>(T_max * width, -1.5f, 1.5f);
+  std::vector<bf16> conv_state = randoms<bf16>(conv_dim * (K - 1), -1, 1);
   std::vector<bf16> conv_w = randoms<bf16>(conv_dim * K, -0.7f, 0.7f);
   std::vector<float> A_log = randoms<float>(nv, -1, 1.5f), dt = randoms<float>(nv, -0.5f, 0.5f);
   std::vector<bf16> norm_w = randoms<bf16>(dv, 0.5f, 1.5f);

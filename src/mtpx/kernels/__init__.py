@@ -5,12 +5,12 @@ same way whatever M is (so a verify pass is bit-identical to one-token steps), a
 all rows (so it costs about what one row costs; on a CPU without AVX512_BF16, oneDNN's bf16 matmul costs several
 times more for 5 rows than for 1). `rowgemm_int8` / `rowgemm_int4` / `rowgemm_int8_blocks`: the same for
 int8 weights (a scale per row), int4 weights in groups of 32 and int8 weights in groups of 16.
-The small ops of a step forward, fused (step_core_isa.h, on tensors in step_ops_isa.h): `rms_norm`, `silu_mul`, `attention_step` (q/k norm, RoPE,
-cache write, per-position attention, output gate) and `gdn_step` (conv, gates, delta rule, gated norm; with
-`gdn_replay` to rebuild the state after any of its positions on rollback). A step of a small model is otherwise a
-few hundred PyTorch ops of a few microseconds' overhead each. `attention_layer_step` / `gdn_layer_step`
-(layer_step.cpp) chain those kernels through a whole decoder layer in one call, and `step_stack` through a whole
-stack. `argmax_rows`: torch.argmax of each row, vectorised (greedy tokens and verify).
+The small ops of a step forward, fused (step_core_isa.h, on tensors in step_ops_isa.h): `rms_norm`, `silu_mul`,
+`attention_step` (q/k norm, RoPE, cache write, per-position attention, output gate) and `gdn_step` (conv, gates,
+delta rule, gated norm; with `gdn_replay` to rebuild the state after any of its positions on rollback). A step of a
+small model is otherwise a few hundred PyTorch ops of a few microseconds' overhead each. `attention_layer_step` /
+`gdn_layer_step` (layer_step.cpp) chain those kernels through a whole decoder layer in one call, and `step_stack`
+through a whole stack. `argmax_rows`: torch.argmax of each row, vectorised (greedy tokens and verify).
 Set MTPX_ROWGEMM=0 to use PyTorch ops instead.
 
 One build holds the kernels for every instruction set of its architecture (x86: scalar, AVX2+FMA, AVX-512 and AMX
