@@ -20,7 +20,7 @@ from mtpx.engine.request import Request
 from mtpx.engine.sequence import Sequence
 from mtpx.errors import MtpxError, RankLost, RequestError
 from mtpx.parallel.group import Group
-from mtpx.speculative.loop import choose_k
+from mtpx.speculative.loop import choose_k, room
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,8 @@ class MirroredEngine(Engine):
     def decode_round(self, drafter, policy, seqs):
         if drafter is None or policy is None or self._depth:
             return self._call("decode_round", drafter, policy if drafter is not None else None, seqs)
-        return self._call("decode_round", drafter, ChosenK(choose_k(policy, drafter, seqs), policy.n_max, policy), seqs)
+        chosen = ChosenK(choose_k(policy, drafter, seqs, room(seqs)), policy.n_max, policy)
+        return self._call("decode_round", drafter, chosen, seqs)
 
     def release(self, seq):
         number = self._ids.get(id(seq))

@@ -78,9 +78,10 @@ def room(seqs: list[Sequence]) -> list[int]:
     return [max(min(s.max_new - len(s.generated) - 1, s.max_len - len(s.tokens) - 1), 0) for s in seqs]
 
 
-def choose_k(policy: DraftPolicy, drafter: Drafter, seqs: list[Sequence]) -> int | tuple:
-    """The policy's option for the next round, given what the drafter would pay up front and the tokens left."""
-    return policy.next_k(len(seqs), drafter.catch_up_positions(seqs), max(room(seqs)) + 1)
+def choose_k(policy: DraftPolicy, drafter: Drafter, seqs: list[Sequence], room_left: list[int]) -> int | tuple:
+    """The policy's option for the next round, given what the drafter would pay up front and the tokens left
+    (room_left: room(seqs))."""
+    return policy.next_k(len(seqs), drafter.catch_up_positions(seqs), max(room_left) + 1)
 
 
 def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolicy | None,
@@ -90,7 +91,7 @@ def decode_round(model: Qwen35Model, drafter: Drafter | None, policy: DraftPolic
     ks = [0] * len(seqs)
     room_left = room(seqs)
     if drafter is not None and policy is not None:
-        k = choose_k(policy, drafter, seqs)
+        k = choose_k(policy, drafter, seqs, room_left)
         if is_tree(k):
             if hasattr(drafter, "propose_tree") and all(s.constraint is None for s in seqs):
                 return tree_round(model, drafter, policy, seqs, k, room_left, t0)

@@ -38,7 +38,7 @@ first drafting round of a request cost that pass on top: `catch_up` positions, p
 such pass (observe_catch_up).
 Drafting (or measuring, or exploring) then starts only if its gain over the request's remaining tokens, at the
 option's value against plain rounds, would earn that back; otherwise the request decodes without drafts and never pays
-it (on the demo at 4k context the pass costs ~20 plain steps, more than drafting could win on a short answer).
+it (a long prompt's pass can cost more plain steps than drafting would save on a short answer).
 
 Draft trees (`tree`: branches per depth, speculative/tree.py) are more options of the same kind: the tree cut to
 each of its depths that branches somewhere, beside the chains n_min..n_max. A tree's expected tokens come from its own
